@@ -1,0 +1,209 @@
+// Internal interface between libaq's front end (libaq/src/compress.cpp) and the
+// per-backend compression kernels: compress_cpu.cpp and compress_cuda.cu.
+//
+// The front end checks arguments and allocates outputs; a kernel only computes.
+// The arithmetic that decides the packed bytes lives here, once, as inline
+// functions both backends call, so the CPU and CUDA paths write identical bytes
+// for the same seed and offset.  The layout is documented in aq-packed(5).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define AQ_HD __host__ __device__ __forceinline__
+#else
+#define AQ_HD inline
+#endif
+
+namespace aq::kernels {
+
+// Everything a quantize or dequantize kernel needs to know about one packed
+// tensor.  Samples are the rows of x viewed as [N, D] in memory order; each is
+// padded to Dp = D rounded up to 32 elements, so every group starts on a
+// 32-bit word of the packed stream.
+struct Plan {
+  int64_t N = 0;        // samples
+  int64_t D = 0;        // elements per sample
+  int64_t Dp = 0;       // D rounded up to a multiple of 32
+  int64_t G = 256;      // group size (power of two >= 32)
+  int64_t ngroups = 0;  // ceil(D / G) groups per sample
+  int bits = 2;         // uniform bits per element, or 0: per-sample bits
+  bool pergroup = true; // false: one min/max for the whole tensor, given in mn/mx
+  bool stochastic = true;
+  uint64_t seed = 0;    // Philox key
+  uint64_t offset = 0;  // Philox stream, one per call
+  bool draw_seed = false;  // CUDA: draw seed/offset from the device's generator
+};
+
+// Tensors: x [N*D] (fp32/fp16/bf16, memory order), packed uint8 (whole words),
+// mn/mx fp32 or bf16 [N*ngroups] or [1] when !pergroup, sample_bits int32 [N]
+// and word_offset int64 [N] when plan.bits == 0, all on x's device.  When
+// !pergroup, global_range holds the tensor's fp32 {min, max}; the kernel
+// stores them rounded into mn/mx.
+void quantize_cpu(const Plan& plan, const at::Tensor& x, const at::Tensor& sample_bits,
+                  const at::Tensor& word_offset, const at::Tensor& global_range,
+                  at::Tensor& packed, at::Tensor& mn, at::Tensor& mx);
+void dequantize_cpu(const Plan& plan, const at::Tensor& packed, const at::Tensor& mn,
+                    const at::Tensor& mx, const at::Tensor& sample_bits,
+                    const at::Tensor& word_offset, at::Tensor& out);
+// codes (bool/uint8/int16/int32/int64, numel n) -> bit stream of n*bits bits
+// in whole words; only the low `bits` bits of each code are kept.
+void pack_bits_cpu(const at::Tensor& codes, int bits, at::Tensor& packed);
+void unpack_bits_cpu(const at::Tensor& packed, int bits, at::Tensor& codes);
+
+void quantize_cuda(const Plan& plan, const at::Tensor& x, const at::Tensor& sample_bits,
+                   const at::Tensor& word_offset, const at::Tensor& global_range,
+                   at::Tensor& packed, at::Tensor& mn, at::Tensor& mx);
+void dequantize_cuda(const Plan& plan, const at::Tensor& packed, const at::Tensor& mn,
+                     const at::Tensor& mx, const at::Tensor& sample_bits,
+                     const at::Tensor& word_offset, at::Tensor& out);
+void pack_bits_cuda(const at::Tensor& codes, int bits, at::Tensor& packed);
+void unpack_bits_cuda(const at::Tensor& packed, int bits, at::Tensor& codes);
+
+// ---------------------------------------------------------------------------
+// Shared arithmetic.  Every float operation below is a single IEEE operation
+// (no contraction into FMA: the CUDA file uses the _rn intrinsics, the CPU file
+// is compiled with -ffp-contract=off), so both backends agree bit for bit.
+
+constexpr float kEps = 2e-6f;  // added to each group's range (ALGORITHM.md 2)
+
+AQ_HD uint32_t float_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+AQ_HD float bits_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+AQ_HD bool is_finite(float f) { return (float_bits(f) & 0x7f800000u) != 0x7f800000u; }
+
+// NaN-propagating min and max: a NaN anywhere in a group reaches its range.
+AQ_HD float nan_min(float a, float b) { return (a != a || a < b) ? a : b; }
+AQ_HD float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+
+// bf16 storage of a group's range: mn rounds toward -inf and mx toward +inf,
+// so the stored range still covers every element and rounding stays
+// unbiased.  A finite value never becomes infinite: past bf16's largest
+// finite value it saturates (the few elements beyond are then clamped).
+AQ_HD uint16_t bf16_down(float f) {
+  uint32_t u = float_bits(f);
+  if (f != f) return 0x7fc0;
+  uint32_t t = u & 0xffff0000u;
+  if (t != u && (u >> 31)) t += 0x10000u;  // negative: more negative
+  if ((t & 0x7fffffffu) == 0x7f800000u && is_finite(f)) t = (u & 0x80000000u) | 0x7f7f0000u;
+  return static_cast<uint16_t>(t >> 16);
+}
+AQ_HD uint16_t bf16_up(float f) {
+  if (f != f) return 0x7fc0;
+  return static_cast<uint16_t>(bf16_down(-f) ^ 0x8000u);
+}
+AQ_HD float bf16_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+// Philox4x32-10 (Salmon et al., SC'11): counter (c0..c3), key (k0, k1).
+struct Philox4 {
+  uint32_t r[4];
+};
+AQ_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+AQ_HD Philox4 philox(uint64_t counter, uint64_t stream, uint64_t key) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
+  uint32_t c2 = static_cast<uint32_t>(stream), c3 = static_cast<uint32_t>(stream >> 32);
+  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int i = 0; i < 10; ++i) {
+    uint32_t hi0 = mulhi32(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+    uint32_t hi1 = mulhi32(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+    uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// The uniform number for element e (its index in the padded [N, Dp] space):
+// one Philox call serves 8 consecutive elements, 16 bits each, taken at the
+// centre of their 2^-16 bin.
+AQ_HD float uniform_of(const Philox4& p, int64_t e) {
+  uint32_t w = p.r[(e & 7) >> 1] >> (16 * (e & 1));
+  return static_cast<float>(w & 0xffffu) * (1.0f / 65536.0f) + (1.0f / 131072.0f);
+}
+
+// A group's quantization grid, from its stored (already rounded) mn and mx.
+// Values are kept halved so that mx - mn never overflows for finite inputs.
+struct Grid {
+  float hm;     // mn / 2
+  float scale;  // B / ((mx - mn + eps) / 2)
+  float step;   // ((mx - mn + eps) / 2) / B
+  float levels; // B = 2^bits - 1
+  bool finite;
+};
+
+#if defined(__CUDA_ARCH__)
+#define AQ_ADD(a, b) __fadd_rn(a, b)
+#define AQ_SUB(a, b) __fsub_rn(a, b)
+#define AQ_MUL(a, b) __fmul_rn(a, b)
+#define AQ_DIV(a, b) __fdiv_rn(a, b)
+#else
+#define AQ_ADD(a, b) ((a) + (b))
+#define AQ_SUB(a, b) ((a) - (b))
+#define AQ_MUL(a, b) ((a) * (b))
+#define AQ_DIV(a, b) ((a) / (b))
+#endif
+
+AQ_HD Grid make_grid(float mn, float mx, int bits) {
+  Grid g;
+  g.levels = static_cast<float>((1u << bits) - 1u);
+  g.finite = is_finite(mn) && is_finite(mx);
+  g.hm = AQ_MUL(0.5f, mn);
+  float hr = AQ_ADD(AQ_SUB(AQ_MUL(0.5f, mx), g.hm), 0.5f * kEps);
+  g.scale = AQ_DIV(g.levels, hr);
+  g.step = AQ_DIV(hr, g.levels);
+  return g;
+}
+
+// Stochastic (u uniform in (0,1)) or nearest (u = 0.5) rounding to a code.
+AQ_HD uint32_t quantize_one(const Grid& g, float x, float u) {
+  if (!g.finite) return 0;
+  float v = AQ_ADD(AQ_MUL(AQ_SUB(AQ_MUL(0.5f, x), g.hm), g.scale), u);
+  v = v < 0.f ? 0.f : (v > g.levels ? g.levels : v);
+  uint32_t q = static_cast<uint32_t>(v);  // floor for v >= 0
+  return q > static_cast<uint32_t>(g.levels) ? static_cast<uint32_t>(g.levels) : q;
+}
+
+AQ_HD float dequantize_one(const Grid& g, uint32_t q) {
+  if (!g.finite) return bits_float(0x7fc00000u);
+  return AQ_MUL(2.0f, AQ_ADD(g.hm, AQ_MUL(static_cast<float>(q), g.step)));
+}
+
+// Reads the stored range of group i (fp32 or bf16 storage).
+AQ_HD float load_range(const void* p, bool bf16, int64_t i) {
+  return bf16 ? bf16_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+// The value a range bound keeps in storage: mn rounds down, mx up (bf16).
+AQ_HD float round_range(float v, bool bf16, bool up) {
+  return bf16 ? bf16_float(up ? bf16_up(v) : bf16_down(v)) : v;
+}
+AQ_HD void store_range(void* p, bool bf16, int64_t i, float v, bool up) {
+  if (bf16)
+    static_cast<uint16_t*>(p)[i] = up ? bf16_up(v) : bf16_down(v);
+  else
+    static_cast<float*>(p)[i] = v;
+}
+
+}  // namespace aq::kernels

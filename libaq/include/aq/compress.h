@@ -1,0 +1,84 @@
+// The activation-compression engine: per-group stochastic quantization and
+// bit packing of the tensors a layer saves for backward (ALGORITHM.md 2-3).
+//
+// A tensor of N samples is viewed as [N, D] in memory order (a dense tensor
+// whose first dimension is outermost keeps its layout: channels_last works
+// without a copy).  Each sample is cut into groups of `group_size` elements;
+// each group keeps its min and max and b-bit codes of its elements, stochastic
+// rounding making the dequantized tensor an unbiased estimate of the input.
+// The byte layout is documented in aq-packed(5).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace aq {
+
+struct CompressOptions {
+  int64_t group_size = 256;  // power of two, >= 32
+  bool pergroup = true;      // false: one min/max for the whole tensor
+  bool stochastic = true;    // false: round to nearest (biased; for tests and layouts)
+  // Storage of each group's min/max: bf16 (min rounded down, max up, so the
+  // estimator stays unbiased) or fp32.
+  c10::ScalarType range_dtype = c10::kBFloat16;
+  // Fixed Philox key and stream instead of the device's default generator:
+  // the same key and stream give the same bytes on CPU and CUDA.
+  std::optional<uint64_t> seed;
+  uint64_t stream = 0;
+};
+
+// A compressed tensor and what is needed to restore it.
+struct Packed {
+  at::Tensor data;         // uint8, a whole number of 32-bit words
+  at::Tensor mn, mx;       // group bounds, [N, groups] (or [1] when !pergroup)
+  at::Tensor bits;         // per-sample bits, int32 [N]; undefined if uniform
+  at::Tensor word_offset;  // int64 [N], first word of each sample (per-sample bits only)
+  // (all tensors live on one device)
+  int64_t uniform_bits = 0;  // b when uniform, 0 when per-sample
+  std::vector<int64_t> sizes, strides;
+  c10::ScalarType dtype = c10::kFloat;
+  int64_t samples = 0, sample_elements = 0, group_size = 256;
+  bool pergroup = true;
+
+  // Bytes this object holds on its device (what autograd keeps).
+  int64_t nbytes() const;
+  at::Device device() const { return data.device(); }
+  int64_t groups_per_sample() const;
+  // A copy on another device; dequantizes there to the same values.
+  Packed to(at::Device device) const;
+};
+
+// Quantizes x (fp32, fp16 or bf16; CPU or CUDA) to `bits` bits per element
+// (1..8).  Empty, zero-dimensional and non-contiguous tensors are accepted.
+// Groups holding NaN or Inf dequantize to NaN.
+Packed quantize(const at::Tensor& x, int64_t bits, const CompressOptions& options = {});
+// Per-sample bits: bits_per_sample holds N integers in 1..8.  They are read on
+// the host (a CUDA tensor is copied back, which waits for the device).
+Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample,
+                const CompressOptions& options = {});
+// Restores a tensor of the input's shape, strides, dtype and device.
+at::Tensor dequantize(const Packed& packed);
+
+// Bit streams of small integers (ReLU/dropout masks, max-pool window argmax):
+// code i occupies bits [i*bits, (i+1)*bits) of a little-endian stream padded to
+// whole 32-code chunks.  codes: bool or an integer dtype; only the low `bits`
+// (1..16) bits of each code are kept.
+at::Tensor pack_bits(const at::Tensor& codes, int64_t bits);
+at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, at::IntArrayRef sizes,
+                       c10::ScalarType dtype = c10::kByte);
+// 1-bit masks, exact.
+at::Tensor pack_mask(const at::Tensor& mask);
+at::Tensor unpack_mask(const at::Tensor& packed, at::IntArrayRef sizes);
+// Bits needed for an argmax inside a window of `window` elements (>= 1).
+int64_t index_bits(int64_t window);
+
+// Bytes pack_bits produces for n codes of `bits` bits.
+int64_t packed_bits_nbytes(int64_t n, int64_t bits);
+
+// True when this build has the CUDA kernels.
+bool built_with_cuda();
+
+}  // namespace aq

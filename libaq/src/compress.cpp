@@ -1,0 +1,258 @@
+// Front end of the compression engine: argument checks, layout, allocation,
+// random seeds, and dispatch to the CPU or CUDA kernels.
+#include "aq/compress.h"
+
+#include "aq_config.h"
+#include "kernels.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Functions.h>
+#include <ATen/core/Generator.h>
+
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+namespace aq {
+namespace {
+
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("aq: " + what); }
+
+void check_device(const at::Tensor& t, const char* what) {
+  if (t.is_cpu()) return;
+  if (!t.is_cuda()) fail(std::string(what) + " must be on the CPU or a CUDA device, not " + t.device().str());
+  if (!AQ_WITH_CUDA)
+    fail(std::string("this aq was built without CUDA and cannot use the CUDA tensor ") + what +
+         " (rebuild with -Dcuda=enabled)");
+}
+
+bool on_cuda(const at::Tensor& t) { return AQ_WITH_CUDA && t.is_cuda(); }
+
+// x as a flat tensor in memory order, samples outermost, plus the strides to
+// restore it with.
+at::Tensor memory_order(const at::Tensor& x, std::vector<int64_t>& strides) {
+  const int64_t n = x.dim() ? x.size(0) : 1;
+  const bool dense = x.is_non_overlapping_and_dense() &&
+                     (x.dim() == 0 || n <= 1 || x.stride(0) * n == x.numel());
+  at::Tensor src = dense ? x : x.contiguous();
+  strides = src.strides().vec();
+  return src;
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits,
+                     const CompressOptions& o) {
+  check_device(x, "input");
+  const auto dt = x.scalar_type();
+  if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16)
+    fail(std::string("can only compress float32, float16 or bfloat16 tensors, not ") + c10::toString(dt));
+  const int64_t G = o.group_size;
+  if (G < 32 || (G & (G - 1)) != 0)
+    fail("group size must be a power of two >= 32, not " + std::to_string(G));
+  if (o.range_dtype != at::kFloat && o.range_dtype != at::kBFloat16)
+    fail("range storage must be float32 or bfloat16");
+
+  Packed p;
+  p.dtype = dt;
+  p.sizes = x.sizes().vec();
+  p.group_size = G;
+  p.pergroup = o.pergroup;
+  at::Tensor src = memory_order(x, p.strides);
+  p.samples = x.dim() ? x.size(0) : 1;
+  p.sample_elements = p.samples ? x.numel() / p.samples : 0;
+
+  kernels::Plan plan;
+  plan.N = p.samples;
+  plan.D = p.sample_elements;
+  plan.Dp = round_up(plan.D, 32);
+  plan.G = G;
+  plan.ngroups = (plan.D + G - 1) / G;
+  plan.pergroup = o.pergroup;
+  plan.stochastic = o.stochastic;
+
+  const auto dev = x.device();
+  const auto bytes = at::TensorOptions().dtype(at::kByte).device(dev);
+  int64_t words = 0;
+  if (sample_bits.defined()) {
+    if (sample_bits.dim() != 1 || sample_bits.numel() != plan.N)
+      fail("per-sample bits must be a vector of " + std::to_string(plan.N) + " values, got shape " +
+           c10::str(sample_bits.sizes()));
+    if (sample_bits.is_floating_point() || sample_bits.is_complex())
+      fail("per-sample bits must be integers");
+    sample_bits = sample_bits.to(at::kCPU, at::kInt).contiguous();
+    const int32_t* b = sample_bits.const_data_ptr<int32_t>();
+    at::Tensor off = at::empty({plan.N}, at::kLong);
+    int64_t* w = off.data_ptr<int64_t>();
+    for (int64_t i = 0; i < plan.N; ++i) {
+      if (b[i] < 1 || b[i] > 8)
+        fail("per-sample bits must be in 1..8; sample " + std::to_string(i) + " has " + std::to_string(b[i]));
+      w[i] = words;
+      words += b[i] * plan.Dp / 32;
+    }
+    plan.bits = 0;
+    const bool pin = on_cuda(x);
+    p.bits = pin ? sample_bits.pin_memory().to(dev, /*non_blocking=*/true) : sample_bits;
+    p.word_offset = pin ? off.pin_memory().to(dev, /*non_blocking=*/true) : off;
+  } else {
+    if (bits < 1 || bits > 8) fail("bits must be in 1..8, not " + std::to_string(bits));
+    plan.bits = static_cast<int>(bits);
+    p.uniform_bits = bits;
+    words = plan.N * (bits * plan.Dp / 32);
+  }
+
+  p.data = at::empty({words * 4}, bytes);
+  const auto range_opts = at::TensorOptions().dtype(o.range_dtype).device(dev);
+  if (o.pergroup) {
+    p.mn = at::empty({plan.N, plan.ngroups}, range_opts);
+    p.mx = at::empty({plan.N, plan.ngroups}, range_opts);
+  } else {
+    p.mn = at::empty({1}, range_opts);
+    p.mx = at::empty({1}, range_opts);
+  }
+  if (plan.N * plan.D == 0) return p;
+
+  at::Tensor global_range;
+  if (!o.pergroup) {  // min/max propagate NaN, as the per-group path does
+    global_range = at::stack({src.min(), src.max()}).to(at::kFloat).contiguous();
+  }
+  if (o.seed) {
+    plan.seed = *o.seed;
+    plan.offset = o.stream;
+  } else if (on_cuda(x)) {
+    plan.draw_seed = true;
+  } else {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    plan.seed = gen.get<at::CPUGeneratorImpl>()->random64();
+    plan.offset = 0;
+  }
+#if AQ_WITH_CUDA
+  if (x.is_cuda()) {
+    kernels::quantize_cuda(plan, src, p.bits, p.word_offset, global_range, p.data, p.mn, p.mx);
+    return p;
+  }
+#endif
+  kernels::quantize_cpu(plan, src, p.bits, p.word_offset, global_range, p.data, p.mn, p.mx);
+  return p;
+}
+
+kernels::Plan plan_of(const Packed& p) {
+  kernels::Plan plan;
+  plan.N = p.samples;
+  plan.D = p.sample_elements;
+  plan.Dp = round_up(plan.D, 32);
+  plan.G = p.group_size;
+  plan.ngroups = (plan.D + plan.G - 1) / plan.G;
+  plan.bits = static_cast<int>(p.uniform_bits);
+  plan.pergroup = p.pergroup;
+  return plan;
+}
+
+}  // namespace
+
+int64_t Packed::groups_per_sample() const { return (sample_elements + group_size - 1) / group_size; }
+
+int64_t Packed::nbytes() const {
+  int64_t n = 0;
+  for (const at::Tensor* t : {&data, &mn, &mx, &bits, &word_offset})
+    if (t->defined()) n += t->nbytes();
+  return n;
+}
+
+Packed Packed::to(at::Device device) const {
+  Packed p = *this;
+  p.data = data.to(device);
+  p.mn = mn.to(device);
+  p.mx = mx.to(device);
+  if (bits.defined()) p.bits = bits.to(device);
+  if (word_offset.defined()) p.word_offset = word_offset.to(device);
+  return p;
+}
+
+Packed quantize(const at::Tensor& x, int64_t bits, const CompressOptions& options) {
+  return quantize_impl(x, bits, at::Tensor(), options);
+}
+
+Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample, const CompressOptions& options) {
+  if (!bits_per_sample.defined()) fail("per-sample bits tensor is undefined");
+  return quantize_impl(x, 0, bits_per_sample, options);
+}
+
+at::Tensor dequantize(const Packed& p) {
+  if (!p.data.defined()) fail("dequantize: empty Packed object");
+  const auto dev = p.data.device();
+  check_device(p.data, "packed data");
+  at::Tensor out = at::empty_strided(p.sizes, p.strides, at::TensorOptions().dtype(p.dtype).device(dev));
+  if (p.samples * p.sample_elements == 0) return out;
+  const kernels::Plan plan = plan_of(p);
+  const int64_t groups = p.pergroup ? p.samples * plan.ngroups : 1;
+  if (p.mn.numel() != groups || p.mx.numel() != groups || p.mn.device() != dev || p.mx.device() != dev)
+    fail("dequantize: group bounds do not match the packed tensor");
+  if (plan.bits == 0 && (!p.bits.defined() || !p.word_offset.defined() ||
+                         p.bits.device() != dev || p.word_offset.device() != dev))
+    fail("dequantize: per-sample bits or word offsets missing");
+#if AQ_WITH_CUDA
+  if (dev.is_cuda()) {
+    kernels::dequantize_cuda(plan, p.data, p.mn, p.mx, p.bits, p.word_offset, out);
+    return out;
+  }
+#endif
+  kernels::dequantize_cpu(plan, p.data, p.mn, p.mx, p.bits, p.word_offset, out);
+  return out;
+}
+
+int64_t packed_bits_nbytes(int64_t n, int64_t bits) { return (n + 31) / 32 * bits * 4; }
+
+at::Tensor pack_bits(const at::Tensor& codes, int64_t bits) {
+  check_device(codes, "codes");
+  if (bits < 1 || bits > 16) fail("code bits must be in 1..16, not " + std::to_string(bits));
+  if (codes.is_floating_point() || codes.is_complex()) fail("codes must be bool or integers");
+  at::Tensor c = codes.contiguous();
+  at::Tensor out = at::empty({packed_bits_nbytes(c.numel(), bits)}, c.options().dtype(at::kByte));
+  if (c.numel() == 0) return out;
+#if AQ_WITH_CUDA
+  if (c.is_cuda()) {
+    kernels::pack_bits_cuda(c, static_cast<int>(bits), out);
+    return out;
+  }
+#endif
+  kernels::pack_bits_cpu(c, static_cast<int>(bits), out);
+  return out;
+}
+
+at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, at::IntArrayRef sizes, c10::ScalarType dtype) {
+  check_device(packed, "packed codes");
+  if (bits < 1 || bits > 16) fail("code bits must be in 1..16, not " + std::to_string(bits));
+  at::Tensor out = at::empty(sizes, packed.options().dtype(dtype));
+  if (packed.scalar_type() != at::kByte || !packed.is_contiguous() ||
+      packed.numel() != packed_bits_nbytes(out.numel(), bits))
+    fail("unpack_bits: packed tensor does not hold " + std::to_string(out.numel()) + " codes of " +
+         std::to_string(bits) + " bits");
+  if (out.numel() == 0) return out;
+#if AQ_WITH_CUDA
+  if (packed.is_cuda()) {
+    kernels::unpack_bits_cuda(packed, static_cast<int>(bits), out);
+    return out;
+  }
+#endif
+  kernels::unpack_bits_cpu(packed, static_cast<int>(bits), out);
+  return out;
+}
+
+at::Tensor pack_mask(const at::Tensor& mask) { return pack_bits(mask, 1); }
+
+at::Tensor unpack_mask(const at::Tensor& packed, at::IntArrayRef sizes) {
+  return unpack_bits(packed, 1, sizes, at::kBool);
+}
+
+int64_t index_bits(int64_t window) {
+  if (window < 1) fail("window size must be >= 1, not " + std::to_string(window));
+  int64_t b = 1;
+  while ((int64_t(1) << b) < window) ++b;
+  return b;
+}
+
+bool built_with_cuda() { return AQ_WITH_CUDA; }
+
+}  // namespace aq
