@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run on the development machine: downloads the Debian packages the GPU
+# machine lacks (headers of HDF5, CLI11, spdlog, fmt, GoogleTest, and the
+# Fashion-MNIST data) into .gpu/debs, an ignored folder that travels to the
+# GPU machine with the device tool's `carry`.  See ../shared/docs/DEVICE.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .gpu/debs
+cd .gpu/debs
+pkgs=(libhdf5-dev libhdf5-103-1 libhdf5-cpp-103-1 libhdf5-hl-100 libhdf5-hl-cpp-100 libsz2 libaec0
+      libaec-dev libcli11-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 libgtest-dev libgmock-dev
+      dataset-fashion-mnist)
+[ -n "$(ls *.deb 2>/dev/null)" ] || { apt-get update -q >/dev/null; apt-get download "${pkgs[@]}"; }
+ls -la

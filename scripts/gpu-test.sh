@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run on the GPU machine (facts in ../shared/docs/DEVICE.md), from the repo
+# root, after scripts/gpu-debs.sh here and with .gpu carried: unpacks the
+# Debian packages into a private prefix, builds with CUDA, runs every test
+# (CUDA tests included) and then whatever command is given, e.g.
+#   scripts/gpu-test.sh build/tools/aq-bench kernels
+# Set AQ_SKIP_TESTS=1 to only build and run the command.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+P=${AQ_PREFIX:-/tmp/aq-prefix}
+if [ ! -d "$P/usr/include/spdlog" ]; then
+  for f in .gpu/debs/*.deb; do dpkg -x "$f" "$P"; done
+fi
+export PKG_CONFIG_SYSROOT_DIR=$P
+export PKG_CONFIG_PATH=$P/usr/lib/x86_64-linux-gnu/pkgconfig:$P/usr/share/pkgconfig
+export LD_LIBRARY_PATH=$P/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export PATH=/usr/local/cuda/bin:$PATH
+B=${AQ_BUILD:-build-gpu}
+if [ ! -f "$B/build.ninja" ]; then
+  meson setup "$B" -Dcuda=enabled || exit 1
+fi
+ninja -C "$B" || exit 1
+status=0
+if [ -z "${AQ_SKIP_TESTS:-}" ]; then
+  meson test -C "$B" --print-errorlogs --num-processes 4
+  status=$?
+  python3 scripts/test_summary.py "$B" || status=1
+fi
+if [ $# -gt 0 ]; then
+  "$@" || status=1
+fi
+exit $status

@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Counts test results of the last `meson test` run in a build folder.
+
+GoogleTest binaries count per test case (from their JUnit XML); every other
+test counts as one.  Prints 'N passed, N failed, N skipped' and exits 1 if
+anything failed or nothing ran."""
+import json
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+build = sys.argv[1] if len(sys.argv) > 1 else "build"
+log = os.path.join(build, "meson-logs", "testlog.json")
+passed = failed = skipped = 0
+try:
+    runs = [json.loads(line) for line in open(log) if line.strip()]
+except OSError:
+    runs = []
+for run in runs:
+    name = run["name"].split(":")[-1].strip()
+    xml = next((a.split("xml:", 1)[1] for a in run.get("command", []) if a.startswith("--gtest_output=xml:")), None)
+    cases = []
+    if xml and os.path.exists(xml):
+        try:
+            cases = ET.parse(xml).getroot().iter("testcase")
+        except ET.ParseError:
+            cases = []
+    counted = False
+    for case in cases:
+        counted = True
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed += 1
+        elif case.get("result") == "skipped" or case.find("skipped") is not None:
+            skipped += 1
+        else:
+            passed += 1
+    if not counted or run["result"] not in ("OK", "SKIP", "EXPECTEDFAIL"):
+        # A binary that crashed or timed out counts as one failure on top.
+        if run["result"] == "SKIP":
+            skipped += 1
+        elif run["result"] in ("OK", "EXPECTEDFAIL"):
+            passed += 1
+        else:
+            failed += 1
+print(f"{passed} passed, {failed} failed, {skipped} skipped")
+sys.exit(1 if failed or passed == 0 else 0)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# CLI behaviour of aq-bench: help, usage errors, exit codes, TSV output.
+set -u
+BENCH=$1
+fail=0
+check() { if ! eval "$2"; then echo "FAIL: $1" >&2; fail=1; fi; }
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+
+"$BENCH" --help >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "--help exits 0" '[ $rc -eq 0 ]'
+check "--help on stdout" 'grep -q "Usage: aq-bench" "$tmp/out" && [ ! -s "$tmp/err" ]'
+"$BENCH" kernels --help >"$tmp/out"; check "kernels --help lists --sizes" 'grep -q -- "--sizes" "$tmp/out"'
+
+"$BENCH" kernels --no-such-flag >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "unknown flag exits 2" '[ $rc -eq 2 ]'
+check "unknown flag: message and hint on stderr" 'grep -q "^aq-bench: " "$tmp/err" && grep -q "Try .aq-bench --help." "$tmp/err" && [ ! -s "$tmp/out" ]'
+"$BENCH" >/dev/null 2>"$tmp/err"; rc=$?
+check "no subcommand exits 2" '[ $rc -eq 2 ]'
+"$BENCH" kernels --sizes 12Q >/dev/null 2>"$tmp/err"; rc=$?
+check "bad size exits 2" '[ $rc -eq 2 ] && grep -q "bad size unit" "$tmp/err"'
+"$BENCH" kernels --bits 9 >/dev/null 2>"$tmp/err"; rc=$?
+check "bits 9 exits 2" '[ $rc -eq 2 ]'
+"$BENCH" kernels --dtypes fp64 --sizes 64K >/dev/null 2>"$tmp/err"; rc=$?
+check "unknown dtype exits 2" '[ $rc -eq 2 ] && grep -q "unknown dtype" "$tmp/err"'
+"$BENCH" kernels --device tpu --sizes 64K >/dev/null 2>"$tmp/err"; rc=$?
+check "unknown device exits 2" '[ $rc -eq 2 ]'
+"$BENCH" kernels --group-size 100 --sizes 64K >/dev/null 2>"$tmp/err"; rc=$?
+check "bad group size exits 2" '[ $rc -eq 2 ] && grep -q "group size" "$tmp/err"'
+
+"$BENCH" kernels --device cpu --sizes 64K,128K --dtypes fp32,fp16 --bits 2,4 --reps 1 -q >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "small run exits 0" '[ $rc -eq 0 ]'
+check "header line" 'head -1 "$tmp/out" | grep -q "^device	dtype	input_bytes	bits	op	median_ms	GB_per_s	copy_GB_per_s	ratio_to_copy	packed_bytes$"'
+check "16 data rows" '[ $(tail -n +2 "$tmp/out" | wc -l) -eq 16 ]'
+check "rows have 10 fields" '[ -z "$(awk -F"\t" "NF != 10" "$tmp/out")" ]'
+# 64 KiB of fp32 at 2 bits: 256 samples x 64 elements: 256*64*2/8 bytes of
+# codes + 2 bf16 bounds per sample.
+check "packed size of 64K fp32 at 2 bits" 'awk -F"\t" "\$2==\"fp32\" && \$3==65536 && \$4==2 && \$5==\"compress\" {print \$10}" "$tmp/out" | grep -qx 5120'
+check "positive throughput" '[ -z "$(awk -F"\t" "NR > 1 && !(\$7 > 0 && \$8 > 0)" "$tmp/out")" ]'
+check "-q keeps stderr empty" '[ ! -s "$tmp/err" ]'
+exit $fail

@@ -1,0 +1,136 @@
+// aq-bench: measured numbers for aq's kernels (and, later, training steps).
+// TSV on stdout, one line per measurement; logs on stderr.
+#include "aq/cli.h"
+#include "aq/compress.h"
+#include "aq/log.h"
+
+#include <torch/cuda.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct KernelArgs {
+  std::vector<std::string> sizes = {"256M", "1G"};
+  std::vector<std::string> dtypes = {"fp32", "bf16"};
+  std::vector<int> bits = {2, 4};
+  int64_t group_size = 256;
+  int64_t samples = 256;
+  int reps = 0;    // 0: 5 on CUDA, 3 on CPU
+  int inner = 0;   // calls per timed batch; 0: 10 on CUDA, 1 on CPU
+};
+
+int64_t parse_size(const std::string& s) {
+  size_t pos = 0;
+  double v;
+  try {
+    v = std::stod(s, &pos);
+  } catch (const std::exception&) {
+    throw std::invalid_argument("bad size '" + s + "' (e.g. 256M, 1G)");
+  }
+  std::string unit = s.substr(pos);
+  double mul = 1;
+  if (unit == "K" || unit == "KiB") mul = 1024.0;
+  else if (unit == "M" || unit == "MiB") mul = 1024.0 * 1024;
+  else if (unit == "G" || unit == "GiB") mul = 1024.0 * 1024 * 1024;
+  else if (!unit.empty() && unit != "B") throw std::invalid_argument("bad size unit in '" + s + "' (use K, M or G)");
+  if (v <= 0) throw std::invalid_argument("size must be positive: '" + s + "'");
+  return static_cast<int64_t>(v * mul);
+}
+
+torch::Dtype parse_dtype(const std::string& s) {
+  if (s == "fp32" || s == "float32") return torch::kFloat;
+  if (s == "bf16" || s == "bfloat16") return torch::kBFloat16;
+  if (s == "fp16" || s == "float16") return torch::kHalf;
+  throw std::invalid_argument("unknown dtype '" + s + "' (use fp32, bf16 or fp16)");
+}
+
+void sync(const torch::Device& d) {
+  if (d.is_cuda()) torch::cuda::synchronize(d.index());
+}
+
+// Median over `reps` batches of the mean seconds per call of f.
+template <typename F>
+double time_it(const torch::Device& d, int reps, int inner, F&& f) {
+  f();  // warm-up (allocator, caches)
+  sync(d);
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < inner; ++i) f();
+    sync(d);
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / inner);
+  }
+  std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+  return t[t.size() / 2];
+}
+
+int bench_kernels(const KernelArgs& a, const torch::Device& dev) {
+  const int reps = a.reps ? a.reps : (dev.is_cuda() ? 5 : 3);
+  const int inner = a.inner ? a.inner : (dev.is_cuda() ? 10 : 1);
+  aq::CompressOptions o;
+  o.group_size = a.group_size;
+  std::printf("device\tdtype\tinput_bytes\tbits\top\tmedian_ms\tGB_per_s\tcopy_GB_per_s\tratio_to_copy\tpacked_bytes\n");
+  for (const auto& size : a.sizes) {
+    const int64_t bytes = parse_size(size);
+    for (const auto& dts : a.dtypes) {
+      const auto dt = parse_dtype(dts);
+      const int64_t esize = torch::elementSize(dt);
+      const int64_t numel = bytes / esize;
+      const int64_t n = std::min<int64_t>(a.samples, numel);
+      if (n < 1 || numel % n) throw std::invalid_argument("size " + size + " does not split into " + std::to_string(a.samples) + " samples");
+      aq::log().info("{} {} on {}: {} x {}", size, dts, dev.str(), n, numel / n);
+      auto x = torch::randn({n, numel / n}, torch::TensorOptions().dtype(dt).device(dev));
+      auto y = torch::empty_like(x);
+      // The device's own copy: bytes read + written per second.
+      const double tc = time_it(dev, reps, inner, [&] { y.copy_(x); });
+      const double copy_rate = 2.0 * bytes / tc;
+      y.reset();
+      for (int b : a.bits) {
+        aq::Packed p = aq::quantize(x, b, o);
+        const double tq = time_it(dev, reps, inner, [&] { p = aq::quantize(x, b, o); });
+        torch::Tensor back;
+        const double td = time_it(dev, reps, inner, [&] { back = aq::dequantize(p); });
+        for (auto [op, t] : {std::pair{"compress", tq}, std::pair{"decompress", td}}) {
+          const double rate = bytes / t;
+          std::printf("%s\t%s\t%lld\t%d\t%s\t%.4f\t%.3f\t%.3f\t%.4f\t%lld\n", dev.str().c_str(), dts.c_str(),
+                      static_cast<long long>(bytes), b, op, t * 1e3, rate / 1e9, copy_rate / 1e9, rate / copy_rate,
+                      static_cast<long long>(p.nbytes()));
+        }
+        std::fflush(stdout);
+      }
+    }
+  }
+  return aq::cli::kOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"aq-bench: measure aq's compression kernels; TSV on stdout", "aq-bench"};
+  app.set_version_flag("--version", AQ_VERSION_STRING);
+  app.require_subcommand(1);
+  aq::cli::Common common;
+  KernelArgs ka;
+  auto* k = app.add_subcommand("kernels",
+                               "Compress/decompress throughput against the device's copy bandwidth, same run");
+  aq::cli::add_common(*k, common);
+  k->add_option("--sizes", ka.sizes, "Input sizes in bytes (K, M, G suffixes)")->delimiter(',')->capture_default_str();
+  k->add_option("--dtypes", ka.dtypes, "Input dtypes: fp32, bf16, fp16")->delimiter(',')->capture_default_str();
+  k->add_option("--bits", ka.bits, "Bits per element, 1..8")->delimiter(',')->check(CLI::Range(1, 8))->capture_default_str();
+  k->add_option("--group-size", ka.group_size, "Elements per quantization group (power of two >= 32)")->capture_default_str();
+  k->add_option("--samples", ka.samples, "Samples (first dimension) of the input")->check(CLI::PositiveNumber)->capture_default_str();
+  k->add_option("--reps", ka.reps, "Timed batches, median reported (0: 5 on CUDA, 3 on CPU)")->check(CLI::NonNegativeNumber);
+  k->add_option("--inner", ka.inner, "Calls per timed batch (0: 10 on CUDA, 1 on CPU)")->check(CLI::NonNegativeNumber);
+  return aq::cli::run(app, argc, argv, [&] {
+    const auto dev = aq::cli::apply_common(common);
+    if (k->parsed()) return bench_kernels(ka, dev);
+    return static_cast<int>(aq::cli::kUsage);
+  });
+}
