@@ -62,12 +62,12 @@ void quantize_impl(const Plan& p, const scalar_t* x, const int32_t* sample_bits,
         const int64_t e = n * p.Dp + d;
         uint32_t q = 0;
         if (d < dv) {
-          float u = 0.5f;
+          uint32_t k = kNearest;
           if (p.stochastic) {
             if ((e & 7) == 0 || d == d0) r = philox(static_cast<uint64_t>(e) >> 3, p.offset, p.seed);
-            u = uniform_of(r, e);
+            k = random15(r, e);
           }
-          q = quantize_one(grid, static_cast<float>(xs[d]), u);
+          q = quantize_one(grid, static_cast<float>(xs[d]), k);
         }
         acc |= static_cast<uint64_t>(q) << nacc;
         nacc += s.b;

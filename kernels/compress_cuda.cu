@@ -1,9 +1,11 @@
 // CUDA implementation of the compression kernels (see kernels.h).
 //
-// Quantize is one kernel and one pass: a warp owns a group, loads it once into
-// registers (groups up to 1024 elements; larger ones are read twice, the
-// second time mostly from L2), reduces min/max with shuffles, rounds with
-// Philox numbers and writes its packed words.  Everything runs on the current
+// Quantize is one kernel and one pass over the input: a team of lanes owns a
+// group, loads it once into registers (groups up to 1024 elements; larger ones
+// are read twice, the second time mostly from cache), reduces min/max with
+// shuffles, rounds with Philox numbers and writes its packed bytes.  Each lane
+// handles 32 elements per group, so the per-group work (locating the group,
+// the grid's divisions) is spread thin.  Everything runs on the current
 // stream; nothing waits for the host.
 #include "kernels.h"
 
@@ -14,18 +16,16 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <mutex>
+#include <type_traits>
 
 namespace aq::kernels {
 namespace {
 
-constexpr int kWarps = 8;  // warps (groups) per block
-constexpr int kKeep = 4;   // chunks per lane kept in registers (G <= 1024 at E = 8)
-
-template <typename T, int E>
-struct alignas(sizeof(T) * E) Vec {
-  T v[E];
-};
+constexpr int kWarps = 8;  // warps per block; one warp works on one group at a time
 
 struct Stream {
   int b;
@@ -50,226 +50,389 @@ __device__ __forceinline__ void seed_of(const Plan& p, at::PhiloxCudaState st, u
   }
 }
 
-// Loads E elements at x[d..d+E) of which those before `valid` exist.
-template <typename scalar_t, int E, bool VEC>
-__device__ __forceinline__ void load_chunk(const scalar_t* x, int64_t d, int64_t valid, float (&v)[E]) {
-  if (VEC && d + E <= valid) {
-    Vec<scalar_t, E> w = *reinterpret_cast<const Vec<scalar_t, E>*>(x + d);
+// NaN-propagating min/max in one instruction where the hardware has it.
+__device__ __forceinline__ float dev_min(float a, float b) {
+#if __CUDA_ARCH__ >= 800
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return nan_min(a, b);
+#endif
+}
+__device__ __forceinline__ float dev_max(float a, float b) {
+#if __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return nan_max(a, b);
+#endif
+}
+
+// Raw storage of E elements, moved with the widest loads/stores that fit.
+template <typename T, int E>
+union Chunk {
+  static constexpr int kBytes = sizeof(T) * E;
+  T v[E];
+  uint4 q[kBytes >= 16 ? kBytes / 16 : 1];
+};
+
+template <typename T, int E>
+__device__ __forceinline__ void load_raw(const T* src, Chunk<T, E>& c) {
+  if constexpr (sizeof(T) * E >= 16) {
 #pragma unroll
-    for (int i = 0; i < E; ++i) v[i] = static_cast<float>(w.v[i]);
+    for (int k = 0; k < int(sizeof(T) * E / 16); ++k) c.q[k] = reinterpret_cast<const uint4*>(src)[k];
+  } else if constexpr (sizeof(T) * E == 8) {
+    *reinterpret_cast<uint2*>(c.v) = *reinterpret_cast<const uint2*>(src);
+  } else if constexpr (sizeof(T) * E == 4) {
+    *reinterpret_cast<uint32_t*>(c.v) = *reinterpret_cast<const uint32_t*>(src);
   } else {
 #pragma unroll
-    for (int i = 0; i < E; ++i) v[i] = d + i < valid ? static_cast<float>(x[d + i]) : 0.f;
+    for (int i = 0; i < E; ++i) c.v[i] = src[i];
+  }
+}
+template <typename T, int E>
+__device__ __forceinline__ void store_raw(T* dst, const Chunk<T, E>& c) {
+  if constexpr (sizeof(T) * E >= 16) {
+#pragma unroll
+    for (int k = 0; k < int(sizeof(T) * E / 16); ++k) reinterpret_cast<uint4*>(dst)[k] = c.q[k];
+  } else if constexpr (sizeof(T) * E == 8) {
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(c.v);
+  } else if constexpr (sizeof(T) * E == 4) {
+    *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(c.v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) dst[i] = c.v[i];
   }
 }
 
-__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ bool byte_sized(int nb) { return nb == 8 || nb == 16 || nb == 32 || nb == 64; }
-
-// Writes a lane's nb = E*b bits, at bit lane*nb of the warp's current chunk
-// (`words`: the chunk's first word).  Byte-sized pieces are stored directly by
-// lanes inside the group; other widths are assembled in the warp's shared
-// words `sw` (all lanes take part) and the chunk's first `nwords` written.
-__device__ __forceinline__ void store_bits(uint32_t* words, uint32_t* sw, int lane, int nb,
-                                           uint64_t c, bool inside, int64_t nwords) {
-  const int bit = lane * nb;
-  if (byte_sized(nb)) {
-    if (!inside) return;
-    if (nb == 8)
-      reinterpret_cast<uint8_t*>(words)[bit / 8] = static_cast<uint8_t>(c);
-    else if (nb == 16)
-      reinterpret_cast<uint16_t*>(words)[bit / 16] = static_cast<uint16_t>(c);
-    else if (nb == 32)
-      words[bit / 32] = static_cast<uint32_t>(c);
-    else {
-      words[bit / 32] = static_cast<uint32_t>(c);
-      words[bit / 32 + 1] = static_cast<uint32_t>(c >> 32);
-    }
-    return;
-  }
-  sw[lane] = 0;
-  sw[lane + 32] = 0;
-  __syncwarp();
-  const int s = bit & 31, w = bit >> 5;
-  const uint64_t lo = c << s;
-  const uint32_t hi = s ? static_cast<uint32_t>(c >> (64 - s)) : 0u;
-  if (static_cast<uint32_t>(lo)) atomicOr(&sw[w], static_cast<uint32_t>(lo));
-  if (static_cast<uint32_t>(lo >> 32)) atomicOr(&sw[w + 1], static_cast<uint32_t>(lo >> 32));
-  if (hi) atomicOr(&sw[w + 2], hi);
-  __syncwarp();
-  for (int i = lane; i < nb && i < nwords; i += 32) words[i] = sw[i];
-  __syncwarp();
-}
-
-// Reads the nb bits at bit `bit` of a stream starting at `words`.
-__device__ __forceinline__ uint64_t load_bits(const uint32_t* words, int64_t bit, int nb) {
-  if (nb == 8) return reinterpret_cast<const uint8_t*>(words)[bit / 8];
-  if (nb == 16) return reinterpret_cast<const uint16_t*>(words)[bit / 16];
-  const int64_t w = bit >> 5;
-  const int s = static_cast<int>(bit & 31);
-  uint64_t lo = words[w];
-  if (s + nb > 32) lo |= static_cast<uint64_t>(words[w + 1]) << 32;
-  uint64_t c = lo >> s;
-  if (s + nb > 64) c |= static_cast<uint64_t>(words[w + 2]) << (64 - s);
-  return nb == 64 ? c : c & ((uint64_t(1) << nb) - 1);
-}
-
-// One warp per group.  Chunk j of lane l holds group elements
-// [(32 j + l) E, (32 j + l + 1) E): loads are coalesced and each lane's codes
-// are E*b contiguous bits of the stream.
+// Loads the nv (0..E) existing elements of a lane's chunk as floats.
 template <typename scalar_t, int E, bool VEC>
+__device__ __forceinline__ void load_chunk(const scalar_t* x, int nv, float (&v)[E]) {
+  if (VEC && nv == E) {
+    Chunk<scalar_t, E> c;
+    load_raw<scalar_t, E>(x, c);
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[i] = static_cast<float>(c.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[i] = i < nv ? static_cast<float>(x[i]) : 0.f;
+  }
+}
+
+// Floats to the output dtype, two at a time where the hardware converts pairs
+// (round to nearest even, like LibTorch's CPU conversion).
+template <typename scalar_t, int E>
+__device__ __forceinline__ void to_storage(const float (&f)[E], scalar_t (&out)[E]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && E % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < E; i += 2) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(f[i], f[i + 1]);
+      memcpy(&out[i], &h, 4);
+    }
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && E % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < E; i += 2) {
+      const __half2 h = __floats2half2_rn(f[i], f[i + 1]);
+      memcpy(&out[i], &h, 4);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) out[i] = static_cast<scalar_t>(f[i]);
+  }
+}
+
+// A lane's piece is 8 elements, 8*b bits = b whole bytes at byte (d/8)*b of
+// the group's stream (d: the piece's first element in the group).  Streams are
+// 4-byte aligned, so 1, 2 and 4 bytes go in one store and the rest in words
+// or bytes.
+__device__ __forceinline__ void store_piece(uint8_t* bytes, int b, uint64_t c) {
+  switch (b) {
+    case 1: *bytes = static_cast<uint8_t>(c); break;
+    case 2: *reinterpret_cast<uint16_t*>(bytes) = static_cast<uint16_t>(c); break;
+    case 4: *reinterpret_cast<uint32_t*>(bytes) = static_cast<uint32_t>(c); break;
+    case 8:
+      reinterpret_cast<uint32_t*>(bytes)[0] = static_cast<uint32_t>(c);
+      reinterpret_cast<uint32_t*>(bytes)[1] = static_cast<uint32_t>(c >> 32);
+      break;
+    default:
+#pragma unroll 1
+      for (int i = 0; i < b; ++i) bytes[i] = static_cast<uint8_t>(c >> (8 * i));
+  }
+}
+
+// The 15-bit random integers of elements e..e+7 (e a multiple of 8).
+__device__ __forceinline__ void randoms(uint64_t e, uint64_t offset, uint64_t seed, uint32_t (&k)[8]) {
+  const Philox4 p = philox(e >> 3, offset, seed);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) k[i] = (p.r[i >> 1] >> (16 * (i & 1))) & 0x7fffu;
+}
+
+// Rounds and packs a piece: 8 elements (nv of them exist) into 8*b bits.
+__device__ __forceinline__ uint64_t encode_piece(const Grid& grid, const float (&t)[8], int nv, int b,
+                                                 bool stochastic, uint64_t e, uint64_t offset, uint64_t seed) {
+  uint32_t k[8];
+  if (stochastic) {
+    randoms(e, offset, seed, k);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) k[i] = kNearest;
+  }
+  // Codes 0..3 and 4..7 in two 32-bit halves: i*b < 32 for i < 4.
+  uint32_t lo = 0, hi = 0;
+  if (nv == 8) {  // the common case, without per-element predicates
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t q = quantize_one(grid, t[i], k[i]);
+      if (i < 4)
+        lo |= q << (i * b);
+      else
+        hi |= q << ((i - 4) * b);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t q = i < nv ? quantize_one(grid, t[i], k[i]) : 0u;
+      if (i < 4)
+        lo |= q << (i * b);
+      else
+        hi |= q << ((i - 4) * b);
+    }
+  }
+  return (static_cast<uint64_t>(hi) << (4 * b)) | lo;
+}
+
+// Which group a lane works on, and where it lives.
+struct GroupAt {
+  int64_t n, d0;  // sample, first element in the sample
+  int T;          // padded length (a multiple of 32)
+  int64_t left;   // elements of the sample from d0 on
+  Stream s;
+};
+
+__device__ __forceinline__ GroupAt group_at(const Plan& p, const int32_t* sbits, const int64_t* woff,
+                                            int64_t gi) {
+  GroupAt g;
+  if (p.N * p.ngroups < (int64_t(1) << 31)) {
+    g.n = static_cast<uint32_t>(gi) / static_cast<uint32_t>(p.ngroups);
+  } else {
+    g.n = gi / p.ngroups;
+  }
+  g.d0 = (gi - g.n * p.ngroups) * p.G;
+  g.T = static_cast<int>(p.Dp - g.d0 < p.G ? p.Dp - g.d0 : p.G);
+  g.left = p.D - g.d0;
+  g.s = sample_stream(p, sbits, woff, g.n);
+  return g;
+}
+
+__device__ __forceinline__ int clamp8(int64_t r) { return static_cast<int>(r <= 0 ? 0 : (r >= 8 ? 8 : r)); }
+
+// A team of TEAM lanes works on one group; a warp on 32/TEAM consecutive
+// groups at a time, in a grid-stride loop.  Lane t of a team holds pieces
+// j*TEAM + t (8 elements each) of its group: a team's loads are contiguous.
+// P > 0: P pieces per lane, kept in registers between the min/max and the
+// rounding; P == 0: groups of 2048 or more, read twice.
+template <typename scalar_t, int TEAM, int P, bool VEC>
 __global__ void __launch_bounds__(kWarps * 32)
     quantize_kernel(Plan p, const scalar_t* __restrict__ x, const int32_t* __restrict__ sbits,
                     const int64_t* __restrict__ woff, const float* __restrict__ global_range,
-                    uint32_t* __restrict__ packed, void* mn, void* mx, bool bf16,
+                    uint8_t* __restrict__ packed, void* mn, void* mx, bool bf16,
                     at::PhiloxCudaState st) {
-  __shared__ uint32_t smem[kWarps][64];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t gi = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (gi >= p.N * p.ngroups) return;  // warp-uniform
+  constexpr int kGroupsPerWarp = 32 / TEAM;
+  const int lane = threadIdx.x & 31, t = lane % TEAM;
   uint64_t seed, offset;
   seed_of(p, st, seed, offset);
-  const int64_t n = gi / p.ngroups, d0 = (gi - n * p.ngroups) * p.G;
-  const int64_t T = imin(p.G, p.Dp - d0);  // padded length of this group, a multiple of 32
-  const scalar_t* xs = x + n * p.D;
-  const int R = static_cast<int>(p.G / (32 * E));  // chunks per lane
-  const Stream s = sample_stream(p, sbits, woff, n);
-  auto elem = [&](int j) { return d0 + (static_cast<int64_t>(j) * 32 + lane) * E; };
+  const int64_t total = p.N * p.ngroups;
+  const int pieces = P ? P : static_cast<int>(p.G / (8 * TEAM));
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+       w * kGroupsPerWarp < total; w += warps) {
+    const int64_t gi = w * kGroupsPerWarp + lane / TEAM;
+    const bool active = gi < total;  // lanes past the end still join the shuffles
+    const GroupAt g = group_at(p, sbits, woff, active ? gi : total - 1);
+    const scalar_t* xg = x + g.n * p.D + g.d0;
+    auto elem = [&](int j) { return (j * TEAM + t) * 8; };
 
-  float v[kKeep][E];
-  float lo, hi;
-  if (p.pergroup) {
-    lo = INFINITY;
-    hi = -INFINITY;
-    auto reduce = [&](const float (&t)[E], int64_t d) {
+    float v[P ? P : 1][8];
+    float lo = INFINITY, hi = -INFINITY;
+    auto reduce = [&](const float (&u)[8], int nv) {
+      if (nv == 8) {
 #pragma unroll
-      for (int i = 0; i < E; ++i)
-        if (d + i < p.D) {
-          lo = nan_min(lo, t[i]);
-          hi = nan_max(hi, t[i]);
+        for (int i = 0; i < 8; ++i) {
+          lo = dev_min(lo, u[i]);
+          hi = dev_max(hi, u[i]);
         }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (i < nv) {
+            lo = dev_min(lo, u[i]);
+            hi = dev_max(hi, u[i]);
+          }
+      }
     };
+    if (p.pergroup) {
+      if (P) {
 #pragma unroll
-    for (int j = 0; j < kKeep; ++j)
-      if (j < R && elem(j) - d0 < T) {
-        load_chunk<scalar_t, E, VEC>(xs, elem(j), p.D, v[j]);
-        reduce(v[j], elem(j));
-      }
-    for (int j = kKeep; j < R; ++j)
-      if (elem(j) - d0 < T) {
-        float t[E];
-        load_chunk<scalar_t, E, VEC>(xs, elem(j), p.D, t);
-        reduce(t, elem(j));
+        for (int j = 0; j < (P ? P : 1); ++j) {
+          const int nv = active ? clamp8(g.left - elem(j)) : 0;
+          load_chunk<scalar_t, 8, VEC>(xg + elem(j), nv, v[j]);
+          reduce(v[j], nv);
+        }
+      } else {
+        for (int j = 0; j < pieces; ++j) {
+          const int nv = active ? clamp8(g.left - elem(j)) : 0;
+          float u[8];
+          load_chunk<scalar_t, 8, VEC>(xg + elem(j), nv, u);
+          reduce(u, nv);
+        }
       }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      lo = nan_min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-      hi = nan_max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+      for (int o = TEAM / 2; o > 0; o >>= 1) {
+        lo = dev_min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+        hi = dev_max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+      }
+      if (active && t == 0) {
+        store_range(mn, bf16, gi, lo, false);
+        store_range(mx, bf16, gi, hi, true);
+      }
+    } else {
+      lo = global_range[0];
+      hi = global_range[1];
+      if (gi == 0) {
+        store_range(mn, bf16, 0, lo, false);
+        store_range(mx, bf16, 0, hi, true);
+      }
     }
-    if (lane == 0) {
-      store_range(mn, bf16, gi, lo, false);
-      store_range(mx, bf16, gi, hi, true);
-    }
-  } else {
-    lo = global_range[0];
-    hi = global_range[1];
-    if (gi == 0 && lane == 0) {
-      store_range(mn, bf16, 0, lo, false);
-      store_range(mx, bf16, 0, hi, true);
+    if (!active) continue;
+    const Grid grid = make_grid(round_range(lo, bf16, false), round_range(hi, bf16, true), g.s.b);
+    uint8_t* gb = packed + 4 * g.s.word + g.d0 * g.s.b / 8;
+    const int64_t e0 = g.n * p.Dp + g.d0;
+    auto emit = [&](int j, const float (&u)[8]) {
+      const int d = elem(j);
+      if (d >= g.T) return;
+      const int nv = clamp8(g.left - d);
+      const uint64_t c = encode_piece(grid, u, nv, g.s.b, p.stochastic, e0 + d, offset, seed);
+      store_piece(gb + (d / 8) * g.s.b, g.s.b, c);
+    };
+    if (P && p.pergroup) {
+#pragma unroll
+      for (int j = 0; j < (P ? P : 1); ++j) emit(j, v[j]);
+    } else {
+      for (int j = 0; j < pieces; ++j) {
+        float u[8];
+        load_chunk<scalar_t, 8, VEC>(xg + elem(j), clamp8(g.left - elem(j)), u);
+        emit(j, u);
+      }
     }
   }
-  const Grid grid = make_grid(round_range(lo, bf16, false), round_range(hi, bf16, true), s.b);
-  uint32_t* gw = packed + s.word + d0 * s.b / 32;
-  const int nb = E * s.b;
-  auto emit = [&](int j, const float (&t)[E]) {
-    const int64_t c0 = static_cast<int64_t>(j) * 32 * E;  // chunk start within the group
-    const int64_t d = elem(j);
-    const int64_t e = n * p.Dp + d;
-    Philox4 r{};
-    if (p.stochastic) r = philox(static_cast<uint64_t>(e) >> 3, offset, seed);
-    uint64_t c = 0;
-#pragma unroll
-    for (int i = 0; i < E; ++i) {
-      const float u = p.stochastic ? uniform_of(r, e + i) : 0.5f;
-      const uint32_t q = d + i < p.D ? quantize_one(grid, t[i], u) : 0u;
-      c |= static_cast<uint64_t>(q) << (i * s.b);
-    }
-    const int64_t rem = imin(32 * E, T - c0);  // padded elements of the group in this chunk
-    store_bits(gw + c0 * s.b / 32, smem[warp], lane, nb, c, d - d0 < T, rem * s.b / 32);
-  };
-#pragma unroll
-  for (int j = 0; j < kKeep; ++j)
-    if (j < R && static_cast<int64_t>(j) * 32 * E < T) {  // warp-uniform
-      if (!p.pergroup) load_chunk<scalar_t, E, VEC>(xs, elem(j), p.D, v[j]);
-      emit(j, v[j]);
-    }
-  for (int j = kKeep; j < R; ++j)
-    if (static_cast<int64_t>(j) * 32 * E < T) {
-      float t[E];
-      load_chunk<scalar_t, E, VEC>(xs, elem(j), p.D, t);
-      emit(j, t);
-    }
 }
 
-template <typename scalar_t, int E, bool VEC>
+// Reads the nb (<= 32) bits at bit `bit` of a 4-byte aligned stream.
+__device__ __forceinline__ uint32_t load_bits32(const uint32_t* words, int64_t bit, int nb) {
+  const int64_t w = bit >> 5;
+  const int s = static_cast<int>(bit & 31);
+  uint32_t c = words[w] >> s;
+  if (s + nb > 32) c |= words[w + 1] << (32 - s);
+  return nb == 32 ? c : c & ((1u << nb) - 1u);
+}
+
+// Same teams as quantize_kernel, but a lane's unit is a 16-byte block of
+// output (E = 4 fp32 or 8 fp16/bf16 elements), so that every store
+// instruction of a team covers contiguous memory; codes are read with
+// funnel shifts from whatever words hold them.
+template <typename scalar_t, int TEAM, int P, bool VEC>
 __global__ void __launch_bounds__(kWarps * 32)
-    dequantize_kernel(Plan p, const uint32_t* __restrict__ packed, const void* mn, const void* mx,
+    dequantize_kernel(Plan p, const uint8_t* __restrict__ packed, const void* mn, const void* mx,
                       bool bf16, const int32_t* __restrict__ sbits,
                       const int64_t* __restrict__ woff, scalar_t* __restrict__ y) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t gi = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (gi >= p.N * p.ngroups) return;
-  const int64_t n = gi / p.ngroups, d0 = (gi - n * p.ngroups) * p.G;
-  const int64_t T = imin(p.G, p.Dp - d0);
-  const Stream s = sample_stream(p, sbits, woff, n);
-  const int64_t ri = p.pergroup ? gi : 0;
-  const Grid grid = make_grid(load_range(mn, bf16, ri), load_range(mx, bf16, ri), s.b);
-  const uint32_t* gw = packed + s.word + d0 * s.b / 32;
-  const int nb = E * s.b;
-  const uint64_t mask = (1u << s.b) - 1u;
-  scalar_t* ys = y + n * p.D;
-  const int R = static_cast<int>(p.G / (32 * E));
-  for (int j = 0; j < R; ++j) {
-    const int64_t c0 = static_cast<int64_t>(j) * 32 * E;
-    const int64_t d = d0 + c0 + static_cast<int64_t>(lane) * E;
-    if (d - d0 >= T) break;
-    const uint64_t c = load_bits(gw, (d - d0) * s.b, nb);
-    Vec<scalar_t, E> w;
+  constexpr int E = 16 / sizeof(scalar_t);
+  constexpr int kGroupsPerWarp = 32 / TEAM;
+  const int lane = threadIdx.x & 31, t = lane % TEAM;
+  const int64_t total = p.N * p.ngroups;
+  const int blocks = static_cast<int>(p.G / (E * TEAM));  // per lane
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+       w * kGroupsPerWarp < total; w += warps) {
+    const int64_t gi = w * kGroupsPerWarp + lane / TEAM;
+    if (gi >= total) continue;  // no shuffles below
+    const GroupAt g = group_at(p, sbits, woff, gi);
+    const int64_t ri = p.pergroup ? gi : 0;
+    const Grid grid = make_grid(load_range(mn, bf16, ri), load_range(mx, bf16, ri), g.s.b);
+    const uint32_t* gw = reinterpret_cast<const uint32_t*>(packed) + g.s.word + g.d0 * g.s.b / 32;
+    const uint32_t mask = (1u << g.s.b) - 1u;
+    const int nb = E * g.s.b;  // <= 64
+    scalar_t* yg = y + g.n * p.D + g.d0;
+#pragma unroll(P ? 4 * P / (E / 2) : 1)
+    for (int j = 0; j < blocks; ++j) {
+      const int d = (j * TEAM + t) * E;
+      if (d >= g.T) break;
+      const int64_t bit = static_cast<int64_t>(d) * g.s.b;
+      uint32_t lo32, hi32 = 0;
+      if (nb <= 32) {
+        lo32 = load_bits32(gw, bit, nb);
+        if (E > 4) hi32 = lo32 >> (4 * g.s.b);  // b <= 4 here
+      } else {  // E = 8, b > 4: two halves of 4 codes
+        lo32 = load_bits32(gw, bit, nb / 2);
+        hi32 = load_bits32(gw, bit + nb / 2, nb / 2);
+      }
+      const int r = static_cast<int>(g.left - d < E ? g.left - d : E);
+      float f[E];
 #pragma unroll
-    for (int i = 0; i < E; ++i)
-      w.v[i] = static_cast<scalar_t>(dequantize_one(grid, static_cast<uint32_t>((c >> (i * s.b)) & mask)));
-    if (VEC && d + E <= p.D) {
-      *reinterpret_cast<Vec<scalar_t, E>*>(ys + d) = w;
-    } else {
+      for (int i = 0; i < E; ++i) f[i] = dequantize_one(grid, ((i < 4 ? lo32 : hi32) >> ((i & 3) * g.s.b)) & mask);
+      Chunk<scalar_t, E> out;
+      to_storage<scalar_t, E>(f, out.v);
+      if (VEC && r == E) {
+        store_raw<scalar_t, E>(yg + d, out);
+      } else {
 #pragma unroll
-      for (int i = 0; i < E; ++i)
-        if (d + i < p.D) ys[d + i] = w.v[i];
+        for (int i = 0; i < E; ++i)
+          if (i < r) yg[d + i] = out.v[i];
+      }
     }
   }
 }
 
-// Calls f.template operator()<E, VEC>() for the plan's chunk width and whether
-// every chunk of x/y is aligned for vector access.
+// Calls f(TEAM, P, VEC) as integral constants for the plan's group size and
+// whether every piece of `ptr` is aligned for vector access.
 template <typename scalar_t, typename F>
 void dispatch_chunk(const Plan& p, const void* ptr, F&& f) {
-  auto go = [&](auto e_tag) {
-    constexpr int E = decltype(e_tag)::value;
-    const bool vec = p.D % E == 0 && reinterpret_cast<uintptr_t>(ptr) % (sizeof(scalar_t) * E) == 0;
+  auto go = [&](auto team, auto pieces) {
+    const bool vec = p.D % 8 == 0 && reinterpret_cast<uintptr_t>(ptr) % 32 == 0;
     if (vec)
-      f(std::integral_constant<int, E>{}, std::true_type{});
+      f(team, pieces, std::true_type{});
     else
-      f(std::integral_constant<int, E>{}, std::false_type{});
+      f(team, pieces, std::false_type{});
   };
-  switch (p.G) {
-    case 32: go(std::integral_constant<int, 1>{}); break;
-    case 64: go(std::integral_constant<int, 2>{}); break;
-    case 128: go(std::integral_constant<int, 4>{}); break;
-    default: go(std::integral_constant<int, 8>{}); break;
+  using C1 = std::integral_constant<int, 1>;
+  using C2 = std::integral_constant<int, 2>;
+  using C4 = std::integral_constant<int, 4>;
+  using C8 = std::integral_constant<int, 8>;
+  using C16 = std::integral_constant<int, 16>;
+  using C32 = std::integral_constant<int, 32>;
+  using C0 = std::integral_constant<int, 0>;
+  switch (p.G) {  // 32 elements per lane up to G = 1024
+    case 32: go(C1{}, C4{}); break;
+    case 64: go(C2{}, C4{}); break;
+    case 128: go(C4{}, C4{}); break;
+    case 256: go(C8{}, C4{}); break;
+    case 512: go(C16{}, C4{}); break;
+    case 1024: go(C32{}, C4{}); break;
+    default: go(C32{}, C0{}); break;
   }
 }
 
-int64_t blocks_for(int64_t groups) { return (groups + kWarps - 1) / kWarps; }
+// Enough resident warps to fill the device; each loops over groups.
+int64_t blocks_for(int64_t groups, int team) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t warps = (groups * team + 31) / 32;
+  return std::max<int64_t>(1, std::min<int64_t>((warps + kWarps - 1) / kWarps, sms * 8));
+}
+
+#define AQ_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 }  // namespace
 
@@ -279,7 +442,6 @@ void quantize_cuda(const Plan& plan, const at::Tensor& x, const at::Tensor& samp
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t groups = plan.N * plan.ngroups;
   if (groups == 0) return;
-  TORCH_CHECK(blocks_for(groups) < (int64_t(1) << 31), "aq: tensor too large for one launch");
   at::PhiloxCudaState st;
   if (plan.draw_seed) {
     auto gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
@@ -292,13 +454,14 @@ void quantize_cuda(const Plan& plan, const at::Tensor& x, const at::Tensor& samp
   const int64_t* wo = plan.bits ? nullptr : word_offset.const_data_ptr<int64_t>();
   const float* gr = plan.pergroup ? nullptr : global_range.const_data_ptr<float>();
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "aq_quantize_cuda", [&] {
+  AQ_DISPATCH_FLOATS(x.scalar_type(), "aq_quantize_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    dispatch_chunk<scalar_t>(plan, xp, [&](auto e_tag, auto vec_tag) {
-      constexpr int E = decltype(e_tag)::value;
+    dispatch_chunk<scalar_t>(plan, xp, [&](auto team_tag, auto p_tag, auto vec_tag) {
+      constexpr int TEAM = decltype(team_tag)::value;
+      constexpr int P = decltype(p_tag)::value;
       constexpr bool VEC = decltype(vec_tag)::value;
-      quantize_kernel<scalar_t, E, VEC><<<blocks_for(groups), kWarps * 32, 0, stream>>>(
-          plan, xp, sb, wo, gr, reinterpret_cast<uint32_t*>(packed.data_ptr<uint8_t>()),
+      quantize_kernel<scalar_t, TEAM, P, VEC><<<blocks_for(groups, TEAM), kWarps * 32, 0, stream>>>(
+          plan, xp, sb, wo, gr, packed.data_ptr<uint8_t>(),
           mn.data_ptr(), mx.data_ptr(), bf16, st);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -311,18 +474,18 @@ void dequantize_cuda(const Plan& plan, const at::Tensor& packed, const at::Tenso
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t groups = plan.N * plan.ngroups;
   if (groups == 0) return;
-  TORCH_CHECK(blocks_for(groups) < (int64_t(1) << 31), "aq: tensor too large for one launch");
   const bool bf16 = mn.scalar_type() == at::kBFloat16;
   const int32_t* sb = plan.bits ? nullptr : sample_bits.const_data_ptr<int32_t>();
   const int64_t* wo = plan.bits ? nullptr : word_offset.const_data_ptr<int64_t>();
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aq_dequantize_cuda", [&] {
+  AQ_DISPATCH_FLOATS(out.scalar_type(), "aq_dequantize_cuda", [&] {
     scalar_t* yp = out.data_ptr<scalar_t>();
-    dispatch_chunk<scalar_t>(plan, yp, [&](auto e_tag, auto vec_tag) {
-      constexpr int E = decltype(e_tag)::value;
+    dispatch_chunk<scalar_t>(plan, yp, [&](auto team_tag, auto p_tag, auto vec_tag) {
+      constexpr int TEAM = decltype(team_tag)::value;
+      constexpr int P = decltype(p_tag)::value;
       constexpr bool VEC = decltype(vec_tag)::value;
-      dequantize_kernel<scalar_t, E, VEC><<<blocks_for(groups), kWarps * 32, 0, stream>>>(
-          plan, reinterpret_cast<const uint32_t*>(packed.const_data_ptr<uint8_t>()),
+      dequantize_kernel<scalar_t, TEAM, P, VEC><<<blocks_for(groups, TEAM), kWarps * 32, 0, stream>>>(
+          plan, packed.const_data_ptr<uint8_t>(),
           mn.const_data_ptr(), mx.const_data_ptr(), bf16, sb, wo, yp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -9,6 +9,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -108,13 +109,6 @@ AQ_HD float bf16_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) 
 struct Philox4 {
   uint32_t r[4];
 };
-AQ_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __umulhi(a, b);
-#else
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-#endif
-}
 AQ_HD Philox4 philox(uint64_t counter, uint64_t stream, uint64_t key) {
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = static_cast<uint32_t>(stream), c3 = static_cast<uint32_t>(stream >> 32);
@@ -123,8 +117,10 @@ AQ_HD Philox4 philox(uint64_t counter, uint64_t stream, uint64_t key) {
 #pragma unroll
 #endif
   for (int i = 0; i < 10; ++i) {
-    uint32_t hi0 = mulhi32(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
-    uint32_t hi1 = mulhi32(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;  // one wide multiply each
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
     uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
     c0 = n0;
     c1 = lo1;
@@ -136,22 +132,24 @@ AQ_HD Philox4 philox(uint64_t counter, uint64_t stream, uint64_t key) {
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// The uniform number for element e (its index in the padded [N, Dp] space):
-// one Philox call serves 8 consecutive elements, 16 bits each, taken at the
-// centre of their 2^-16 bin.
-AQ_HD float uniform_of(const Philox4& p, int64_t e) {
-  uint32_t w = p.r[(e & 7) >> 1] >> (16 * (e & 1));
-  return static_cast<float>(w & 0xffffu) * (1.0f / 65536.0f) + (1.0f / 131072.0f);
+// The random 15-bit integer of element e (its index in the padded [N, Dp]
+// space): one Philox call serves 8 consecutive elements, 16 bits each, of
+// which the low 15 are used.
+AQ_HD uint32_t random15(const Philox4& p, int64_t e) {
+  return (p.r[(e & 7) >> 1] >> (16 * (e & 1))) & 0x7fffu;
 }
+constexpr uint32_t kNearest = 0x4000u;  // random15's stand-in for round-to-nearest
 
 // A group's quantization grid, from its stored (already rounded) mn and mx.
 // Values are kept halved so that mx - mn never overflows for finite inputs.
+// A group with a non-finite bound gets scale 0 (every code 0) and base NaN
+// (every value NaN), so that no per-element branch is needed.
 struct Grid {
-  float hm;     // mn / 2
-  float scale;  // B / ((mx - mn + eps) / 2)
-  float step;   // ((mx - mn + eps) / 2) / B
-  float levels; // B = 2^bits - 1
-  bool finite;
+  float hm;         // mn / 2 (0 if not finite)
+  float scale15;    // 2^15 B / ((mx - mn + eps) / 2) (0 if not finite)
+  float base;       // mn / 2, or NaN if not finite
+  float step;       // ((mx - mn + eps) / 2) / B
+  uint32_t levels;  // B = 2^bits - 1
 };
 
 #if defined(__CUDA_ARCH__)
@@ -168,27 +166,40 @@ struct Grid {
 
 AQ_HD Grid make_grid(float mn, float mx, int bits) {
   Grid g;
-  g.levels = static_cast<float>((1u << bits) - 1u);
-  g.finite = is_finite(mn) && is_finite(mx);
-  g.hm = AQ_MUL(0.5f, mn);
-  float hr = AQ_ADD(AQ_SUB(AQ_MUL(0.5f, mx), g.hm), 0.5f * kEps);
-  g.scale = AQ_DIV(g.levels, hr);
-  g.step = AQ_DIV(hr, g.levels);
+  g.levels = (1u << bits) - 1u;
+  const float B = static_cast<float>(g.levels);
+  const bool finite = is_finite(mn) && is_finite(mx);
+  const float hm = AQ_MUL(0.5f, mn);
+  const float hr = AQ_ADD(AQ_SUB(AQ_MUL(0.5f, mx), hm), 0.5f * kEps);
+  g.hm = finite ? hm : 0.f;
+  g.scale15 = finite ? AQ_DIV(AQ_MUL(B, 32768.0f), hr) : 0.f;
+  g.base = finite ? hm : bits_float(0x7fc00000u);
+  g.step = AQ_DIV(hr, B);
   return g;
 }
 
-// Stochastic (u uniform in (0,1)) or nearest (u = 0.5) rounding to a code.
-AQ_HD uint32_t quantize_one(const Grid& g, float x, float u) {
-  if (!g.finite) return 0;
-  float v = AQ_ADD(AQ_MUL(AQ_SUB(AQ_MUL(0.5f, x), g.hm), g.scale), u);
-  v = v < 0.f ? 0.f : (v > g.levels ? g.levels : v);
-  uint32_t q = static_cast<uint32_t>(v);  // floor for v >= 0
-  return q > static_cast<uint32_t>(g.levels) ? static_cast<uint32_t>(g.levels) : q;
+// 2^23 + v has v rounded to an integer (ties to even) in its low mantissa
+// bits, for 0 <= v < 2^23: float-to-integer without a conversion unit.
+constexpr float kMagic = 8388608.0f;
+
+// The code of x: with v = (x - mn) B / (mx - mn + eps) in [0, B] and k a
+// uniform 15-bit integer, q = floor((round(2^15 v) + k) / 2^15), so that
+// E[q] = round(2^15 v) / 2^15: unbiased to within 2^-16 of a grid step.
+// k = kNearest rounds to nearest instead.
+AQ_HD uint32_t quantize_one(const Grid& g, float x, uint32_t k) {
+  // v is NaN only in a non-finite group and < 0 only past a saturated bf16
+  // bound (|x| > 3.39e38): fmax makes both 0, code 0.  v >= 2^23 (also only
+  // past a saturated bound) gives a huge q, clamped to B below.
+  const float v = fmaxf(AQ_MUL(AQ_SUB(AQ_MUL(0.5f, x), g.hm), g.scale15), 0.f);
+  const uint32_t q = (float_bits(AQ_ADD(v, kMagic)) - 0x4b000000u + k) >> 15;
+  return q < g.levels ? q : g.levels;
 }
 
+// Exact float of a code (q < 2^23), without a conversion unit.
+AQ_HD float code_float(uint32_t q) { return AQ_SUB(bits_float(0x4b000000u | q), kMagic); }
+
 AQ_HD float dequantize_one(const Grid& g, uint32_t q) {
-  if (!g.finite) return bits_float(0x7fc00000u);
-  return AQ_MUL(2.0f, AQ_ADD(g.hm, AQ_MUL(static_cast<float>(q), g.step)));
+  return AQ_MUL(2.0f, AQ_ADD(g.base, AQ_MUL(code_float(q), g.step)));
 }
 
 // Reads the stored range of group i (fp32 or bf16 storage).
