@@ -451,6 +451,17 @@ TEST(Crossdevice, SameBytesAndCrossUnpack) {
   EXPECT_TRUE(torch::equal(aq::dequantize(g.to(torch::kCPU)), aq::dequantize(g).cpu()));
 }
 
+TEST(Build, CudaTensorWithoutCudaKernelsIsAClearError) {
+  if (!torch::cuda::is_available() || aq::built_with_cuda()) GTEST_SKIP() << "needs a GPU and a CPU-only build";
+  auto x = torch::randn({4, 64}, torch::kCUDA);
+  try {
+    aq::quantize(x, 2);
+    FAIL() << "no error";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("built without CUDA"), std::string::npos) << e.what();
+  }
+}
+
 // More than 2^31 elements.  Needs ~9 GiB of memory on the device.
 TEST_P(Engine, MoreThan2To31Elements) {
   const int64_t n = (int64_t(1) << 31) + 96;

@@ -2,6 +2,7 @@
 # CLI behaviour of aq-bench: help, usage errors, exit codes, TSV output.
 set -u
 BENCH=$1
+MAN=${2:-}
 fail=0
 check() { if ! eval "$2"; then echo "FAIL: $1" >&2; fail=1; fi; }
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -37,4 +38,11 @@ check "rows have 10 fields" '[ -z "$(awk -F"\t" "NF != 10" "$tmp/out")" ]'
 check "packed size of 64K fp32 at 2 bits" 'awk -F"\t" "\$2==\"fp32\" && \$3==65536 && \$4==2 && \$5==\"compress\" {print \$10}" "$tmp/out" | grep -qx 5120'
 check "positive throughput" '[ -z "$(awk -F"\t" "NR > 1 && !(\$7 > 0 && \$8 > 0)" "$tmp/out")" ]'
 check "-q keeps stderr empty" '[ ! -s "$tmp/err" ]'
+# The man page documents exactly the options --help shows.
+if [ -n "$MAN" ]; then
+  opts_help=$({ "$BENCH" --help; "$BENCH" kernels --help; } | grep -oE -- '--[a-z][a-z-]+' | sort -u)
+  opts_man=$(grep -oE -- '\\-\\-[a-z][a-z\\-]+' "$MAN" | sed 's/\\//g' | sort -u)
+  check "man page and --help list the same options" '[ "$opts_help" = "$opts_man" ]'
+  [ "$opts_help" = "$opts_man" ] || diff <(echo "$opts_help") <(echo "$opts_man") >&2
+fi
 exit $fail
