@@ -166,7 +166,7 @@ __device__ __forceinline__ void store_piece(uint8_t* bytes, int b, uint64_t c) {
 __device__ __forceinline__ void randoms(uint64_t e, uint64_t offset, uint64_t seed, uint32_t (&k)[8]) {
   const Philox4 p = philox(e >> 3, offset, seed);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) k[i] = (p.r[i >> 1] >> (16 * (i & 1))) & 0x7fffu;
+  for (int i = 0; i < 8; ++i) k[i] = (i & 1) ? p.r[i >> 1] >> 17 : p.r[i >> 1] & 0x7fffu;  // as random15
 }
 
 // Rounds and packs a piece: 8 elements (nv of them exist) into 8*b bits.
@@ -207,7 +207,7 @@ __device__ __forceinline__ uint64_t encode_piece(const Grid& grid, const float (
 struct GroupAt {
   int64_t n, d0;  // sample, first element in the sample
   int T;          // padded length (a multiple of 32)
-  int64_t left;   // elements of the sample from d0 on
+  int left;       // real elements of the group (<= G)
   Stream s;
 };
 
@@ -221,12 +221,12 @@ __device__ __forceinline__ GroupAt group_at(const Plan& p, const int32_t* sbits,
   }
   g.d0 = (gi - g.n * p.ngroups) * p.G;
   g.T = static_cast<int>(p.Dp - g.d0 < p.G ? p.Dp - g.d0 : p.G);
-  g.left = p.D - g.d0;
+  g.left = static_cast<int>(p.D - g.d0 < p.G ? p.D - g.d0 : p.G);
   g.s = sample_stream(p, sbits, woff, g.n);
   return g;
 }
 
-__device__ __forceinline__ int clamp8(int64_t r) { return static_cast<int>(r <= 0 ? 0 : (r >= 8 ? 8 : r)); }
+__device__ __forceinline__ int clamp8(int r) { return r <= 0 ? 0 : (r >= 8 ? 8 : r); }
 
 // A team of TEAM lanes works on one group; a warp on 32/TEAM consecutive
 // groups at a time, in a grid-stride loop.  Lane t of a team holds pieces
@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(kWarps * 32)
         lo32 = load_bits32(gw, bit, nb / 2);
         hi32 = load_bits32(gw, bit + nb / 2, nb / 2);
       }
-      const int r = static_cast<int>(g.left - d < E ? g.left - d : E);
+      const int r = g.left - d < E ? g.left - d : E;
       float f[E];
 #pragma unroll
       for (int i = 0; i < E; ++i) f[i] = dequantize_one(grid, ((i < 4 ? lo32 : hi32) >> ((i & 3) * g.s.b)) & mask);

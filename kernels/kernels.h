@@ -133,10 +133,11 @@ AQ_HD Philox4 philox(uint64_t counter, uint64_t stream, uint64_t key) {
 }
 
 // The random 15-bit integer of element e (its index in the padded [N, Dp]
-// space): one Philox call serves 8 consecutive elements, 16 bits each, of
-// which the low 15 are used.
+// space): one Philox call serves 8 consecutive elements, two per 32-bit word:
+// bits 0..14 for even e, bits 17..31 for odd e.
 AQ_HD uint32_t random15(const Philox4& p, int64_t e) {
-  return (p.r[(e & 7) >> 1] >> (16 * (e & 1))) & 0x7fffu;
+  const uint32_t w = p.r[(e & 7) >> 1];
+  return (e & 1) ? w >> 17 : w & 0x7fffu;
 }
 constexpr uint32_t kNearest = 0x4000u;  // random15's stand-in for round-to-nearest
 

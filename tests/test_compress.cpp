@@ -387,6 +387,8 @@ TEST_P(Engine, RejectsBadArguments) {
   EXPECT_THROW(aq::quantize(x, 2, o), std::invalid_argument);
   o.group_size = 16;
   EXPECT_THROW(aq::quantize(x, 2, o), std::invalid_argument);
+  o.group_size = int64_t(1) << 21;
+  EXPECT_THROW(aq::quantize(x, 2, o), std::invalid_argument);
   EXPECT_THROW(aq::quantize(torch::ones({4, 4}, opts(torch::kInt)), 2), std::invalid_argument);
   EXPECT_THROW(aq::quantize(x, torch::tensor({2, 2, 2})), std::invalid_argument);
   EXPECT_THROW(aq::quantize(x, torch::tensor({2, 0, 2, 2})), std::invalid_argument);

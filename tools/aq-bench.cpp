@@ -124,7 +124,7 @@ int main(int argc, char** argv) {
   k->add_option("--sizes", ka.sizes, "Input sizes in bytes (K, M, G suffixes)")->delimiter(',')->capture_default_str();
   k->add_option("--dtypes", ka.dtypes, "Input dtypes: fp32, bf16, fp16")->delimiter(',')->capture_default_str();
   k->add_option("--bits", ka.bits, "Bits per element, 1..8")->delimiter(',')->check(CLI::Range(1, 8))->capture_default_str();
-  k->add_option("--group-size", ka.group_size, "Elements per quantization group (power of two >= 32)")->capture_default_str();
+  k->add_option("--group-size", ka.group_size, "Elements per quantization group (power of two, 32 .. 2^20)")->capture_default_str();
   k->add_option("--samples", ka.samples, "Samples (first dimension) of the input")->check(CLI::PositiveNumber)->capture_default_str();
   k->add_option("--reps", ka.reps, "Timed batches, median reported (0: 5 on CUDA, 3 on CPU)")->check(CLI::NonNegativeNumber);
   k->add_option("--inner", ka.inner, "Calls per timed batch (0: 10 on CUDA, 1 on CPU)")->check(CLI::NonNegativeNumber);

@@ -48,8 +48,8 @@ Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits,
   if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16)
     fail(std::string("can only compress float32, float16 or bfloat16 tensors, not ") + c10::toString(dt));
   const int64_t G = o.group_size;
-  if (G < 32 || (G & (G - 1)) != 0)
-    fail("group size must be a power of two >= 32, not " + std::to_string(G));
+  if (G < 32 || G > (int64_t(1) << 20) || (G & (G - 1)) != 0)
+    fail("group size must be a power of two from 32 to 2^20, not " + std::to_string(G));
   if (o.range_dtype != at::kFloat && o.range_dtype != at::kBFloat16)
     fail("range storage must be float32 or bfloat16");
 

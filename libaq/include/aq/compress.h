@@ -18,7 +18,7 @@
 namespace aq {
 
 struct CompressOptions {
-  int64_t group_size = 256;  // power of two, >= 32
+  int64_t group_size = 256;  // power of two, 32 .. 2^20
   bool pergroup = true;      // false: one min/max for the whole tensor
   bool stochastic = true;    // false: round to nearest (biased; for tests and layouts)
   // Storage of each group's min/max: bf16 (min rounded down, max up, so the
