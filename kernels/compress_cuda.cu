@@ -25,7 +25,7 @@
 namespace aq::kernels {
 namespace {
 
-constexpr int kWarps = 8;  // warps per block; one warp works on one group at a time
+constexpr int kWarps = 8;  // warps per block
 
 struct Stream {
   int b;
@@ -70,41 +70,23 @@ __device__ __forceinline__ float dev_max(float a, float b) {
 #endif
 }
 
-// Raw storage of E elements, moved with the widest loads/stores that fit.
+// E elements of 16 or 32 bytes, moved with 16-byte loads and stores.
 template <typename T, int E>
 union Chunk {
-  static constexpr int kBytes = sizeof(T) * E;
+  static_assert(sizeof(T) * E % 16 == 0, "chunks are whole 16-byte vectors");
   T v[E];
-  uint4 q[kBytes >= 16 ? kBytes / 16 : 1];
+  uint4 q[sizeof(T) * E / 16];
 };
 
 template <typename T, int E>
 __device__ __forceinline__ void load_raw(const T* src, Chunk<T, E>& c) {
-  if constexpr (sizeof(T) * E >= 16) {
 #pragma unroll
-    for (int k = 0; k < int(sizeof(T) * E / 16); ++k) c.q[k] = reinterpret_cast<const uint4*>(src)[k];
-  } else if constexpr (sizeof(T) * E == 8) {
-    *reinterpret_cast<uint2*>(c.v) = *reinterpret_cast<const uint2*>(src);
-  } else if constexpr (sizeof(T) * E == 4) {
-    *reinterpret_cast<uint32_t*>(c.v) = *reinterpret_cast<const uint32_t*>(src);
-  } else {
-#pragma unroll
-    for (int i = 0; i < E; ++i) c.v[i] = src[i];
-  }
+  for (int k = 0; k < int(sizeof(T) * E / 16); ++k) c.q[k] = reinterpret_cast<const uint4*>(src)[k];
 }
 template <typename T, int E>
 __device__ __forceinline__ void store_raw(T* dst, const Chunk<T, E>& c) {
-  if constexpr (sizeof(T) * E >= 16) {
 #pragma unroll
-    for (int k = 0; k < int(sizeof(T) * E / 16); ++k) reinterpret_cast<uint4*>(dst)[k] = c.q[k];
-  } else if constexpr (sizeof(T) * E == 8) {
-    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(c.v);
-  } else if constexpr (sizeof(T) * E == 4) {
-    *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(c.v);
-  } else {
-#pragma unroll
-    for (int i = 0; i < E; ++i) dst[i] = c.v[i];
-  }
+  for (int k = 0; k < int(sizeof(T) * E / 16); ++k) reinterpret_cast<uint4*>(dst)[k] = c.q[k];
 }
 
 // Loads the nv (0..E) existing elements of a lane's chunk as floats.
@@ -181,24 +163,18 @@ __device__ __forceinline__ uint64_t encode_piece(const Grid& grid, const float (
   }
   // Codes 0..3 and 4..7 in two 32-bit halves: i*b < 32 for i < 4.
   uint32_t lo = 0, hi = 0;
+  auto put = [&](int i, uint32_t q) {
+    if (i < 4)
+      lo |= q << (i * b);
+    else
+      hi |= q << ((i - 4) * b);
+  };
   if (nv == 8) {  // the common case, without per-element predicates
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t q = quantize_one(grid, t[i], k[i]);
-      if (i < 4)
-        lo |= q << (i * b);
-      else
-        hi |= q << ((i - 4) * b);
-    }
+    for (int i = 0; i < 8; ++i) put(i, quantize_one(grid, t[i], k[i]));
   } else {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t q = i < nv ? quantize_one(grid, t[i], k[i]) : 0u;
-      if (i < 4)
-        lo |= q << (i * b);
-      else
-        hi |= q << ((i - 4) * b);
-    }
+    for (int i = 0; i < 8; ++i) put(i, i < nv ? quantize_one(grid, t[i], k[i]) : 0u);
   }
   return (static_cast<uint64_t>(hi) << (4 * b)) | lo;
 }
@@ -256,20 +232,18 @@ __global__ void __launch_bounds__(kWarps * 32)
 
     float v[P ? P : 1][8];
     float lo = INFINITY, hi = -INFINITY;
+    auto take = [&](float u) {
+      lo = dev_min(lo, u);
+      hi = dev_max(hi, u);
+    };
     auto reduce = [&](const float (&u)[8], int nv) {
-      if (nv == 8) {
+      if (nv == 8) {  // without per-element predicates
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          lo = dev_min(lo, u[i]);
-          hi = dev_max(hi, u[i]);
-        }
+        for (int i = 0; i < 8; ++i) take(u[i]);
       } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i)
-          if (i < nv) {
-            lo = dev_min(lo, u[i]);
-            hi = dev_max(hi, u[i]);
-          }
+          if (i < nv) take(u[i]);
       }
     };
     if (p.pergroup) {
