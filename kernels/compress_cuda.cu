@@ -27,6 +27,8 @@ namespace {
 
 constexpr int kWarps = 8;  // warps per block
 
+__constant__ uint32_t kPhiloxMul[2] = {kPhiloxM0, kPhiloxM1};  // see philox()
+
 struct Stream {
   int b;
   int64_t word;
@@ -146,7 +148,7 @@ __device__ __forceinline__ void store_piece(uint8_t* bytes, int b, uint64_t c) {
 
 // The 15-bit random integers of elements e..e+7 (e a multiple of 8).
 __device__ __forceinline__ void randoms(uint64_t e, uint64_t offset, uint64_t seed, uint32_t (&k)[8]) {
-  const Philox4 p = philox(e >> 3, offset, seed);
+  const Philox4 p = philox(e >> 3, offset, seed, kPhiloxMul[0], kPhiloxMul[1]);
 #pragma unroll
   for (int i = 0; i < 8; ++i) k[i] = (i & 1) ? p.r[i >> 1] >> 17 : p.r[i >> 1] & 0x7fffu;  // as random15
 }

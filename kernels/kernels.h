@@ -109,7 +109,25 @@ AQ_HD float bf16_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) 
 struct Philox4 {
   uint32_t r[4];
 };
-AQ_HD Philox4 philox(uint64_t counter, uint64_t stream, uint64_t key) {
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+
+// The 64-bit product of two 32-bit words (one instruction on the GPU: written
+// in C++, nvcc adds a zero to the high word after every multiply).
+AQ_HD uint64_t mul_wide(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  uint64_t r;
+  asm("mul.wide.u32 %0, %1, %2;" : "=l"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  return static_cast<uint64_t>(a) * b;
+#endif
+}
+
+// m0, m1: the multipliers, always kPhiloxM0/M1.  The CUDA kernels pass them
+// from constant memory: as immediates (top bit set) ptxas adds a correction
+// instruction to every wide multiply.
+AQ_HD Philox4 philox(uint64_t counter, uint64_t stream, uint64_t key, uint32_t m0 = kPhiloxM0,
+                     uint32_t m1 = kPhiloxM1) {
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = static_cast<uint32_t>(stream), c3 = static_cast<uint32_t>(stream >> 32);
   uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
@@ -117,8 +135,7 @@ AQ_HD Philox4 philox(uint64_t counter, uint64_t stream, uint64_t key) {
 #pragma unroll
 #endif
   for (int i = 0; i < 10; ++i) {
-    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;  // one wide multiply each
-    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint64_t p0 = mul_wide(m0, c0), p1 = mul_wide(m1, c2);
     const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
     const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
     uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
