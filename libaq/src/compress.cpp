@@ -41,6 +41,19 @@ at::Tensor memory_order(const at::Tensor& x, std::vector<int64_t>& strides) {
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// The kernels' view of a packed tensor (seed and rounding mode aside).
+kernels::Plan plan_of(const Packed& p) {
+  kernels::Plan plan;
+  plan.N = p.samples;
+  plan.D = p.sample_elements;
+  plan.Dp = round_up(plan.D, 32);
+  plan.G = p.group_size;
+  plan.ngroups = p.groups_per_sample();
+  plan.bits = static_cast<int>(p.uniform_bits);
+  plan.pergroup = p.pergroup;
+  return plan;
+}
+
 Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits,
                      const CompressOptions& o) {
   check_device(x, "input");
@@ -62,13 +75,8 @@ Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits,
   p.samples = x.dim() ? x.size(0) : 1;
   p.sample_elements = p.samples ? x.numel() / p.samples : 0;
 
-  kernels::Plan plan;
-  plan.N = p.samples;
-  plan.D = p.sample_elements;
-  plan.Dp = round_up(plan.D, 32);
-  plan.G = G;
-  plan.ngroups = (plan.D + G - 1) / G;
-  plan.pergroup = o.pergroup;
+  p.uniform_bits = sample_bits.defined() ? 0 : bits;
+  kernels::Plan plan = plan_of(p);
   plan.stochastic = o.stochastic;
 
   const auto dev = x.device();
@@ -90,14 +98,11 @@ Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits,
       w[i] = words;
       words += b[i] * plan.Dp / 32;
     }
-    plan.bits = 0;
     const bool pin = on_cuda(x);
     p.bits = pin ? sample_bits.pin_memory().to(dev, /*non_blocking=*/true) : sample_bits;
     p.word_offset = pin ? off.pin_memory().to(dev, /*non_blocking=*/true) : off;
   } else {
     if (bits < 1 || bits > 8) fail("bits must be in 1..8, not " + std::to_string(bits));
-    plan.bits = static_cast<int>(bits);
-    p.uniform_bits = bits;
     words = plan.N * (bits * plan.Dp / 32);
   }
 
@@ -135,18 +140,6 @@ Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits,
 #endif
   kernels::quantize_cpu(plan, src, p.bits, p.word_offset, global_range, p.data, p.mn, p.mx);
   return p;
-}
-
-kernels::Plan plan_of(const Packed& p) {
-  kernels::Plan plan;
-  plan.N = p.samples;
-  plan.D = p.sample_elements;
-  plan.Dp = round_up(plan.D, 32);
-  plan.G = p.group_size;
-  plan.ngroups = (plan.D + plan.G - 1) / plan.G;
-  plan.bits = static_cast<int>(p.uniform_bits);
-  plan.pergroup = p.pergroup;
-  return plan;
 }
 
 }  // namespace
