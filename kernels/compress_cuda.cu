@@ -146,23 +146,24 @@ __device__ __forceinline__ void store_piece(uint8_t* bytes, int b, uint64_t c) {
   }
 }
 
-// The 15-bit random integers of elements e..e+7 (e a multiple of 8).
-__device__ __forceinline__ void randoms(uint64_t e, uint64_t offset, uint64_t seed, uint32_t (&k)[8]) {
-  const Philox4 p = philox(e >> 3, offset, seed, kPhiloxMul[0], kPhiloxMul[1]);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) k[i] = (i & 1) ? p.r[i >> 1] >> 17 : p.r[i >> 1] & 0x7fffu;  // as random15
+// The Philox words of elements e..e+7 (e a multiple of 8); a deterministic
+// stand-in when rounding to nearest.
+__device__ __forceinline__ Philox4 piece_random(bool stochastic, uint64_t e, uint64_t offset, uint64_t seed) {
+  if (!stochastic) {
+    // random15 of these words is kNearest for every element.
+    const uint32_t w = kNearest | (kNearest << 17);
+    return Philox4{{w, w, w, w}};
+  }
+  return philox(e >> 3, offset, seed, kPhiloxMul[0], kPhiloxMul[1]);
 }
 
-// Rounds and packs a piece: 8 elements (nv of them exist) into 8*b bits.
+// Rounds and packs a piece: 8 elements (nv of them exist) into 8*b bits,
+// with the piece's Philox words r.
 __device__ __forceinline__ uint64_t encode_piece(const Grid& grid, const float (&t)[8], int nv, int b,
-                                                 bool stochastic, uint64_t e, uint64_t offset, uint64_t seed) {
+                                                 const Philox4& r) {
   uint32_t k[8];
-  if (stochastic) {
-    randoms(e, offset, seed, k);
-  } else {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) k[i] = kNearest;
-  }
+  for (int i = 0; i < 8; ++i) k[i] = (i & 1) ? r.r[i >> 1] >> 17 : r.r[i >> 1] & 0x7fffu;  // as random15
   // Codes 0..3 and 4..7 in two 32-bit halves: i*b < 32 for i < 4.
   uint32_t lo = 0, hi = 0;
   auto put = [&](int i, uint32_t q) {
@@ -285,21 +286,24 @@ __global__ void __launch_bounds__(kWarps * 32)
     const Grid grid = make_grid(round_range(lo, bf16, false), round_range(hi, bf16, true), g.s.b);
     uint8_t* gb = packed + 4 * g.s.word + g.d0 * g.s.b / 8;
     const int64_t e0 = g.n * p.Dp + g.d0;
-    auto emit = [&](int j, const float (&u)[8]) {
+    auto emit = [&](int j, const float (&u)[8], const Philox4& r) {
       const int d = elem(j);
       if (d >= g.T) return;
-      const int nv = clamp8(g.left - d);
-      const uint64_t c = encode_piece(grid, u, nv, g.s.b, p.stochastic, e0 + d, offset, seed);
-      store_piece(gb + (d / 8) * g.s.b, g.s.b, c);
+      store_piece(gb + (d / 8) * g.s.b, g.s.b, encode_piece(grid, u, clamp8(g.left - d), g.s.b, r));
     };
     if (P && p.pergroup) {
+      // All pieces' random numbers first: independent Philox chains that the
+      // scheduler can interleave.
+      Philox4 r[P ? P : 1];
 #pragma unroll
-      for (int j = 0; j < (P ? P : 1); ++j) emit(j, v[j]);
+      for (int j = 0; j < (P ? P : 1); ++j) r[j] = piece_random(p.stochastic, e0 + elem(j), offset, seed);
+#pragma unroll
+      for (int j = 0; j < (P ? P : 1); ++j) emit(j, v[j], r[j]);
     } else {
       for (int j = 0; j < pieces; ++j) {
         float u[8];
         load_chunk<scalar_t, 8, VEC>(xg + elem(j), clamp8(g.left - elem(j)), u);
-        emit(j, u);
+        emit(j, u, piece_random(p.stochastic, e0 + elem(j), offset, seed));
       }
     }
   }
