@@ -1,0 +1,86 @@
+// The quantization configuration: what is compressed and how, in the seed's
+// terms (ALGORITHM.md 5-6), shared by the library and every tool.
+//
+// Command lines use the seed's spelling, e.g.
+//   -c quantize --ca=True --cabits=2 --ibits=8 --pergroup=True --perlayer=True --usegradient=False
+// and the optimisation levels L0..L5 (--level L3.1); a level sets defaults,
+// flags given explicitly override them.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+namespace CLI {
+class App;
+}
+
+namespace aq {
+
+// Optimisation levels of the original (ALGORITHM.md 6).
+enum class Level { L0, L1, L2, L3, L3_1, L4, L5 };
+
+// Which layers a model conversion touches (the seed's -c).
+enum class Scope {
+  kNone,      // fanin: the exact model, Kaiming fan-in initialisation
+  kAll,       // quantize: every supported layer
+  kLinear,    // qlinear: conv/linear inputs only; BatchNorm and ReLU stay exact
+  kSyncBN,    // qsyncbn: as quantize with synchronised BatchNorm (distributed)
+};
+
+struct QuantConfig {
+  Scope scope = Scope::kAll;
+  Level level = Level::L3;
+  bool ca = true;            // compress saved activations at all
+  int cabits = 2;            // average bits per element (the budget)
+  int ibits = 8;             // initial bits before reallocation (== cabits: uniform)
+  bool pergroup = true;      // per-group ranges; false: one range per tensor
+  bool perlayer = true;      // reallocate bits across layers, not only samples
+  bool usegradient = true;   // per-sample gradient statistics in the sensitivity
+  bool compress_bn = true;   // BatchNorm inputs compressed (L1: false)
+  int64_t group_size = 256;  // elements per group, power of two 32..2^20
+  bool stochastic = true;    // stochastic rounding (false: nearest, biased)
+  c10::ScalarType range_dtype = c10::kBFloat16;  // storage of group bounds
+  bool micro_batch_backward = false;  // L3.1+: large backward ops in micro-batches
+  bool swap = false;         // L4+: packed activations in pinned host memory
+  bool defrag = false;       // L5: expandable segments in the CUDA caching allocator
+
+  // The defaults of a level (scope unchanged).
+  static QuantConfig for_level(Level level);
+
+  // Throws std::invalid_argument naming the bad setting.
+  void validate() const;
+
+  // True when conversions should compress anything at all.
+  bool compresses() const { return scope != Scope::kNone && ca && level != Level::L0; }
+
+  // The seed's spelling: "-c quantize --ca=True --cabits=2 ...", plus --level.
+  std::string to_flags() const;
+};
+
+// "L3", "l3", "3", "L3.1", "3.1": throws std::invalid_argument otherwise.
+Level parse_level(const std::string& s);
+std::string to_string(Level level);
+// fanin, quantize, qlinear, qsyncbn.
+Scope parse_scope(const std::string& s);
+std::string to_string(Scope scope);
+// True/False as the seed writes them; also true/false, 1/0, yes/no, on/off.
+bool parse_bool(const std::string& s);
+
+// Adds the quantization options (-c, --level, --ca, --cabits, --ibits,
+// --pergroup, --perlayer, --usegradient, --group-size, --range-dtype,
+// --rounding) to a tool.  After parsing, `resolve()` gives the configuration:
+// the level's defaults with every flag given on the command line applied.
+class QuantOptions {
+ public:
+  explicit QuantOptions(CLI::App& app);
+  QuantConfig resolve() const;
+
+ private:
+  CLI::App& app_;
+  std::string scope_ = "quantize", level_ = "L3", ca_, cabits_, ibits_, pergroup_, perlayer_,
+              usegradient_, group_size_, range_dtype_, rounding_;
+};
+
+}  // namespace aq

@@ -1,0 +1,196 @@
+#include "aq/config.h"
+
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <cctype>
+#include <stdexcept>
+
+namespace aq {
+namespace {
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+int parse_int(const std::string& flag, const std::string& s) {
+  size_t pos = 0;
+  int v = 0;
+  try {
+    v = std::stoi(s, &pos);
+  } catch (const std::exception&) {
+    pos = 0;
+  }
+  if (pos == 0 || pos != s.size()) bad(flag + ": '" + s + "' is not an integer");
+  return v;
+}
+
+const char* tf(bool b) { return b ? "True" : "False"; }
+
+}  // namespace
+
+Level parse_level(const std::string& s) {
+  std::string t = lower(s);
+  if (!t.empty() && t[0] == 'l') t = t.substr(1);
+  if (t == "0") return Level::L0;
+  if (t == "1") return Level::L1;
+  if (t == "2") return Level::L2;
+  if (t == "3") return Level::L3;
+  if (t == "3.1") return Level::L3_1;
+  if (t == "4") return Level::L4;
+  if (t == "5") return Level::L5;
+  bad("unknown optimisation level '" + s + "' (use L0, L1, L2, L3, L3.1, L4 or L5)");
+}
+
+std::string to_string(Level level) {
+  switch (level) {
+    case Level::L0: return "L0";
+    case Level::L1: return "L1";
+    case Level::L2: return "L2";
+    case Level::L3: return "L3";
+    case Level::L3_1: return "L3.1";
+    case Level::L4: return "L4";
+    case Level::L5: return "L5";
+  }
+  return "?";
+}
+
+Scope parse_scope(const std::string& s) {
+  const std::string t = lower(s);
+  if (t == "fanin") return Scope::kNone;
+  if (t == "quantize") return Scope::kAll;
+  if (t == "qlinear") return Scope::kLinear;
+  if (t == "qsyncbn") return Scope::kSyncBN;
+  bad("unknown configuration '-c " + s + "' (use fanin, quantize, qlinear or qsyncbn)");
+}
+
+std::string to_string(Scope scope) {
+  switch (scope) {
+    case Scope::kNone: return "fanin";
+    case Scope::kAll: return "quantize";
+    case Scope::kLinear: return "qlinear";
+    case Scope::kSyncBN: return "qsyncbn";
+  }
+  return "?";
+}
+
+bool parse_bool(const std::string& s) {
+  const std::string t = lower(s);
+  if (t == "true" || t == "1" || t == "yes" || t == "on") return true;
+  if (t == "false" || t == "0" || t == "no" || t == "off") return false;
+  bad("'" + s + "' is not a boolean (use True or False)");
+}
+
+QuantConfig QuantConfig::for_level(Level level) {
+  QuantConfig c;
+  c.level = level;
+  switch (level) {
+    case Level::L0:  // nothing compressed; masks and pool indices stay compact
+      c.ca = false;
+      c.cabits = c.ibits = 8;
+      c.perlayer = false;
+      break;
+    case Level::L1:  // 4-bit per-group conv/linear inputs, exact BatchNorm
+      c.cabits = c.ibits = 4;
+      c.perlayer = false;
+      c.compress_bn = false;
+      break;
+    case Level::L2:  // 4-bit per-group everywhere
+      c.cabits = c.ibits = 4;
+      c.perlayer = false;
+      break;
+    case Level::L5:
+      c.defrag = true;
+      [[fallthrough]];
+    case Level::L4:
+      c.swap = true;
+      [[fallthrough]];
+    case Level::L3_1:
+      c.micro_batch_backward = level == Level::L3_1;
+      [[fallthrough]];
+    case Level::L3:  // 2-bit budget, per-group, per-sample and per-layer, from 8 bits
+      c.cabits = 2;
+      c.ibits = 8;
+      break;
+  }
+  return c;
+}
+
+void QuantConfig::validate() const {
+  if (scope == Scope::kSyncBN)
+    bad("-c qsyncbn is not available yet: synchronised BatchNorm arrives with distributed training");
+  if (cabits < 1 || cabits > 8) bad("--cabits must be in 1..8, not " + std::to_string(cabits));
+  if (ibits < 1 || ibits > 8) bad("--ibits must be in 1..8, not " + std::to_string(ibits));
+  if (ibits < cabits)
+    bad("--ibits (" + std::to_string(ibits) + ") must be at least --cabits (" + std::to_string(cabits) +
+        "): bits are only ever taken away from the initial allocation");
+  if (group_size < 32 || group_size > (int64_t(1) << 20) || (group_size & (group_size - 1)) != 0)
+    bad("--group-size must be a power of two from 32 to 2^20, not " + std::to_string(group_size));
+  if (range_dtype != c10::kFloat && range_dtype != c10::kBFloat16)
+    bad("--range-dtype must be fp32 or bf16");
+}
+
+std::string QuantConfig::to_flags() const {
+  std::string s = "-c " + to_string(scope) + " --ca=" + tf(ca) + " --cabits=" + std::to_string(cabits) +
+                  " --ibits=" + std::to_string(ibits) + " --pergroup=" + tf(pergroup) + " --perlayer=" +
+                  tf(perlayer) + " --usegradient=" + tf(usegradient) + " --level " + to_string(level);
+  if (group_size != 256) s += " --group-size " + std::to_string(group_size);
+  if (range_dtype == c10::kFloat) s += " --range-dtype fp32";
+  if (!stochastic) s += " --rounding nearest";
+  return s;
+}
+
+QuantOptions::QuantOptions(CLI::App& app) : app_(app) {
+  const char* g = "Quantization (the seed's flags; a level sets defaults, given flags override)";
+  app.add_option("-c,--qconfig", scope_, "Model configuration: fanin, quantize, qlinear, qsyncbn")
+      ->capture_default_str()
+      ->group(g);
+  app.add_option("--level", level_, "Optimisation level: L0, L1, L2, L3, L3.1, L4, L5")->capture_default_str()->group(g);
+  app.add_option("--ca", ca_, "Compress saved activations: True/False (level default)")->group(g);
+  app.add_option("--cabits", cabits_, "Average bits per activation element, 1..8 (level default)")->group(g);
+  app.add_option("--ibits", ibits_, "Initial bits before reallocation, cabits..8 (level default)")->group(g);
+  app.add_option("--pergroup", pergroup_, "Per-group ranges: True/False (default True)")->group(g);
+  app.add_option("--perlayer", perlayer_, "Reallocate bits across layers: True/False (level default)")->group(g);
+  app.add_option("--usegradient", usegradient_, "Per-sample gradient statistics: True/False (default True)")->group(g);
+  app.add_option("--group-size", group_size_, "Elements per quantization group (default 256)")->group(g);
+  app.add_option("--range-dtype", range_dtype_, "Storage of group ranges: bf16 or fp32 (default bf16)")->group(g);
+  app.add_option("--rounding", rounding_, "stochastic (default) or nearest (biased; for experiments)")->group(g);
+}
+
+QuantConfig QuantOptions::resolve() const {
+  QuantConfig c = QuantConfig::for_level(parse_level(level_));
+  c.scope = parse_scope(scope_);
+  auto given = [&](const char* name) { return app_.get_option(name)->count() > 0; };
+  try {
+    if (given("--ca")) c.ca = parse_bool(ca_);
+    if (given("--pergroup")) c.pergroup = parse_bool(pergroup_);
+    if (given("--perlayer")) c.perlayer = parse_bool(perlayer_);
+    if (given("--usegradient")) c.usegradient = parse_bool(usegradient_);
+  } catch (const std::invalid_argument& e) {
+    bad(std::string("quantization flag: ") + e.what());
+  }
+  if (given("--cabits")) c.cabits = parse_int("--cabits", cabits_);
+  if (given("--ibits")) c.ibits = parse_int("--ibits", ibits_);
+  if (given("--group-size")) c.group_size = parse_int("--group-size", group_size_);
+  if (given("--range-dtype")) {
+    const std::string r = lower(range_dtype_);
+    if (r == "bf16" || r == "bfloat16")
+      c.range_dtype = c10::kBFloat16;
+    else if (r == "fp32" || r == "float32")
+      c.range_dtype = c10::kFloat;
+    else
+      bad("--range-dtype must be bf16 or fp32, not '" + range_dtype_ + "'");
+  }
+  if (given("--rounding")) {
+    const std::string r = lower(rounding_);
+    if (r != "stochastic" && r != "nearest") bad("--rounding must be stochastic or nearest, not '" + rounding_ + "'");
+    c.stochastic = r == "stochastic";
+  }
+  c.validate();
+  return c;
+}
+
+}  // namespace aq

@@ -1,0 +1,125 @@
+// The quantization configuration: the seed's command lines, levels, errors.
+#include "aq/config.h"
+
+#include <CLI/CLI.hpp>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+aq::QuantConfig parse(const std::string& line) {
+  CLI::App app{"test"};
+  aq::QuantOptions q(app);
+  std::vector<std::string> args;
+  std::istringstream in(line);
+  for (std::string w; in >> w;) args.push_back(w);
+  std::reverse(args.begin(), args.end());  // CLI11 takes them reversed
+  app.parse(args);
+  return q.resolve();
+}
+
+TEST(Config, SeedCommandLines) {
+  auto c = parse("-c quantize --ca=True --cabits=2 --ibits=8 --pergroup=True --perlayer=True --usegradient=False");
+  EXPECT_EQ(c.scope, aq::Scope::kAll);
+  EXPECT_TRUE(c.ca);
+  EXPECT_EQ(c.cabits, 2);
+  EXPECT_EQ(c.ibits, 8);
+  EXPECT_TRUE(c.pergroup);
+  EXPECT_TRUE(c.perlayer);
+  EXPECT_FALSE(c.usegradient);
+  EXPECT_TRUE(c.compresses());
+
+  c = parse("-c quantize --ca=True --cabits=4 --ibits=4 --pergroup=False --perlayer=False");
+  EXPECT_EQ(c.cabits, 4);
+  EXPECT_EQ(c.ibits, 4);
+  EXPECT_FALSE(c.pergroup);
+  EXPECT_FALSE(c.perlayer);
+  EXPECT_TRUE(c.usegradient);
+
+  c = parse("-c fanin");
+  EXPECT_EQ(c.scope, aq::Scope::kNone);
+  EXPECT_FALSE(c.compresses());
+
+  c = parse("-c qlinear --ca=True --cabits=2 --ibits=8 --pergroup=True --perlayer=True");
+  EXPECT_EQ(c.scope, aq::Scope::kLinear);
+  // Space-separated values work too.
+  c = parse("-c quantize --ca False --cabits 3");
+  EXPECT_FALSE(c.ca);
+  EXPECT_FALSE(c.compresses());
+  EXPECT_EQ(c.cabits, 3);
+}
+
+TEST(Config, LevelsSetDefaultsFlagsOverride) {
+  auto l0 = parse("--level L0");
+  EXPECT_FALSE(l0.compresses());
+  auto l1 = parse("--level L1");
+  EXPECT_EQ(l1.cabits, 4);
+  EXPECT_EQ(l1.ibits, 4);
+  EXPECT_FALSE(l1.compress_bn);
+  auto l2 = parse("--level 2");
+  EXPECT_EQ(l2.cabits, 4);
+  EXPECT_TRUE(l2.compress_bn);
+  auto l3 = parse("");
+  EXPECT_EQ(l3.level, aq::Level::L3);
+  EXPECT_EQ(l3.cabits, 2);
+  EXPECT_EQ(l3.ibits, 8);
+  EXPECT_TRUE(l3.perlayer);
+  EXPECT_FALSE(l3.micro_batch_backward);
+  auto l31 = parse("--level L3.1");
+  EXPECT_TRUE(l31.micro_batch_backward);
+  EXPECT_FALSE(l31.swap);
+  auto l4 = parse("--level l4");
+  EXPECT_TRUE(l4.swap);
+  EXPECT_FALSE(l4.defrag);
+  auto l5 = parse("--level L5");
+  EXPECT_TRUE(l5.swap);
+  EXPECT_TRUE(l5.defrag);
+  // An explicit flag beats the level's default, wherever it stands.
+  auto mixed = parse("--cabits=3 --level L1 --ibits=8");
+  EXPECT_EQ(mixed.cabits, 3);
+  EXPECT_EQ(mixed.ibits, 8);
+  EXPECT_FALSE(mixed.compress_bn);
+}
+
+TEST(Config, RoundTripThroughSeedSpelling) {
+  for (const char* line : {"-c quantize --cabits=2 --ibits=8 --usegradient=False",
+                           "-c qlinear --level L4 --group-size 128 --range-dtype fp32",
+                           "-c quantize --ca=False --rounding nearest --level L1"}) {
+    auto c = parse(line);
+    auto again = parse(c.to_flags());
+    EXPECT_EQ(again.to_flags(), c.to_flags()) << line;
+    EXPECT_EQ(again.swap, c.swap);
+    EXPECT_EQ(again.compress_bn, c.compress_bn);
+  }
+}
+
+void expect_error(const std::string& line, const std::string& needle) {
+  try {
+    parse(line);
+    ADD_FAILURE() << "no error for: " << line;
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << line << ": " << e.what();
+  }
+}
+
+TEST(Config, BadValuesAreClearErrors) {
+  expect_error("--cabits=0", "--cabits must be in 1..8");
+  expect_error("--cabits=9 --ibits=9", "--cabits must be in 1..8");
+  expect_error("--cabits=two", "not an integer");
+  expect_error("--cabits=4 --ibits=2", "--ibits (2) must be at least --cabits (4)");
+  expect_error("--group-size=100", "power of two");
+  expect_error("--group-size=16", "power of two");
+  expect_error("--level L6", "unknown optimisation level 'L6'");
+  expect_error("--level 3.2", "unknown optimisation level");
+  expect_error("-c qsyncbn", "not available yet");
+  expect_error("-c resnet", "unknown configuration '-c resnet'");
+  expect_error("--ca=maybe", "'maybe' is not a boolean");
+  expect_error("--range-dtype fp16", "--range-dtype must be bf16 or fp32");
+  expect_error("--rounding up", "--rounding must be stochastic or nearest");
+}
+
+}  // namespace
