@@ -1,0 +1,69 @@
+// Activation-compressed ops: the forward result is exactly LibTorch's; what
+// autograd keeps for backward is a compressed copy (ALGORITHM.md 4), and
+// backward runs LibTorch's own backward ops on the restored tensor.
+#pragma once
+
+#include "aq/compress.h"
+#include "aq/config.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
+
+#include <optional>
+
+namespace aq {
+
+// What one layer's compression reads and records, for the adaptive scheme
+// and for memory accounting.  Shared between a module and its autograd nodes
+// (an intrusive pointer, so that autograd contexts can hold it).
+struct LayerState : torch::CustomClassHolder {
+  // Per-sample bits (int, [N], 1..8) for the next forward; undefined: the
+  // configuration's uniform `cabits`.
+  at::Tensor bits;
+  // Of the last compressed input: per sample, the sum over its groups of
+  // (mx - mn)^2, i.e. ||R_n||^2 (float [N], on the input's device).
+  at::Tensor range_sq;
+  // Of the last backward: per sample, ||dL/dy_n||^2 of the output gradient.
+  at::Tensor grad_sq;
+  // Elements per sample of the last compressed input.
+  int64_t sample_elements = 0;
+  // Bytes the last forward kept for backward (compressed data, bounds, masks,
+  // BatchNorm statistics).
+  int64_t saved_bytes = 0;
+};
+using LayerStatePtr = c10::intrusive_ptr<LayerState>;
+inline LayerStatePtr make_layer_state() { return c10::make_intrusive<LayerState>(); }
+
+namespace functional {
+
+// x [..., in] @ weight[out, in]^T + bias; saves x compressed.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const QuantConfig& config, const LayerStatePtr& state);
+
+// at::convolution (1d/2d/3d, transposed or not, any groups); saves x compressed.
+at::Tensor convolution(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       bool transposed, at::IntArrayRef output_padding, int64_t groups,
+                       const QuantConfig& config, const LayerStatePtr& state);
+
+// Training-mode batch norm (running statistics updated in place as
+// LibTorch's); saves x compressed plus the per-channel mean and invstd.
+at::Tensor batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                      const at::Tensor& running_var, double momentum, double eps,
+                      const QuantConfig& config, const LayerStatePtr& state);
+
+// max(x, 0); saves a 1-bit mask.  inplace: x is overwritten and returned.
+at::Tensor relu(const at::Tensor& x, bool inplace, const LayerStatePtr& state);
+
+// Inverted dropout with probability p in [0, 1]; saves a 1-bit mask.
+at::Tensor dropout(const at::Tensor& x, double p, const LayerStatePtr& state);
+
+// A state may be null (nullptr LayerStatePtr): nothing is recorded.
+
+}  // namespace functional
+
+// The options of the engine a configuration implies.
+CompressOptions compress_options(const QuantConfig& config);
+
+}  // namespace aq

@@ -1,0 +1,286 @@
+// Autograd functions that keep compressed activations (ALGORITHM.md 4).
+// Forward calls LibTorch's own op; backward calls LibTorch's backward op on
+// the restored input.
+#include "aq/functional.h"
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#include <stdexcept>
+
+namespace aq {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+CompressOptions compress_options(const QuantConfig& c) {
+  CompressOptions o;
+  o.group_size = c.group_size;
+  o.pergroup = c.pergroup;
+  o.stochastic = c.stochastic;
+  o.range_dtype = c.range_dtype;
+  return o;
+}
+
+namespace {
+
+LayerState* get(const LayerStatePtr& st) { return st.get(); }
+
+// Autograd functions take no undefined tensors: an absent bias or weight
+// travels as an empty tensor and is turned back into "none" inside.
+at::Tensor placeholder(const std::optional<at::Tensor>& t, const at::Tensor& like) {
+  return t && t->defined() ? *t : at::empty({0}, like.options());
+}
+at::Tensor present(const at::Tensor& t) { return t.numel() ? t : at::Tensor(); }
+
+void put_state(AutogradContext* ctx, const LayerStatePtr& st) {
+  if (st) ctx->saved_data["state"] = c10::IValue::make_capsule(st);
+}
+LayerStatePtr state_of(AutogradContext* ctx) {
+  auto it = ctx->saved_data.find("state");
+  if (it == ctx->saved_data.end()) return LayerStatePtr();
+  return c10::static_intrusive_pointer_cast<LayerState>(it->second.toCapsule());
+}
+
+// Compresses x for backward with the layer's bits, records what the adaptive
+// scheme reads, and keeps it in the context.
+void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfig& c, LayerState* st) {
+  const CompressOptions o = compress_options(c);
+  const Packed p = st && st->bits.defined() ? quantize(x, st->bits, o) : quantize(x, c.cabits, o);
+  if (st) {
+    const at::Tensor r = (p.mx.to(at::kFloat) - p.mn.to(at::kFloat)).pow(2);
+    st->range_sq = p.pergroup ? r.sum(1) : (r * static_cast<double>(p.groups_per_sample())).expand({p.samples});
+    st->sample_elements = p.sample_elements;
+    st->saved_bytes = p.nbytes();
+  }
+  auto& s = ctx->saved_data;
+  s["data"] = p.data;
+  s["mn"] = p.mn;
+  s["mx"] = p.mx;
+  if (p.bits.defined()) {
+    s["bits"] = p.bits;
+    s["word_offset"] = p.word_offset;
+  }
+  s["sizes"] = p.sizes;
+  s["strides"] = p.strides;
+  s["meta"] = std::vector<int64_t>{static_cast<int64_t>(p.dtype), p.samples, p.sample_elements, p.group_size,
+                                   p.pergroup, p.uniform_bits};
+}
+
+// The input saved by save_compressed, restored (in grad's dtype).
+at::Tensor restore(AutogradContext* ctx, c10::ScalarType dtype) {
+  auto& s = ctx->saved_data;
+  Packed p;
+  p.data = s["data"].toTensor();
+  p.mn = s["mn"].toTensor();
+  p.mx = s["mx"].toTensor();
+  if (s.count("bits")) {
+    p.bits = s["bits"].toTensor();
+    p.word_offset = s["word_offset"].toTensor();
+  }
+  p.sizes = s["sizes"].toIntVector();
+  p.strides = s["strides"].toIntVector();
+  const auto m = s["meta"].toIntVector();
+  p.dtype = static_cast<c10::ScalarType>(m[0]);
+  p.samples = m[1];
+  p.sample_elements = m[2];
+  p.group_size = m[3];
+  p.pergroup = m[4] != 0;
+  p.uniform_bits = m[5];
+  return dequantize(p).to(dtype);
+}
+
+void record_grad(AutogradContext* ctx, const at::Tensor& g) {
+  LayerStatePtr st = state_of(ctx);
+  if (st && g.defined() && g.dim() > 0) st->grad_sq = g.reshape({g.size(0), -1}).to(at::kFloat).pow(2).sum(1);
+}
+
+struct LinearFn : torch::autograd::Function<LinearFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                            const QuantConfig* c, const LayerStatePtr& st) {
+    ctx->save_for_backward({w});
+    put_state(ctx, st);
+    save_compressed(ctx, x, *c, get(st));
+    return at::linear(x, w, present(b));
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& g = grads[0];
+    const at::Tensor w = ctx->get_saved_variables()[0];
+    record_grad(ctx, g);
+    const int64_t out = w.size(0), in = w.size(1);
+    at::Tensor gx, gw, gb;
+    if (ctx->needs_input_grad(0)) gx = g.matmul(w.to(g.scalar_type()));
+    if (ctx->needs_input_grad(1))
+      gw = g.reshape({-1, out}).t().matmul(restore(ctx, g.scalar_type()).reshape({-1, in})).to(w.scalar_type());
+    if (ctx->needs_input_grad(2)) gb = g.reshape({-1, out}).sum(0);
+    return {gx, gw, gb, at::Tensor(), at::Tensor()};
+  }
+};
+
+struct ConvFn : torch::autograd::Function<ConvFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                            std::vector<int64_t> stride, std::vector<int64_t> padding,
+                            std::vector<int64_t> dilation, bool transposed, std::vector<int64_t> output_padding,
+                            int64_t groups, const QuantConfig* c, const LayerStatePtr& st) {
+    ctx->save_for_backward({w});
+    put_state(ctx, st);
+    save_compressed(ctx, x, *c, get(st));
+    auto& s = ctx->saved_data;
+    s["stride"] = stride;
+    s["padding"] = padding;
+    s["dilation"] = dilation;
+    s["transposed"] = transposed;
+    s["output_padding"] = output_padding;
+    s["groups"] = groups;
+    s["bias"] = present(b).defined();
+    return at::convolution(x, w, present(b), stride, padding, dilation, transposed, output_padding, groups);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& g = grads[0];
+    const at::Tensor w = ctx->get_saved_variables()[0];
+    record_grad(ctx, g);
+    auto& s = ctx->saved_data;
+    const bool transposed = s["transposed"].toBool();
+    const int64_t groups = s["groups"].toInt();
+    std::optional<std::vector<int64_t>> bias_sizes;
+    if (s["bias"].toBool()) bias_sizes = std::vector<int64_t>{transposed ? w.size(1) * groups : w.size(0)};
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      ctx->needs_input_grad(2)};
+    auto [gx, gw, gb] = at::convolution_backward(
+        g, restore(ctx, g.scalar_type()), w.to(g.scalar_type()),
+        bias_sizes ? std::optional<at::IntArrayRef>(*bias_sizes) : std::nullopt, s["stride"].toIntVector(),
+        s["padding"].toIntVector(), s["dilation"].toIntVector(), transposed, s["output_padding"].toIntVector(),
+        groups, mask);
+    if (gw.defined()) gw = gw.to(w.scalar_type());
+    return {gx, gw, gb, {}, {}, {}, {}, {}, {}, {}, {}};
+  }
+};
+
+struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                            const at::Tensor& running_mean, const at::Tensor& running_var, double momentum,
+                            double eps, const QuantConfig* c, const LayerStatePtr& st) {
+    auto [y, mean, invstd] = at::native_batch_norm(x, present(w), present(b), running_mean, running_var,
+                                                   /*training=*/true, momentum, eps);
+    ctx->save_for_backward({w, mean, invstd});
+    put_state(ctx, st);
+    save_compressed(ctx, x, *c, get(st));
+    if (st) st->saved_bytes += mean.nbytes() + invstd.nbytes();
+    ctx->saved_data["eps"] = eps;
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& g = grads[0];
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      ctx->needs_input_grad(2)};
+    auto [gx, gw, gb] = at::native_batch_norm_backward(g, restore(ctx, g.scalar_type()), present(saved[0]), {}, {},
+                                                       saved[1], saved[2], /*train=*/true,
+                                                       ctx->saved_data["eps"].toDouble(), mask);
+    return {gx, gw, gb, {}, {}, {}, {}, {}, {}};
+  }
+};
+
+// Saves a 1-bit mask; backward multiplies by it and a scale.
+void save_mask(AutogradContext* ctx, const at::Tensor& mask, double scale, LayerState* st) {
+  const at::Tensor packed = pack_mask(mask);
+  ctx->saved_data["mask"] = packed;
+  ctx->saved_data["sizes"] = mask.sizes().vec();
+  ctx->saved_data["scale"] = scale;
+  if (st) {
+    st->saved_bytes = packed.nbytes();
+    st->sample_elements = mask.dim() ? mask.numel() / std::max<int64_t>(1, mask.size(0)) : 1;
+  }
+}
+at::Tensor apply_mask(AutogradContext* ctx, const at::Tensor& g) {
+  auto& s = ctx->saved_data;
+  const at::Tensor mask = unpack_mask(s["mask"].toTensor(), s["sizes"].toIntVector());
+  const double scale = s["scale"].toDouble();
+  return scale == 1.0 ? g * mask : g * mask * scale;
+}
+
+struct ReluFn : torch::autograd::Function<ReluFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, bool inplace, const LayerStatePtr& st) {
+    at::Tensor y = x;
+    if (inplace) {
+      y.relu_();
+      ctx->mark_dirty({x});
+    } else {
+      y = x.relu();
+    }
+    save_mask(ctx, y > 0, 1.0, get(st));
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {apply_mask(ctx, grads[0]), {}, {}};
+  }
+};
+
+struct DropoutFn : torch::autograd::Function<DropoutFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p, const LayerStatePtr& st) {
+    const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+    const at::Tensor keep = at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - p);
+    save_mask(ctx, keep, scale, get(st));
+    return x * keep * scale;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {apply_mask(ctx, grads[0]), {}, {}};
+  }
+};
+
+at::Tensor maybe_bias(const std::optional<at::Tensor>& b) { return b ? *b : at::Tensor(); }
+
+// Whether an op should keep a compressed copy rather than LibTorch's own.
+bool compressing(const QuantConfig& c, const at::Tensor& x, const at::Tensor& w) {
+  return c.compresses() && at::GradMode::is_enabled() && (x.requires_grad() || (w.defined() && w.requires_grad()));
+}
+
+}  // namespace
+
+namespace functional {
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const QuantConfig& config, const LayerStatePtr& state) {
+  if (!compressing(config, x, weight)) return at::linear(x, weight, maybe_bias(bias));
+  return LinearFn::apply(x, weight, placeholder(bias, x), &config, state);
+}
+
+at::Tensor convolution(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       bool transposed, at::IntArrayRef output_padding, int64_t groups,
+                       const QuantConfig& config, const LayerStatePtr& state) {
+  if (!compressing(config, x, weight))
+    return at::convolution(x, weight, maybe_bias(bias), stride, padding, dilation, transposed, output_padding,
+                           groups);
+  return ConvFn::apply(x, weight, placeholder(bias, x), stride.vec(), padding.vec(), dilation.vec(), transposed,
+                       output_padding.vec(), groups, &config, state);
+}
+
+at::Tensor batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                      const at::Tensor& running_var, double momentum, double eps, const QuantConfig& config,
+                      const LayerStatePtr& state) {
+  const at::Tensor w = maybe_bias(weight);
+  if (!config.compress_bn || !compressing(config, x, w))
+    return at::batch_norm(x, w, maybe_bias(bias), running_mean, running_var, /*training=*/true, momentum, eps,
+                          /*cudnn_enabled=*/true);
+  return BatchNormFn::apply(x, placeholder(weight, x), placeholder(bias, x), running_mean, running_var, momentum,
+                            eps, &config, state);
+}
+
+at::Tensor relu(const at::Tensor& x, bool inplace, const LayerStatePtr& state) {
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) return inplace ? x.relu_() : x.relu();
+  return ReluFn::apply(x, inplace, state);
+}
+
+at::Tensor dropout(const at::Tensor& x, double p, const LayerStatePtr& state) {
+  if (p < 0.0 || p > 1.0) throw std::invalid_argument("aq: dropout probability must be in [0, 1], not " + std::to_string(p));
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) {
+    const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+    return x * at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - p) * scale;
+  }
+  return DropoutFn::apply(x, p, state);
+}
+
+}  // namespace functional
+}  // namespace aq

@@ -1,0 +1,190 @@
+// Compressed ops against LibTorch's: identical forward, gradients close at
+// 8 bits and unbiased at 2 bits, exact masks; per device.
+#include "aq/functional.h"
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <functional>
+
+namespace {
+
+namespace F = aq::functional;
+
+class Ops : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == "cuda" && (!torch::cuda::is_available() || !aq::built_with_cuda()))
+      GTEST_SKIP() << "no CUDA device";
+    torch::manual_seed(11);
+  }
+  torch::TensorOptions opts() const { return torch::TensorOptions().device(torch::Device(GetParam())); }
+};
+
+INSTANTIATE_TEST_SUITE_P(Device, Ops, ::testing::Values("cpu", "cuda"), [](const auto& i) { return i.param; });
+
+aq::QuantConfig bits(int b) {
+  aq::QuantConfig c;
+  c.cabits = c.ibits = b;
+  return c;
+}
+
+// Gradients of sum(out * probe) with respect to `leaves`.
+std::vector<torch::Tensor> grads(const std::function<torch::Tensor()>& f, const std::vector<torch::Tensor>& leaves,
+                                 const torch::Tensor& probe) {
+  for (auto t : leaves) t.mutable_grad() = torch::Tensor();
+  auto out = f();
+  (out * probe).sum().backward();
+  std::vector<torch::Tensor> g;
+  for (const auto& t : leaves) g.push_back(t.grad().clone());
+  return g;
+}
+
+// At 8 bits every gradient is within `rel` of the exact one (relative to its
+// largest entry); at 2 bits the mean over draws converges to it: within 6
+// standard errors, the spread measured from the draws.
+void check_gradients(const std::function<torch::Tensor(const aq::QuantConfig&)>& q,
+                     const std::function<torch::Tensor()>& exact, const std::vector<torch::Tensor>& leaves,
+                     const torch::Tensor& probe, double rel8) {
+  const auto ge = grads(exact, leaves, probe);
+  const auto c8 = bits(8);
+  const auto g8 = grads([&] { return q(c8); }, leaves, probe);
+  for (size_t i = 0; i < ge.size(); ++i) {
+    const double scale = ge[i].abs().max().item<double>() + 1e-12;
+    EXPECT_LE((g8[i] - ge[i]).abs().max().item<double>(), rel8 * scale) << "8-bit gradient " << i;
+  }
+  const auto c2 = bits(2);
+  const int S = 200;
+  std::vector<torch::Tensor> sum(ge.size()), sq(ge.size());
+  for (int s = 0; s < S; ++s) {
+    const auto g = grads([&] { return q(c2); }, leaves, probe);
+    for (size_t i = 0; i < g.size(); ++i) {
+      const auto gd = g[i].to(torch::kDouble);
+      sum[i] = s ? sum[i] + gd : gd;
+      sq[i] = s ? sq[i] + gd * gd : gd * gd;
+    }
+  }
+  for (size_t i = 0; i < ge.size(); ++i) {
+    const auto mean = sum[i] / S;
+    const auto sd = torch::sqrt(torch::clamp_min(sq[i] / S - mean * mean, 0) * S / (S - 1));
+    const auto err = (mean - ge[i].to(torch::kDouble)).abs();
+    const auto tol = 6 * sd / std::sqrt(double(S)) + 1e-6 * (ge[i].abs().max().item<double>() + 1e-12);
+    EXPECT_TRUE((err <= tol).all().item<bool>()) << "2-bit mean gradient " << i << ": worst excess "
+                                                 << (err - tol).max().item<double>();
+  }
+}
+
+TEST_P(Ops, LinearMatchesLibTorch) {
+  auto x = torch::randn({16, 5, 40}, opts()).requires_grad_();
+  auto w = (torch::randn({24, 40}, opts()) * 0.2).requires_grad_();
+  auto b = torch::randn({24}, opts()).requires_grad_();
+  auto probe = torch::randn({16, 5, 24}, opts());
+  auto st = aq::make_layer_state();
+  auto c2 = bits(2);
+  EXPECT_TRUE(torch::equal(F::linear(x, w, b, c2, st), torch::linear(x, w, b)));
+  check_gradients([&](const aq::QuantConfig& c) { return F::linear(x, w, b, c, st); },
+                  [&] { return torch::linear(x, w, b); }, {x, w, b}, probe, 0.01);
+  // What the layer kept, and the statistics it recorded.
+  F::linear(x, w, b, c2, st).sum().backward();
+  EXPECT_EQ(st->range_sq.sizes(), torch::IntArrayRef({16}));
+  EXPECT_EQ(st->grad_sq.sizes(), torch::IntArrayRef({16}));
+  EXPECT_EQ(st->sample_elements, 200);
+  EXPECT_LT(st->saved_bytes * 10, x.numel() * 4);
+}
+
+TEST_P(Ops, ConvolutionMatchesLibTorch) {
+  auto x = torch::randn({6, 4, 13, 11}, opts()).requires_grad_();
+  auto w = (torch::randn({8, 2, 3, 3}, opts()) * 0.3).requires_grad_();
+  auto b = torch::randn({8}, opts()).requires_grad_();
+  auto exact = [&] { return torch::conv2d(x, w, b, {2, 1}, {1, 2}, {1, 2}, 2); };
+  auto q = [&](const aq::QuantConfig& c) {
+    return F::convolution(x, w, b, {2, 1}, {1, 2}, {1, 2}, false, {0, 0}, 2, c, nullptr);
+  };
+  EXPECT_TRUE(torch::equal(q(bits(2)), exact()));
+  auto probe = torch::randn_like(exact());
+  check_gradients(q, exact, {x, w, b}, probe, 0.01);
+  // Depthwise 1d and transposed 3d as well.
+  auto x1 = torch::randn({5, 6, 30}, opts()).requires_grad_();
+  auto w1 = torch::randn({6, 1, 5}, opts()).requires_grad_();
+  auto e1 = [&] { return torch::conv1d(x1, w1, {}, 1, 2, 1, 6); };
+  auto q1 = [&](const aq::QuantConfig& c) {
+    return F::convolution(x1, w1, std::nullopt, {1}, {2}, {1}, false, {0}, 6, c, nullptr);
+  };
+  check_gradients(q1, e1, {x1, w1}, torch::randn_like(e1()), 0.01);
+  auto x3 = torch::randn({3, 4, 5, 6, 4}, opts()).requires_grad_();
+  auto w3 = torch::randn({4, 3, 2, 3, 2}, opts()).requires_grad_();
+  auto b3 = torch::randn({3}, opts()).requires_grad_();
+  auto e3 = [&] {
+    return torch::conv_transpose3d(x3, w3, b3, {2, 1, 2}, {0, 1, 0}, {1, 0, 1}, 1, {1, 1, 1});
+  };
+  auto q3 = [&](const aq::QuantConfig& c) {
+    return F::convolution(x3, w3, b3, {2, 1, 2}, {0, 1, 0}, {1, 1, 1}, true, {1, 0, 1}, 1, c, nullptr);
+  };
+  EXPECT_TRUE(torch::equal(q3(bits(2)), e3()));
+  check_gradients(q3, e3, {x3, w3, b3}, torch::randn_like(e3()), 0.01);
+}
+
+TEST_P(Ops, BatchNormMatchesLibTorch) {
+  auto x = (torch::randn({8, 5, 7, 7}, opts()) * 2 + 1).requires_grad_();
+  auto w = torch::rand({5}, opts()).add_(0.5).requires_grad_();
+  auto b = torch::randn({5}, opts()).requires_grad_();
+  auto rm = torch::zeros({5}, opts()), rv = torch::ones({5}, opts());
+  auto rm2 = rm.clone(), rv2 = rv.clone();
+  auto y = F::batch_norm(x, w, b, rm, rv, 0.1, 1e-5, bits(2), nullptr);
+  auto ye = torch::batch_norm(x, w, b, rm2, rv2, true, 0.1, 1e-5, false);
+  EXPECT_TRUE(torch::allclose(y, ye, 1e-6, 1e-6));
+  EXPECT_TRUE(torch::allclose(rm, rm2, 1e-6, 1e-7));
+  EXPECT_TRUE(torch::allclose(rv, rv2, 1e-6, 1e-7));
+  auto probe = torch::randn_like(ye);
+  auto q = [&](const aq::QuantConfig& c) { return F::batch_norm(x, w, b, rm, rv, 0.1, 1e-5, c, nullptr); };
+  auto e = [&] { return torch::batch_norm(x, w, b, rm2, rv2, true, 0.1, 1e-5, false); };
+  check_gradients(q, e, {x, w, b}, probe, 0.02);
+}
+
+TEST_P(Ops, ReluAndDropoutMasksAreExact) {
+  auto x = torch::randn({4, 3, 9, 9}, opts()).requires_grad_();
+  auto probe = torch::randn_like(x);
+  auto st = aq::make_layer_state();
+  const auto ge = grads([&] { return torch::relu(x); }, {x}, probe);
+  const auto gq = grads([&] { return F::relu(x, false, st); }, {x}, probe);
+  EXPECT_TRUE(torch::equal(gq[0], ge[0]));
+  EXPECT_EQ(st->saved_bytes, aq::packed_bits_nbytes(x.numel(), 1));
+  // In place: the input's storage is overwritten, gradients unchanged.
+  auto y0 = x.detach().clone().requires_grad_();
+  auto y1 = y0 * 1.0;
+  auto out = F::relu(y1, true, nullptr);
+  EXPECT_EQ(out.data_ptr(), y1.data_ptr());
+  (out * probe).sum().backward();
+  EXPECT_TRUE(torch::equal(y0.grad(), ge[0]));
+
+  const double p = 0.3;
+  auto xd = (torch::rand({64, 256}, opts()) + 0.5).requires_grad_();
+  auto yd = F::dropout(xd, p, nullptr);
+  auto keep = yd != 0;
+  EXPECT_TRUE(torch::allclose(yd, xd * keep / (1 - p), 1e-6, 0));
+  const double frac = keep.to(torch::kFloat).mean().item<double>();
+  EXPECT_NEAR(frac, 1 - p, 6 * std::sqrt(p * (1 - p) / keep.numel()));
+  auto pd = torch::randn_like(yd);
+  (yd * pd).sum().backward();
+  EXPECT_TRUE(torch::allclose(xd.grad(), pd * keep / (1 - p), 1e-6, 0));
+  EXPECT_THROW(F::dropout(xd, 1.5, nullptr), std::invalid_argument);
+}
+
+TEST_P(Ops, UncompressedConfigsAreLibTorch) {
+  auto x = torch::randn({4, 12}, opts()).requires_grad_();
+  auto w = torch::randn({3, 12}, opts()).requires_grad_();
+  auto probe = torch::randn({4, 3}, opts());
+  for (const char* level : {"L0"}) {
+    auto c = aq::QuantConfig::for_level(aq::parse_level(level));
+    const auto ge = grads([&] { return torch::linear(x, w, {}); }, {x, w}, probe);
+    const auto gq = grads([&] { return F::linear(x, w, std::nullopt, c, nullptr); }, {x, w}, probe);
+    EXPECT_TRUE(torch::equal(ge[1], gq[1]));
+  }
+  // No gradient needed: nothing is saved, the result is the same.
+  torch::NoGradGuard no_grad;
+  auto st = aq::make_layer_state();
+  EXPECT_TRUE(torch::equal(F::linear(x, w, std::nullopt, bits(2), st), torch::linear(x, w, {})));
+  EXPECT_EQ(st->saved_bytes, 0);
+}
+
+}  // namespace
