@@ -160,7 +160,8 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                             const at::Tensor& running_mean, const at::Tensor& running_var, double momentum,
                             double eps, const QuantConfig* c, const LayerStatePtr& st) {
-    auto [y, mean, invstd] = at::native_batch_norm(x, present(w), present(b), running_mean, running_var,
+    auto [y, mean, invstd] = at::native_batch_norm(x, present(w), present(b), present(running_mean),
+                                                   present(running_var),
                                                    /*training=*/true, momentum, eps);
     ctx->save_for_backward({w, mean, invstd});
     put_state(ctx, st);
@@ -264,8 +265,8 @@ at::Tensor batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weig
   if (!config.compress_bn || !compressing(config, x, w))
     return at::batch_norm(x, w, maybe_bias(bias), running_mean, running_var, /*training=*/true, momentum, eps,
                           /*cudnn_enabled=*/true);
-  return BatchNormFn::apply(x, placeholder(weight, x), placeholder(bias, x), running_mean, running_var, momentum,
-                            eps, &config, state);
+  return BatchNormFn::apply(x, placeholder(weight, x), placeholder(bias, x), placeholder(running_mean, x),
+                            placeholder(running_var, x), momentum, eps, &config, state);
 }
 
 at::Tensor relu(const at::Tensor& x, bool inplace, const LayerStatePtr& state) {

@@ -46,8 +46,9 @@ at::Tensor convolution(const at::Tensor& x, const at::Tensor& weight, const std:
                        bool transposed, at::IntArrayRef output_padding, int64_t groups,
                        const QuantConfig& config, const LayerStatePtr& state);
 
-// Training-mode batch norm (running statistics updated in place as
-// LibTorch's); saves x compressed plus the per-channel mean and invstd.
+// Training-mode batch norm (running statistics, which may be undefined,
+// updated in place as LibTorch's); saves x compressed plus the per-channel
+// mean and invstd.
 at::Tensor batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                       const at::Tensor& running_var, double momentum, double eps,

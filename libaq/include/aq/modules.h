@@ -1,0 +1,138 @@
+// Quantized layers in LibTorch's torch::nn idiom (Impl + ModuleHolder, the
+// same options structs).  Each derives from its torch::nn twin, so it has the
+// same parameters and buffers under the same names (state dicts and
+// checkpoints move between them) and the same forward result; in training
+// mode it keeps a compressed copy of what backward needs instead of the
+// input itself (aq/functional.h).  In eval mode it is its twin.
+//
+// Every layer reads a shared QuantConfig (set_config; unset: level L3) and
+// owns a LayerState the adaptive scheme reads and writes.
+#pragma once
+
+#include "aq/config.h"
+#include "aq/functional.h"
+
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/pimpl.h>
+
+#include <memory>
+
+namespace aq {
+
+using ConfigPtr = std::shared_ptr<const QuantConfig>;
+
+// What every quantized layer has besides its twin's members.
+class QLayer {
+ public:
+  virtual ~QLayer() = default;
+  void set_config(ConfigPtr config) { config_ = std::move(config); }
+  // The configuration in force (level L3 defaults when none was set).
+  const QuantConfig& config() const;
+  const LayerStatePtr& state() const { return state_; }
+
+ protected:
+  ConfigPtr config_;
+  LayerStatePtr state_ = make_layer_state();
+};
+
+class QLinearImpl : public torch::nn::LinearImpl, public QLayer {
+ public:
+  using torch::nn::LinearImpl::LinearImpl;
+  torch::Tensor forward(const torch::Tensor& input);
+};
+TORCH_MODULE(QLinear);
+
+// Convolutions: every padding mode and padding of the twin (zeros with
+// symmetric padding goes straight to the convolution; other modes and
+// asymmetric 'same' padding are padded first, and the padded input is what
+// is compressed).
+template <size_t D, typename Twin>
+class QConvImpl : public Twin, public QLayer {
+ public:
+  using Twin::Twin;
+  torch::Tensor forward(const torch::Tensor& input);
+};
+class QConv1dImpl : public QConvImpl<1, torch::nn::Conv1dImpl> {
+ public:
+  using QConvImpl::QConvImpl;
+};
+class QConv2dImpl : public QConvImpl<2, torch::nn::Conv2dImpl> {
+ public:
+  using QConvImpl::QConvImpl;
+};
+class QConv3dImpl : public QConvImpl<3, torch::nn::Conv3dImpl> {
+ public:
+  using QConvImpl::QConvImpl;
+};
+TORCH_MODULE(QConv1d);
+TORCH_MODULE(QConv2d);
+TORCH_MODULE(QConv3d);
+
+// Transposed convolutions (output_padding from the options).
+template <size_t D, typename Twin>
+class QConvTransposeImpl : public Twin, public QLayer {
+ public:
+  using Twin::Twin;
+  torch::Tensor forward(const torch::Tensor& input);
+};
+class QConvTranspose1dImpl : public QConvTransposeImpl<1, torch::nn::ConvTranspose1dImpl> {
+ public:
+  using QConvTransposeImpl::QConvTransposeImpl;
+};
+class QConvTranspose2dImpl : public QConvTransposeImpl<2, torch::nn::ConvTranspose2dImpl> {
+ public:
+  using QConvTransposeImpl::QConvTransposeImpl;
+};
+class QConvTranspose3dImpl : public QConvTransposeImpl<3, torch::nn::ConvTranspose3dImpl> {
+ public:
+  using QConvTransposeImpl::QConvTransposeImpl;
+};
+TORCH_MODULE(QConvTranspose1d);
+TORCH_MODULE(QConvTranspose2d);
+TORCH_MODULE(QConvTranspose3d);
+
+// Batch norm: running statistics, momentum (or cumulative average when
+// momentum is unset), affine and eval mode exactly as the twin's.
+template <size_t D, typename Twin>
+class QBatchNormImpl : public Twin, public QLayer {
+ public:
+  using Twin::Twin;
+  torch::Tensor forward(const torch::Tensor& input);
+};
+class QBatchNorm1dImpl : public QBatchNormImpl<1, torch::nn::BatchNorm1dImpl> {
+ public:
+  using QBatchNormImpl::QBatchNormImpl;
+};
+class QBatchNorm2dImpl : public QBatchNormImpl<2, torch::nn::BatchNorm2dImpl> {
+ public:
+  using QBatchNormImpl::QBatchNormImpl;
+};
+class QBatchNorm3dImpl : public QBatchNormImpl<3, torch::nn::BatchNorm3dImpl> {
+ public:
+  using QBatchNormImpl::QBatchNormImpl;
+};
+TORCH_MODULE(QBatchNorm1d);
+TORCH_MODULE(QBatchNorm2d);
+TORCH_MODULE(QBatchNorm3d);
+
+// ReLU keeping a 1-bit mask (in place when its options say so).
+class QReLUImpl : public torch::nn::ReLUImpl, public QLayer {
+ public:
+  using torch::nn::ReLUImpl::ReLUImpl;
+  torch::Tensor forward(torch::Tensor input);
+};
+TORCH_MODULE(QReLU);
+
+// Dropout keeping a 1-bit mask, scaled by 1/(1-p); the identity in eval mode.
+class QDropoutImpl : public torch::nn::DropoutImpl, public QLayer {
+ public:
+  using torch::nn::DropoutImpl::DropoutImpl;
+  torch::Tensor forward(torch::Tensor input);
+};
+TORCH_MODULE(QDropout);
+
+}  // namespace aq

@@ -1,0 +1,97 @@
+#include "aq/modules.h"
+
+#include <torch/nn/functional/padding.h>
+
+namespace aq {
+
+const QuantConfig& QLayer::config() const {
+  static const QuantConfig kDefault = QuantConfig::for_level(Level::L3);
+  return config_ ? *config_ : kDefault;
+}
+
+namespace {
+
+std::optional<torch::Tensor> maybe(const torch::Tensor& t) {
+  return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
+}
+
+}  // namespace
+
+torch::Tensor QLinearImpl::forward(const torch::Tensor& input) {
+  if (!is_training()) return LinearImpl::forward(input);
+  return functional::linear(input, weight, maybe(bias), config(), state());
+}
+
+template <size_t D, typename Twin>
+torch::Tensor QConvImpl<D, Twin>::forward(const torch::Tensor& input) {
+  if (!this->is_training()) return Twin::forward(input);
+  const auto& o = this->options;
+  const auto& rp = this->_reversed_padding_repeated_twice;  // [left_D-1, right_D-1, ..., left_0, right_0]
+  const bool zeros = std::holds_alternative<torch::enumtype::kZeros>(o.padding_mode());
+  bool symmetric = true;
+  std::vector<int64_t> padding(D);
+  for (size_t i = 0; i < D; ++i) {
+    padding[i] = rp[2 * (D - 1 - i)];
+    symmetric = symmetric && rp[2 * (D - 1 - i)] == rp[2 * (D - 1 - i) + 1];
+  }
+  torch::Tensor x = input;
+  if (!zeros || !symmetric) {
+    namespace NF = torch::nn::functional;
+    auto pad = NF::PadFuncOptions(rp);
+    if (std::holds_alternative<torch::enumtype::kReflect>(o.padding_mode()))
+      pad.mode(torch::kReflect);
+    else if (std::holds_alternative<torch::enumtype::kReplicate>(o.padding_mode()))
+      pad.mode(torch::kReplicate);
+    else if (std::holds_alternative<torch::enumtype::kCircular>(o.padding_mode()))
+      pad.mode(torch::kCircular);
+    x = NF::pad(input, pad);
+    std::fill(padding.begin(), padding.end(), 0);
+  }
+  return functional::convolution(x, this->weight, maybe(this->bias), *o.stride(), padding, *o.dilation(),
+                                 /*transposed=*/false, std::vector<int64_t>(D, 0), o.groups(), config(), state());
+}
+
+template <size_t D, typename Twin>
+torch::Tensor QConvTransposeImpl<D, Twin>::forward(const torch::Tensor& input) {
+  if (!this->is_training()) return Twin::forward(input);
+  const auto& o = this->options;
+  const auto& padding = std::get<torch::ExpandingArray<D>>(o.padding());
+  return functional::convolution(input, this->weight, maybe(this->bias), *o.stride(), *padding, *o.dilation(),
+                                 /*transposed=*/true, *o.output_padding(), o.groups(), config(), state());
+}
+
+template <size_t D, typename Twin>
+torch::Tensor QBatchNormImpl<D, Twin>::forward(const torch::Tensor& input) {
+  if (!this->is_training()) return Twin::forward(input);
+  this->_check_input_dim(input);
+  const auto& o = this->options;
+  double factor = o.momentum() ? *o.momentum() : 0.0;
+  if (o.track_running_stats() && this->num_batches_tracked.defined()) {
+    this->num_batches_tracked += 1;
+    if (!o.momentum()) factor = 1.0 / this->num_batches_tracked.template item<double>();
+  }
+  return functional::batch_norm(input, maybe(this->weight), maybe(this->bias), this->running_mean,
+                                this->running_var, factor, o.eps(), config(), state());
+}
+
+torch::Tensor QReLUImpl::forward(torch::Tensor input) {
+  if (!is_training()) return ReLUImpl::forward(std::move(input));
+  return functional::relu(input, options.inplace(), state());
+}
+
+torch::Tensor QDropoutImpl::forward(torch::Tensor input) {
+  if (!is_training() || options.p() == 0.0) return DropoutImpl::forward(std::move(input));
+  return functional::dropout(input, options.p(), state());
+}
+
+template class QConvImpl<1, torch::nn::Conv1dImpl>;
+template class QConvImpl<2, torch::nn::Conv2dImpl>;
+template class QConvImpl<3, torch::nn::Conv3dImpl>;
+template class QConvTransposeImpl<1, torch::nn::ConvTranspose1dImpl>;
+template class QConvTransposeImpl<2, torch::nn::ConvTranspose2dImpl>;
+template class QConvTransposeImpl<3, torch::nn::ConvTranspose3dImpl>;
+template class QBatchNormImpl<1, torch::nn::BatchNorm1dImpl>;
+template class QBatchNormImpl<2, torch::nn::BatchNorm2dImpl>;
+template class QBatchNormImpl<3, torch::nn::BatchNorm3dImpl>;
+
+}  // namespace aq

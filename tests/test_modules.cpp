@@ -1,0 +1,168 @@
+// Quantized modules against their torch::nn twins: names, forward, running
+// statistics, eval mode, padding modes, and the bytes they keep.
+#include "aq/modules.h"
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+namespace {
+
+namespace nn = torch::nn;
+
+class Modules : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == "cuda" && (!torch::cuda::is_available() || !aq::built_with_cuda()))
+      GTEST_SKIP() << "no CUDA device";
+    torch::manual_seed(5);
+  }
+  torch::Device dev() const { return torch::Device(GetParam()); }
+};
+
+INSTANTIATE_TEST_SUITE_P(Device, Modules, ::testing::Values("cpu", "cuda"), [](const auto& i) { return i.param; });
+
+std::vector<std::string> keys(const torch::OrderedDict<std::string, torch::Tensor>& d) {
+  std::vector<std::string> k;
+  for (const auto& item : d) k.push_back(item.key());
+  return k;
+}
+
+// Copies parameters and buffers of `from` into `to` (same names).
+void copy_state(nn::Module& from, nn::Module& to) {
+  torch::NoGradGuard g;
+  auto tp = to.named_parameters(), tb = to.named_buffers();
+  for (const auto& p : from.named_parameters()) tp[p.key()].copy_(p.value());
+  for (const auto& b : from.named_buffers()) tb[b.key()].copy_(b.value());
+}
+
+auto eight_bits() {
+  auto c = std::make_shared<aq::QuantConfig>(aq::QuantConfig::for_level(aq::Level::L3));
+  c->cabits = c->ibits = 8;
+  return c;
+}
+
+// Twin and quantized module: same names, same forward in train and eval
+// mode, gradients within `rel` at 8 bits, same buffers afterwards.
+template <typename Q, typename T>
+void check_twin(Q q, T t, const torch::Tensor& x0, double rel) {
+  EXPECT_EQ(keys(q->named_parameters()), keys(t->named_parameters()));
+  EXPECT_EQ(keys(q->named_buffers()), keys(t->named_buffers()));
+  copy_state(*t, *q);
+  q->set_config(eight_bits());
+  for (bool train : {true, false}) {
+    q->train(train);
+    t->train(train);
+    auto xq = x0.clone().requires_grad_(), xt = x0.clone().requires_grad_();
+    auto yq = q->forward(xq), yt = t->forward(xt);
+    EXPECT_TRUE(torch::allclose(yq, yt, 1e-5, 1e-5)) << "forward, train=" << train;
+    auto probe = torch::randn_like(yt);
+    (yq * probe).sum().backward();
+    (yt * probe).sum().backward();
+    const double s = xt.grad().abs().max().template item<double>() + 1e-12;
+    EXPECT_LE((xq.grad() - xt.grad()).abs().max().template item<double>(), rel * s) << "input gradient, train=" << train;
+    auto pq = q->named_parameters(), pt = t->named_parameters();
+    for (const auto& p : pt) {
+      if (!p.value().grad().defined()) continue;
+      const double sp = p.value().grad().abs().max().template item<double>() + 1e-12;
+      EXPECT_LE((pq[p.key()].grad() - p.value().grad()).abs().max().template item<double>(), rel * sp)
+          << p.key() << " gradient, train=" << train;
+    }
+    auto bq = q->named_buffers();
+    for (const auto& b : t->named_buffers())
+      EXPECT_TRUE(torch::allclose(bq[b.key()].to(torch::kDouble), b.value().to(torch::kDouble), 1e-5, 1e-6))
+          << b.key();
+    q->zero_grad();
+    t->zero_grad();
+  }
+}
+
+TEST_P(Modules, SameAsTheirTwins) {
+  auto d = dev();
+  check_twin(aq::QLinear(nn::LinearOptions(20, 7)), nn::Linear(nn::LinearOptions(20, 7)),
+             torch::randn({6, 3, 20}, d), 0.02);
+  auto co = nn::Conv2dOptions(4, 6, 3).stride(2).padding(1).groups(2);
+  check_twin(aq::QConv2d(co), nn::Conv2d(co), torch::randn({5, 4, 11, 9}, d), 0.02);
+  for (auto mode : std::vector<nn::detail::conv_padding_mode_t>{torch::kReflect, torch::kReplicate, torch::kCircular}) {
+    auto cm = nn::Conv2dOptions(3, 4, 3).padding(1).padding_mode(mode);
+    check_twin(aq::QConv2d(cm), nn::Conv2d(cm), torch::randn({2, 3, 8, 8}, d), 0.02);
+  }
+  auto same = nn::Conv1dOptions(3, 5, 4).padding(torch::kSame).dilation(2);  // asymmetric 'same'
+  check_twin(aq::QConv1d(same), nn::Conv1d(same), torch::randn({4, 3, 17}, d), 0.02);
+  auto c3 = nn::Conv3dOptions(2, 4, {2, 3, 1}).bias(false);
+  check_twin(aq::QConv3d(c3), nn::Conv3d(c3), torch::randn({2, 2, 5, 6, 4}, d), 0.02);
+  auto ct = nn::ConvTranspose2dOptions(4, 2, 3).stride(2).padding(1).output_padding(1).groups(2);
+  check_twin(aq::QConvTranspose2d(ct), nn::ConvTranspose2d(ct), torch::randn({3, 4, 5, 6}, d), 0.02);
+  auto c1t = nn::ConvTranspose1dOptions(3, 3, 2).stride(3);
+  check_twin(aq::QConvTranspose1d(c1t), nn::ConvTranspose1d(c1t), torch::randn({3, 3, 7}, d), 0.02);
+  for (auto bo : {nn::BatchNormOptions(5), nn::BatchNormOptions(5).momentum(std::nullopt),
+                  nn::BatchNormOptions(5).affine(false), nn::BatchNormOptions(5).track_running_stats(false)}) {
+    check_twin(aq::QBatchNorm2d(bo), nn::BatchNorm2d(bo), torch::randn({6, 5, 4, 4}, d) * 3 + 1, 0.03);
+  }
+  check_twin(aq::QBatchNorm1d(nn::BatchNormOptions(7)), nn::BatchNorm1d(nn::BatchNormOptions(7)),
+             torch::randn({9, 7}, d), 0.03);
+  check_twin(aq::QBatchNorm3d(nn::BatchNormOptions(2)), nn::BatchNorm3d(nn::BatchNormOptions(2)),
+             torch::randn({3, 2, 3, 4, 5}, d), 0.03);
+  check_twin(aq::QReLU(), nn::ReLU(), torch::randn({4, 10}, d), 0.0);
+}
+
+TEST_P(Modules, ReluInPlaceAndDropout) {
+  auto r = aq::QReLU(nn::ReLUOptions(true));
+  auto x = torch::randn({3, 50}, dev()).requires_grad_();
+  auto y = x * 1.0;
+  auto out = r->forward(y);
+  EXPECT_EQ(out.data_ptr(), y.data_ptr());
+  aq::QDropout drop(nn::DropoutOptions(0.25));
+  auto z = torch::rand({100, 100}, dev()) + 1;
+  auto zd = drop->forward(z.requires_grad_());
+  EXPECT_NEAR((zd != 0).to(torch::kFloat).mean().item<double>(), 0.75, 0.02);
+  drop->eval();
+  EXPECT_TRUE(torch::equal(drop->forward(z), z));
+}
+
+TEST_P(Modules, EvalModeKeepsNothingExtra) {
+  aq::QConv2d c(nn::Conv2dOptions(3, 8, 3).padding(1));
+  c->eval();
+  auto y = c->forward(torch::randn({2, 3, 8, 8}, dev()).requires_grad_());
+  y.sum().backward();
+  EXPECT_EQ(c->state()->saved_bytes, 0);
+}
+
+// A small ResNet-style stack: the bytes each layer keeps follow the layout
+// formula, and at 2 bits they are over 10x fewer than the exact model's.
+TEST_P(Modules, SavedBytesMatchTheFormula) {
+  auto cfg = std::make_shared<aq::QuantConfig>();
+  cfg->cabits = cfg->ibits = 2;
+  const int64_t N = 8, C = 16, H = 20;
+  aq::QConv2d conv1(nn::Conv2dOptions(3, C, 3).padding(1)), conv2(nn::Conv2dOptions(C, C, 3).padding(1));
+  aq::QBatchNorm2d bn1{nn::BatchNormOptions(C)}, bn2{nn::BatchNormOptions(C)};
+  aq::QReLU relu1, relu2;
+  aq::QLinear fc(nn::LinearOptions(C, 10));
+  std::vector<aq::QLayer*> layers = {conv1.get(), bn1.get(), relu1.get(), conv2.get(), bn2.get(), relu2.get(), fc.get()};
+  for (auto* l : layers) l->set_config(cfg);
+  for (nn::Module* m : std::vector<nn::Module*>{conv1.get(), conv2.get(), bn1.get(), bn2.get(), fc.get()}) m->to(dev());
+  auto x = torch::randn({N, 3, H, H}, dev()).requires_grad_();
+  auto h = relu1(bn1(conv1(x)));
+  auto h2 = relu2(bn2(conv2(h)));
+  auto out = fc(h2.mean({2, 3}));
+  // What autograd would keep for the exact model: each layer's fp32 input
+  // (ReLU: its output), per sample D elements.
+  auto expected = [](int64_t n, int64_t d, int bits) {
+    const int64_t groups = (d + 255) / 256;
+    return n * ((d + 31) / 32 * 32 * bits / 8) + n * groups * 2 * 2;  // codes + bf16 min/max
+  };
+  const int64_t D0 = 3 * H * H, D = C * H * H;
+  EXPECT_EQ(conv1->state()->saved_bytes, expected(N, D0, 2));
+  EXPECT_EQ(conv2->state()->saved_bytes, expected(N, D, 2));
+  EXPECT_EQ(bn1->state()->saved_bytes, expected(N, D, 2) + 2 * C * 4);  // + mean and invstd
+  EXPECT_EQ(relu1->state()->saved_bytes, aq::packed_bits_nbytes(N * D, 1));
+  EXPECT_EQ(fc->state()->saved_bytes, expected(N, C, 2));
+  int64_t total = 0;
+  for (auto* l : layers) total += l->state()->saved_bytes;
+  const int64_t exact = 4 * (N * D0 + 2 * N * D /*bn inputs*/ + 2 * N * D /*relu outputs*/ + N * D /*conv2 input*/ +
+                             N * C);
+  EXPECT_GE(double(exact) / total, 10.0) << exact << " vs " << total;
+  out.sum().backward();
+  EXPECT_EQ(fc->state()->grad_sq.size(0), N);
+}
+
+}  // namespace
