@@ -170,6 +170,48 @@ TEST_P(Ops, ReluAndDropoutMasksAreExact) {
   EXPECT_THROW(F::dropout(xd, 1.5, nullptr), std::invalid_argument);
 }
 
+TEST_P(Ops, PoolingIsExact) {
+  auto x = torch::randn({3, 4, 21, 19}, opts()).requires_grad_();
+  struct Case {
+    std::vector<int64_t> k, s, p, d;
+    bool ceil;
+  };
+  for (const Case& c : {Case{{3, 3}, {2, 2}, {1, 1}, {2, 2}, true}, Case{{2, 3}, {1, 2}, {0, 1}, {1, 1}, false},
+                        Case{{17, 17}, {1, 1}, {0, 0}, {1, 1}, false}}) {
+    auto st = aq::make_layer_state();
+    auto exact = [&] { return torch::max_pool2d(x, c.k, c.s, c.p, c.d, c.ceil); };
+    auto ye = exact();
+    auto yq = F::max_pool(x, c.k, c.s, c.p, c.d, c.ceil, st);
+    EXPECT_TRUE(torch::equal(yq, ye));
+    auto probe = torch::randn_like(ye);
+    const auto ge = grads(exact, {x}, probe);
+    const auto gq = grads([&] { return F::max_pool(x, c.k, c.s, c.p, c.d, c.ceil, st); }, {x}, probe);
+    EXPECT_TRUE(torch::allclose(gq[0], ge[0], 1e-6, 1e-6)) << c.k[0];
+    EXPECT_EQ(st->saved_bytes, aq::packed_bits_nbytes(ye.numel(), aq::index_bits(c.k[0] * c.k[1])));
+  }
+  auto x1 = torch::randn({2, 3, 40}, opts()).requires_grad_();
+  auto e1 = [&] { return torch::max_pool1d(x1, {5}, {3}, {2}, {2}, true); };
+  const auto g1 = grads(e1, {x1}, torch::ones_like(e1()));
+  const auto q1 = grads([&] { return F::max_pool(x1, {5}, {3}, {2}, {2}, true, nullptr); }, {x1}, torch::ones_like(e1()));
+  EXPECT_TRUE(torch::equal(q1[0], g1[0]));
+  auto x3 = torch::randn({2, 2, 7, 8, 9}, opts()).requires_grad_();
+  auto e3 = [&] { return torch::max_pool3d(x3, {2, 3, 2}, {2, 2, 1}, {1, 1, 0}, {1, 2, 1}, false); };
+  auto p3 = torch::randn_like(e3());
+  const auto g3 = grads(e3, {x3}, p3);
+  const auto q3 = grads([&] { return F::max_pool(x3, {2, 3, 2}, {2, 2, 1}, {1, 1, 0}, {1, 2, 1}, false, nullptr); },
+                        {x3}, p3);
+  EXPECT_TRUE(torch::allclose(q3[0], g3[0], 1e-6, 1e-6));
+
+  auto ea = [&] { return torch::avg_pool2d(x, {3, 2}, {2, 2}, {1, 0}, true, false, 5); };
+  auto pa = torch::randn_like(ea());
+  EXPECT_TRUE(torch::equal(grads(ea, {x}, pa)[0],
+                           grads([&] { return F::avg_pool2d(x, {3, 2}, {2, 2}, {1, 0}, true, false, 5); }, {x}, pa)[0]));
+  auto ead = [&] { return torch::adaptive_avg_pool2d(x, {5, 4}); };
+  auto pad = torch::randn_like(ead());
+  EXPECT_TRUE(torch::allclose(grads(ead, {x}, pad)[0],
+                              grads([&] { return F::adaptive_avg_pool2d(x, {5, 4}); }, {x}, pad)[0], 1e-6, 1e-7));
+}
+
 TEST_P(Ops, UncompressedConfigsAreLibTorch) {
   auto x = torch::randn({4, 12}, opts()).requires_grad_();
   auto w = torch::randn({3, 12}, opts()).requires_grad_();

@@ -103,6 +103,18 @@ TEST_P(Modules, SameAsTheirTwins) {
   check_twin(aq::QBatchNorm3d(nn::BatchNormOptions(2)), nn::BatchNorm3d(nn::BatchNormOptions(2)),
              torch::randn({3, 2, 3, 4, 5}, d), 0.03);
   check_twin(aq::QReLU(), nn::ReLU(), torch::randn({4, 10}, d), 0.0);
+  auto mp = nn::MaxPool2dOptions({3, 2}).stride(2).padding(1).dilation({1, 2}).ceil_mode(true);
+  check_twin(aq::QMaxPool2d(mp), nn::MaxPool2d(mp), torch::randn({2, 3, 11, 12}, d), 0.0);
+  check_twin(aq::QMaxPool1d(nn::MaxPool1dOptions(4)), nn::MaxPool1d(nn::MaxPool1dOptions(4)),
+             torch::randn({2, 3, 17}, d), 0.0);
+  check_twin(aq::QMaxPool3d(nn::MaxPool3dOptions(2)), nn::MaxPool3d(nn::MaxPool3dOptions(2)),
+             torch::randn({2, 2, 4, 5, 6}, d), 0.0);
+  auto ap = nn::AvgPool2dOptions(3).stride(2).padding(1).count_include_pad(false);
+  check_twin(aq::QAvgPool2d(ap), nn::AvgPool2d(ap), torch::randn({2, 3, 9, 9}, d), 1e-6);
+  auto aa = nn::AdaptiveAvgPool2dOptions({3, std::nullopt});
+  check_twin(aq::QAdaptiveAvgPool2d(aa), nn::AdaptiveAvgPool2d(aa), torch::randn({2, 3, 10, 7}, d), 1e-6);
+  auto up = nn::UpsampleOptions().scale_factor(std::vector<double>{2, 2}).mode(torch::kBilinear).align_corners(false);
+  check_twin(aq::QUpsample(up), nn::Upsample(up), torch::randn({2, 3, 5, 4}, d), 1e-6);
 }
 
 TEST_P(Modules, ReluInPlaceAndDropout) {

@@ -229,6 +229,138 @@ struct DropoutFn : torch::autograd::Function<DropoutFn> {
   }
 };
 
+// Window-local argmax <-> flat input index, for D pooled dimensions.
+struct PoolGeometry {
+  std::vector<int64_t> kernel, stride, padding, dilation, in, out;  // per pooled dim
+  // Per output position (broadcast over the pooled dims, [out...]), the
+  // first input coordinate of its window in dim d.
+  at::Tensor start(int64_t d, const at::TensorOptions& o) const {
+    std::vector<int64_t> shape(out.size(), 1);
+    shape[d] = out[d];
+    return (at::arange(out[d], o) * stride[d] - padding[d]).view(shape);
+  }
+  int64_t window() const {
+    int64_t w = 1;
+    for (int64_t k : kernel) w *= k;
+    return w;
+  }
+  at::Tensor to_local(const at::Tensor& flat) const {
+    at::Tensor rest = flat, local;
+    std::vector<at::Tensor> coord(in.size());
+    for (int64_t d = static_cast<int64_t>(in.size()) - 1; d >= 0; --d) {
+      coord[d] = rest.remainder(in[d]);
+      rest = rest.div(in[d], "floor");
+    }
+    for (size_t d = 0; d < in.size(); ++d) {
+      const at::Tensor l = (coord[d] - start(d, flat.options())).div(dilation[d], "floor");
+      local = d ? local * kernel[d] + l : l;
+    }
+    return local;
+  }
+  at::Tensor to_flat(const at::Tensor& local) const {
+    at::Tensor rest = local, flat;
+    std::vector<at::Tensor> l(in.size());
+    for (int64_t d = static_cast<int64_t>(in.size()) - 1; d >= 0; --d) {
+      l[d] = rest.remainder(kernel[d]);
+      rest = rest.div(kernel[d], "floor");
+    }
+    for (size_t d = 0; d < in.size(); ++d) {
+      const at::Tensor c = start(d, local.options()) + l[d] * dilation[d];
+      flat = d ? flat * in[d] + c : c;
+    }
+    return flat;
+  }
+};
+
+struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, std::vector<int64_t> kernel,
+                            std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                            bool ceil_mode, const LayerStatePtr& st) {
+    const int64_t D = static_cast<int64_t>(kernel.size());
+    at::Tensor y, idx;
+    if (D == 1)
+      std::tie(y, idx) = at::max_pool1d_with_indices(x, kernel, stride, padding, dilation, ceil_mode);
+    else if (D == 2)
+      std::tie(y, idx) = at::max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode);
+    else
+      std::tie(y, idx) = at::max_pool3d_with_indices(x, kernel, stride, padding, dilation, ceil_mode);
+    PoolGeometry g{kernel, stride, padding, dilation, {}, {}};
+    for (int64_t d = 0; d < D; ++d) {
+      g.in.push_back(x.size(x.dim() - D + d));
+      g.out.push_back(y.size(y.dim() - D + d));
+    }
+    const int64_t bits = index_bits(g.window());
+    const at::Tensor local = g.to_local(idx).to(bits <= 8 ? at::kByte : at::kInt);
+    const at::Tensor packed = pack_bits(local, bits);
+    auto& s = ctx->saved_data;
+    s["packed"] = packed;
+    s["bits"] = bits;
+    s["geometry"] = std::vector<int64_t>{D};
+    s["kernel"] = kernel;
+    s["stride"] = stride;
+    s["padding"] = padding;
+    s["dilation"] = dilation;
+    s["in"] = g.in;
+    s["out"] = g.out;
+    s["x_sizes"] = x.sizes().vec();
+    s["y_sizes"] = y.sizes().vec();
+    if (st) {
+      st->saved_bytes = packed.nbytes();
+      st->sample_elements = y.dim() ? y.numel() / std::max<int64_t>(1, y.size(0)) : 1;
+    }
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto& s = ctx->saved_data;
+    const PoolGeometry g{s["kernel"].toIntVector(), s["stride"].toIntVector(), s["padding"].toIntVector(),
+                         s["dilation"].toIntVector(), s["in"].toIntVector(), s["out"].toIntVector()};
+    const auto x_sizes = s["x_sizes"].toIntVector();
+    const at::Tensor& gy = grads[0];
+    const at::Tensor local = unpack_bits(s["packed"].toTensor(), s["bits"].toInt(), s["y_sizes"].toIntVector(),
+                                         at::kLong);
+    const at::Tensor flat = g.to_flat(local);
+    int64_t in_plane = 1, out_plane = 1;
+    for (size_t d = 0; d < g.in.size(); ++d) in_plane *= g.in[d], out_plane *= g.out[d];
+    at::Tensor gx = at::zeros({gy.numel() / std::max<int64_t>(1, out_plane), in_plane}, gy.options());
+    gx.scatter_add_(1, flat.reshape({-1, out_plane}), gy.reshape({-1, out_plane}));
+    return {gx.view(x_sizes), {}, {}, {}, {}, {}, {}};
+  }
+};
+
+// Average pools: backward needs the input's shape only, so only that is kept.
+struct AvgPoolFn : torch::autograd::Function<AvgPoolFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, std::vector<int64_t> kernel,
+                            std::vector<int64_t> stride, std::vector<int64_t> padding, bool ceil_mode,
+                            bool count_include_pad, std::optional<int64_t> divisor, bool adaptive) {
+    auto& s = ctx->saved_data;
+    s["x_sizes"] = x.sizes().vec();
+    s["adaptive"] = adaptive;
+    if (adaptive) return at::adaptive_avg_pool2d(x, kernel);
+    s["kernel"] = kernel;
+    s["stride"] = stride;
+    s["padding"] = padding;
+    s["ceil_mode"] = ceil_mode;
+    s["count_include_pad"] = count_include_pad;
+    s["divisor"] = divisor ? *divisor : int64_t(0);
+    return at::avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto& s = ctx->saved_data;
+    const at::Tensor& g = grads[0];
+    const at::Tensor shape_only = at::empty(s["x_sizes"].toIntVector(), g.options());  // values never read
+    at::Tensor gx;
+    if (s["adaptive"].toBool()) {
+      gx = at::_adaptive_avg_pool2d_backward(g.contiguous(), shape_only);
+    } else {
+      const int64_t div = s["divisor"].toInt();
+      gx = at::avg_pool2d_backward(g, shape_only, s["kernel"].toIntVector(), s["stride"].toIntVector(),
+                                   s["padding"].toIntVector(), s["ceil_mode"].toBool(),
+                                   s["count_include_pad"].toBool(), div ? std::optional<int64_t>(div) : std::nullopt);
+    }
+    return {gx, {}, {}, {}, {}, {}, {}, {}};
+  }
+};
+
 at::Tensor maybe_bias(const std::optional<at::Tensor>& b) { return b ? *b : at::Tensor(); }
 
 // Whether an op should keep a compressed copy rather than LibTorch's own.
@@ -281,6 +413,34 @@ at::Tensor dropout(const at::Tensor& x, double p, const LayerStatePtr& state) {
     return x * at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - p) * scale;
   }
   return DropoutFn::apply(x, p, state);
+}
+
+at::Tensor max_pool(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, bool ceil_mode, const LayerStatePtr& state) {
+  const size_t D = kernel.size();
+  if (D < 1 || D > 3 || stride.size() != D || padding.size() != D || dilation.size() != D)
+    throw std::invalid_argument("aq: max_pool takes 1 to 3 dimensions, with one stride, padding and dilation each");
+  std::vector<int64_t> st = stride.empty() ? kernel.vec() : stride.vec();
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) {
+    if (D == 1) return at::max_pool1d(x, kernel, st, padding, dilation, ceil_mode);
+    if (D == 2) return at::max_pool2d(x, kernel, st, padding, dilation, ceil_mode);
+    return at::max_pool3d(x, kernel, st, padding, dilation, ceil_mode);
+  }
+  return MaxPoolFn::apply(x, kernel.vec(), st, padding.vec(), dilation.vec(), ceil_mode, state);
+}
+
+at::Tensor avg_pool2d(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                      bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override) {
+  if (!at::GradMode::is_enabled() || !x.requires_grad())
+    return at::avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override);
+  return AvgPoolFn::apply(x, kernel.vec(), stride.empty() ? kernel.vec() : stride.vec(), padding.vec(), ceil_mode,
+                          count_include_pad, divisor_override, false);
+}
+
+at::Tensor adaptive_avg_pool2d(const at::Tensor& x, at::IntArrayRef output_size) {
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) return at::adaptive_avg_pool2d(x, output_size);
+  return AvgPoolFn::apply(x, output_size.vec(), std::vector<int64_t>(), std::vector<int64_t>(), false, false,
+                          std::optional<int64_t>(), true);
 }
 
 }  // namespace functional

@@ -84,6 +84,31 @@ torch::Tensor QDropoutImpl::forward(torch::Tensor input) {
   return functional::dropout(input, options.p(), state());
 }
 
+template <size_t D, typename Twin>
+torch::Tensor QMaxPoolImpl<D, Twin>::forward(const torch::Tensor& input) {
+  if (!this->is_training()) return Twin::forward(input);
+  const auto& o = this->options;
+  return functional::max_pool(input, *o.kernel_size(), *o.stride(), *o.padding(), *o.dilation(), o.ceil_mode(),
+                              state());
+}
+
+torch::Tensor QAvgPool2dImpl::forward(const torch::Tensor& input) {
+  if (!is_training()) return AvgPool2dImpl::forward(input);
+  return functional::avg_pool2d(input, *options.kernel_size(), *options.stride(), *options.padding(),
+                                options.ceil_mode(), options.count_include_pad(), options.divisor_override());
+}
+
+torch::Tensor QAdaptiveAvgPool2dImpl::forward(const torch::Tensor& input) {
+  if (!is_training()) return AdaptiveAvgPool2dImpl::forward(input);
+  const auto& want = options.output_size();  // an element may be unset: keep the input's size
+  std::vector<int64_t> size(2);
+  for (int i = 0; i < 2; ++i) size[i] = (*want)[i] ? *(*want)[i] : input.size(input.dim() - 2 + i);
+  return functional::adaptive_avg_pool2d(input, size);
+}
+
+template class QMaxPoolImpl<1, torch::nn::MaxPool1dImpl>;
+template class QMaxPoolImpl<2, torch::nn::MaxPool2dImpl>;
+template class QMaxPoolImpl<3, torch::nn::MaxPool3dImpl>;
 template class QConvImpl<1, torch::nn::Conv1dImpl>;
 template class QConvImpl<2, torch::nn::Conv2dImpl>;
 template class QConvImpl<3, torch::nn::Conv3dImpl>;

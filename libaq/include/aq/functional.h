@@ -60,6 +60,18 @@ at::Tensor relu(const at::Tensor& x, bool inplace, const LayerStatePtr& state);
 // Inverted dropout with probability p in [0, 1]; saves a 1-bit mask.
 at::Tensor dropout(const at::Tensor& x, double p, const LayerStatePtr& state);
 
+// Max pooling over the last D = kernel.size() dimensions (1..3), any
+// kernel, stride, padding, dilation and ceil_mode; saves the argmax of each
+// window as a ceil(log2(window))-bit integer instead of 64-bit indices.
+at::Tensor max_pool(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, bool ceil_mode, const LayerStatePtr& state);
+
+// 2-d average pooling and adaptive average pooling: true averages, nothing
+// but shapes kept for backward.
+at::Tensor avg_pool2d(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                      bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override);
+at::Tensor adaptive_avg_pool2d(const at::Tensor& x, at::IntArrayRef output_size);
+
 // A state may be null (nullptr LayerStatePtr): nothing is recorded.
 
 }  // namespace functional

@@ -17,6 +17,8 @@
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/pooling.h>
+#include <torch/nn/modules/upsampling.h>
 #include <torch/nn/pimpl.h>
 
 #include <memory>
@@ -134,5 +136,52 @@ class QDropoutImpl : public torch::nn::DropoutImpl, public QLayer {
   torch::Tensor forward(torch::Tensor input);
 };
 TORCH_MODULE(QDropout);
+
+// Max pooling keeping window argmaxes as ceil(log2(window))-bit integers (any
+// kernel, stride, padding, dilation, ceil_mode).
+template <size_t D, typename Twin>
+class QMaxPoolImpl : public Twin, public QLayer {
+ public:
+  using Twin::Twin;
+  torch::Tensor forward(const torch::Tensor& input);
+};
+class QMaxPool1dImpl : public QMaxPoolImpl<1, torch::nn::MaxPool1dImpl> {
+ public:
+  using QMaxPoolImpl::QMaxPoolImpl;
+};
+class QMaxPool2dImpl : public QMaxPoolImpl<2, torch::nn::MaxPool2dImpl> {
+ public:
+  using QMaxPoolImpl::QMaxPoolImpl;
+};
+class QMaxPool3dImpl : public QMaxPoolImpl<3, torch::nn::MaxPool3dImpl> {
+ public:
+  using QMaxPoolImpl::QMaxPoolImpl;
+};
+TORCH_MODULE(QMaxPool1d);
+TORCH_MODULE(QMaxPool2d);
+TORCH_MODULE(QMaxPool3d);
+
+// True averages; only the input's shape is kept for backward.
+class QAvgPool2dImpl : public torch::nn::AvgPool2dImpl, public QLayer {
+ public:
+  using torch::nn::AvgPool2dImpl::AvgPool2dImpl;
+  torch::Tensor forward(const torch::Tensor& input);
+};
+TORCH_MODULE(QAvgPool2d);
+
+class QAdaptiveAvgPool2dImpl : public torch::nn::AdaptiveAvgPool2dImpl, public QLayer {
+ public:
+  using torch::nn::AdaptiveAvgPool2dImpl::AdaptiveAvgPool2dImpl;
+  torch::Tensor forward(const torch::Tensor& input);
+};
+TORCH_MODULE(QAdaptiveAvgPool2d);
+
+// Nearest and bilinear upsampling: LibTorch's backward already needs shapes
+// only, so the twin is used as it is.
+class QUpsampleImpl : public torch::nn::UpsampleImpl, public QLayer {
+ public:
+  using torch::nn::UpsampleImpl::UpsampleImpl;
+};
+TORCH_MODULE(QUpsample);
 
 }  // namespace aq
