@@ -177,4 +177,57 @@ TEST_P(Modules, SavedBytesMatchTheFormula) {
   EXPECT_EQ(fc->state()->grad_sq.size(0), N);
 }
 
+TEST_P(Modules, ConvertingASequentialSharesTensorsAndNames) {
+  nn::Sequential exact(nn::Conv2d(nn::Conv2dOptions(3, 8, 3).padding(1)), nn::BatchNorm2d(8), nn::ReLU(),
+                       nn::MaxPool2d(2), nn::Flatten(), nn::Dropout(0.0), nn::Linear(8 * 4 * 4, 10));
+  exact->to(dev());
+  auto cfg = aq::QuantConfig::for_level(aq::Level::L3);
+  cfg.cabits = cfg.ibits = 8;
+  auto q = aq::quantized(exact, cfg);
+  EXPECT_EQ(keys(q->named_parameters()), keys(exact->named_parameters()));
+  EXPECT_EQ(keys(q->named_buffers()), keys(exact->named_buffers()));
+  auto qp = q->named_parameters();
+  for (const auto& p : exact->named_parameters()) EXPECT_EQ(qp[p.key()].data_ptr(), p.value().data_ptr()) << p.key();
+  auto qb = q->named_buffers();
+  for (const auto& b : exact->named_buffers()) EXPECT_EQ(qb[b.key()].data_ptr(), b.value().data_ptr()) << b.key();  // same storage
+  int converted = 0;
+  for (const auto& c : q->children()) converted += dynamic_cast<aq::QLayer*>(c.get()) != nullptr;
+  EXPECT_EQ(converted, 6);  // all but Flatten
+  // Same forward; the converted model updates the shared running statistics.
+  auto x = torch::randn({4, 3, 8, 8}, dev());
+  torch::Tensor ye;
+  {
+    torch::NoGradGuard g;
+    exact->eval();
+    ye = exact->forward(x);
+  }
+  q->eval();
+  EXPECT_TRUE(torch::allclose(q->forward(x), ye, 1e-5, 1e-5));
+  q->train();
+  auto before = exact->named_buffers()["1.running_mean"].clone();
+  auto y = q->forward(x.requires_grad_());
+  y.sum().backward();
+  EXPECT_FALSE(torch::equal(exact->named_buffers()["1.running_mean"], before));
+  EXPECT_TRUE(exact->named_parameters()["0.weight"].grad().defined());
+  // -c fanin converts nothing; qlinear only conv/linear, BatchNorm exact.
+  EXPECT_EQ(aq::QModule(*q, aq::QuantConfig::for_level(aq::Level::L3)), 6);
+  auto fanin = cfg;
+  fanin.scope = aq::Scope::kNone;
+  int none = 0;
+  for (const auto& c : aq::quantized(exact, fanin)->children()) none += dynamic_cast<aq::QLayer*>(c.get()) != nullptr;
+  EXPECT_EQ(none, 0);
+  auto lin = cfg;
+  lin.scope = aq::Scope::kLinear;
+  aq::QModule(*q, lin);
+  auto bn = std::dynamic_pointer_cast<aq::QBatchNorm2dImpl>(q->ptr(1));
+  ASSERT_TRUE(bn);
+  bn->state()->saved_bytes = 0;
+  q->forward(torch::randn({4, 3, 8, 8}, dev()).requires_grad_()).sum().backward();
+  EXPECT_EQ(bn->state()->saved_bytes, 0);  // exact BatchNorm: aq kept nothing
+  EXPECT_GT(std::dynamic_pointer_cast<aq::QConv2dImpl>(q->ptr(0))->state()->saved_bytes, 0);
+  auto sync = cfg;
+  sync.scope = aq::Scope::kSyncBN;
+  EXPECT_THROW(aq::QModule(*q, sync), std::invalid_argument);
+}
+
 }  // namespace

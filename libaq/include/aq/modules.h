@@ -19,6 +19,7 @@
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/pooling.h>
 #include <torch/nn/modules/upsampling.h>
+#include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/pimpl.h>
 
 #include <memory>
@@ -183,5 +184,21 @@ class QUpsampleImpl : public torch::nn::UpsampleImpl, public QLayer {
   using torch::nn::UpsampleImpl::UpsampleImpl;
 };
 TORCH_MODULE(QUpsample);
+
+// QModule, the seed's model conversion, as far as C++ allows.  LibTorch's
+// forward methods are not virtual and a user module calls its children
+// through typed members, so no layer of an arbitrary module tree can be
+// swapped for another type behind its owner's back.  Instead:
+// - QModule(model, config) gives every aq Q layer in the tree (built from
+//   aq's layers, which are torch::nn twins) the shared configuration, and
+//   lists the other layers at debug log level (left alone).  It returns the
+//   number of Q layers configured.
+// - quantized(sequential, config) returns a new Sequential in which every
+//   supported torch::nn layer is replaced by its Q twin sharing the same
+//   parameter and buffer tensors under the same names; other entries (and
+//   modules nested in them: LibTorch Sequentials do not nest) are kept as
+//   they are, Q layers among them configured.
+int64_t QModule(torch::nn::Module& model, const QuantConfig& config);
+torch::nn::Sequential quantized(const torch::nn::Sequential& model, const QuantConfig& config);
 
 }  // namespace aq
