@@ -3,6 +3,7 @@
 #include "aq/modules.h"
 
 #include <gtest/gtest.h>
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 namespace {
@@ -175,6 +176,50 @@ TEST_P(Modules, SavedBytesMatchTheFormula) {
   EXPECT_GE(double(exact) / total, 10.0) << exact << " vs " << total;
   out.sum().backward();
   EXPECT_EQ(fc->state()->grad_sq.size(0), N);
+}
+
+TEST_P(Modules, AutocastBFloat16) {
+  const auto type = dev().type();
+  aq::QLinear q(nn::LinearOptions(32, 16));
+  nn::Linear t(nn::LinearOptions(32, 16));
+  aq::QConv2d qc(nn::Conv2dOptions(3, 4, 3));
+  nn::Conv2d tc(nn::Conv2dOptions(3, 4, 3));
+  for (nn::Module* m : std::vector<nn::Module*>{q.get(), t.get(), qc.get(), tc.get()}) m->to(dev());
+  copy_state(*t, *q);
+  copy_state(*tc, *qc);
+  q->set_config(eight_bits());
+  qc->set_config(eight_bits());
+  auto x = torch::randn({8, 32}, dev());
+  auto xc = torch::randn({2, 3, 9, 9}, dev());
+  at::autocast::set_autocast_enabled(type, true);
+  at::autocast::set_autocast_dtype(type, torch::kBFloat16);
+  auto yq = q(x.requires_grad_()), yt = t(x);
+  auto ycq = qc(xc.requires_grad_()), yct = tc(xc);
+  at::autocast::set_autocast_enabled(type, false);
+  at::autocast::clear_cache();
+  EXPECT_EQ(yq.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(yq, yt));
+  EXPECT_TRUE(torch::equal(ycq, yct));
+  (yq.to(torch::kFloat).sum() + ycq.to(torch::kFloat).sum()).backward();
+  auto gq = q->weight.grad().clone(), gcq = qc->weight.grad().clone();
+  (yt.to(torch::kFloat).sum() + yct.to(torch::kFloat).sum()).backward();
+  EXPECT_EQ(gq.scalar_type(), torch::kFloat);
+  EXPECT_LE((gq - t->weight.grad()).abs().max().item<double>(), 0.03 * t->weight.grad().abs().max().item<double>());
+  EXPECT_LE((gcq - tc->weight.grad()).abs().max().item<double>(), 0.03 * tc->weight.grad().abs().max().item<double>());
+}
+
+TEST_P(Modules, PerSampleBitsFromTheState) {
+  aq::QLinear q(nn::LinearOptions(300, 4));
+  q->to(dev());
+  auto x = torch::randn({5, 300}, dev()).requires_grad_();
+  q->state()->bits = torch::tensor({1, 2, 3, 8, 4}, torch::kInt);
+  q(x).sum().backward();
+  // Codes: each sample's bits times 320 padded elements; bounds: 2 groups x bf16 min and max.
+  EXPECT_EQ(q->state()->saved_bytes, (1 + 2 + 3 + 8 + 4) * 320 / 8 + 5 * 2 * 2 * 2 + 5 * 4 /*bits*/ + 5 * 8 /*offsets*/);
+  EXPECT_EQ(q->state()->range_sq.size(0), 5);
+  EXPECT_EQ(q->state()->grad_sq.size(0), 5);
+  q->state()->bits = torch::tensor({1, 2}, torch::kInt);  // wrong batch size: a clear error
+  EXPECT_THROW(q(x), std::invalid_argument);
 }
 
 TEST_P(Modules, ConvertingASequentialSharesTensorsAndNames) {

@@ -4,6 +4,7 @@
 #include "aq/functional.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 
 #include <stdexcept>
@@ -30,6 +31,9 @@ LayerState* get(const LayerStatePtr& st) { return st.get(); }
 // travels as an empty tensor and is turned back into "none" inside.
 at::Tensor placeholder(const std::optional<at::Tensor>& t, const at::Tensor& like) {
   return t && t->defined() ? *t : at::empty({0}, like.options());
+}
+at::Tensor placeholder(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
 }
 at::Tensor present(const at::Tensor& t) { return t.numel() ? t : at::Tensor(); }
 
@@ -363,6 +367,14 @@ struct AvgPoolFn : torch::autograd::Function<AvgPoolFn> {
 
 at::Tensor maybe_bias(const std::optional<at::Tensor>& b) { return b ? *b : at::Tensor(); }
 
+// Under autocast, convolutions run in the lower-precision dtype as LibTorch's
+// conv*d do (at::convolution itself is not on every device's autocast list).
+at::Tensor autocast_lower(const at::Tensor& t, const at::Tensor& x) {
+  const auto type = x.device().type();
+  if (!t.defined() || !t.is_floating_point() || !at::autocast::is_autocast_enabled(type)) return t;
+  return t.to(at::autocast::get_autocast_dtype(type));
+}
+
 // Whether an op should keep a compressed copy rather than LibTorch's own.
 bool compressing(const QuantConfig& c, const at::Tensor& x, const at::Tensor& w) {
   return c.compresses() && at::GradMode::is_enabled() && (x.requires_grad() || (w.defined() && w.requires_grad()));
@@ -382,10 +394,11 @@ at::Tensor convolution(const at::Tensor& x, const at::Tensor& weight, const std:
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        bool transposed, at::IntArrayRef output_padding, int64_t groups,
                        const QuantConfig& config, const LayerStatePtr& state) {
+  const at::Tensor xl = autocast_lower(x, x), wl = autocast_lower(weight, x);
+  const at::Tensor bl = bias ? autocast_lower(*bias, x) : at::Tensor();
   if (!compressing(config, x, weight))
-    return at::convolution(x, weight, maybe_bias(bias), stride, padding, dilation, transposed, output_padding,
-                           groups);
-  return ConvFn::apply(x, weight, placeholder(bias, x), stride.vec(), padding.vec(), dilation.vec(), transposed,
+    return at::convolution(xl, wl, bl, stride, padding, dilation, transposed, output_padding, groups);
+  return ConvFn::apply(xl, wl, placeholder(bl, x), stride.vec(), padding.vec(), dilation.vec(), transposed,
                        output_padding.vec(), groups, &config, state);
 }
 
