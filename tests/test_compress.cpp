@@ -399,6 +399,19 @@ TEST_P(Engine, RejectsBadArguments) {
   EXPECT_THROW(aq::quantize(x, 2, r), std::invalid_argument);
 }
 
+TEST_P(Engine, SlicesRestoreTheirSamples) {
+  auto x = torch::randn({9, 3, 50}, opts());
+  auto bits = torch::randint(1, 9, {9}, torch::kInt);
+  for (auto p : {aq::quantize(x, 3), aq::quantize(x, bits)}) {
+    auto whole = aq::dequantize(p);
+    for (auto [b, e] : std::vector<std::pair<int64_t, int64_t>>{{0, 9}, {0, 1}, {2, 5}, {8, 9}, {4, 4}}) {
+      auto part = aq::dequantize(p.slice(b, e));
+      EXPECT_TRUE(torch::equal(part, whole.slice(0, b, e))) << b << ".." << e;
+    }
+    EXPECT_THROW(p.slice(3, 10), std::invalid_argument);
+  }
+}
+
 TEST_P(Engine, BF16RangeStorageRoundsOutward) {
   auto x = torch::randn({16, 256}, opts()) * 1000;
   Packed p = aq::quantize(x, 2);  // bf16 storage by default

@@ -170,6 +170,34 @@ TEST_P(Ops, ReluAndDropoutMasksAreExact) {
   EXPECT_THROW(F::dropout(xd, 1.5, nullptr), std::invalid_argument);
 }
 
+TEST_P(Ops, MicroBatchedBackwardGivesTheSameGradients) {
+  // Nearest rounding: the same codes with and without micro-batches.
+  auto c = bits(4);
+  c.stochastic = false;
+  auto micro = c;
+  micro.micro_batch_backward = true;
+  micro.micro_batch_bytes = 3 * 6 * 10 * 10 * 4;  // three samples at a time
+  auto x = torch::randn({10, 6, 10, 10}, opts()).requires_grad_();
+  auto w = torch::randn({4, 6, 3, 3}, opts()).requires_grad_();
+  auto b = torch::randn({4}, opts()).requires_grad_();
+  auto st = aq::make_layer_state();
+  st->bits = torch::randint(1, 9, {10}, torch::kInt);  // per-sample bits too
+  auto conv = [&](const aq::QuantConfig& cfg) {
+    return F::convolution(x, w, b, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1, cfg, st);
+  };
+  auto probe = torch::randn({10, 4, 10, 10}, opts());
+  const auto whole = grads([&] { return conv(c); }, {x, w, b}, probe);
+  const auto parts = grads([&] { return conv(micro); }, {x, w, b}, probe);
+  for (size_t i = 0; i < whole.size(); ++i) EXPECT_TRUE(torch::allclose(parts[i], whole[i], 1e-4, 1e-5)) << i;
+  auto xl = torch::randn({10, 7, 30}, opts()).requires_grad_();
+  auto wl = torch::randn({5, 30}, opts()).requires_grad_();
+  micro.micro_batch_bytes = 2 * 7 * 30 * 4;
+  auto pl = torch::randn({10, 7, 5}, opts());
+  const auto lw = grads([&] { return F::linear(xl, wl, std::nullopt, c, nullptr); }, {xl, wl}, pl);
+  const auto lp = grads([&] { return F::linear(xl, wl, std::nullopt, micro, nullptr); }, {xl, wl}, pl);
+  EXPECT_TRUE(torch::allclose(lp[1], lw[1], 1e-4, 1e-5));
+}
+
 TEST_P(Ops, PoolingIsExact) {
   auto x = torch::randn({3, 4, 21, 19}, opts()).requires_grad_();
   struct Case {

@@ -92,12 +92,14 @@ Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits,
     const int32_t* b = sample_bits.const_data_ptr<int32_t>();
     at::Tensor off = at::empty({plan.N}, at::kLong);
     int64_t* w = off.data_ptr<int64_t>();
+    p.host_offsets.resize(plan.N + 1);
     for (int64_t i = 0; i < plan.N; ++i) {
       if (b[i] < 1 || b[i] > 8)
         fail("per-sample bits must be in 1..8; sample " + std::to_string(i) + " has " + std::to_string(b[i]));
-      w[i] = words;
+      w[i] = p.host_offsets[i] = words;
       words += b[i] * plan.Dp / 32;
     }
+    p.host_offsets[plan.N] = words;
     const bool pin = on_cuda(x);
     p.bits = pin ? sample_bits.pin_memory().to(dev, /*non_blocking=*/true) : sample_bits;
     p.word_offset = pin ? off.pin_memory().to(dev, /*non_blocking=*/true) : off;
@@ -160,6 +162,34 @@ Packed Packed::to(at::Device device) const {
   p.mx = mx.to(device);
   if (bits.defined()) p.bits = bits.to(device);
   if (word_offset.defined()) p.word_offset = word_offset.to(device);
+  return p;
+}
+
+Packed Packed::slice(int64_t begin, int64_t end) const {
+  if (begin < 0 || end > samples || begin > end)
+    fail("slice [" + std::to_string(begin) + ", " + std::to_string(end) + ") of " + std::to_string(samples) +
+         " samples");
+  Packed p = *this;
+  p.samples = end - begin;
+  if (!p.sizes.empty()) p.sizes[0] = p.samples;
+  const int64_t Dp = round_up(sample_elements, 32);
+  int64_t w0, w1;
+  if (uniform_bits) {
+    w0 = begin * (uniform_bits * Dp / 32);
+    w1 = end * (uniform_bits * Dp / 32);
+  } else {
+    w0 = host_offsets[begin];
+    w1 = host_offsets[end];
+    p.bits = bits.narrow(0, begin, p.samples);
+    p.word_offset = word_offset.narrow(0, begin, p.samples).sub(w0);
+    p.host_offsets.assign(host_offsets.begin() + begin, host_offsets.begin() + end + 1);
+    for (auto& o : p.host_offsets) o -= w0;
+  }
+  p.data = data.narrow(0, 4 * w0, 4 * (w1 - w0));
+  if (pergroup) {
+    p.mn = mn.narrow(0, begin, p.samples);
+    p.mx = mx.narrow(0, begin, p.samples);
+  }
   return p;
 }
 

@@ -141,6 +141,13 @@ bool in_scope(const torch::nn::Module& m, Scope scope) {
          dynamic_cast<const torch::nn::ConvTranspose3dImpl*>(&m);
 }
 
+// L4/L5 extras are not there yet: say so rather than pretend.
+void warn_missing_features(const QuantConfig& c) {
+  if (c.swap || c.defrag)
+    log().warn("{}: swapping packed activations to host memory{} is not implemented yet; running as L3",
+               to_string(c.level), c.defrag ? " and allocator defragmentation" : "");
+}
+
 // A configuration that compresses nothing, for layers outside the scope.
 ConfigPtr exact_config() {
   static const ConfigPtr c = [] {
@@ -155,6 +162,7 @@ ConfigPtr exact_config() {
 
 int64_t QModule(torch::nn::Module& model, const QuantConfig& config) {
   config.validate();
+  warn_missing_features(config);
   const auto shared = std::make_shared<const QuantConfig>(config);
   int64_t n = 0;
   for (const auto& item : model.named_modules("model")) {
@@ -171,6 +179,7 @@ int64_t QModule(torch::nn::Module& model, const QuantConfig& config) {
 
 torch::nn::Sequential quantized(const torch::nn::Sequential& model, const QuantConfig& config) {
   config.validate();
+  warn_missing_features(config);
   const auto shared = std::make_shared<const QuantConfig>(config);
   torch::nn::Sequential out;
   const auto children = model->named_children();

@@ -64,15 +64,24 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
   if (p.bits.defined()) {
     s["bits"] = p.bits;
     s["word_offset"] = p.word_offset;
+    s["host_offsets"] = p.host_offsets;
   }
   s["sizes"] = p.sizes;
   s["strides"] = p.strides;
   s["meta"] = std::vector<int64_t>{static_cast<int64_t>(p.dtype), p.samples, p.sample_elements, p.group_size,
                                    p.pergroup, p.uniform_bits};
+  // L3.1: how many samples backward restores at a time (0: all at once).
+  int64_t chunk = 0;
+  if (c.micro_batch_backward && p.samples > 1) {
+    const int64_t per_sample = std::max<int64_t>(1, p.sample_elements * x.element_size());
+    chunk = std::max<int64_t>(1, c.micro_batch_bytes / per_sample);
+    if (chunk >= p.samples) chunk = 0;
+  }
+  s["chunk"] = chunk;
 }
 
-// The input saved by save_compressed, restored (in grad's dtype).
-at::Tensor restore(AutogradContext* ctx, c10::ScalarType dtype) {
+// The compressed input kept by save_compressed.
+Packed packed_of(AutogradContext* ctx) {
   auto& s = ctx->saved_data;
   Packed p;
   p.data = s["data"].toTensor();
@@ -81,6 +90,7 @@ at::Tensor restore(AutogradContext* ctx, c10::ScalarType dtype) {
   if (s.count("bits")) {
     p.bits = s["bits"].toTensor();
     p.word_offset = s["word_offset"].toTensor();
+    p.host_offsets = s["host_offsets"].toIntVector();
   }
   p.sizes = s["sizes"].toIntVector();
   p.strides = s["strides"].toIntVector();
@@ -91,7 +101,26 @@ at::Tensor restore(AutogradContext* ctx, c10::ScalarType dtype) {
   p.group_size = m[3];
   p.pergroup = m[4] != 0;
   p.uniform_bits = m[5];
-  return dequantize(p).to(dtype);
+  return p;
+}
+
+// The saved input restored (in grad's dtype).
+at::Tensor restore(AutogradContext* ctx, c10::ScalarType dtype) { return dequantize(packed_of(ctx)).to(dtype); }
+
+// Calls f(begin, end, restored input of samples [begin, end)) per
+// micro-batch (one call for all samples unless L3.1 asked for chunks).
+template <typename F>
+void for_each_micro_batch(AutogradContext* ctx, c10::ScalarType dtype, F&& f) {
+  const Packed p = packed_of(ctx);
+  const int64_t chunk = ctx->saved_data["chunk"].toInt();
+  if (chunk == 0) {
+    f(int64_t(0), p.samples, dequantize(p).to(dtype));
+    return;
+  }
+  for (int64_t b = 0; b < p.samples; b += chunk) {
+    const int64_t e = std::min(p.samples, b + chunk);
+    f(b, e, dequantize(p.slice(b, e)).to(dtype));
+  }
 }
 
 void record_grad(AutogradContext* ctx, const at::Tensor& g) {
@@ -114,8 +143,14 @@ struct LinearFn : torch::autograd::Function<LinearFn> {
     const int64_t out = w.size(0), in = w.size(1);
     at::Tensor gx, gw, gb;
     if (ctx->needs_input_grad(0)) gx = g.matmul(w.to(g.scalar_type()));
-    if (ctx->needs_input_grad(1))
-      gw = g.reshape({-1, out}).t().matmul(restore(ctx, g.scalar_type()).reshape({-1, in})).to(w.scalar_type());
+    if (ctx->needs_input_grad(1)) {
+      at::Tensor acc;
+      for_each_micro_batch(ctx, g.scalar_type(), [&](int64_t b, int64_t e, const at::Tensor& x) {
+        const at::Tensor part = g.narrow(0, b, e - b).reshape({-1, out}).t().matmul(x.reshape({-1, in}));
+        acc = acc.defined() ? acc + part : part;
+      });
+      gw = acc.to(w.scalar_type());
+    }
     if (ctx->needs_input_grad(2)) gb = g.reshape({-1, out}).sum(0);
     return {gx, gw, gb, at::Tensor(), at::Tensor()};
   }
@@ -150,11 +185,19 @@ struct ConvFn : torch::autograd::Function<ConvFn> {
     if (s["bias"].toBool()) bias_sizes = std::vector<int64_t>{transposed ? w.size(1) * groups : w.size(0)};
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       ctx->needs_input_grad(2)};
-    auto [gx, gw, gb] = at::convolution_backward(
-        g, restore(ctx, g.scalar_type()), w.to(g.scalar_type()),
-        bias_sizes ? std::optional<at::IntArrayRef>(*bias_sizes) : std::nullopt, s["stride"].toIntVector(),
-        s["padding"].toIntVector(), s["dilation"].toIntVector(), transposed, s["output_padding"].toIntVector(),
-        groups, mask);
+    const at::Tensor wg = w.to(g.scalar_type());
+    std::vector<at::Tensor> gxs;
+    at::Tensor gw, gb;
+    for_each_micro_batch(ctx, g.scalar_type(), [&](int64_t b, int64_t e, const at::Tensor& x) {
+      auto [gx_part, gw_part, gb_part] = at::convolution_backward(
+          g.narrow(0, b, e - b), x, wg, bias_sizes ? std::optional<at::IntArrayRef>(*bias_sizes) : std::nullopt,
+          s["stride"].toIntVector(), s["padding"].toIntVector(), s["dilation"].toIntVector(), transposed,
+          s["output_padding"].toIntVector(), groups, mask);
+      if (gx_part.defined()) gxs.push_back(gx_part);
+      if (gw_part.defined()) gw = gw.defined() ? gw + gw_part : gw_part;
+      if (gb_part.defined()) gb = gb.defined() ? gb + gb_part : gb_part;
+    });
+    const at::Tensor gx = gxs.empty() ? at::Tensor() : gxs.size() == 1 ? gxs[0] : at::cat(gxs);
     if (gw.defined()) gw = gw.to(w.scalar_type());
     return {gx, gw, gb, {}, {}, {}, {}, {}, {}, {}, {}};
   }

@@ -37,6 +37,7 @@ struct Packed {
   at::Tensor bits;         // per-sample bits, int32 [N]; undefined if uniform
   at::Tensor word_offset;  // int64 [N], first word of each sample (per-sample bits only)
   // (all tensors live on one device)
+  std::vector<int64_t> host_offsets;  // per-sample bits: word_offset and the total, on the host
   int64_t uniform_bits = 0;  // b when uniform, 0 when per-sample
   std::vector<int64_t> sizes, strides;
   c10::ScalarType dtype = c10::kFloat;
@@ -49,6 +50,8 @@ struct Packed {
   int64_t groups_per_sample() const;
   // A copy on another device; dequantizes there to the same values.
   Packed to(at::Device device) const;
+  // Samples [begin, end) as a Packed of their own (views, no copy, no sync).
+  Packed slice(int64_t begin, int64_t end) const;
 };
 
 // Quantizes x (fp32, fp16 or bf16; CPU or CUDA) to `bits` bits per element
