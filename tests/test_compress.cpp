@@ -1,6 +1,7 @@
 // The compression engine: statistics of the estimator, the byte layout, edge
 // cases; every test runs per device (CUDA cases skip without a GPU).
 #include "aq/compress.h"
+#include "device_test.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -14,21 +15,8 @@ namespace {
 using aq::CompressOptions;
 using aq::Packed;
 
-class Engine : public ::testing::TestWithParam<std::string> {
- protected:
-  void SetUp() override {
-    if (GetParam() == "cuda" && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-    if (GetParam() == "cuda" && !aq::built_with_cuda()) GTEST_SKIP() << "built without CUDA";
-    torch::manual_seed(1234);
-  }
-  torch::Device dev() const { return torch::Device(GetParam()); }
-  torch::TensorOptions opts(torch::Dtype dt = torch::kFloat) const {
-    return torch::TensorOptions().dtype(dt).device(dev());
-  }
-};
-
-INSTANTIATE_TEST_SUITE_P(Device, Engine, ::testing::Values("cpu", "cuda"),
-                         [](const auto& info) { return info.param; });
+class Engine : public DeviceTest {};
+AQ_PER_DEVICE(Engine);
 
 // Stored bounds of every element's group, as double [N, D] tensors.
 struct Bounds {

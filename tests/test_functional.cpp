@@ -1,6 +1,7 @@
 // Compressed ops against LibTorch's: identical forward, gradients close at
 // 8 bits and unbiased at 2 bits, exact masks; per device.
 #include "aq/functional.h"
+#include "device_test.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -11,17 +12,8 @@ namespace {
 
 namespace F = aq::functional;
 
-class Ops : public ::testing::TestWithParam<std::string> {
- protected:
-  void SetUp() override {
-    if (GetParam() == "cuda" && (!torch::cuda::is_available() || !aq::built_with_cuda()))
-      GTEST_SKIP() << "no CUDA device";
-    torch::manual_seed(11);
-  }
-  torch::TensorOptions opts() const { return torch::TensorOptions().device(torch::Device(GetParam())); }
-};
-
-INSTANTIATE_TEST_SUITE_P(Device, Ops, ::testing::Values("cpu", "cuda"), [](const auto& i) { return i.param; });
+class Ops : public DeviceTest {};
+AQ_PER_DEVICE(Ops);
 
 aq::QuantConfig bits(int b) {
   aq::QuantConfig c;

@@ -1,6 +1,7 @@
 // Quantized modules against their torch::nn twins: names, forward, running
 // statistics, eval mode, padding modes, and the bytes they keep.
 #include "aq/modules.h"
+#include "device_test.h"
 
 #include <gtest/gtest.h>
 #include <ATen/autocast_mode.h>
@@ -10,17 +11,8 @@ namespace {
 
 namespace nn = torch::nn;
 
-class Modules : public ::testing::TestWithParam<std::string> {
- protected:
-  void SetUp() override {
-    if (GetParam() == "cuda" && (!torch::cuda::is_available() || !aq::built_with_cuda()))
-      GTEST_SKIP() << "no CUDA device";
-    torch::manual_seed(5);
-  }
-  torch::Device dev() const { return torch::Device(GetParam()); }
-};
-
-INSTANTIATE_TEST_SUITE_P(Device, Modules, ::testing::Values("cpu", "cuda"), [](const auto& i) { return i.param; });
+class Modules : public DeviceTest {};
+AQ_PER_DEVICE(Modules);
 
 std::vector<std::string> keys(const torch::OrderedDict<std::string, torch::Tensor>& d) {
   std::vector<std::string> k;
