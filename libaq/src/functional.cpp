@@ -133,7 +133,10 @@ struct LinearFn : torch::autograd::Function<LinearFn> {
                             const QuantConfig* c, const LayerStatePtr& st) {
     ctx->save_for_backward({w});
     put_state(ctx, st);
-    save_compressed(ctx, x, *c, get(st));
+    if (w.requires_grad())  // only the weight's gradient needs x
+      save_compressed(ctx, x, *c, get(st));
+    else if (st)
+      st->saved_bytes = 0;
     return at::linear(x, w, present(b));
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
