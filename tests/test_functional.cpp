@@ -82,6 +82,12 @@ TEST_P(Ops, LinearMatchesLibTorch) {
   EXPECT_EQ(st->grad_sq.sizes(), torch::IntArrayRef({16}));
   EXPECT_EQ(st->sample_elements, 200);
   EXPECT_LT(st->saved_bytes * 10, x.numel() * 4);
+  // A frozen weight: x's gradient needs no copy of x.
+  auto frozen = w.detach();
+  x.mutable_grad() = torch::Tensor();
+  (F::linear(x, frozen, b, c2, st) * probe).sum().backward();
+  EXPECT_EQ(st->saved_bytes, 0);
+  EXPECT_TRUE(torch::allclose(x.grad(), probe.matmul(frozen), 1e-5, 1e-6));
 }
 
 TEST_P(Ops, ConvolutionMatchesLibTorch) {
