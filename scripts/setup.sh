@@ -23,8 +23,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
 fi
 
-have=$($PY -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true)
+# LibTorch: the torch wheel in python3's site-packages, or, where pip may not
+# install there (Debian's externally managed python3), in a virtual
+# environment that scripts/build.sh then finds ($AQ_VENV).
+VENV=${AQ_VENV:-$HOME/.local/share/aq/venv}
+torch_version() { "$1" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true; }
+have=$(torch_version "$PY")
+[ -x "$VENV/bin/python3" ] && [ "${have%%+*}" != "$TORCH_VERSION" ] && have=$(torch_version "$VENV/bin/python3")
 if [ "${have%%+*}" != "$TORCH_VERSION" ]; then
   echo "setup: installing torch==$TORCH_VERSION from PyPI (LibTorch for C++)" >&2
-  $PY -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" >&2
+  if ! $PY -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" >&2; then
+    echo "setup: pip cannot install into $PY; using a virtual environment in $VENV" >&2
+    if ! $PY -m venv --help >/dev/null 2>&1 || ! $PY -c 'import ensurepip' 2>/dev/null; then
+      $SUDO apt-get install -y -q --no-install-recommends python3-venv >&2
+    fi
+    $PY -m venv "$VENV" >&2
+    "$VENV/bin/python3" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" >&2
+  fi
 fi
