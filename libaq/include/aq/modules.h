@@ -131,6 +131,7 @@ class QReLUImpl : public torch::nn::ReLUImpl, public QLayer {
 TORCH_MODULE(QReLU);
 
 // Dropout keeping a 1-bit mask, scaled by 1/(1-p); the identity in eval mode.
+// The inplace option is not honoured in training: a new tensor is returned.
 class QDropoutImpl : public torch::nn::DropoutImpl, public QLayer {
  public:
   using torch::nn::DropoutImpl::DropoutImpl;
