@@ -25,8 +25,6 @@ CompressOptions compress_options(const QuantConfig& c) {
 
 namespace {
 
-LayerState* get(const LayerStatePtr& st) { return st.get(); }
-
 // Autograd functions take no undefined tensors: an absent bias or weight
 // travels as an empty tensor and is turned back into "none" inside.
 at::Tensor placeholder(const std::optional<at::Tensor>& t, const at::Tensor& like) {
@@ -134,7 +132,7 @@ struct LinearFn : torch::autograd::Function<LinearFn> {
     ctx->save_for_backward({w});
     put_state(ctx, st);
     if (w.requires_grad())  // only the weight's gradient needs x
-      save_compressed(ctx, x, *c, get(st));
+      save_compressed(ctx, x, *c, st.get());
     else if (st)
       st->saved_bytes = 0;
     return at::linear(x, w, present(b));
@@ -166,7 +164,7 @@ struct ConvFn : torch::autograd::Function<ConvFn> {
                             int64_t groups, const QuantConfig* c, const LayerStatePtr& st) {
     ctx->save_for_backward({w});
     put_state(ctx, st);
-    save_compressed(ctx, x, *c, get(st));
+    save_compressed(ctx, x, *c, st.get());
     auto& s = ctx->saved_data;
     s["stride"] = stride;
     s["padding"] = padding;
@@ -215,7 +213,7 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
                                                    /*training=*/true, momentum, eps);
     ctx->save_for_backward({w, mean, invstd});
     put_state(ctx, st);
-    save_compressed(ctx, x, *c, get(st));
+    save_compressed(ctx, x, *c, st.get());
     if (st) st->saved_bytes += mean.nbytes() + invstd.nbytes();
     ctx->saved_data["eps"] = eps;
     return y;
@@ -259,7 +257,7 @@ struct ReluFn : torch::autograd::Function<ReluFn> {
     } else {
       y = x.relu();
     }
-    save_mask(ctx, y > 0, 1.0, get(st));
+    save_mask(ctx, y > 0, 1.0, st.get());
     return y;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -267,12 +265,17 @@ struct ReluFn : torch::autograd::Function<ReluFn> {
   }
 };
 
+// Inverted dropout's kept elements and their scale.
+at::Tensor dropout_keep(const at::Tensor& x, double p) {
+  return at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - p);
+}
+double dropout_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
+
 struct DropoutFn : torch::autograd::Function<DropoutFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p, const LayerStatePtr& st) {
-    const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
-    const at::Tensor keep = at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - p);
-    save_mask(ctx, keep, scale, get(st));
-    return x * keep * scale;
+    const at::Tensor keep = dropout_keep(x, p);
+    save_mask(ctx, keep, dropout_scale(p), st.get());
+    return x * keep * dropout_scale(p);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return {apply_mask(ctx, grads[0]), {}, {}};
@@ -467,10 +470,7 @@ at::Tensor relu(const at::Tensor& x, bool inplace, const LayerStatePtr& state) {
 
 at::Tensor dropout(const at::Tensor& x, double p, const LayerStatePtr& state) {
   if (p < 0.0 || p > 1.0) throw std::invalid_argument("aq: dropout probability must be in [0, 1], not " + std::to_string(p));
-  if (!at::GradMode::is_enabled() || !x.requires_grad()) {
-    const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
-    return x * at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - p) * scale;
-  }
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) return x * dropout_keep(x, p) * dropout_scale(p);
   return DropoutFn::apply(x, p, state);
 }
 
