@@ -40,6 +40,8 @@ template <typename Q, typename T>
 void check_twin(Q q, T t, const torch::Tensor& x0, double rel) {
   EXPECT_EQ(keys(q->named_parameters()), keys(t->named_parameters()));
   EXPECT_EQ(keys(q->named_buffers()), keys(t->named_buffers()));
+  q->to(x0.device());
+  t->to(x0.device());
   copy_state(*t, *q);
   q->set_config(eight_bits());
   for (bool train : {true, false}) {
@@ -126,6 +128,7 @@ TEST_P(Modules, ReluInPlaceAndDropout) {
 
 TEST_P(Modules, EvalModeKeepsNothingExtra) {
   aq::QConv2d c(nn::Conv2dOptions(3, 8, 3).padding(1));
+  c->to(dev());
   c->eval();
   auto y = c->forward(torch::randn({2, 3, 8, 8}, dev()).requires_grad_());
   y.sum().backward();

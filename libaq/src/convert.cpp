@@ -3,6 +3,8 @@
 #include "aq/log.h"
 #include "aq/modules.h"
 
+#include <algorithm>
+
 namespace aq {
 namespace {
 
@@ -73,6 +75,15 @@ std::shared_ptr<QImpl> twin_of(const std::shared_ptr<Twin>& t, const ConfigPtr& 
     q = std::make_shared<QImpl>(conv_options<3>(t->options));
   else
     q = std::make_shared<QImpl>(t->options);
+  // The twin's own tensors go where the original's are first, so that
+  // buffers can alias theirs (set_ needs the same device and dtype).
+  for (const auto& ts : {t->parameters(), t->buffers()}) {
+    auto it = std::find_if(ts.begin(), ts.end(), [](const torch::Tensor& x) { return x.is_floating_point(); });
+    if (it != ts.end()) {
+      q->to(it->device(), it->scalar_type());
+      break;
+    }
+  }
   if constexpr (std::is_base_of_v<torch::nn::LinearImpl, Twin> || std::is_base_of_v<torch::nn::Conv1dImpl, Twin> ||
                 std::is_base_of_v<torch::nn::Conv2dImpl, Twin> || std::is_base_of_v<torch::nn::Conv3dImpl, Twin> ||
                 std::is_base_of_v<torch::nn::ConvTranspose1dImpl, Twin> ||
