@@ -9,6 +9,8 @@ mkdir -p .gpu/debs
 cd .gpu/debs
 pkgs=(libhdf5-dev libhdf5-103-1 libhdf5-cpp-103-1 libhdf5-hl-100 libhdf5-hl-cpp-100 libsz2 libaec0
       libaec-dev libcli11-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 libgtest-dev libgmock-dev
-      dataset-fashion-mnist)
-[ -n "$(ls *.deb 2>/dev/null)" ] || { apt-get update -q >/dev/null; apt-get download "${pkgs[@]}"; }
+      libjpeg62-turbo libjpeg62-turbo-dev zlib1g-dev dataset-fashion-mnist)
+need=()
+for p in "${pkgs[@]}"; do ls "${p}"_*.deb >/dev/null 2>&1 || need+=("$p"); done
+[ ${#need[@]} -eq 0 ] || { apt-get update -q >/dev/null; apt-get download "${need[@]}"; }
 ls -la

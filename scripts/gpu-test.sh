@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 P=${AQ_PREFIX:-/tmp/aq-prefix}
-if [ ! -d "$P/usr/include/spdlog" ]; then
+if [ ! -d "$P/usr/include/spdlog" ] || [ ! -f "$P/usr/include/jpeglib.h" ]; then
   for f in .gpu/debs/*.deb; do dpkg -x "$f" "$P"; done
 fi
 export PKG_CONFIG_SYSROOT_DIR=$P

@@ -3,6 +3,8 @@
 #include "aq/cli.h"
 #include "aq/compress.h"
 #include "aq/log.h"
+#include "aq/models.h"
+#include "aq/train.h"
 
 #include <torch/cuda.h>
 #include <torch/torch.h>
@@ -110,6 +112,46 @@ int bench_kernels(const KernelArgs& a, const torch::Device& dev) {
   return aq::cli::kOk;
 }
 
+struct MemoryArgs {
+  std::string arch = "resnet50";
+  int64_t batch_size = 32, image_size = 224, channels = 3, classes = 1000;
+  std::vector<std::string> levels = {"L1", "L2", "L3", "L3.1"};
+  std::string amp = "off";
+};
+
+// Activation and peak memory of one training step: the exact model, then
+// each level, with their ratios to exact measured in the same process.
+int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
+  const auto amp = aq::train::parse_amp(a.amp);
+  std::vector<std::pair<std::string, aq::QuantConfig>> configs;
+  aq::QuantConfig exact;
+  exact.scope = aq::Scope::kNone;
+  configs.emplace_back("exact", exact);
+  for (const auto& l : a.levels) {
+    if (l == "exact") continue;
+    const auto level = aq::parse_level(l);
+    configs.emplace_back(aq::to_string(level), aq::QuantConfig::for_level(level));
+  }
+  auto x = torch::randn({a.batch_size, a.channels, a.image_size, a.image_size});
+  auto y = torch::randint(a.classes, {a.batch_size}, torch::kLong);
+  std::printf("device\tarch\tbatch\timage\tamp\tlevel\tact_MB\tpeak_MB\taq_saved_MB\tact_ratio\tpeak_ratio\tstep_ms\n");
+  double exact_act = 0, exact_peak = 0;
+  const double MB = 1048576.0;
+  for (const auto& [name, cfg] : configs) {
+    torch::manual_seed(0);
+    auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
+    model->to(dev);
+    const auto m = aq::train::measure_step(*model, x, y, dev, amp);
+    if (name == "exact") exact_act = m.activations, exact_peak = m.peak;
+    std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f\n", dev.str().c_str(), a.arch.c_str(),
+                static_cast<long long>(a.batch_size), static_cast<long long>(a.image_size), a.amp.c_str(), name.c_str(),
+                m.activations / MB, m.peak / MB, m.aq_saved / MB, exact_act / std::max<double>(1, m.activations),
+                exact_peak / std::max<double>(1, m.peak), m.seconds * 1e3);
+    std::fflush(stdout);
+  }
+  return aq::cli::kOk;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -128,9 +170,21 @@ int main(int argc, char** argv) {
   k->add_option("--samples", ka.samples, "Samples (first dimension) of the input")->check(CLI::PositiveNumber)->capture_default_str();
   k->add_option("--reps", ka.reps, "Timed batches, median reported (0: 5 on CUDA, 3 on CPU)")->check(CLI::NonNegativeNumber);
   k->add_option("--inner", ka.inner, "Calls per timed batch (0: 10 on CUDA, 1 on CPU)")->check(CLI::NonNegativeNumber);
+  MemoryArgs ma;
+  auto* mem = app.add_subcommand("memory", "Activation and peak memory of a training step: exact model and each level");
+  aq::cli::add_common(*mem, common);
+  mem->add_option("--arch", ma.arch, "Architecture (see aq-train --arch)")->capture_default_str();
+  mem->add_option("-b,--batch-size", ma.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
+  mem->add_option("--image-size", ma.image_size, "Image side")->check(CLI::PositiveNumber)->capture_default_str();
+  mem->add_option("--channels", ma.channels, "Input channels")->check(CLI::PositiveNumber)->capture_default_str();
+  mem->add_option("--classes", ma.classes, "Classes")->check(CLI::PositiveNumber)->capture_default_str();
+  mem->add_option("--levels", ma.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
+      ->delimiter(',')->capture_default_str();
+  mem->add_option("--amp", ma.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
   return aq::cli::run(app, argc, argv, [&] {
     const auto dev = aq::cli::apply_common(common);
     if (k->parsed()) return bench_kernels(ka, dev);
+    if (mem->parsed()) return bench_memory(ma, dev);
     return static_cast<int>(aq::cli::kUsage);
   });
 }

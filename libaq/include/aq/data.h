@@ -1,0 +1,109 @@
+// Datasets and the batch loader of aq-train, aq-eval and the other tools.
+//
+// Datasets: Fashion-MNIST and MNIST (IDX files, gzipped or not), CIFAR-10
+// and CIFAR-100 (their binary distribution), an ImageNet-style folder of
+// class subfolders of JPEG files, and a synthetic dataset for benchmarks.
+// Each knows its shape, class count, normalisation and augmentation.
+//
+// The loader yields batches of normalised float images with their labels and
+// dataset indices (the adaptive scheme keys per-sample statistics by index).
+// The order and every random augmentation depend only on (seed, epoch,
+// index), so a resumed run sees exactly the batches of an uninterrupted one,
+// whatever the number of worker threads.
+#pragma once
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace aq::data {
+
+enum class Split { kTrain, kTest };
+
+// What a model needs to know about a dataset.
+struct Info {
+  std::string name;          // fashion-mnist, mnist, cifar10, cifar100, imagenet, synthetic
+  int64_t channels = 0;      // of the images the loader yields
+  int64_t height = 0, width = 0;
+  int64_t num_classes = 0;
+  std::vector<double> mean, std;  // per channel, applied after augmentation
+};
+
+class Dataset {
+ public:
+  virtual ~Dataset() = default;
+  virtual const Info& info() const = 0;
+  virtual int64_t size() const = 0;
+  virtual int64_t label(int64_t index) const = 0;
+  // Writes sample `index` as normalised float CHW (info().channels x height x
+  // width) to `out`, augmented with randomness from `rng` when `augment`
+  // (training transforms), else the evaluation transform.  Thread-safe.
+  virtual void get(int64_t index, bool augment, std::mt19937_64& rng, float* out) const = 0;
+};
+
+struct OpenOptions {
+  // synthetic: samples, classes, image side (ImageNet-like 3 x 224 x 224).
+  int64_t synthetic_size = 10000;
+  int64_t synthetic_classes = 1000;
+  int64_t image_size = 224;  // imagenet and synthetic: side of the crop the model sees
+};
+
+// Opens `name` (see Info::name; "fmnist" and "fashion_mnist" are accepted
+// too) from `root` (empty: default_root(name)).  A missing or malformed
+// dataset throws std::runtime_error with one line naming the files expected
+// (and, for Fashion-MNIST, the Debian package that provides them); an
+// unknown name throws std::invalid_argument.
+std::shared_ptr<const Dataset> open(const std::string& name, const std::string& root, Split split,
+                                    const OpenOptions& options = {});
+
+// Where a dataset is looked for when no folder is given: Fashion-MNIST from
+// Debian's dataset-fashion-mnist package, /usr/share/datasets/fashion-mnist;
+// the others have none ("").
+std::string default_root(const std::string& name);
+
+// The dataset names open() knows, canonical spelling.
+const std::vector<std::string>& names();
+
+struct Batch {
+  torch::Tensor images;   // float [B, C, H, W], normalised
+  torch::Tensor labels;   // int64 [B]
+  torch::Tensor indices;  // int64 [B], dataset indices
+};
+
+struct LoaderOptions {
+  int64_t batch_size = 128;
+  bool shuffle = true;    // a new permutation each epoch
+  bool augment = true;    // training transforms
+  bool drop_last = false;
+  int workers = 0;        // threads preparing batches ahead; 0: in next()
+  uint64_t seed = 0;
+  bool pin_memory = false;  // batches in pinned host memory (for CUDA)
+};
+
+class Loader {
+ public:
+  Loader(std::shared_ptr<const Dataset> dataset, LoaderOptions options);
+  ~Loader();
+  Loader(const Loader&) = delete;
+  Loader& operator=(const Loader&) = delete;
+
+  int64_t batches_per_epoch() const;
+  const Dataset& dataset() const { return *dataset_; }
+  // Begins epoch `epoch` at its batch `first_batch` (resume).
+  void start(int64_t epoch, int64_t first_batch = 0);
+  // The next batch of the epoch, nullopt at its end.
+  std::optional<Batch> next();
+
+ private:
+  struct State;
+  std::shared_ptr<const Dataset> dataset_;
+  LoaderOptions options_;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace aq::data

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# aq-train and aq-eval from the shell: usage errors, a short real training on
+# Fashion-MNIST (2-bit and exact, same seed), resume after --max-steps and
+# after SIGTERM, the seed's CIFAR-10/100 command lines on generated CIFAR-format
+# files, and aq-eval on good, piped and broken checkpoints.
+#   aq_train.sh AQ_TRAIN AQ_EVAL [aq-train.1 aq-eval.1]
+set -u
+TRAIN=$1
+EVAL=$2
+MAN_TRAIN=${3:-}
+MAN_EVAL=${4:-}
+FMNIST=${AQ_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
+fail=0
+check() { if ! eval "$2"; then echo "FAIL: $1" >&2; fail=1; fi; }
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+col() { awk -F'\t' -v c="$1" 'NR==1{for(i=1;i<=NF;i++) if($i==c) k=i; next} {print $k}' "$2" | tail -1; }
+
+# --- usage ---------------------------------------------------------------------
+"$TRAIN" --help >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "--help exits 0 on stdout" '[ $rc -eq 0 ] && grep -q "Usage: aq-train" "$tmp/out" && [ ! -s "$tmp/err" ]'
+"$TRAIN" --no-such-flag >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "unknown flag exits 2" '[ $rc -eq 2 ] && grep -q "^aq-train: " "$tmp/err" && [ ! -s "$tmp/out" ]'
+"$TRAIN" --cabits=9 >/dev/null 2>"$tmp/err"; rc=$?
+check "--cabits=9 exits 2" '[ $rc -eq 2 ] && grep -q "cabits" "$tmp/err"'
+"$TRAIN" --arch resnet19 --workspace "$tmp/w0" "$FMNIST" >/dev/null 2>"$tmp/err"; rc=$?
+check "unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
+"$TRAIN" -c qsyncbn >/dev/null 2>"$tmp/err"; rc=$?
+check "qsyncbn: not available yet, exit 2" '[ $rc -eq 2 ] && grep -q "not available yet" "$tmp/err"'
+"$TRAIN" --evaluate --training-only >/dev/null 2>"$tmp/err"; rc=$?
+check "--training-only: aq-variance, exit 2" '[ $rc -eq 2 ] && grep -q "aq-variance" "$tmp/err"'
+"$TRAIN" --workspace "$tmp/w0" "$tmp/nowhere" >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "missing dataset: exit 1, names the files and the package" \
+  '[ $rc -eq 1 ] && [ $(wc -l <"$tmp/err") -eq 1 ] && grep -q "train-images-idx3-ubyte" "$tmp/err" && grep -q "dataset-fashion-mnist" "$tmp/err"'
+"$EVAL" --help >"$tmp/out"; check "aq-eval --help" 'grep -q "Usage: aq-eval" "$tmp/out"'
+"$EVAL" >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-eval without files exits 2" '[ $rc -eq 2 ]'
+
+for pair in "$TRAIN:$MAN_TRAIN" "$EVAL:$MAN_EVAL"; do
+  tool=${pair%%:*}; man=${pair#*:}
+  [ -n "$man" ] || continue
+  opts_help=$("$tool" --help | grep -oE -- '--[a-z][a-z0-9-]+' | sort -u)
+  opts_man=$(grep -oE -- '\\-\\-[a-z][a-z0-9\\-]+' "$man" | sed 's/\\//g' | sort -u)
+  check "$(basename "$man"): same options as --help" '[ "$opts_help" = "$opts_man" ]'
+  [ "$opts_help" = "$opts_man" ] || diff <(echo "$opts_help") <(echo "$opts_man") >&2
+done
+
+if [ ! -e "$FMNIST/train-images-idx3-ubyte.gz" ] && [ ! -e "$FMNIST/train-images-idx3-ubyte" ]; then
+  echo "SKIP: no Fashion-MNIST in $FMNIST (Debian package dataset-fashion-mnist)" >&2
+  exit $fail
+fi
+
+# --- a short real training: defaults (Fashion-MNIST, preact_resnet20, 2-bit L3) --
+common=(--seed 7 --epochs 1 -b 64 --val-batches 8 --lr-schedule constant --lr 0.05 -q)
+"$TRAIN" "${common[@]}" --max-steps 60 --workspace "$tmp/q" >"$tmp/q1.tsv" 2>"$tmp/err"; rc=$?
+check "2-bit: first 60 steps exit 0" '[ $rc -eq 0 ] && [ -s "$tmp/q/checkpoint.h5" ]'
+cat "$tmp/err" >&2
+"$TRAIN" "${common[@]}" --max-steps 120 --resume "$tmp/q/checkpoint.h5" --workspace "$tmp/q" >"$tmp/q2.tsv" 2>"$tmp/err"; rc=$?
+check "2-bit: resumed to 120 steps" '[ $rc -eq 0 ] && [ "$(col step "$tmp/q2.tsv")" = 120 ]'
+cat "$tmp/err" >&2
+check "TSV header" 'head -1 "$tmp/q1.tsv" | grep -qx "epoch	step	lr	train_loss	train_acc	val_loss	val_top1	val_top5	img_per_s	act_mb	peak_mb"'
+l1=$(col train_loss "$tmp/q1.tsv"); l2=$(col train_loss "$tmp/q2.tsv")
+top_q=$(col val_top1 "$tmp/q2.tsv"); act_q=$(col act_mb "$tmp/q2.tsv")
+echo "2-bit: mean train loss over 60 steps $l1, over 120 $l2; val top-1 $top_q%; activations $act_q MB" >&2
+check "2-bit: the loss falls" 'awk -v a="$l1" -v b="$l2" "BEGIN{exit !(b < a && a < 2.31)}"'
+check "2-bit: accuracy far above chance (10%)" 'awk -v t="$top_q" "BEGIN{exit !(t > 55)}"'
+
+"$TRAIN" "${common[@]}" --max-steps 120 -c fanin --workspace "$tmp/e" >"$tmp/e.tsv" 2>"$tmp/err"; rc=$?
+check "exact: 120 steps exit 0" '[ $rc -eq 0 ]'
+top_e=$(col val_top1 "$tmp/e.tsv"); act_e=$(col act_mb "$tmp/e.tsv")
+echo "exact: val top-1 $top_e%; activations $act_e MB" >&2
+check "exact vs 2-bit: accuracy within 10 points after 120 steps" \
+  'awk -v a="$top_e" -v b="$top_q" "BEGIN{d=a-b; if(d<0)d=-d; exit !(d < 10)}"'
+check "exact vs 2-bit: activation memory >= 6x" 'awk -v a="$act_e" -v b="$act_q" "BEGIN{exit !(a > 6*b)}"'
+
+# --- resume is exact: 20 + 20 steps give the uninterrupted 40-step model ------------
+small=(--seed 3 --epochs 2 -b 32 --val-batches 2 -q)
+"$TRAIN" "${small[@]}" --max-steps 40 --workspace "$tmp/r1" >/dev/null 2>&1
+"$TRAIN" "${small[@]}" --max-steps 20 --workspace "$tmp/r2" >/dev/null 2>&1
+"$TRAIN" "${small[@]}" --max-steps 40 --resume "$tmp/r2/checkpoint.h5" --workspace "$tmp/r2" >/dev/null 2>&1
+"$EVAL" --max-batches 4 -q "$tmp/r1/checkpoint.h5" | tail -1 | cut -f2- >"$tmp/r1.eval"
+"$EVAL" --max-batches 4 -q "$tmp/r2/checkpoint.h5" | tail -1 | cut -f2- >"$tmp/r2.eval"
+check "resumed run equals the uninterrupted one" '[ -s "$tmp/r1.eval" ] && cmp -s "$tmp/r1.eval" "$tmp/r2.eval"'
+
+# --- SIGTERM: finish the step, checkpoint, exit 143; then resume ---------------------
+"$TRAIN" "${small[@]}" --workspace "$tmp/s" >"$tmp/s.tsv" 2>"$tmp/s.err" &
+pid=$!
+for _ in $(seq 1 150); do [ -d "$tmp/s" ] && break; sleep 0.2; done
+sleep 3
+kill -TERM $pid; wait $pid; rc=$?
+check "SIGTERM: exit 143 with a checkpoint" '[ $rc -eq 143 ] && [ -s "$tmp/s/checkpoint.h5" ] && grep -q "resume" "$tmp/s.err"'
+"$TRAIN" "${small[@]}" --max-steps 45 --resume "$tmp/s/checkpoint.h5" --workspace "$tmp/s" >"$tmp/s2.tsv" 2>&1; rc=$?
+check "SIGTERM: resumed" '[ $rc -eq 0 ] && [ "$(col step "$tmp/s2.tsv")" = 45 ]'
+
+# --- aq-eval: files, stdin, broken and foreign files --------------------------------
+"$EVAL" --max-batches 2 -q "$tmp/q/checkpoint.h5" "$tmp/e/checkpoint.h5" >"$tmp/ev.tsv"; rc=$?
+check "aq-eval: two files, header + 2 rows" '[ $rc -eq 0 ] && head -1 "$tmp/ev.tsv" | grep -qx "file	loss	top1	top5	images" && [ $(wc -l <"$tmp/ev.tsv") -eq 3 ]'
+"$EVAL" --max-batches 2 -q - <"$tmp/q/checkpoint.h5" >"$tmp/ev2.tsv"; rc=$?
+check "aq-eval: checkpoint on stdin" '[ $rc -eq 0 ] && [ "$(tail -1 "$tmp/ev2.tsv" | cut -f2-)" = "$(sed -n 2p "$tmp/ev.tsv" | cut -f2-)" ]'
+head -c 20000 "$tmp/q/checkpoint.h5" >"$tmp/trunc.h5"
+echo "not a checkpoint" >"$tmp/text.h5"
+cp "$tmp/q/checkpoint.h5" "$tmp/keep.h5"
+"$EVAL" --max-batches 1 -q "$tmp/trunc.h5" "$tmp/text.h5" "$tmp/keep.h5" "$tmp/missing.h5" >"$tmp/ev3.tsv" 2>"$tmp/err"; rc=$?
+check "aq-eval: broken files exit 1, one line each, the good one still evaluated" \
+  '[ $rc -eq 1 ] && [ $(wc -l <"$tmp/err") -eq 3 ] && grep -q "trunc.h5" "$tmp/err" && grep -q "text.h5: not an HDF5 file" "$tmp/err" && grep -q "missing.h5" "$tmp/err" && grep -q "keep.h5" "$tmp/ev3.tsv"'
+check "aq-eval wrote nothing next to the checkpoints" '[ -z "$(ls -A "$tmp/q" | grep -v "^checkpoint.h5$")" ]'
+"$TRAIN" "${common[@]}" --arch preact_resnet32 --resume "$tmp/q/checkpoint.h5" --workspace "$tmp/q" >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with another --arch: exit 1, names both" '[ $rc -eq 1 ] && grep -q "preact_resnet20" "$tmp/err" && grep -q "preact_resnet32" "$tmp/err"'
+check "... and the checkpoint is untouched" 'cmp -s "$tmp/q/checkpoint.h5" "$tmp/keep.h5"'
+: >"$tmp/file"
+"$TRAIN" "${common[@]}" --max-steps 1 --workspace "$tmp/file" >/dev/null 2>"$tmp/err"; rc=$?
+check "workspace that is a file: exit 1" '[ $rc -eq 1 ] && grep -q "not a folder" "$tmp/err"'
+
+# --- the seed's CIFAR command lines, on generated CIFAR-format files -----------------
+python3 - "$tmp" <<'EOF'
+import os, random, sys
+root = sys.argv[1]
+rnd = random.Random(0)
+def records(n, classes, fine):
+    out = bytearray()
+    for _ in range(n):
+        c = rnd.randrange(classes)
+        out += bytes([c % 20, c]) if fine else bytes([c])
+        out += bytes(rnd.randrange(256) for _ in range(3072))
+    return bytes(out)
+d = os.path.join(root, "cifar10", "cifar-10-batches-bin"); os.makedirs(d)
+for i in range(1, 6):
+    open(os.path.join(d, "data_batch_%d.bin" % i), "wb").write(records(8, 10, False))
+open(os.path.join(d, "test_batch.bin"), "wb").write(records(8, 10, False))
+d = os.path.join(root, "cifar100", "cifar-100-binary"); os.makedirs(d)
+open(os.path.join(d, "train.bin"), "wb").write(records(40, 100, True))
+open(os.path.join(d, "test.bin"), "wb").write(records(8, 100, True))
+EOF
+data10="--dataset cifar10 --arch preact_resnet56 --epochs 200 --num-classes 10 -j 0 --weight-decay 1e-4 --batch-size 128 --label-smoothing 0"
+data100="--dataset cifar10 --arch preact_resnet56 --epochs 200 --num-classes 100 -j 0 --weight-decay 1e-4 --batch-size 128 --label-smoothing 0"
+quant="-c quantize --ca=True --cabits=2 --ibits=8 --pergroup=True --perlayer=True --usegradient=False"
+# The seed's lines, unchanged, with --max-steps appended to keep the test short.
+"$TRAIN" $data10 $quant --workspace "$tmp/c10" --gather-checkpoints "$tmp/cifar10" --max-steps 2 -q >"$tmp/c10.tsv" 2>"$tmp/err"; rc=$?
+check "seed's CIFAR-10 line runs" '[ $rc -eq 0 ] && [ -s "$tmp/c10/checkpoint-1.h5" ] && [ -s "$tmp/c10/checkpoint-2.h5" ] && [ $(wc -l <"$tmp/c10.tsv") -eq 3 ]'
+cat "$tmp/err" >&2
+"$TRAIN" $data100 $quant --workspace "$tmp/c100" --gather-checkpoints "$tmp/cifar100" --max-steps 1 -q >"$tmp/c100.tsv" 2>"$tmp/err"; rc=$?
+check "seed's CIFAR-100 line runs (--dataset cifar10 --num-classes 100)" '[ $rc -eq 0 ] && [ -s "$tmp/c100/checkpoint-1.h5" ]'
+cat "$tmp/err" >&2
+"$EVAL" --data "$tmp/cifar10" -q "$tmp"/c10/checkpoint-*.h5 >"$tmp/c10e.tsv"; rc=$?
+check "aq-eval on every gathered checkpoint" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/c10e.tsv") -eq 3 ] && [ "$(tail -1 "$tmp/c10e.tsv" | cut -f5)" = 8 ]'
+"$EVAL" --data "$tmp/cifar10" --dataset cifar10 -q "$tmp/c100/checkpoint-1.h5" >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-eval: 100-class model on 10-class data is refused" '[ $rc -eq 1 ] && grep -q "classes" "$tmp/err"'
+exit $fail

@@ -1,0 +1,158 @@
+// The seed's architectures: layouts and names (torchvision's for the
+// ImageNet-style nets), shapes, what -c changes, the memory they hold, and
+// loading a state into them.
+#include "aq/models.h"
+#include "aq/modules.h"
+#include "aq/train.h"
+#include "device_test.h"
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+namespace {
+
+class Models : public DeviceTest {};
+AQ_PER_DEVICE(Models);
+
+int64_t count(const aq::models::Model& m) {
+  int64_t n = 0;
+  for (const auto& p : m.parameters()) n += p.numel();
+  return n;
+}
+
+TEST(ModelsLayout, ParameterCountsAndNamesMatchTheReference) {
+  // torchvision's resnet18/50 at 1000 classes, and the pre-activation
+  // ResNets' published sizes (0.27M for depth 20, 1.7M for 164 on CIFAR-10).
+  EXPECT_EQ(count(*aq::models::build("resnet18", 3, 1000)), 11689512);
+  EXPECT_EQ(count(*aq::models::build("resnet50", 3, 1000)), 25557032);
+  EXPECT_EQ(count(*aq::models::build("resnet34", 3, 1000)), 21797672);
+  const int64_t p20 = count(*aq::models::build("preact_resnet20", 3, 10));
+  EXPECT_GT(p20, 265000);
+  EXPECT_LT(p20, 280000);
+  const int64_t p164 = count(*aq::models::build("preact_resnet164", 3, 10));
+  EXPECT_GT(p164, 1650000);
+  EXPECT_LT(p164, 1750000);
+  auto r = aq::models::build("resnet18", 3, 10);
+  auto params = r->named_parameters();
+  for (const char* name : {"conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
+                           "layer2.0.downsample.1.bias", "layer4.1.bn2.weight", "fc.weight", "fc.bias"})
+    EXPECT_TRUE(params.contains(name)) << name;
+  EXPECT_TRUE(r->named_buffers().contains("bn1.running_mean"));
+  auto p = aq::models::build("preact_resnet56", 1, 10)->named_parameters();
+  for (const char* name : {"conv1.weight", "layer1.8.conv2.weight", "layer2.0.shortcut.weight", "bn.weight", "fc.weight"})
+    EXPECT_TRUE(p.contains(name)) << name;
+  EXPECT_FALSE(p.contains("layer1.0.shortcut.weight"));  // identity where shapes agree
+}
+
+TEST(ModelsLayout, UnknownArchitecturesAndCountsAreRejected) {
+  EXPECT_THROW(aq::models::build("preact_resnet21", 3, 10), std::invalid_argument);
+  EXPECT_THROW(aq::models::build("resnet19", 3, 10), std::invalid_argument);
+  EXPECT_THROW(aq::models::build("preact_resnet20x", 3, 10), std::invalid_argument);
+  EXPECT_THROW(aq::models::build("resnet18", 0, 10), std::invalid_argument);
+  EXPECT_THROW(aq::models::build("resnet18", 3, 0), std::invalid_argument);
+  EXPECT_EQ(aq::models::architectures().size(), 12u);
+}
+
+TEST(ModelsLayout, FanInInitialisation) {
+  torch::manual_seed(0);
+  auto m = aq::models::build("preact_resnet110", 3, 10);
+  // Kaiming normal, fan-in, ReLU gain: std = sqrt(2 / fan_in).
+  auto w = m->named_parameters()["layer3.5.conv1.weight"];
+  const double fan_in = w.size(1) * w.size(2) * w.size(3);
+  EXPECT_NEAR(w.std().item<double>(), std::sqrt(2.0 / fan_in), 0.05 * std::sqrt(2.0 / fan_in));
+  EXPECT_NEAR(w.mean().item<double>(), 0.0, 0.01);
+  EXPECT_TRUE(torch::equal(m->named_parameters()["layer3.5.bn1.weight"], torch::ones({64})));
+}
+
+TEST_P(Models, ShapesOnEveryFamily) {
+  for (const auto& [arch, c, hw] : std::vector<std::tuple<std::string, int64_t, int64_t>>{
+           {"preact_resnet20", 1, 28}, {"preact_resnet164", 3, 32}, {"resnet18", 3, 64}, {"resnet50", 3, 32}}) {
+    auto m = aq::models::build(arch, c, 7);
+    m->to(dev());
+    auto y = m->forward(torch::randn({2, c, hw, hw}, dev()));
+    EXPECT_EQ(y.sizes(), torch::IntArrayRef({2, 7})) << arch;
+    y.sum().backward();
+    EXPECT_TRUE(m->named_parameters()["conv1.weight"].grad().defined()) << arch;
+  }
+}
+
+// The exact and the 2-bit model compute the same forward; at 8 bits their
+// gradients agree; at 2 bits the memory the step holds for backward, as
+// the allocator counts it, is far smaller.
+TEST_P(Models, ConfigDecidesWhatIsCompressed) {
+  aq::train::install_cpu_memory_counter();
+  torch::manual_seed(1);
+  auto exact_cfg = aq::QuantConfig::for_level(aq::Level::L3);
+  exact_cfg.scope = aq::Scope::kNone;
+  auto q_cfg = aq::QuantConfig::for_level(aq::Level::L3);
+  q_cfg.cabits = q_cfg.ibits = 8;
+  auto exact = aq::models::build("preact_resnet20", 1, 10, exact_cfg);
+  auto q = aq::models::build("preact_resnet20", 1, 10, q_cfg);
+  exact->to(dev());
+  q->to(dev());
+  {
+    torch::NoGradGuard g;
+    auto qp = q->named_parameters();
+    for (const auto& p : exact->named_parameters()) qp[p.key()].copy_(p.value());
+  }
+  auto x = torch::randn({16, 1, 28, 28}, dev());
+  auto ye = exact->forward(x), yq = q->forward(x);
+  EXPECT_TRUE(torch::allclose(ye, yq, 1e-4, 1e-4));
+  ye.pow(2).sum().backward();
+  yq.pow(2).sum().backward();
+  for (const char* name : {"conv1.weight", "layer2.0.conv1.weight", "fc.weight"}) {
+    auto ge = exact->named_parameters()[name].grad(), gq = q->named_parameters()[name].grad();
+    EXPECT_LE((ge - gq).abs().max().item<double>(), 0.05 * ge.abs().max().item<double>()) << name;
+  }
+  // Activation memory: allocated after the forward minus before, 2 bits vs exact.
+  auto held = [&](const aq::QuantConfig& cfg) {
+    aq::QModule(*q, cfg);
+    q->zero_grad();
+    auto xin = torch::randn({32, 1, 28, 28}, dev());
+    const int64_t before = aq::train::memory(dev()).allocated;
+    auto y = q->forward(xin);
+    const int64_t bytes = aq::train::memory(dev()).allocated - before;
+    y.sum().backward();
+    return bytes;
+  };
+  auto two = q_cfg;
+  two.cabits = two.ibits = 2;
+  const int64_t e = held(exact_cfg), t = held(two);
+  ASSERT_GT(t, 0);
+  EXPECT_GE(double(e) / t, 8.0) << "exact " << e << " bytes, 2-bit " << t;
+}
+
+TEST(ModelsState, LoadStateChecksNamesAndShapes) {
+  auto m = aq::models::build("preact_resnet20", 1, 10);
+  auto src = aq::models::build("preact_resnet20", 1, 10);
+  aq::ckpt::Checkpoint c;
+  for (const auto& p : src->named_parameters()) c.parameters.emplace_back(p.key(), p.value().detach());
+  for (const auto& b : src->named_buffers()) c.buffers.emplace_back(b.key(), b.value());
+  aq::train::load_state(*m, c, "x.h5");
+  EXPECT_TRUE(torch::equal(m->named_parameters()["fc.weight"], src->named_parameters()["fc.weight"]));
+  auto expect_error = [&](aq::ckpt::Checkpoint bad, const std::string& what) {
+    try {
+      aq::train::load_state(*m, bad, "x.h5");
+      ADD_FAILURE() << "no error for " << what;
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("x.h5"), std::string::npos) << e.what();
+    }
+  };
+  auto missing = c;
+  missing.parameters.pop_back();
+  expect_error(missing, "fc.bias");
+  auto shaped = c;
+  shaped.parameters[0].second = torch::zeros({3});
+  expect_error(shaped, "conv1.weight");
+  auto extra = c;
+  extra.buffers.emplace_back("nonexistent.running_mean", torch::zeros({2}));
+  expect_error(extra, "nonexistent.running_mean");
+  // A different architecture's checkpoint.
+  aq::ckpt::Checkpoint other;
+  for (const auto& p : aq::models::build("preact_resnet32", 1, 10)->named_parameters())
+    other.parameters.emplace_back(p.key(), p.value().detach());
+  expect_error(other, "not in the model");
+}
+
+}  // namespace

@@ -1,0 +1,86 @@
+// aq-eval: evaluates checkpoints on the test split of the data they were
+// trained on.  TSV on stdout: file, loss, top1, top5, images.  See aq-eval(1).
+#include "aq/checkpoint.h"
+#include "aq/cli.h"
+#include "aq/data.h"
+#include "aq/log.h"
+#include "aq/train.h"
+
+#include <algorithm>
+#include <iostream>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+int main(int argc, char** argv) {
+  CLI::App app{"aq-eval: evaluate aq checkpoints on the test split; TSV on stdout", "aq-eval"};
+  app.set_version_flag("--version", AQ_VERSION_STRING);
+  aq::cli::Common common;
+  std::vector<std::string> files;
+  std::string dataset, data_dir, amp = "off";
+  int64_t batch_size = 256, max_batches = 0, image_size = 0;
+  int workers = 0;
+  app.add_option("checkpoints", files, "HDF5 checkpoints written by aq-train ('-': standard input)")->required();
+  app.add_option("--dataset", dataset, "Override the checkpoint's dataset");
+  app.add_option("--data", data_dir, "Dataset folder (default: the dataset's default location)");
+  app.add_option("-b,--batch-size", batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("-j,--workers", workers, "Data loading threads")->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--amp", amp, "Autocast: off, bf16 or fp16")->capture_default_str();
+  app.add_option("--max-batches", max_batches, "Evaluate the first N batches only (0: all)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--image-size", image_size, "Image side for imagenet/synthetic (0: the checkpoint's)")
+      ->check(CLI::NonNegativeNumber);
+  aq::cli::add_common(app, common);
+  return aq::cli::run(app, argc, argv, [&]() -> int {
+    const auto dev = aq::cli::apply_common(common);
+    const auto a = aq::train::parse_amp(amp);
+    if (std::count(files.begin(), files.end(), "-") > 1)
+      throw std::invalid_argument("standard input ('-') can be read only once");
+    aq::QuantConfig exact;
+    exact.scope = aq::Scope::kNone;
+    std::map<std::string, std::shared_ptr<const aq::data::Dataset>> sets;
+    std::printf("file\tloss\ttop1\ttop5\timages\n");
+    std::fflush(stdout);
+    int status = aq::cli::kOk;
+    for (const auto& f : files) {
+      try {
+        const auto c = aq::ckpt::load(f);
+        auto model = aq::train::model_from_checkpoint(c, f, exact);
+        model->to(dev);
+        const std::string ds = dataset.empty() ? c.meta.at("dataset") : dataset;
+        aq::data::OpenOptions oo;
+        auto sz = c.counters.find("image_size");
+        oo.image_size = image_size ? image_size : sz != c.counters.end() ? sz->second : 224;
+        oo.synthetic_classes = c.counters.at("num_classes");
+        const std::string key = ds + "\n" + std::to_string(oo.image_size) + "\n" + std::to_string(oo.synthetic_classes);
+        if (!sets.count(key)) sets[key] = aq::data::open(ds, data_dir, aq::data::Split::kTest, oo);
+        const auto& info = sets[key]->info();
+        if (info.num_classes != c.counters.at("num_classes") || info.channels != c.counters.at("in_channels"))
+          throw std::runtime_error(f + ": model has " + std::to_string(c.counters.at("num_classes")) + " classes and " +
+                                   std::to_string(c.counters.at("in_channels")) + " input channels, " + ds + " " +
+                                   std::to_string(info.num_classes) + " and " + std::to_string(info.channels));
+        aq::data::LoaderOptions lo;
+        lo.batch_size = batch_size;
+        lo.shuffle = lo.augment = false;
+        lo.workers = workers;
+        lo.pin_memory = dev.is_cuda();
+        aq::data::Loader loader(sets[key], lo);
+        const auto r = aq::train::evaluate(*model, loader, dev, a, max_batches);
+        std::printf("%s\t%.6f\t%.2f\t%.2f\t%lld\n", f.c_str(), r.loss, r.top1, r.top5, static_cast<long long>(r.images));
+        std::fflush(stdout);
+      } catch (const std::out_of_range&) {
+        std::cerr << "aq-eval: " << f << ": checkpoint lacks dataset/num_classes/in_channels metadata\n";
+        status = aq::cli::kRuntime;
+      } catch (const std::invalid_argument& e) {
+        std::cerr << "aq-eval: " << f << ": " << e.what() << "\n";
+        status = aq::cli::kRuntime;
+      } catch (const std::runtime_error& e) {
+        const std::string m = e.what();
+        std::cerr << "aq-eval: " << m.substr(0, m.find('\n')) << "\n";
+        status = aq::cli::kRuntime;
+      }
+    }
+    return status;
+  });
+}
