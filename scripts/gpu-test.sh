@@ -15,6 +15,7 @@ export PKG_CONFIG_SYSROOT_DIR=$P
 export PKG_CONFIG_PATH=$P/usr/lib/x86_64-linux-gnu/pkgconfig:$P/usr/share/pkgconfig
 export LD_LIBRARY_PATH=$P/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PATH=/usr/local/cuda/bin:$PATH
+export AQ_FASHION_MNIST=${AQ_FASHION_MNIST:-$P/usr/share/datasets/fashion-mnist}
 B=${AQ_BUILD:-build-gpu}
 if [ ! -f "$B/build.ninja" ]; then
   meson setup "$B" -Dcuda=enabled || exit 1

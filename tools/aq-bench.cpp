@@ -1,4 +1,4 @@
-// aq-bench: measured numbers for aq's kernels (and, later, training steps).
+// aq-bench: measured numbers for aq: compression kernels, training-step memory.
 // TSV on stdout, one line per measurement; logs on stderr.
 #include "aq/cli.h"
 #include "aq/compress.h"
@@ -155,7 +155,7 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"aq-bench: measure aq's compression kernels; TSV on stdout", "aq-bench"};
+  CLI::App app{"aq-bench: measure aq's compression kernels and training-step memory; TSV on stdout", "aq-bench"};
   app.set_version_flag("--version", AQ_VERSION_STRING);
   app.require_subcommand(1);
   aq::cli::Common common;

@@ -75,18 +75,19 @@ torch::Tensor QBatchNormImpl<D, Twin>::forward(const torch::Tensor& input) {
 }
 
 torch::Tensor QReLUImpl::forward(torch::Tensor input) {
-  if (!is_training()) return ReLUImpl::forward(std::move(input));
+  if (!is_training() || config().scope == Scope::kNone) return ReLUImpl::forward(std::move(input));
   return functional::relu(input, options.inplace(), state());
 }
 
 torch::Tensor QDropoutImpl::forward(torch::Tensor input) {
-  if (!is_training() || options.p() == 0.0) return DropoutImpl::forward(std::move(input));
+  if (!is_training() || options.p() == 0.0 || config().scope == Scope::kNone)
+    return DropoutImpl::forward(std::move(input));
   return functional::dropout(input, options.p(), state());
 }
 
 template <size_t D, typename Twin>
 torch::Tensor QMaxPoolImpl<D, Twin>::forward(const torch::Tensor& input) {
-  if (!this->is_training()) return Twin::forward(input);
+  if (!this->is_training() || this->config().scope == Scope::kNone) return Twin::forward(input);
   const auto& o = this->options;
   return functional::max_pool(input, *o.kernel_size(), *o.stride(), *o.padding(), *o.dilation(), o.ceil_mode(),
                               state());

@@ -38,10 +38,17 @@ check "rows have 10 fields" '[ -z "$(awk -F"\t" "NF != 10" "$tmp/out")" ]'
 check "packed size of 64K fp32 at 2 bits" 'awk -F"\t" "\$2==\"fp32\" && \$3==65536 && \$4==2 && \$5==\"compress\" {print \$10}" "$tmp/out" | grep -qx 5120'
 check "positive throughput" '[ -z "$(awk -F"\t" "NR > 1 && !(\$7 > 0 && \$8 > 0)" "$tmp/out")" ]'
 check "-q keeps stderr empty" '[ ! -s "$tmp/err" ]'
+"$BENCH" memory --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L2,L3 -q >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "memory: exits 0, header and 3 rows" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/out") -eq 4 ] && head -1 "$tmp/out" | grep -q "^device	arch	batch	image	amp	level	act_MB	peak_MB"'
+check "memory: L3 holds >= 8x less than exact" '[ -n "$(awk -F"\t" "\$6==\"L3\" && \$10 >= 8" "$tmp/out")" ]'
+check "memory: L2 between exact and L3" '[ -n "$(awk -F"\t" "\$6==\"L2\" && \$10 > 3" "$tmp/out")" ]'
+cat "$tmp/out" >&2
+"$BENCH" memory --arch nope --device cpu >/dev/null 2>"$tmp/err"; rc=$?
+check "memory: unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
 # The man page documents exactly the options --help shows.
 if [ -n "$MAN" ]; then
-  opts_help=$({ "$BENCH" --help; "$BENCH" kernels --help; } | grep -oE -- '--[a-z][a-z-]+' | sort -u)
-  opts_man=$(grep -oE -- '\\-\\-[a-z][a-z\\-]+' "$MAN" | sed 's/\\//g' | sort -u)
+  opts_help=$({ "$BENCH" --help; "$BENCH" kernels --help; "$BENCH" memory --help; } | grep -oE -- '--[a-z][a-z0-9-]+' | sort -u)
+  opts_man=$(grep -oE -- '\\-\\-[a-z][a-z0-9\\-]+' "$MAN" | sed 's/\\//g' | sort -u)
   check "man page and --help list the same options" '[ "$opts_help" = "$opts_man" ]'
   [ "$opts_help" = "$opts_man" ] || diff <(echo "$opts_help") <(echo "$opts_man") >&2
 fi

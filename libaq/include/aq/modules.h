@@ -6,7 +6,11 @@
 // input itself (aq/functional.h).  In eval mode it is its twin.
 //
 // Every layer reads a shared QuantConfig (set_config; unset: level L3) and
-// owns a LayerState the adaptive scheme reads and writes.
+// owns a LayerState the adaptive scheme reads and writes.  A configuration
+// of scope kNone (-c fanin, and layers outside -c qlinear's scope) makes a
+// layer exactly its twin, keeping what LibTorch keeps; otherwise ReLU,
+// dropout and max pooling keep their compact exact masks and indices at
+// every level, L0 included.
 #pragma once
 
 #include "aq/config.h"
