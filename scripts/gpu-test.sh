@@ -11,6 +11,9 @@ P=${AQ_PREFIX:-/tmp/aq-prefix}
 if [ ! -d "$P/usr/include/spdlog" ] || [ ! -f "$P/usr/include/jpeglib.h" ]; then
   for f in .gpu/debs/*.deb; do dpkg -x "$f" "$P"; done
 fi
+# zlib1g-dev's libz.so points at /lib/...: aim it at the machine's own zlib.
+z=$(ls /lib/x86_64-linux-gnu/libz.so.1 /usr/lib/x86_64-linux-gnu/libz.so.1 2>/dev/null | head -1)
+[ -n "$z" ] && ln -sf "$z" "$P/usr/lib/x86_64-linux-gnu/libz.so"
 export PKG_CONFIG_SYSROOT_DIR=$P
 export PKG_CONFIG_PATH=$P/usr/lib/x86_64-linux-gnu/pkgconfig:$P/usr/share/pkgconfig
 export LD_LIBRARY_PATH=$P/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
