@@ -15,6 +15,9 @@ fi
 z=$(ls /lib/x86_64-linux-gnu/libz.so.1 /usr/lib/x86_64-linux-gnu/libz.so.1 2>/dev/null | head -1)
 [ -n "$z" ] && ln -sf "$z" "$P/usr/lib/x86_64-linux-gnu/libz.so"
 export PKG_CONFIG_SYSROOT_DIR=$P
+# Keep -I$P/usr/include: pkg-config drops it as a "system" folder otherwise,
+# and the machine's own /usr/include (another libjpeg) would be used instead.
+export PKG_CONFIG_ALLOW_SYSTEM_CFLAGS=1
 export PKG_CONFIG_PATH=$P/usr/lib/x86_64-linux-gnu/pkgconfig:$P/usr/share/pkgconfig
 export LD_LIBRARY_PATH=$P/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PATH=/usr/local/cuda/bin:$PATH
