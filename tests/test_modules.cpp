@@ -99,7 +99,7 @@ TEST_P(Modules, SameAsTheirTwins) {
              torch::randn({3, 2, 3, 4, 5}, d), 0.03);
   check_twin(aq::QReLU(), nn::ReLU(), torch::randn({4, 10}, d), 0.0);
   auto mp = nn::MaxPool2dOptions({3, 2}).stride(2).padding(1).dilation({1, 2}).ceil_mode(true);
-  check_twin(aq::QMaxPool2d(mp), nn::MaxPool2d(mp), torch::randn({2, 3, 11, 12}, d), 0.0);
+  check_twin(aq::QMaxPool2d(mp), nn::MaxPool2d(mp), torch::randn({2, 3, 11, 12}, d), 1e-6);  // overlapping windows: CUDA adds atomically
   check_twin(aq::QMaxPool1d(nn::MaxPool1dOptions(4)), nn::MaxPool1d(nn::MaxPool1dOptions(4)),
              torch::randn({2, 3, 17}, d), 0.0);
   check_twin(aq::QMaxPool3d(nn::MaxPool3dOptions(2)), nn::MaxPool3d(nn::MaxPool3dOptions(2)),
