@@ -3,6 +3,8 @@
 #include "aq/log.h"
 #include "aq/modules.h"
 
+#include <c10/core/AllocatorConfig.h>
+
 #include <algorithm>
 
 namespace aq {
@@ -152,11 +154,17 @@ bool in_scope(const torch::nn::Module& m, Scope scope) {
          dynamic_cast<const torch::nn::ConvTranspose3dImpl*>(&m);
 }
 
-// L4/L5 extras are not there yet: say so rather than pretend.
+// L5's defragmentation is LibTorch's own: expandable segments in the CUDA
+// caching allocator (a process-wide setting, for segments allocated from
+// now on).  L4's swapping is not there yet: say so rather than pretend.
 void warn_missing_features(const QuantConfig& c) {
-  if (c.swap || c.defrag)
-    log().warn("{}: swapping packed activations to host memory{} is not implemented yet; running as L3",
-               to_string(c.level), c.defrag ? " and allocator defragmentation" : "");
+  if (c.defrag && !c10::CachingAllocator::AcceleratorAllocatorConfig::use_expandable_segments()) {
+    c10::CachingAllocator::setAllocatorSettings("expandable_segments:True");
+    log().debug("{}: CUDA caching allocator set to expandable segments", to_string(c.level));
+  }
+  if (c.swap)
+    log().warn("{}: swapping packed activations to host memory is not implemented yet; running as L3{}",
+               to_string(c.level), c.defrag ? " with an expandable-segment allocator" : "");
 }
 
 // A configuration that compresses nothing, for layers outside the scope.
