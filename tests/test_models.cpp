@@ -122,6 +122,39 @@ TEST_P(Models, ConfigDecidesWhatIsCompressed) {
   EXPECT_GE(double(e) / t, 8.0) << "exact " << e << " bytes, 2-bit " << t;
 }
 
+// L4 moves the packed activations off the device (CUDA) or restores them in
+// micro-batches (CPU); either way the gradients are L3's for the same
+// random numbers, and on CUDA the forward pass leaves far less on the device.
+TEST_P(Models, SwappingKeepsTheGradients) {
+  aq::train::install_cpu_memory_counter();
+  torch::manual_seed(3);
+  auto model = aq::models::build("preact_resnet20", 3, 10, aq::QuantConfig::for_level(aq::Level::L3));
+  model->to(dev());
+  auto x = torch::randn({24, 3, 32, 32}, dev());
+  auto run = [&](aq::Level level, int64_t* held) {
+    aq::QModule(*model, aq::QuantConfig::for_level(level));
+    model->zero_grad();
+    torch::manual_seed(11);  // CPU and CUDA generators: the same random rounding
+    const int64_t before = aq::train::memory(dev()).allocated;
+    auto y = model->forward(x);
+    if (held) *held = aq::train::memory(dev()).allocated - before;
+    y.pow(2).sum().backward();
+    std::vector<torch::Tensor> g;
+    for (const auto& p : model->parameters()) g.push_back(p.grad().clone());
+    return g;
+  };
+  int64_t held3 = 0, held4 = 0;
+  const auto g3 = run(aq::Level::L3, &held3);
+  const auto g4 = run(aq::Level::L4, &held4);
+  ASSERT_EQ(g3.size(), g4.size());
+  for (size_t i = 0; i < g3.size(); ++i)
+    EXPECT_TRUE(torch::allclose(g3[i], g4[i], 1e-4, 1e-5)) << "parameter " << i;
+  if (dev().is_cuda()) {
+    for (size_t i = 0; i < g3.size(); ++i) EXPECT_TRUE(torch::equal(g3[i], g4[i])) << "parameter " << i;
+    EXPECT_LT(held4 * 2, held3) << "L3 " << held3 << " bytes, L4 " << held4;
+  }
+}
+
 TEST(ModelsState, LoadStateChecksNamesAndShapes) {
   auto m = aq::models::build("preact_resnet20", 1, 10);
   auto src = aq::models::build("preact_resnet20", 1, 10);

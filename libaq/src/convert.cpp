@@ -156,15 +156,12 @@ bool in_scope(const torch::nn::Module& m, Scope scope) {
 
 // L5's defragmentation is LibTorch's own: expandable segments in the CUDA
 // caching allocator (a process-wide setting, for segments allocated from
-// now on).  L4's swapping is not there yet: say so rather than pretend.
-void warn_missing_features(const QuantConfig& c) {
+// now on).
+void apply_level_extras(const QuantConfig& c) {
   if (c.defrag && !c10::CachingAllocator::AcceleratorAllocatorConfig::use_expandable_segments()) {
     c10::CachingAllocator::setAllocatorSettings("expandable_segments:True");
     log().debug("{}: CUDA caching allocator set to expandable segments", to_string(c.level));
   }
-  if (c.swap)
-    log().warn("{}: swapping packed activations to host memory is not implemented yet; running as L3{}",
-               to_string(c.level), c.defrag ? " with an expandable-segment allocator" : "");
 }
 
 // A configuration that compresses nothing, for layers outside the scope.
@@ -181,7 +178,7 @@ ConfigPtr exact_config() {
 
 int64_t QModule(torch::nn::Module& model, const QuantConfig& config) {
   config.validate();
-  warn_missing_features(config);
+  apply_level_extras(config);
   const auto shared = std::make_shared<const QuantConfig>(config);
   int64_t n = 0;
   for (const auto& item : model.named_modules("model")) {
@@ -198,7 +195,7 @@ int64_t QModule(torch::nn::Module& model, const QuantConfig& config) {
 
 torch::nn::Sequential quantized(const torch::nn::Sequential& model, const QuantConfig& config) {
   config.validate();
-  warn_missing_features(config);
+  apply_level_extras(config);
   const auto shared = std::make_shared<const QuantConfig>(config);
   torch::nn::Sequential out;
   const auto children = model->named_children();

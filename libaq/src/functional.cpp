@@ -3,10 +3,21 @@
 // the restored input.
 #include "aq/functional.h"
 
+#include "aq_config.h"
+
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
+#if AQ_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
+#include <map>
+#include <mutex>
+#include <optional>
 #include <stdexcept>
 
 namespace aq {
@@ -44,6 +55,110 @@ LayerStatePtr state_of(AutogradContext* ctx) {
   return c10::static_intrusive_pointer_cast<LayerState>(it->second.toCapsule());
 }
 
+// --- L4: packed activations swapped to pinned host memory ----------------------
+//
+// Forward copies a layer's packed tensors to pinned host memory on a side
+// stream (after the compression on the current stream) and lets the device
+// copies go; the caching allocator reuses their memory once the copy is done.
+// Backward takes the copies back: prefetched on the side stream when the
+// layer after it (in forward order) ran its backward, else copied then.
+// Nothing waits for the host.
+struct SwapEntry : torch::CustomClassHolder {
+  std::vector<at::Tensor> host;    // data, mn, mx[, bits, word_offset]
+  std::vector<at::Tensor> device;  // prefetched copies, empty until then
+  at::Device dev{at::kCPU};
+  size_t index = 0;
+#if AQ_WITH_CUDA
+  std::optional<at::cuda::CUDAEvent> ready;  // prefetch done (side stream)
+#endif
+};
+using SwapEntryPtr = c10::intrusive_ptr<SwapEntry>;
+
+#if AQ_WITH_CUDA
+class Swapper {
+ public:
+  static Swapper& get() {
+    static Swapper s;
+    return s;
+  }
+  SwapEntryPtr swap_out(const std::vector<at::Tensor>& tensors) {
+    auto e = c10::make_intrusive<SwapEntry>();
+    e->dev = tensors[0].device();
+    const c10::cuda::CUDAStream cur = c10::cuda::getCurrentCUDAStream(e->dev.index());
+    const c10::cuda::CUDAStream side = side_stream(e->dev);
+    at::cuda::CUDAEvent produced;
+    produced.record(cur);
+    produced.block(side);
+    {
+      c10::cuda::CUDAStreamGuard guard(side);
+      for (const auto& t : tensors) {
+        at::Tensor h = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+        h.copy_(t, /*non_blocking=*/true);
+        c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), side);
+        e->host.push_back(h);
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    // A new step once everything of the last one has been released.
+    bool alive = false;
+    for (const auto& w : entries_) alive = alive || !w.expired();
+    if (!alive) entries_.clear();
+    e->index = entries_.size();
+    entries_.push_back(c10::weak_intrusive_ptr<SwapEntry>(e));
+    return e;
+  }
+  std::vector<at::Tensor> swap_in(const SwapEntryPtr& e) {
+    const c10::cuda::CUDAStream cur = c10::cuda::getCurrentCUDAStream(e->dev.index());
+    std::vector<at::Tensor> out;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      out.swap(e->device);
+      if (!out.empty()) {
+        e->ready->block(cur);
+        for (const auto& t : out) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), cur);
+      }
+    }
+    if (out.empty()) {
+      c10::cuda::CUDAStreamGuard guard(cur);
+      for (const auto& h : e->host) out.push_back(h.to(e->dev, /*non_blocking=*/true));
+    }
+    if (e->index > 0) prefetch(e->index - 1);
+    return out;
+  }
+
+ private:
+  c10::cuda::CUDAStream side_stream(const at::Device& d) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = streams_.find(d.index());
+    if (it == streams_.end()) it = streams_.emplace(d.index(), c10::cuda::getStreamFromPool(false, d.index())).first;
+    return it->second;
+  }
+  void prefetch(size_t i) {
+    SwapEntryPtr e;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (i < entries_.size()) e = entries_[i].lock();
+      if (!e || !e->device.empty()) return;
+    }
+    const c10::cuda::CUDAStream side = side_stream(e->dev);
+    std::vector<at::Tensor> dev;
+    at::cuda::CUDAEvent ready;
+    {
+      c10::cuda::CUDAStreamGuard guard(side);
+      for (const auto& h : e->host) dev.push_back(h.to(e->dev, /*non_blocking=*/true));
+      ready.record(side);
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!e->device.empty()) return;
+    e->device = std::move(dev);
+    e->ready.emplace(std::move(ready));
+  }
+  std::mutex mu_;
+  std::vector<c10::weak_intrusive_ptr<SwapEntry>> entries_;
+  std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams_;
+};
+#endif
+
 // Compresses x for backward with the layer's bits, records what the adaptive
 // scheme reads, and keeps it in the context.
 void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfig& c, LayerState* st) {
@@ -56,21 +171,33 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
     st->saved_bytes = p.nbytes();
   }
   auto& s = ctx->saved_data;
-  s["data"] = p.data;
-  s["mn"] = p.mn;
-  s["mx"] = p.mx;
-  if (p.bits.defined()) {
-    s["bits"] = p.bits;
-    s["word_offset"] = p.word_offset;
-    s["host_offsets"] = p.host_offsets;
+  bool swapped = false;
+#if AQ_WITH_CUDA
+  if (c.swap && x.is_cuda()) {
+    std::vector<at::Tensor> ts = {p.data, p.mn, p.mx};
+    if (p.bits.defined()) ts.insert(ts.end(), {p.bits, p.word_offset});
+    s["swap"] = c10::IValue::make_capsule(Swapper::get().swap_out(ts));
+    swapped = true;
   }
+#endif
+  if (!swapped) {
+    s["data"] = p.data;
+    s["mn"] = p.mn;
+    s["mx"] = p.mx;
+    if (p.bits.defined()) {
+      s["bits"] = p.bits;
+      s["word_offset"] = p.word_offset;
+    }
+  }
+  if (p.bits.defined()) s["host_offsets"] = p.host_offsets;
   s["sizes"] = p.sizes;
   s["strides"] = p.strides;
   s["meta"] = std::vector<int64_t>{static_cast<int64_t>(p.dtype), p.samples, p.sample_elements, p.group_size,
                                    p.pergroup, p.uniform_bits};
-  // L3.1: how many samples backward restores at a time (0: all at once).
+  // L3.1 (and L4/L5 on the CPU, which has nothing to swap from): how many
+  // samples backward restores at a time (0: all at once).
   int64_t chunk = 0;
-  if (c.micro_batch_backward && p.samples > 1) {
+  if ((c.micro_batch_backward || (c.swap && !x.is_cuda())) && p.samples > 1) {
     const int64_t per_sample = std::max<int64_t>(1, p.sample_elements * x.element_size());
     chunk = std::max<int64_t>(1, c.micro_batch_bytes / per_sample);
     if (chunk >= p.samples) chunk = 0;
@@ -82,14 +209,26 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
 Packed packed_of(AutogradContext* ctx) {
   auto& s = ctx->saved_data;
   Packed p;
-  p.data = s["data"].toTensor();
-  p.mn = s["mn"].toTensor();
-  p.mx = s["mx"].toTensor();
-  if (s.count("bits")) {
-    p.bits = s["bits"].toTensor();
-    p.word_offset = s["word_offset"].toTensor();
-    p.host_offsets = s["host_offsets"].toIntVector();
+#if AQ_WITH_CUDA
+  if (s.count("swap")) {
+    const auto e = c10::static_intrusive_pointer_cast<SwapEntry>(s["swap"].toCapsule());
+    const auto ts = Swapper::get().swap_in(e);
+    p.data = ts[0];
+    p.mn = ts[1];
+    p.mx = ts[2];
+    if (ts.size() > 3) p.bits = ts[3], p.word_offset = ts[4];
+  } else
+#endif
+  {
+    p.data = s["data"].toTensor();
+    p.mn = s["mn"].toTensor();
+    p.mx = s["mx"].toTensor();
+    if (s.count("bits")) {
+      p.bits = s["bits"].toTensor();
+      p.word_offset = s["word_offset"].toTensor();
+    }
   }
+  if (s.count("host_offsets")) p.host_offsets = s["host_offsets"].toIntVector();
   p.sizes = s["sizes"].toIntVector();
   p.strides = s["strides"].toIntVector();
   const auto m = s["meta"].toIntVector();

@@ -535,6 +535,9 @@ void Trainer::setup() {
   log().info("{} on {} ({} train / {} test images, {}x{}x{}, {} classes), {} on {}, seed {}", o_.arch, dataset_,
              train_set_->size(), test_set_->size(), info.channels, info.height, info.width, info.num_classes,
              o_.quant.to_flags(), dev_.str(), seed_);
+  if (o_.quant.swap && !dev_.is_cuda())
+    log().info("{} on the CPU: no device memory to swap from; running as L3.1 (micro-batched backward)",
+               aq::to_string(o_.quant.level));
   if (o_.quant.compresses() && o_.quant.ibits != o_.quant.cabits)
     log().info("adaptive bit allocation is not implemented yet: every activation is kept at --cabits={}",
                o_.quant.cabits);

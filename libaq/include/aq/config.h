@@ -44,7 +44,7 @@ struct QuantConfig {
   c10::ScalarType range_dtype = c10::kBFloat16;  // storage of group bounds
   bool micro_batch_backward = false;  // L3.1: conv/linear backward in micro-batches
   int64_t micro_batch_bytes = 64 << 20;  // restored input per micro-batch, at most
-  bool swap = false;         // L4+: packed activations in pinned host memory (not yet implemented)
+  bool swap = false;         // L4+: packed activations in pinned host memory (CUDA; on the CPU: as L3.1)
   bool defrag = false;       // L5: expandable segments in the CUDA caching allocator (set by QModule)
 
   // The defaults of a level (scope unchanged).
