@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 P=${AQ_PREFIX:-/tmp/aq-prefix}
-if [ ! -d "$P/usr/include/spdlog" ] || [ ! -f "$P/usr/include/jpeglib.h" ]; then
+if [ ! -d "$P/usr/include/spdlog" ]; then
   for f in .gpu/debs/*.deb; do dpkg -x "$f" "$P"; done
 fi
 # zlib1g-dev's libz.so points at /lib/...: aim it at the machine's own zlib.
@@ -18,6 +18,9 @@ export PKG_CONFIG_SYSROOT_DIR=$P
 # Keep -I$P/usr/include: pkg-config drops it as a "system" folder otherwise,
 # and the machine's own /usr/include (another libjpeg) would be used instead.
 export PKG_CONFIG_ALLOW_SYSTEM_CFLAGS=1
+# ... and ahead of every other include folder (the machine has another
+# libjpeg's jpeglib.h somewhere on the compiler's path).
+export CPPFLAGS="-I$P/usr/include${CPPFLAGS:+ $CPPFLAGS}"
 export PKG_CONFIG_PATH=$P/usr/lib/x86_64-linux-gnu/pkgconfig:$P/usr/share/pkgconfig
 export LD_LIBRARY_PATH=$P/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PATH=/usr/local/cuda/bin:$PATH

@@ -149,10 +149,8 @@ TEST_P(Models, SwappingKeepsTheGradients) {
   ASSERT_EQ(g3.size(), g4.size());
   for (size_t i = 0; i < g3.size(); ++i)
     EXPECT_TRUE(torch::allclose(g3[i], g4[i], 1e-4, 1e-5)) << "parameter " << i;
-  if (dev().is_cuda()) {
-    for (size_t i = 0; i < g3.size(); ++i) EXPECT_TRUE(torch::equal(g3[i], g4[i])) << "parameter " << i;
-    EXPECT_LT(held4 * 2, held3) << "L3 " << held3 << " bytes, L4 " << held4;
-  }
+  // (Not bitwise on CUDA: cuDNN's weight-gradient algorithms add atomically.)
+  if (dev().is_cuda()) EXPECT_LT(held4 * 2, held3) << "L3 " << held3 << " bytes, L4 " << held4;
 }
 
 TEST(ModelsState, LoadStateChecksNamesAndShapes) {

@@ -71,6 +71,15 @@ struct SwapEntry : torch::CustomClassHolder {
 #if AQ_WITH_CUDA
   std::optional<at::cuda::CUDAEvent> ready;  // prefetch done (side stream)
 #endif
+  // Runs when the last autograd context lets go; the swapper's weak
+  // reference keeps only the object's shell until the next step.
+  void release_resources() override {
+    host.clear();
+    device.clear();
+#if AQ_WITH_CUDA
+    ready.reset();
+#endif
+  }
 };
 using SwapEntryPtr = c10::intrusive_ptr<SwapEntry>;
 
