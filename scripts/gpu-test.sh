@@ -19,8 +19,8 @@ export PKG_CONFIG_SYSROOT_DIR=$P
 # and the machine's own /usr/include (another libjpeg) would be used instead.
 export PKG_CONFIG_ALLOW_SYSTEM_CFLAGS=1
 # ... and ahead of every other include folder (the machine has another
-# libjpeg's jpeglib.h somewhere on the compiler's path).
-export CPPFLAGS="-I$P/usr/include${CPPFLAGS:+ $CPPFLAGS}"
+# libjpeg's jconfig.h in /usr/include/x86_64-linux-gnu).
+export CPPFLAGS="-I$P/usr/include -I$P/usr/include/x86_64-linux-gnu${CPPFLAGS:+ $CPPFLAGS}"
 export PKG_CONFIG_PATH=$P/usr/lib/x86_64-linux-gnu/pkgconfig:$P/usr/share/pkgconfig
 export LD_LIBRARY_PATH=$P/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PATH=/usr/local/cuda/bin:$PATH
