@@ -8,6 +8,7 @@
 #include "aq/log.h"
 #include "aq/models.h"
 #include "aq/train.h"
+#include "aq/variance.h"
 
 #include <stdexcept>
 #include <string>
@@ -60,8 +61,8 @@ int main(int argc, char** argv) {
   app.add_option("--resume", o.resume, "Continue from this checkpoint")->group(r);
   app.add_flag("--gather-checkpoints", o.gather_checkpoints, "Keep checkpoint-<epoch>.h5 of every epoch")->group(r);
   app.add_flag("--evaluate,-e", o.evaluate, "Only evaluate (the --resume checkpoint) on the test split")->group(r);
-  app.add_flag("--training-only", training_only, "With --evaluate: the seed's gradient-variance mode (aq-variance)")->group(r);
-  app.add_option("--resume2", resume2, "With --evaluate --training-only: the seed's second checkpoint (aq-variance)")->group(r);
+  app.add_flag("--training-only", training_only, "With --evaluate: the seed's gradient-variance measurement (as aq-variance)")->group(r);
+  app.add_option("--resume2", resume2, "With --evaluate --training-only: the seed's second checkpoint (the same as --resume)")->group(r);
   aq::cli::add_common(app, common);
   return aq::cli::run(app, argc, argv, [&]() -> int {
     o.device = aq::cli::apply_common(common);
@@ -72,10 +73,18 @@ int main(int argc, char** argv) {
     o.schedule = aq::train::parse_schedule(schedule);
     o.nesterov = aq::parse_bool(nesterov);
     o.progress = common.verbosity >= 0;
-    if (training_only || !resume2.empty())
-      throw std::invalid_argument(
-          "--training-only/--resume2 (the seed's gradient-variance measurement) are not available yet; "
-          "they arrive with aq-variance");
+    if (training_only) {  // the seed's gradient-variance mode: aq-variance's measurement
+      if (!o.evaluate) throw std::invalid_argument("--training-only goes with --evaluate");
+      if (!resume2.empty() && resume2 != o.resume)
+        throw std::invalid_argument("--resume2 must name the --resume checkpoint (aq measures one model)");
+      aq::variance::RunOptions v;
+      v.dataset = o.dataset, v.data_dir = o.data_dir, v.arch = o.arch, v.resume = o.resume;
+      v.num_classes = o.num_classes, v.batch_size = o.batch_size, v.image_size = o.image_size;
+      v.workers = o.workers, v.device = o.device, v.seed = o.seed_given ? o.seed : 0;
+      v.configs = {o.quant};
+      return aq::variance::run(v);
+    }
+    if (!resume2.empty()) throw std::invalid_argument("--resume2 goes with --evaluate --training-only");
     if (o.quant.scope == aq::Scope::kSyncBN)
       throw std::invalid_argument("-c qsyncbn needs distributed training, which is not available yet");
     for (int i = 0; i < argc; ++i) o.command += (i ? " " : "") + std::string(argv[i]);

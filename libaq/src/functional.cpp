@@ -3,6 +3,9 @@
 // the restored input.
 #include "aq/functional.h"
 
+#include "aq/adaptive.h"
+#include "aq/log.h"
+
 #include "aq_config.h"
 
 #include <ATen/ATen.h>
@@ -172,7 +175,17 @@ class Swapper {
 // scheme reads, and keeps it in the context.
 void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfig& c, LayerState* st) {
   const CompressOptions o = compress_options(c);
-  const Packed p = st && st->bits.defined() ? quantize(x, st->bits, o) : quantize(x, c.cabits, o);
+  // Bits: set by hand on the layer, else adaptive (ibits > cabits), else cabits.
+  Packed p;
+  if (st && st->bits.defined()) {
+    p = quantize(x, st->bits, o);
+  } else if (st && adaptive(c) && x.dim() > 0 && x.size(0) > 0) {
+    p = quantize(x, choose_bits(*st, c, x), o);
+    ctx->saved_data["usegradient"] = c.usegradient;
+    if (st->indices.defined()) ctx->saved_data["indices"] = st->indices;
+  } else {
+    p = quantize(x, c.cabits, o);
+  }
   if (st) {
     const at::Tensor r = (p.mx.to(at::kFloat) - p.mn.to(at::kFloat)).pow(2);
     st->range_sq = p.pergroup ? r.sum(1) : (r * static_cast<double>(p.groups_per_sample())).expand({p.samples});
@@ -206,6 +219,13 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
   // L3.1 (and L4/L5 on the CPU, which has nothing to swap from): how many
   // samples backward restores at a time (0: all at once).
   int64_t chunk = 0;
+  if (c.swap && !x.is_cuda()) {
+    static std::once_flag said;
+    std::call_once(said, [&] {
+      log().info("{} on the CPU: no device memory to swap from; running as L3.1 (micro-batched backward)",
+                 to_string(c.level));
+    });
+  }
   if ((c.micro_batch_backward || (c.swap && !x.is_cuda())) && p.samples > 1) {
     const int64_t per_sample = std::max<int64_t>(1, p.sample_elements * x.element_size());
     chunk = std::max<int64_t>(1, c.micro_batch_bytes / per_sample);
@@ -271,7 +291,12 @@ void for_each_micro_batch(AutogradContext* ctx, c10::ScalarType dtype, F&& f) {
 
 void record_grad(AutogradContext* ctx, const at::Tensor& g) {
   LayerStatePtr st = state_of(ctx);
-  if (st && g.defined() && g.dim() > 0) st->grad_sq = g.reshape({g.size(0), -1}).to(at::kFloat).pow(2).sum(1);
+  if (!st || !g.defined() || g.dim() == 0) return;
+  st->grad_sq = g.reshape({g.size(0), -1}).to(at::kFloat).pow(2).sum(1);
+  auto& s = ctx->saved_data;
+  if (s.count("usegradient"))
+    update_gradient_stats(*st, s["usegradient"].toBool(), st->grad_sq,
+                          s.count("indices") ? s["indices"].toTensor() : at::Tensor());
 }
 
 struct LinearFn : torch::autograd::Function<LinearFn> {
@@ -279,6 +304,7 @@ struct LinearFn : torch::autograd::Function<LinearFn> {
                             const QuantConfig* c, const LayerStatePtr& st) {
     ctx->save_for_backward({w});
     put_state(ctx, st);
+    if (st) st->kernel_area = 1, st->conv_groups = 1, st->in_channels = w.size(1);
     if (w.requires_grad())  // only the weight's gradient needs x
       save_compressed(ctx, x, *c, st.get());
     else if (st)
@@ -312,6 +338,12 @@ struct ConvFn : torch::autograd::Function<ConvFn> {
                             int64_t groups, const QuantConfig* c, const LayerStatePtr& st) {
     ctx->save_for_backward({w});
     put_state(ctx, st);
+    if (st) {
+      st->kernel_area = 1;
+      for (int64_t i = 2; i < w.dim(); ++i) st->kernel_area *= w.size(i);
+      st->conv_groups = groups;
+      st->in_channels = x.size(1);
+    }
     save_compressed(ctx, x, *c, st.get());
     auto& s = ctx->saved_data;
     s["stride"] = stride;
@@ -361,6 +393,7 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
                                                    /*training=*/true, momentum, eps);
     ctx->save_for_backward({w, mean, invstd});
     put_state(ctx, st);
+    if (st) st->batch_norm = true, st->in_channels = x.size(1);
     save_compressed(ctx, x, *c, st.get());
     if (st) st->saved_bytes += mean.nbytes() + invstd.nbytes();
     ctx->saved_data["eps"] = eps;

@@ -1,5 +1,6 @@
 #include "aq/train.h"
 
+#include "aq/adaptive.h"
 #include "aq/log.h"
 #include "aq/modules.h"
 #include "aq_config.h"
@@ -535,12 +536,6 @@ void Trainer::setup() {
   log().info("{} on {} ({} train / {} test images, {}x{}x{}, {} classes), {} on {}, seed {}", o_.arch, dataset_,
              train_set_->size(), test_set_->size(), info.channels, info.height, info.width, info.num_classes,
              o_.quant.to_flags(), dev_.str(), seed_);
-  if (o_.quant.swap && !dev_.is_cuda())
-    log().info("{} on the CPU: no device memory to swap from; running as L3.1 (micro-batched backward)",
-               aq::to_string(o_.quant.level));
-  if (o_.quant.compresses() && o_.quant.ibits != o_.quant.cabits)
-    log().info("adaptive bit allocation is not implemented yet: every activation is kept at --cabits={}",
-               o_.quant.cabits);
 }
 
 void Trainer::restore(const ckpt::Checkpoint& c) {
@@ -558,6 +553,7 @@ void Trainer::restore(const ckpt::Checkpoint& c) {
     st->momentum_buffer(it->second.to(p.value().options()));
     state[p.value().unsafeGetTensorImpl()] = std::move(st);
   }
+  load_adaptive_state(*model_, c.optimizer);
   for (const auto& [key, t] : c.rng) {
     if (key != "cpu" && !(key == "cuda" && dev_.is_cuda())) continue;
     at::Generator g = at::globalContext().defaultGenerator(key == "cpu" ? c10::Device(c10::kCPU) : dev_);
@@ -622,6 +618,7 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
     const auto& buf = static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer();
     if (buf.defined()) c.optimizer.emplace_back(p.key() + ".momentum_buffer", buf);
   }
+  for (auto& t : adaptive_state(*model_)) c.optimizer.push_back(std::move(t));
   c.rng.emplace_back("cpu", at::globalContext().defaultGenerator(c10::kCPU).get_state());
   if (dev_.is_cuda()) c.rng.emplace_back("cuda", at::globalContext().defaultGenerator(dev_).get_state());
   c.metric_columns = kColumns;
@@ -667,6 +664,7 @@ int Trainer::run() {
   const auto params = model_->parameters();
   namespace F = torch::nn::functional;
   const auto ce = F::CrossEntropyFuncOptions().label_smoothing(o_.label_smoothing);
+  const bool per_layer = adaptive(o_.quant) && o_.quant.perlayer;
   for (; epoch_ < o_.epochs; ++epoch_) {
     model_->train();
     train_loader_->start(epoch_, batch_);
@@ -686,6 +684,7 @@ int Trainer::run() {
       auto y = b->labels.to(dev_, /*non_blocking=*/true);
       const int64_t before = memory(dev_).allocated;
       torch::Tensor logits, loss;
+      set_batch_indices(b->indices);
       {
         AutocastScope ac(dev_, o_.amp);
         logits = model_->forward(x);
@@ -701,6 +700,7 @@ int Trainer::run() {
         loss.backward();
         opt_->step();
       }
+      if (per_layer) adapt_layers(*model_);
       loss_sum += loss.detach().to(torch::kDouble) * y.size(0);
       correct += logits.detach().argmax(1).eq(y).sum();
       seen_now += y.size(0);

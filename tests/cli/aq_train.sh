@@ -3,12 +3,14 @@
 # Fashion-MNIST (2-bit and exact, same seed), resume after --max-steps and
 # after SIGTERM, the seed's CIFAR-10/100 command lines on generated CIFAR-format
 # files, and aq-eval on good, piped and broken checkpoints.
-#   aq_train.sh AQ_TRAIN AQ_EVAL [aq-train.1 aq-eval.1]
+#   aq_train.sh AQ_TRAIN AQ_EVAL AQ_VARIANCE [aq-train.1 aq-eval.1 aq-variance.1]
 set -u
 TRAIN=$1
 EVAL=$2
-MAN_TRAIN=${3:-}
-MAN_EVAL=${4:-}
+VAR=$3
+MAN_TRAIN=${4:-}
+MAN_EVAL=${5:-}
+MAN_VAR=${6:-}
 FMNIST=${AQ_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
 fail=0
 check() { if ! eval "$2"; then echo "FAIL: $1" >&2; fail=1; fi; }
@@ -26,8 +28,8 @@ check "--cabits=9 exits 2" '[ $rc -eq 2 ] && grep -q "cabits" "$tmp/err"'
 check "unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
 "$TRAIN" -c qsyncbn >/dev/null 2>"$tmp/err"; rc=$?
 check "qsyncbn: not available yet, exit 2" '[ $rc -eq 2 ] && grep -q "not available yet" "$tmp/err"'
-"$TRAIN" --evaluate --training-only >/dev/null 2>"$tmp/err"; rc=$?
-check "--training-only: aq-variance, exit 2" '[ $rc -eq 2 ] && grep -q "aq-variance" "$tmp/err"'
+"$TRAIN" --training-only >/dev/null 2>"$tmp/err"; rc=$?
+check "--training-only without --evaluate: exit 2" '[ $rc -eq 2 ] && grep -q "goes with --evaluate" "$tmp/err"'
 "$TRAIN" --workspace "$tmp/w0" "$tmp/nowhere" >"$tmp/out" 2>"$tmp/err"; rc=$?
 check "missing dataset: exit 1, names the files and the package" \
   '[ $rc -eq 1 ] && [ $(wc -l <"$tmp/err") -eq 1 ] && grep -q "train-images-idx3-ubyte" "$tmp/err" && grep -q "dataset-fashion-mnist" "$tmp/err"'
@@ -35,7 +37,7 @@ check "missing dataset: exit 1, names the files and the package" \
 "$EVAL" >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-eval without files exits 2" '[ $rc -eq 2 ]'
 
-for pair in "$TRAIN:$MAN_TRAIN" "$EVAL:$MAN_EVAL"; do
+for pair in "$TRAIN:$MAN_TRAIN" "$EVAL:$MAN_EVAL" "$VAR:$MAN_VAR"; do
   tool=${pair%%:*}; man=${pair#*:}
   [ -n "$man" ] || continue
   opts_help=$("$tool" --help | grep -oE -- '--[a-z][a-z0-9-]+' | sort -u)
@@ -111,6 +113,34 @@ check "... and the checkpoint is untouched" 'cmp -s "$tmp/q/checkpoint.h5" "$tmp
 "$TRAIN" "${common[@]}" --max-steps 1 --workspace "$tmp/file" >/dev/null 2>"$tmp/err"; rc=$?
 check "workspace that is a file: exit 1" '[ $rc -eq 1 ] && grep -q "not a folder" "$tmp/err"'
 
+# --- aq-variance: the seed's table on the 120-step checkpoint, clear-cut parts -------
+cat >"$tmp/configs.txt" <<'EOF'
+# the seed's CIFAR-10 configurations, then exact, then uniform 4 and 8 bits per group
+-c quantize --ca=True --cabits=4 --ibits=4 --pergroup=False --perlayer=False
+-c quantize --ca=True --cabits=2 --ibits=2 --pergroup=False --perlayer=False
+-c quantize --ca=True --cabits=2 --ibits=2 --pergroup=True --perlayer=False
+-c quantize --ca=True --cabits=2 --ibits=8 --pergroup=True --perlayer=False
+-c quantize --ca=True --cabits=2 --ibits=8 --pergroup=True --perlayer=False --usegradient=False
+-c quantize --ca=True --cabits=2 --ibits=8 --pergroup=True --perlayer=True
+-c quantize --ca=True --cabits=2 --ibits=8 --pergroup=True --perlayer=True --usegradient=False
+-c fanin
+-c quantize --cabits=4 --ibits=4 --perlayer=False
+-c quantize --cabits=8 --ibits=8 --perlayer=False
+EOF
+"$VAR" --device cpu --resume "$tmp/q/checkpoint.h5" --configs "$tmp/configs.txt" -K 3 -S 3 -b 64 -q -o "$tmp/var.h5" "$FMNIST" >"$tmp/var.tsv"; rc=$?
+awk -F'\t' '$2 == "total"' "$tmp/var.tsv" >"$tmp/var.total"
+cat "$tmp/var.total" >&2
+t() { sed -n "${1}p" "$tmp/var.total" | cut -f3; }
+b() { sed -n "${1}p" "$tmp/var.total" | cut -f4; }
+check "aq-variance: 10 configurations, HDF5 written" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/var.total") -eq 10 ] && [ -s "$tmp/var.h5" ]'
+check "exact configuration: zero variance" '[ "$(t 8)" = 0 ] && [ "$(b 8)" = 0 ]'
+check "2-bit: no-pergroup >> pergroup" 'awk -v a="$(t 2)" -v b="$(t 3)" "BEGIN{exit !(a > 5*b)}"'
+check "2-bit pergroup > per-sample > per-sample+per-layer" 'awk -v a="$(t 3)" -v b="$(t 4)" -v c="$(t 6)" "BEGIN{exit !(a > b && b > c)}"'
+check "usegradient=True below False" 'awk -v a="$(t 4)" -v b="$(t 5)" -v c="$(t 6)" -v d="$(t 7)" "BEGIN{exit !(a < b && c < d)}"'
+check "2 -> 4 -> 8 bits: variance falls about as (2^b-1)^-2 (x25, x289)" \
+  'awk -v a="$(t 3)" -v b="$(t 9)" -v c="$(t 10)" "BEGIN{r=a/b; s=b/c; exit !(r > 10 && r < 60 && s > 100 && s < 800)}"'
+check "Bias/Var near 0.5 for S=3" 'awk -v v="$(t 3)" -v b="$(b 3)" "BEGIN{r=b/v; exit !(r > 0.35 && r < 0.65)}"'
+
 # --- ImageNet-style model on synthetic data, bf16 autocast, level L4 -------------------
 "$TRAIN" --dataset synthetic --arch resnet18 --image-size 32 --num-classes 10 -b 8 --max-steps 2 --val-batches 1 \
   --amp bf16 --level L4 --workspace "$tmp/syn" >"$tmp/syn.tsv" 2>"$tmp/err"; rc=$?
@@ -151,6 +181,13 @@ check "seed's CIFAR-100 line runs (--dataset cifar10 --num-classes 100)" '[ $rc 
 cat "$tmp/err" >&2
 "$EVAL" --data "$tmp/cifar10" -q "$tmp"/c10/checkpoint-*.h5 >"$tmp/c10e.tsv"; rc=$?
 check "aq-eval on every gathered checkpoint" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/c10e.tsv") -eq 3 ] && [ "$(tail -1 "$tmp/c10e.tsv" | cut -f5)" = 8 ]'
+test10="$data10 $quant --workspace $tmp/tmp --evaluate --training-only --resume $tmp/c10/checkpoint-2.h5 --resume2 $tmp/c10/checkpoint-2.h5"
+"$VAR" $test10 "$tmp/cifar10" -q >"$tmp/v10.tsv" 2>"$tmp/err"; rc=$?
+check "seed's testing line with aq-variance" '[ $rc -eq 0 ] && grep -q "	total	" "$tmp/v10.tsv" && [ ! -e "$tmp/tmp" ]'
+cat "$tmp/err" >&2
+"$TRAIN" $test10 "$tmp/cifar10" -q >"$tmp/t10.tsv" 2>"$tmp/err"; rc=$?
+check "... and with aq-train --evaluate --training-only" '[ $rc -eq 0 ] && grep -q "	total	" "$tmp/t10.tsv"'
+cat "$tmp/err" >&2
 "$EVAL" --data "$tmp/cifar10" --dataset cifar10 -q "$tmp/c100/checkpoint-1.h5" >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-eval: 100-class model on 10-class data is refused" '[ $rc -eq 1 ] && grep -q "classes" "$tmp/err"'
 exit $fail

@@ -17,8 +17,9 @@ namespace aq {
 // and for memory accounting.  Shared between a module and its autograd nodes
 // (an intrusive pointer, so that autograd contexts can hold it).
 struct LayerState : torch::CustomClassHolder {
-  // Per-sample bits (int, [N], 1..8) for the next forward; undefined: the
-  // configuration's uniform `cabits`.
+  // Per-sample bits (int, [N], 1..8) for the next forward, set by hand;
+  // undefined: adaptive allocation when ibits > cabits (aq/adaptive.h), else
+  // the configuration's uniform `cabits`.
   at::Tensor bits;
   // Of the last compressed input: per sample, the sum over its groups of
   // (mx - mn)^2, i.e. ||R_n||^2 (float [N], on the input's device).
@@ -30,6 +31,19 @@ struct LayerState : torch::CustomClassHolder {
   // Bytes the last forward kept for backward (compressed data, bounds, masks,
   // BatchNorm statistics).
   int64_t saved_bytes = 0;
+
+  // Adaptive precision (ALGORITHM.md 5; aq/adaptive.h), used when the
+  // configuration has ibits > cabits.  Filled by the layer's forward:
+  int64_t kernel_area = 1, conv_groups = 1, in_channels = 1;  // conv/linear geometry
+  bool batch_norm = false;   // BatchNorm: no gradient term in the sensitivity
+  at::Tensor indices;        // dataset indices of the last forward's samples (CPU int64 [N])
+  std::vector<int> last_bits;  // per-sample bits the last forward chose
+  // Average bits for the next forward (0: cabits); set by adapt_layers().
+  double budget = 0;
+  // Gradient statistics: per dataset index, the running average of
+  // ||dL/dy_n||^2 (usegradient; -1: not seen yet), or the batch mean of the
+  // last backward (float, 0-d; !usegradient).  On the layer's device.
+  at::Tensor sample_stat, grad_mean;
 };
 using LayerStatePtr = c10::intrusive_ptr<LayerState>;
 inline LayerStatePtr make_layer_state() { return c10::make_intrusive<LayerState>(); }

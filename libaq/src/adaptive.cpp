@@ -1,0 +1,206 @@
+#include "aq/adaptive.h"
+
+#include "aq/allocate.h"
+#include "aq/modules.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <map>
+#include <cmath>
+
+namespace aq {
+
+namespace {
+thread_local at::Tensor current_indices;
+
+// ||R_n||^2 of x's per-group ranges, as the engine groups x (float [N]).
+at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
+  const int64_t n = x.dim() ? x.size(0) : 1;
+  const at::Tensor v = x.reshape({n, -1}).to(at::kFloat);
+  const int64_t d = v.size(1), g = c.group_size;
+  if (d == 0) return at::zeros({n}, v.options());
+  if (!c.pergroup) {
+    const at::Tensor r = (v.max() - v.min()).pow(2);
+    return (r * static_cast<double>((d + g - 1) / g)).expand({n}).contiguous();
+  }
+  const int64_t full = d / g * g;
+  at::Tensor acc = at::zeros({n}, v.options());
+  if (full) {
+    const at::Tensor f = v.narrow(1, 0, full).view({n, full / g, g});
+    acc = acc + (std::get<0>(f.max(2)) - std::get<0>(f.min(2))).pow(2).sum(1);
+  }
+  if (full < d) {
+    const at::Tensor t = v.narrow(1, full, d - full);
+    acc = acc + (std::get<0>(t.max(1)) - std::get<0>(t.min(1))).pow(2);
+  }
+  return acc;
+}
+
+}  // namespace
+
+void set_batch_indices(const at::Tensor& indices) {
+  current_indices = indices.defined() ? indices.to(at::kCPU, at::kLong).contiguous() : at::Tensor();
+}
+const at::Tensor& batch_indices() { return current_indices; }
+
+std::vector<double> sensitivities(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
+                                  int64_t elements, const at::Tensor& indices) {
+  const int64_t n = range_sq.size(0);
+  const double g = c.pergroup ? static_cast<double>(c.group_size) : static_cast<double>(std::max<int64_t>(1, elements));
+  const double positions = std::max<double>(1.0, static_cast<double>(elements) / std::max<int64_t>(1, st.in_channels));
+  at::Tensor s = at::ones({n}, range_sq.options());
+  if (!st.batch_norm) {
+    if (c.usegradient && st.sample_stat.defined() && indices.defined() && indices.numel() == n) {
+      const at::Tensor idx = indices.to(st.sample_stat.device());
+      const at::Tensor inside = idx < st.sample_stat.size(0);
+      const at::Tensor known = at::where(inside, st.sample_stat.index({idx.clamp_max(st.sample_stat.size(0) - 1)}),
+                                         at::full({}, -1.0, st.sample_stat.options()));
+      const at::Tensor seen = known >= 0;
+      // Never-seen samples take the mean of the seen ones (1 if none).
+      const at::Tensor count = seen.sum();
+      const at::Tensor mean = at::where(count > 0, (known * seen).sum() / count.clamp_min(1), at::ones({}, known.options()));
+      s = at::where(seen, known, mean).to(range_sq.device());
+    } else if (!c.usegradient && st.grad_mean.defined()) {
+      s = st.grad_mean.to(range_sq.device()).expand({n});  // 0 before the first backward, as the original
+    }
+    s = s * (static_cast<double>(st.kernel_area) / (4.0 * static_cast<double>(st.conv_groups)));
+  }
+  const at::Tensor cn = (range_sq.to(at::kDouble) * (g / positions) * s.to(at::kDouble)).cpu().contiguous();
+  return std::vector<double>(cn.data_ptr<double>(), cn.data_ptr<double>() + n);
+}
+
+at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x) {
+  const int64_t n = x.dim() ? x.size(0) : 1;
+  const int64_t elements = n ? x.numel() / n : 0;
+  const at::Tensor r = range_sq_of(x, c);
+  st.indices = batch_indices().defined() && batch_indices().numel() == n ? batch_indices() : at::Tensor();
+  const std::vector<double> cn = sensitivities(st, c, r, elements, st.indices);
+  const double per_sample = st.budget > 0 ? st.budget : static_cast<double>(c.cabits);
+  const Allocation a = allocate_bits(cn, std::vector<int64_t>(n, 1), std::floor(per_sample * n + 1e-9), c.ibits);
+  st.last_bits = a.bits;
+  return at::tensor(a.bits, at::kInt);
+}
+
+void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& grad_sq, const at::Tensor& indices) {
+  if (!grad_sq.defined() || grad_sq.numel() == 0) return;
+  const at::Tensor g = grad_sq.to(at::kFloat);
+  if (!usegradient || !indices.defined() || indices.numel() != g.numel()) {
+    st.grad_mean = g.mean().detach();
+    return;
+  }
+  const int64_t need = indices.max().item<int64_t>() + 1;  // CPU indices: no device sync
+  if (!st.sample_stat.defined() || st.sample_stat.device() != g.device() || st.sample_stat.size(0) < need) {
+    at::Tensor grown = at::full({std::max<int64_t>(need, st.sample_stat.defined() ? st.sample_stat.size(0) * 2 : need)},
+                                -1.0, g.options());
+    if (st.sample_stat.defined())
+      grown.narrow(0, 0, st.sample_stat.size(0)).copy_(st.sample_stat.to(g.device()));
+    st.sample_stat = grown;
+  }
+  const at::Tensor idx = indices.to(g.device());
+  const at::Tensor old = st.sample_stat.index({idx});
+  st.sample_stat.index_put_({idx}, at::where(old >= 0, 0.5 * old + 0.5 * g, g));
+  st.grad_mean = g.mean().detach();
+}
+
+namespace {
+
+struct Adaptive {
+  std::string name;
+  QLayer* layer;
+};
+std::vector<Adaptive> adaptive_layers(torch::nn::Module& model, bool perlayer_only) {
+  std::vector<Adaptive> out;
+  for (const auto& item : model.named_modules()) {
+    auto* q = dynamic_cast<QLayer*>(item.value().get());
+    if (!q || !adaptive(q->config())) continue;
+    const LayerState& st = *q->state();
+    if (st.last_bits.empty() || !st.range_sq.defined()) continue;
+    if (perlayer_only && (st.batch_norm || !q->config().perlayer)) continue;
+    out.push_back({item.key(), q});
+  }
+  return out;
+}
+
+}  // namespace
+
+int64_t adapt_layers(torch::nn::Module& model) {
+  const auto layers = adaptive_layers(model, /*perlayer_only=*/true);
+  if (layers.empty()) return 0;
+  std::vector<double> cost;
+  std::vector<int64_t> weight;
+  std::vector<size_t> first;
+  double budget = 0;
+  int ibits = 8;
+  for (const auto& l : layers) {
+    const LayerState& st = *l.layer->state();
+    const QuantConfig& c = l.layer->config();
+    const auto cn = sensitivities(st, c, st.range_sq, st.sample_elements, st.indices);
+    first.push_back(cost.size());
+    cost.insert(cost.end(), cn.begin(), cn.end());
+    weight.insert(weight.end(), cn.size(), std::max<int64_t>(1, st.sample_elements));
+    budget += static_cast<double>(c.cabits) * static_cast<double>(st.sample_elements) * static_cast<double>(cn.size());
+    ibits = c.ibits;
+  }
+  const Allocation a = allocate_bits(cost, weight, budget, ibits);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const size_t b = first[i], e = i + 1 < layers.size() ? first[i + 1] : cost.size();
+    double sum = 0;
+    for (size_t k = b; k < e; ++k) sum += a.bits[k];
+    layers[i].layer->state()->budget = e > b ? sum / static_cast<double>(e - b) : 0.0;
+  }
+  return static_cast<int64_t>(layers.size());
+}
+
+std::vector<LayerBits> layer_bits(torch::nn::Module& model) {
+  std::vector<LayerBits> out;
+  for (const auto& l : adaptive_layers(model, /*perlayer_only=*/false)) {
+    const LayerState& st = *l.layer->state();
+    const auto cn = sensitivities(st, l.layer->config(), st.range_sq, st.sample_elements, st.indices);
+    LayerBits b;
+    b.name = l.name;
+    b.elements = st.sample_elements;
+    for (double v : cn) b.sensitivity += v / static_cast<double>(cn.size());
+    for (int v : st.last_bits) b.bits += static_cast<double>(v) / static_cast<double>(st.last_bits.size());
+    b.budget = st.budget > 0 ? st.budget : l.layer->config().cabits;
+    out.push_back(b);
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> adaptive_state(torch::nn::Module& model) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& item : model.named_modules()) {
+    auto* q = dynamic_cast<QLayer*>(item.value().get());
+    if (!q) continue;
+    const LayerState& st = *q->state();
+    if (st.budget > 0) out.emplace_back(item.key() + ".aq_budget", at::scalar_tensor(st.budget, at::kDouble));
+    if (st.sample_stat.defined()) out.emplace_back(item.key() + ".aq_sample_stat", st.sample_stat.cpu());
+    if (st.grad_mean.defined()) out.emplace_back(item.key() + ".aq_grad_mean", st.grad_mean.cpu());
+  }
+  return out;
+}
+
+void load_adaptive_state(torch::nn::Module& model, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  std::map<std::string, QLayer*> layers;
+  for (const auto& item : model.named_modules())
+    if (auto* q = dynamic_cast<QLayer*>(item.value().get())) layers[item.key()] = q;
+  at::Device dev = at::kCPU;
+  for (const auto& p : model.parameters()) {
+    dev = p.device();
+    break;
+  }
+  for (const auto& [key, t] : tensors) {
+    const auto dot = key.rfind(".aq_");
+    if (dot == std::string::npos) continue;
+    auto it = layers.find(key.substr(0, dot));
+    if (it == layers.end()) continue;
+    LayerState& st = *it->second->state();
+    const std::string what = key.substr(dot + 4);
+    if (what == "budget") st.budget = t.item<double>();
+    else if (what == "sample_stat") st.sample_stat = t.to(dev, at::kFloat);
+    else if (what == "grad_mean") st.grad_mean = t.to(dev, at::kFloat);
+  }
+}
+
+}  // namespace aq

@@ -1,0 +1,211 @@
+#include "aq/variance.h"
+
+#include "aq/adaptive.h"
+#include "aq/checkpoint.h"
+#include "aq/modules.h"
+#include "aq/train.h"
+
+#include <CLI/CLI.hpp>
+#include <torch/nn/functional/loss.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <sstream>
+#include <stdexcept>
+
+namespace aq::variance {
+
+namespace {
+
+bool conv_or_linear(const torch::nn::Module& m) {
+  return dynamic_cast<const torch::nn::LinearImpl*>(&m) || dynamic_cast<const torch::nn::Conv1dImpl*>(&m) ||
+         dynamic_cast<const torch::nn::Conv2dImpl*>(&m) || dynamic_cast<const torch::nn::Conv3dImpl*>(&m) ||
+         dynamic_cast<const torch::nn::ConvTranspose1dImpl*>(&m) ||
+         dynamic_cast<const torch::nn::ConvTranspose2dImpl*>(&m) ||
+         dynamic_cast<const torch::nn::ConvTranspose3dImpl*>(&m);
+}
+
+void reset_adaptive(torch::nn::Module& model) {
+  for (const auto& m : model.modules()) {
+    if (auto* q = dynamic_cast<QLayer*>(m.get())) {
+      LayerState& st = *q->state();
+      st.budget = 0;
+      st.sample_stat = at::Tensor();
+      st.grad_mean = at::Tensor();
+      st.last_bits.clear();
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<Result> measure(models::Model& model, data::Loader& loader, const c10::Device& device,
+                            const std::vector<QuantConfig>& configs, const Options& o) {
+  if (o.batches < 1 || o.samples < 2)
+    throw std::invalid_argument("variance needs at least 1 batch and 2 samples per batch");
+  std::vector<std::string> names;
+  std::vector<torch::Tensor> weights;
+  for (const auto& item : model.named_modules()) {
+    if (!conv_or_linear(*item.value())) continue;
+    names.push_back(item.key() + ".weight");
+    weights.push_back(item.value()->named_parameters(false)["weight"]);
+  }
+  // The model's buffers (running statistics) are restored at the end.
+  std::vector<torch::Tensor> buffers, saved;
+  for (const auto& b : model.buffers()) buffers.push_back(b), saved.push_back(b.clone());
+  std::vector<data::Batch> batches;
+  loader.start(0);
+  while (static_cast<int64_t>(batches.size()) < o.batches) {
+    auto b = loader.next();
+    if (!b) break;
+    b->images = b->images.to(device);
+    b->labels = b->labels.to(device);
+    batches.push_back(*b);
+  }
+  if (batches.empty()) throw std::runtime_error("variance: the dataset yields no batch");
+  const double K = static_cast<double>(batches.size());
+  model.train();
+  auto gradients = [&](const data::Batch& b, bool per_layer) {
+    model.zero_grad();
+    set_batch_indices(b.indices);
+    auto loss = torch::nn::functional::cross_entropy(model.forward(b.images), b.labels);
+    loss.backward();
+    if (per_layer) adapt_layers(model);
+    std::vector<torch::Tensor> g;
+    for (const auto& w : weights) g.push_back(w.grad().to(torch::kDouble).clone());
+    return g;
+  };
+  QuantConfig exact;
+  exact.scope = Scope::kNone;
+  QModule(model, exact);
+  std::vector<std::vector<torch::Tensor>> g_exact;
+  for (const auto& b : batches) g_exact.push_back(gradients(b, false));
+  std::vector<Figures> sample(names.size());
+  for (size_t l = 0; l < names.size(); ++l) {
+    torch::Tensor mean = torch::zeros_like(g_exact[0][l]);
+    for (const auto& g : g_exact) mean += g[l] / K;
+    for (const auto& g : g_exact) sample[l].sample_var += (g[l] - mean).pow(2).sum().item<double>();
+  }
+  std::vector<Result> out;
+  for (const auto& cfg : configs) {
+    QModule(model, cfg);
+    reset_adaptive(model);
+    const bool per_layer = adaptive(cfg) && cfg.perlayer;
+    if (adaptive(cfg))
+      for (const auto& b : batches) gradients(b, per_layer);  // statistics and budgets first
+    Result r;
+    r.config = cfg.to_flags();
+    r.layers = names;
+    r.per_layer = sample;
+    for (auto& f : r.per_layer) f.overall_var = f.bias = 0;
+    for (size_t k = 0; k < batches.size(); ++k) {
+      std::vector<std::vector<torch::Tensor>> gs;
+      for (int64_t s = 0; s < o.samples; ++s) gs.push_back(gradients(batches[k], per_layer));
+      for (size_t l = 0; l < names.size(); ++l) {
+        std::vector<torch::Tensor> col;
+        for (const auto& g : gs) col.push_back(g[l]);
+        const auto stacked = torch::stack(col);
+        r.per_layer[l].overall_var += stacked.var(0, /*unbiased=*/false).sum().item<double>() / K;
+        r.per_layer[l].bias += (stacked.mean(0) - g_exact[k][l]).pow(2).sum().item<double>() / K;
+      }
+    }
+    for (const auto& f : r.per_layer) {
+      r.total.overall_var += f.overall_var;
+      r.total.bias += f.bias;
+      r.total.sample_var += f.sample_var;
+    }
+    out.push_back(std::move(r));
+  }
+  model.zero_grad();
+  {
+    torch::NoGradGuard g;
+    for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(saved[i]);
+  }
+  return out;
+}
+
+std::vector<QuantConfig> parse_configs(const std::string& text) {
+  std::vector<QuantConfig> out;
+  std::string normalized = text;
+  for (char& ch : normalized)
+    if (ch == ';') ch = '\n';
+  std::istringstream in(normalized);
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    const auto hash = line.find('#');
+    if (hash != std::string::npos) line.resize(hash);
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    CLI::App app;
+    QuantOptions q(app);
+    try {
+      app.parse(line, /*program_name_included=*/false);
+      out.push_back(q.resolve());
+    } catch (const CLI::ParseError& e) {
+      throw std::invalid_argument("configuration " + std::to_string(n) + " ('" + line + "'): " + e.what());
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument("configuration " + std::to_string(n) + " ('" + line + "'): " + e.what());
+    }
+  }
+  if (out.empty()) throw std::invalid_argument("no configuration given");
+  return out;
+}
+
+int run(const RunOptions& o) {
+  ckpt::Checkpoint c;
+  std::string dataset = o.dataset, arch = o.arch;
+  if (!o.resume.empty()) {
+    c = ckpt::load(o.resume);
+    arch = c.meta.count("arch") ? c.meta.at("arch") : arch;
+    dataset = c.meta.count("dataset") ? c.meta.at("dataset") : dataset;
+  } else if ((dataset == "cifar10" || dataset == "cifar100") && o.num_classes == 100) {
+    dataset = "cifar100";
+  }
+  torch::manual_seed(o.seed);
+  data::OpenOptions oo;
+  oo.image_size = o.image_size;
+  if (o.num_classes > 0) oo.synthetic_classes = o.num_classes;
+  auto set = data::open(dataset, o.data_dir, data::Split::kTrain, oo);
+  models::ModelPtr model;
+  QuantConfig exact;
+  exact.scope = Scope::kNone;
+  if (!o.resume.empty())
+    model = train::model_from_checkpoint(c, o.resume, exact);
+  else
+    model = models::build(arch, set->info().channels, set->info().num_classes, exact);
+  model->to(o.device);
+  data::LoaderOptions lo;
+  lo.batch_size = o.batch_size;
+  lo.workers = o.workers;
+  lo.seed = o.seed;
+  data::Loader loader(set, lo);
+  const auto results = measure(*model, loader, o.device, o.configs, o.options);
+  std::printf("config\tlayer\toverall_var\tbias\tsample_var\n");
+  ckpt::Checkpoint out;
+  out.meta = {{"kind", "aq-variance"}, {"arch", arch}, {"dataset", dataset}, {"checkpoint", o.resume}};
+  out.counters = {{"batches", o.options.batches}, {"samples", o.options.samples}, {"batch_size", o.batch_size}};
+  out.metric_columns = {"config", "layer", "overall_var", "bias", "sample_var"};
+  std::string configs, layers;
+  for (size_t i = 0; i < results.size(); ++i) {
+    const auto& r = results[i];
+    configs += (i ? "\n" : "") + r.config;
+    for (size_t l = 0; l < r.layers.size(); ++l) {
+      const auto& f = r.per_layer[l];
+      std::printf("%s\t%s\t%.6g\t%.6g\t%.6g\n", r.config.c_str(), r.layers[l].c_str(), f.overall_var, f.bias,
+                  f.sample_var);
+      out.metric_rows.push_back({double(i), double(l), f.overall_var, f.bias, f.sample_var});
+      if (i == 0) layers += (l ? "\n" : "") + r.layers[l];
+    }
+    std::printf("%s\ttotal\t%.6g\t%.6g\t%.6g\n", r.config.c_str(), r.total.overall_var, r.total.bias,
+                r.total.sample_var);
+    out.metric_rows.push_back({double(i), -1.0, r.total.overall_var, r.total.bias, r.total.sample_var});
+    std::fflush(stdout);
+  }
+  out.meta["configs"] = configs;
+  out.meta["layers"] = layers;
+  if (!o.output.empty()) ckpt::save(o.output, out);
+  return 0;
+}
+
+}  // namespace aq::variance
