@@ -147,9 +147,11 @@ TEST_P(Models, SwappingKeepsTheGradients) {
   const auto g3 = run(aq::Level::L3, &held3);
   const auto g4 = run(aq::Level::L4, &held4);
   ASSERT_EQ(g3.size(), g4.size());
+  // Not bitwise on CUDA: cuDNN's weight-gradient algorithms add atomically,
+  // so elements near zero differ relatively; compare to each tensor's scale.
   for (size_t i = 0; i < g3.size(); ++i)
-    EXPECT_TRUE(torch::allclose(g3[i], g4[i], 1e-4, 1e-5)) << "parameter " << i;
-  // (Not bitwise on CUDA: cuDNN's weight-gradient algorithms add atomically.)
+    EXPECT_LE((g3[i] - g4[i]).abs().max().item<double>(), 1e-4 * g3[i].abs().max().item<double>() + 1e-12)
+        << "parameter " << i;
   if (dev().is_cuda()) EXPECT_LT(held4 * 2, held3) << "L3 " << held3 << " bytes, L4 " << held4;
 }
 
