@@ -1,6 +1,7 @@
 // The seed's architectures: layouts and names (torchvision's for the
 // ImageNet-style nets), shapes, what -c changes, the memory they hold, and
 // loading a state into them.
+#include "aq/adaptive.h"
 #include "aq/models.h"
 #include "aq/modules.h"
 #include "aq/train.h"
@@ -8,6 +9,10 @@
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <cstdio>
 
 namespace {
 
@@ -153,6 +158,68 @@ TEST_P(Models, SwappingKeepsTheGradients) {
     EXPECT_LE((g3[i] - g4[i]).abs().max().item<double>(), 1e-4 * g3[i].abs().max().item<double>() + 1e-12)
         << "parameter " << i;
   if (dev().is_cuda()) EXPECT_LT(held4 * 2, held3) << "L3 " << held3 << " bytes, L4 " << held4;
+}
+
+// Adaptive precision: per-sample bits vary, per-layer budgets move and
+// average at most cabits; the statistics saved (as in a checkpoint or a
+// calibration file) and loaded into another model allocate the same bits.
+TEST(ModelsAdaptive, SavedStatisticsAllocateTheSameBits) {
+  const auto cfg = aq::QuantConfig::for_level(aq::Level::L3);  // cabits 2, ibits 8, perlayer, usegradient
+  torch::manual_seed(0);
+  auto a = aq::models::build("preact_resnet20", 1, 10, cfg);
+  auto b = aq::models::build("preact_resnet20", 1, 10, cfg);
+  {
+    torch::NoGradGuard g;
+    auto pb = b->named_parameters();
+    for (const auto& p : a->named_parameters()) pb[p.key()].copy_(p.value());
+  }
+  auto x = torch::randn({16, 1, 28, 28}) * torch::linspace(0.2, 3.0, 16).view({16, 1, 1, 1});
+  auto y = torch::randint(10, {16}, torch::kLong);
+  const auto idx = torch::arange(100, 116, torch::kLong);
+  for (int step = 0; step < 3; ++step) {
+    a->zero_grad();
+    aq::set_batch_indices(idx);
+    torch::nn::functional::cross_entropy(a->forward(x), y).backward();
+    EXPECT_GT(aq::adapt_layers(*a), 10);
+  }
+  double weighted = 0, elements = 0;
+  bool moved = false, varied = false;
+  for (const auto& l : aq::layer_bits(*a)) {
+    if (l.name.find("bn") != std::string::npos) continue;
+    weighted += l.budget * l.elements;
+    elements += l.elements;
+    moved = moved || std::abs(l.budget - 2.0) > 0.1;
+  }
+  for (const auto& m : a->modules(false))
+    if (auto* q = dynamic_cast<aq::QLayer*>(m.get()))
+      for (int bits : q->state()->last_bits) varied = varied || bits != q->state()->last_bits[0];
+  EXPECT_LE(weighted / elements, 2.0 + 1e-9);
+  EXPECT_TRUE(moved) << "per-layer budgets stayed at cabits";
+  EXPECT_TRUE(varied) << "every sample got the same bits";
+  // Through a file, as aq-train's checkpoints and aq-calibrate keep them.
+  const std::string path = "/tmp/aq-test-adaptive-" + std::to_string(::getpid()) + ".h5";
+  aq::ckpt::Checkpoint c;
+  c.meta["kind"] = "aq-calibration";
+  c.optimizer = aq::adaptive_state(*a);
+  aq::ckpt::save(path, c);
+  aq::load_adaptive_state(*b, aq::ckpt::load(path).optimizer);
+  std::remove(path.c_str());
+  aq::set_batch_indices(idx);
+  torch::manual_seed(5);
+  a->forward(x);
+  torch::manual_seed(5);
+  b->forward(x);
+  auto ma = a->named_modules(), mb = b->named_modules();
+  int compared = 0;
+  for (const auto& item : ma) {
+    auto* qa = dynamic_cast<aq::QLayer*>(item.value().get());
+    if (!qa || qa->state()->last_bits.empty()) continue;
+    auto* qb = dynamic_cast<aq::QLayer*>(mb[item.key()].get());
+    EXPECT_EQ(qa->state()->last_bits, qb->state()->last_bits) << item.key();
+    ++compared;
+  }
+  EXPECT_GT(compared, 20);
+  aq::set_batch_indices(torch::Tensor());
 }
 
 TEST(ModelsState, LoadStateChecksNamesAndShapes) {

@@ -59,6 +59,7 @@ int main(int argc, char** argv) {
   const std::string r = "Run";
   app.add_option("--workspace", o.workspace, "Folder for checkpoints (created if missing)")->capture_default_str()->group(r);
   app.add_option("--resume", o.resume, "Continue from this checkpoint")->group(r);
+  app.add_option("--calibration", o.calibration, "Start adaptive precision from this aq-calibrate file")->group(r);
   app.add_flag("--gather-checkpoints", o.gather_checkpoints, "Keep checkpoint-<epoch>.h5 of every epoch")->group(r);
   app.add_flag("--evaluate,-e", o.evaluate, "Only evaluate (the --resume checkpoint) on the test split")->group(r);
   app.add_flag("--training-only", training_only, "With --evaluate: the seed's gradient-variance measurement (as aq-variance)")->group(r);

@@ -3,6 +3,7 @@
 #include "aq/adaptive.h"
 #include "aq/log.h"
 #include "aq/modules.h"
+#include "aq/variance.h"
 #include "aq_config.h"
 
 #include <ATen/autocast_mode.h>
@@ -533,6 +534,14 @@ void Trainer::setup() {
   lo.shuffle = lo.augment = false;
   test_loader_ = std::make_unique<data::Loader>(test_set_, lo);
   if (resumed_) restore(*resumed_);
+  if (!o_.calibration.empty()) {
+    if (resumed_) {
+      log().warn("--calibration {} ignored: the --resume checkpoint has the run's own statistics", o_.calibration);
+    } else {
+      calibrate::load(*model_, o_.calibration, o_.arch);
+      log().info("adaptive statistics and per-layer budgets from {}", o_.calibration);
+    }
+  }
   log().info("{} on {} ({} train / {} test images, {}x{}x{}, {} classes), {} on {}, seed {}", o_.arch, dataset_,
              train_set_->size(), test_set_->size(), info.channels, info.height, info.width, info.num_classes,
              o_.quant.to_flags(), dev_.str(), seed_);

@@ -209,3 +209,86 @@ int run(const RunOptions& o) {
 }
 
 }  // namespace aq::variance
+
+namespace aq::calibrate {
+
+int run(const RunOptions& o) {
+  if (!adaptive(o.config))
+    throw std::invalid_argument("calibration is for adaptive configurations (--ibits above --cabits): " +
+                                o.config.to_flags());
+  ckpt::Checkpoint c;
+  std::string dataset = o.dataset, arch = o.arch;
+  if (!o.resume.empty()) {
+    c = ckpt::load(o.resume);
+    if (c.meta.count("arch")) arch = c.meta.at("arch");
+    if (c.meta.count("dataset")) dataset = c.meta.at("dataset");
+  } else if ((dataset == "cifar10" || dataset == "cifar100") && o.num_classes == 100) {
+    dataset = "cifar100";
+  }
+  torch::manual_seed(o.seed);
+  data::OpenOptions oo;
+  oo.image_size = o.image_size;
+  if (o.num_classes > 0) oo.synthetic_classes = o.num_classes;
+  auto set = data::open(dataset, o.data_dir, data::Split::kTrain, oo);
+  models::ModelPtr model = o.resume.empty()
+                               ? models::build(arch, set->info().channels, set->info().num_classes, o.config)
+                               : train::model_from_checkpoint(c, o.resume, o.config);
+  model->to(o.device);
+  model->train();
+  std::vector<torch::Tensor> buffers, saved;
+  for (const auto& b : model->buffers()) buffers.push_back(b), saved.push_back(b.clone());
+  data::LoaderOptions lo;
+  lo.batch_size = o.batch_size;
+  lo.workers = o.workers;
+  lo.seed = o.seed;
+  data::Loader loader(set, lo);
+  loader.start(0);
+  int64_t done = 0;
+  while (done < o.batches) {
+    auto b = loader.next();
+    if (!b) break;
+    model->zero_grad();
+    set_batch_indices(b->indices);
+    auto loss = torch::nn::functional::cross_entropy(model->forward(b->images.to(o.device)), b->labels.to(o.device));
+    loss.backward();
+    if (o.config.perlayer) adapt_layers(*model);
+    ++done;
+  }
+  if (done == 0) throw std::runtime_error("calibration: the dataset yields no batch");
+  {
+    torch::NoGradGuard g;  // the model's running statistics are not the point
+    for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(saved[i]);
+  }
+  const auto layers = layer_bits(*model);
+  ckpt::Checkpoint out;
+  out.meta = {{"kind", "aq-calibration"}, {"arch", arch}, {"dataset", dataset}, {"config", o.config.to_flags()},
+              {"checkpoint", o.resume}};
+  out.counters = {{"batches", done}, {"batch_size", o.batch_size}, {"seed", static_cast<int64_t>(o.seed)}};
+  out.optimizer = adaptive_state(*model);
+  out.metric_columns = {"layer", "elements", "sensitivity", "bits", "budget"};
+  std::string names;
+  std::printf("layer\telements\tsensitivity\tbits\tbudget\n");
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& l = layers[i];
+    std::printf("%s\t%lld\t%.6g\t%.3f\t%.3f\n", l.name.c_str(), static_cast<long long>(l.elements), l.sensitivity,
+                l.bits, l.budget);
+    out.metric_rows.push_back({double(i), double(l.elements), l.sensitivity, l.bits, l.budget});
+    names += (i ? "\n" : "") + l.name;
+  }
+  out.meta["layers"] = names;
+  if (!o.output.empty()) ckpt::save(o.output, out);
+  return 0;
+}
+
+void load(models::Model& model, const std::string& path, const std::string& arch) {
+  const auto c = ckpt::load(path);
+  auto kind = c.meta.find("kind");
+  if (kind == c.meta.end() || kind->second != "aq-calibration")
+    throw std::runtime_error(path + ": not a calibration file (write one with aq-calibrate -o)");
+  auto a = c.meta.find("arch");
+  if (a != c.meta.end() && a->second != arch)
+    throw std::runtime_error(path + ": calibration of a " + a->second + ", the model is a " + arch);
+  load_adaptive_state(model, c.optimizer);
+}
+
+}  // namespace aq::calibrate

@@ -3,14 +3,16 @@
 # Fashion-MNIST (2-bit and exact, same seed), resume after --max-steps and
 # after SIGTERM, the seed's CIFAR-10/100 command lines on generated CIFAR-format
 # files, and aq-eval on good, piped and broken checkpoints.
-#   aq_train.sh AQ_TRAIN AQ_EVAL AQ_VARIANCE [aq-train.1 aq-eval.1 aq-variance.1]
+#   aq_train.sh AQ_TRAIN AQ_EVAL AQ_VARIANCE AQ_CALIBRATE [their four man pages]
 set -u
 TRAIN=$1
 EVAL=$2
 VAR=$3
-MAN_TRAIN=${4:-}
-MAN_EVAL=${5:-}
-MAN_VAR=${6:-}
+CAL=$4
+MAN_TRAIN=${5:-}
+MAN_EVAL=${6:-}
+MAN_VAR=${7:-}
+MAN_CAL=${8:-}
 FMNIST=${AQ_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
 fail=0
 check() { if ! eval "$2"; then echo "FAIL: $1" >&2; fail=1; fi; }
@@ -37,7 +39,7 @@ check "missing dataset: exit 1, names the files and the package" \
 "$EVAL" >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-eval without files exits 2" '[ $rc -eq 2 ]'
 
-for pair in "$TRAIN:$MAN_TRAIN" "$EVAL:$MAN_EVAL" "$VAR:$MAN_VAR"; do
+for pair in "$TRAIN:$MAN_TRAIN" "$EVAL:$MAN_EVAL" "$VAR:$MAN_VAR" "$CAL:$MAN_CAL"; do
   tool=${pair%%:*}; man=${pair#*:}
   [ -n "$man" ] || continue
   opts_help=$("$tool" --help | grep -oE -- '--[a-z][a-z0-9-]+' | sort -u)
@@ -140,6 +142,18 @@ check "usegradient=True below False" 'awk -v a="$(t 4)" -v b="$(t 5)" -v c="$(t 
 check "2 -> 4 -> 8 bits: variance falls about as (2^b-1)^-2 (x25, x289)" \
   'awk -v a="$(t 3)" -v b="$(t 9)" -v c="$(t 10)" "BEGIN{r=a/b; s=b/c; exit !(r > 10 && r < 60 && s > 100 && s < 800)}"'
 check "Bias/Var near 0.5 for S=3" 'awk -v v="$(t 3)" -v b="$(b 3)" "BEGIN{r=b/v; exit !(r > 0.35 && r < 0.65)}"'
+
+# --- aq-calibrate, and aq-train starting from its file ----------------------------------
+"$CAL" --device cpu --resume "$tmp/q/checkpoint.h5" -K 2 -b 64 -q -o "$tmp/cal.h5" "$FMNIST" >"$tmp/cal.tsv"; rc=$?
+check "aq-calibrate: per-layer table and file" '[ $rc -eq 0 ] && head -1 "$tmp/cal.tsv" | grep -qx "layer	elements	sensitivity	bits	budget" && [ $(wc -l <"$tmp/cal.tsv") -gt 20 ] && [ -s "$tmp/cal.h5" ]'
+check "aq-calibrate: conv budgets average at most cabits" \
+  '[ -n "$(awk -F"\t" "NR>1 && \$1 !~ /bn/ {w+=\$2*\$5; n+=\$2} END{if (w/n <= 2.000001) print 1}" "$tmp/cal.tsv")" ]'
+"$CAL" --cabits=2 --ibits=2 -q "$FMNIST" >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-calibrate of a uniform configuration: exit 2" '[ $rc -eq 2 ] && grep -q "adaptive" "$tmp/err"'
+"$TRAIN" "${common[@]}" --max-steps 2 --calibration "$tmp/cal.h5" --workspace "$tmp/cw" -v >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-train --calibration starts from the file" '[ $rc -eq 0 ] && grep -q "per-layer budgets from" "$tmp/err"'
+"$TRAIN" "${common[@]}" --max-steps 2 --calibration "$tmp/q/checkpoint.h5" --workspace "$tmp/cw2" >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-train --calibration with a checkpoint: exit 1" '[ $rc -eq 1 ] && grep -q "not a calibration file" "$tmp/err"'
 
 # --- ImageNet-style model on synthetic data, bf16 autocast, level L4 -------------------
 "$TRAIN" --dataset synthetic --arch resnet18 --image-size 32 --num-classes 10 -b 8 --max-steps 2 --val-batches 1 \

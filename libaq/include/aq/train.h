@@ -49,6 +49,7 @@ struct Options {
   // Run.
   std::string workspace = ".";
   std::string resume;                // checkpoint to continue from
+  std::string calibration;           // aq-calibrate's file: adaptive statistics to start from
   bool gather_checkpoints = false;   // also keep checkpoint-<epoch>.h5
   bool evaluate = false;             // evaluate only
   c10::Device device{c10::kCPU};

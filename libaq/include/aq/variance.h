@@ -63,3 +63,28 @@ struct RunOptions {
 int run(const RunOptions& options);
 
 }  // namespace aq::variance
+
+// aq-calibrate: the statistics of adaptive precision (group ranges,
+// per-sample gradient statistics, sensitivities) collected over K batches of
+// training data forward and backward, and the allocation they give, so that
+// training can start from them instead of an arbitrary first step.
+namespace aq::calibrate {
+
+struct RunOptions {
+  std::string dataset = "fashion-mnist", data_dir, arch = "preact_resnet20", resume, output;
+  int64_t num_classes = 0, batch_size = 128, image_size = 224, batches = 10;
+  int workers = 0;
+  QuantConfig config;
+  c10::Device device{c10::kCPU};
+  uint64_t seed = 0;
+};
+// TSV on stdout (layer, elements, sensitivity, bits, budget); the HDF5 file
+// (aq-checkpoint(5), "Calibration files") when output is set.
+int run(const RunOptions& options);
+
+// Loads a calibration file's statistics and budgets into the model's aq
+// layers (aq-train --calibration).  Throws std::runtime_error naming the
+// file if it is not a calibration file or is for another architecture.
+void load(models::Model& model, const std::string& path, const std::string& arch);
+
+}  // namespace aq::calibrate
