@@ -1,12 +1,14 @@
-// aq-bench: measured numbers for aq: compression kernels, training-step memory.
+// aq-bench: measured numbers for aq: compression kernels, training-step memory and time.
 // TSV on stdout, one line per measurement; logs on stderr.
 #include "aq/cli.h"
 #include "aq/compress.h"
+#include "aq/adaptive.h"
 #include "aq/log.h"
 #include "aq/models.h"
 #include "aq/train.h"
 
 #include <torch/cuda.h>
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -152,10 +154,103 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
   return aq::cli::kOk;
 }
 
+struct StepArgs {
+  std::string arch = "resnet50";
+  int64_t batch_size = 64, image_size = 224, channels = 3, classes = 1000;
+  std::vector<std::string> levels = {"L3"};
+  std::string amp = "off";
+  int steps = 0;   // 0: 20 on CUDA, 3 on CPU
+  int warmup = 3;
+  std::string channels_last = "auto";  // auto: on CUDA
+};
+
+// Training-step time and memory: the exact model, then each level, on one
+// synthetic batch, as a user would run them (SGD with momentum, cuDNN
+// autotuning and channels_last on CUDA, aq's per-layer reallocation after
+// each step for adaptive levels), with ratios to exact from the same process.
+int bench_step(const StepArgs& a, const torch::Device& dev) {
+  const auto amp = aq::train::parse_amp(a.amp);
+  const bool cl = a.channels_last == "auto" ? dev.is_cuda() : aq::parse_bool(a.channels_last);
+  const int steps = a.steps ? a.steps : (dev.is_cuda() ? 20 : 3);
+  aq::train::install_cpu_memory_counter();
+  if (dev.is_cuda()) at::globalContext().setBenchmarkCuDNN(true);
+  std::vector<std::pair<std::string, aq::QuantConfig>> configs;
+  aq::QuantConfig exact;
+  exact.scope = aq::Scope::kNone;
+  configs.emplace_back("exact", exact);
+  for (const auto& l : a.levels) {
+    if (l == "exact") continue;
+    const auto level = aq::parse_level(l);
+    configs.emplace_back(aq::to_string(level), aq::QuantConfig::for_level(level));
+  }
+  auto x = torch::randn({a.batch_size, a.channels, a.image_size, a.image_size}, torch::TensorOptions().device(dev));
+  if (cl) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+  auto y = torch::randint(a.classes, {a.batch_size}, torch::TensorOptions().dtype(torch::kLong).device(dev));
+  const auto idx = torch::arange(a.batch_size, torch::kLong);
+  std::printf("device\tarch\tbatch\timage\tamp\tlevel\tmedian_ms\timg_per_s\tact_MB\tpeak_MB\tspeed_ratio\tact_ratio\tpeak_ratio\n");
+  double exact_ips = 0, exact_act = 0, exact_peak = 0;
+  const double MB = 1048576.0;
+  for (const auto& [name, cfg] : configs) {
+    torch::manual_seed(0);
+    auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
+    model->to(dev);
+    if (cl) {
+      torch::NoGradGuard g;
+      for (auto& p : model->parameters())
+        if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+    }
+    model->train();
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
+    const bool per_layer = aq::adaptive(cfg) && cfg.perlayer;
+    int64_t act = 0;
+    auto step = [&](bool measure) {
+      opt.zero_grad();
+      aq::set_batch_indices(idx);
+      const int64_t before = aq::train::memory(dev).allocated;
+      torch::Tensor logits;
+      {
+        at::autocast::set_autocast_enabled(dev.type(), amp != aq::train::Amp::kOff);
+        if (amp != aq::train::Amp::kOff)
+          at::autocast::set_autocast_dtype(dev.type(), amp == aq::train::Amp::kBFloat16 ? at::kBFloat16 : at::kHalf);
+        logits = model->forward(x);
+        at::autocast::set_autocast_enabled(dev.type(), false);
+        at::autocast::clear_cache();
+      }
+      auto loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y);
+      if (measure) act = aq::train::memory(dev).allocated - before;
+      loss.backward();
+      opt.step();
+      if (per_layer) aq::adapt_layers(*model);
+    };
+    for (int i = 0; i < a.warmup; ++i) step(false);
+    sync(dev);
+    const int64_t base = aq::train::memory(dev).allocated;
+    aq::train::reset_peak(dev);
+    std::vector<double> t;
+    for (int i = 0; i < steps; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      step(i == 0);
+      sync(dev);
+      t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    const double peak = static_cast<double>(aq::train::memory(dev).peak - base);
+    std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+    const double med = t[t.size() / 2], ips = a.batch_size / med;
+    if (name == "exact") exact_ips = ips, exact_act = act, exact_peak = peak;
+    std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\t%.2f\t%.1f\t%.2f\t%.2f\t%.3f\t%.2f\t%.2f\n", dev.str().c_str(),
+                a.arch.c_str(), static_cast<long long>(a.batch_size), static_cast<long long>(a.image_size),
+                a.amp.c_str(), name.c_str(), med * 1e3, ips, act / MB, peak / MB, ips / exact_ips,
+                exact_act / std::max<double>(1, act), exact_peak / std::max<double>(1, peak));
+    std::fflush(stdout);
+  }
+  aq::set_batch_indices(torch::Tensor());
+  return aq::cli::kOk;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"aq-bench: measure aq's compression kernels and training-step memory; TSV on stdout", "aq-bench"};
+  CLI::App app{"aq-bench: measure aq's compression kernels and training steps; TSV on stdout", "aq-bench"};
   app.set_version_flag("--version", AQ_VERSION_STRING);
   app.require_subcommand(1);
   aq::cli::Common common;
@@ -181,10 +276,26 @@ int main(int argc, char** argv) {
   mem->add_option("--levels", ma.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
       ->delimiter(',')->capture_default_str();
   mem->add_option("--amp", ma.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
+  StepArgs sa;
+  auto* st = app.add_subcommand("step", "Training-step time and memory: exact model and each level, same process");
+  aq::cli::add_common(*st, common);
+  st->add_option("--arch", sa.arch, "Architecture (see aq-train --arch)")->capture_default_str();
+  st->add_option("-b,--batch-size", sa.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
+  st->add_option("--image-size", sa.image_size, "Image side")->check(CLI::PositiveNumber)->capture_default_str();
+  st->add_option("--channels", sa.channels, "Input channels")->check(CLI::PositiveNumber)->capture_default_str();
+  st->add_option("--classes", sa.classes, "Classes")->check(CLI::PositiveNumber)->capture_default_str();
+  st->add_option("--levels", sa.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
+      ->delimiter(',')->capture_default_str();
+  st->add_option("--amp", sa.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
+  st->add_option("--steps", sa.steps, "Timed steps, median reported (0: 20 on CUDA, 3 on CPU)")
+      ->check(CLI::NonNegativeNumber);
+  st->add_option("--warmup", sa.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  st->add_option("--channels-last", sa.channels_last, "auto (on CUDA), True or False")->capture_default_str();
   return aq::cli::run(app, argc, argv, [&] {
     const auto dev = aq::cli::apply_common(common);
     if (k->parsed()) return bench_kernels(ka, dev);
     if (mem->parsed()) return bench_memory(ma, dev);
+    if (st->parsed()) return bench_step(sa, dev);
     return static_cast<int>(aq::cli::kUsage);
   });
 }

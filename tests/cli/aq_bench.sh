@@ -45,9 +45,13 @@ check "memory: L2 between exact and L3" '[ -n "$(awk -F"\t" "\$6==\"L2\" && \$10
 cat "$tmp/out" >&2
 "$BENCH" memory --arch nope --device cpu >/dev/null 2>"$tmp/err"; rc=$?
 check "memory: unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
+"$BENCH" step --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L3 --steps 2 --warmup 1 -q >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "step: exits 0, header and 2 rows" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/out") -eq 3 ] && head -1 "$tmp/out" | grep -q "^device	arch	batch	image	amp	level	median_ms	img_per_s"'
+check "step: exact ratio 1, L3 holds >= 8x less" '[ -n "$(awk -F"\t" "\$6==\"exact\" && \$11==1.000" "$tmp/out")" ] && [ -n "$(awk -F"\t" "\$6==\"L3\" && \$12 >= 8 && \$8 > 0" "$tmp/out")" ]'
+cat "$tmp/out" >&2
 # The man page documents exactly the options --help shows.
 if [ -n "$MAN" ]; then
-  opts_help=$({ "$BENCH" --help; "$BENCH" kernels --help; "$BENCH" memory --help; } | grep -oE -- '--[a-z][a-z0-9-]+' | sort -u)
+  opts_help=$({ "$BENCH" --help; "$BENCH" kernels --help; "$BENCH" memory --help; "$BENCH" step --help; } | grep -oE -- '--[a-z][a-z0-9-]+' | sort -u)
   opts_man=$(grep -oE -- '\\-\\-[a-z][a-z0-9\\-]+' "$MAN" | sed 's/\\//g' | sort -u)
   check "man page and --help list the same options" '[ "$opts_help" = "$opts_man" ]'
   [ "$opts_help" = "$opts_man" ] || diff <(echo "$opts_help") <(echo "$opts_man") >&2
