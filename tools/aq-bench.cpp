@@ -3,12 +3,16 @@
 #include "aq/cli.h"
 #include "aq/compress.h"
 #include "aq/adaptive.h"
+#include "aq_config.h"
 #include "aq/log.h"
 #include "aq/models.h"
 #include "aq/train.h"
 
 #include <torch/cuda.h>
 #include <ATen/autocast_mode.h>
+#if AQ_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -247,6 +251,108 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
   return aq::cli::kOk;
 }
 
+struct MaxBatchArgs {
+  std::string arch = "resnet50";
+  int64_t image_size = 224, channels = 3, classes = 1000, start = 16, limit_mb = 0;
+  std::vector<std::string> levels = {"L3", "L5"};
+  std::string amp = "off";
+};
+
+// Largest batch whose training step (forward, backward, SGD step) fits: the
+// exact model and each level; doubling from --start, then bisection.  On
+// CUDA "fits" means no out-of-memory error (and, with --limit-mb, a peak
+// within the limit); on the CPU the limit is required.
+int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
+  if (!dev.is_cuda() && a.limit_mb <= 0)
+    throw std::invalid_argument("max-batch on the CPU needs --limit-mb (host memory is no device budget)");
+  aq::train::install_cpu_memory_counter();
+  const auto amp = aq::train::parse_amp(a.amp);
+  std::vector<std::pair<std::string, aq::QuantConfig>> configs;
+  aq::QuantConfig exact;
+  exact.scope = aq::Scope::kNone;
+  configs.emplace_back("exact", exact);
+  for (const auto& l : a.levels) {
+    if (l == "exact") continue;
+    const auto level = aq::parse_level(l);
+    configs.emplace_back(aq::to_string(level), aq::QuantConfig::for_level(level));
+  }
+  std::printf("device\tarch\timage\tamp\tlevel\tmax_batch\tratio\ttrials\n");
+  int64_t exact_max = 0;
+  for (const auto& [name, cfg] : configs) {
+    torch::manual_seed(0);
+    auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
+    model->to(dev);
+    model->train();
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
+    const bool per_layer = aq::adaptive(cfg) && cfg.perlayer;
+    int trials = 0;
+    auto fits = [&](int64_t b) {
+      ++trials;
+      bool ok = true;
+      const int64_t base = aq::train::memory(dev).allocated;
+      aq::train::reset_peak(dev);
+      try {
+        auto x = torch::randn({b, a.channels, a.image_size, a.image_size}, torch::TensorOptions().device(dev));
+        auto y = torch::randint(a.classes, {b}, torch::TensorOptions().dtype(torch::kLong).device(dev));
+        opt.zero_grad();
+        aq::set_batch_indices(torch::arange(b, torch::kLong));
+        torch::Tensor logits;
+        at::autocast::set_autocast_enabled(dev.type(), amp != aq::train::Amp::kOff);
+        if (amp != aq::train::Amp::kOff)
+          at::autocast::set_autocast_dtype(dev.type(), amp == aq::train::Amp::kBFloat16 ? at::kBFloat16 : at::kHalf);
+        logits = model->forward(x);
+        at::autocast::set_autocast_enabled(dev.type(), false);
+        at::autocast::clear_cache();
+        torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y).backward();
+        opt.step();
+        if (per_layer) aq::adapt_layers(*model);
+        sync(dev);
+      } catch (const c10::OutOfMemoryError&) {
+        ok = false;
+        at::autocast::set_autocast_enabled(dev.type(), false);
+        at::autocast::clear_cache();
+      }
+      if (ok && a.limit_mb > 0) ok = aq::train::memory(dev).peak - base <= a.limit_mb * 1048576;
+      opt.zero_grad();
+      aq::set_batch_indices(torch::Tensor());
+#if AQ_WITH_CUDA
+      if (dev.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
+      aq::log().debug("{} batch {}: {}", name, b, ok ? "fits" : "does not fit");
+      return ok;
+    };
+    int64_t lo = 0, hi = 0;
+    for (int64_t b = std::max<int64_t>(1, a.start); b <= (int64_t(1) << 22); b *= 2) {
+      if (fits(b)) {
+        lo = b;
+      } else {
+        hi = b;
+        break;
+      }
+    }
+    if (lo == 0 && hi > 1) {  // even --start failed: search below it
+      for (int64_t b = hi / 2; b >= 1; b /= 2)
+        if (fits(b)) {
+          lo = b;
+          break;
+        } else {
+          hi = b;
+        }
+    }
+    while (lo > 0 && hi > lo + 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (fits(mid)) lo = mid;
+      else hi = mid;
+    }
+    if (name == "exact") exact_max = lo;
+    std::printf("%s\t%s\t%lld\t%s\t%s\t%lld\t%.2f\t%d\n", dev.str().c_str(), a.arch.c_str(),
+                static_cast<long long>(a.image_size), a.amp.c_str(), name.c_str(), static_cast<long long>(lo),
+                exact_max ? double(lo) / exact_max : 0.0, trials);
+    std::fflush(stdout);
+  }
+  return aq::cli::kOk;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -291,11 +397,25 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   st->add_option("--warmup", sa.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   st->add_option("--channels-last", sa.channels_last, "auto (on CUDA), True or False")->capture_default_str();
+  MaxBatchArgs mb;
+  auto* mx = app.add_subcommand("max-batch", "Largest batch whose training step fits: exact model and each level");
+  aq::cli::add_common(*mx, common);
+  mx->add_option("--arch", mb.arch, "Architecture (see aq-train --arch)")->capture_default_str();
+  mx->add_option("--image-size", mb.image_size, "Image side")->check(CLI::PositiveNumber)->capture_default_str();
+  mx->add_option("--channels", mb.channels, "Input channels")->check(CLI::PositiveNumber)->capture_default_str();
+  mx->add_option("--classes", mb.classes, "Classes")->check(CLI::PositiveNumber)->capture_default_str();
+  mx->add_option("--levels", mb.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
+      ->delimiter(',')->capture_default_str();
+  mx->add_option("--amp", mb.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
+  mx->add_option("--start", mb.start, "First batch tried (then doubled)")->check(CLI::PositiveNumber)->capture_default_str();
+  mx->add_option("--limit-mb", mb.limit_mb, "Also require the step's peak within this many MiB (required on the CPU)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
   return aq::cli::run(app, argc, argv, [&] {
     const auto dev = aq::cli::apply_common(common);
     if (k->parsed()) return bench_kernels(ka, dev);
     if (mem->parsed()) return bench_memory(ma, dev);
     if (st->parsed()) return bench_step(sa, dev);
+    if (mx->parsed()) return bench_max_batch(mb, dev);
     return static_cast<int>(aq::cli::kUsage);
   });
 }

@@ -49,9 +49,15 @@ check "memory: unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architec
 check "step: exits 0, header and 2 rows" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/out") -eq 3 ] && head -1 "$tmp/out" | grep -q "^device	arch	batch	image	amp	level	median_ms	img_per_s"'
 check "step: exact ratio 1, L3 holds >= 8x less" '[ -n "$(awk -F"\t" "\$6==\"exact\" && \$11==1.000" "$tmp/out")" ] && [ -n "$(awk -F"\t" "\$6==\"L3\" && \$12 >= 8 && \$8 > 0" "$tmp/out")" ]'
 cat "$tmp/out" >&2
+"$BENCH" max-batch --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 --levels L3 --limit-mb 48 --start 8 -q >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "max-batch: exits 0, exact and L3" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/out") -eq 3 ] && head -1 "$tmp/out" | grep -qx "device	arch	image	amp	level	max_batch	ratio	trials"'
+check "max-batch: L3 fits over 2x the exact batch in the same memory" '[ -n "$(awk -F"\t" "\$5==\"L3\" && \$7 >= 2" "$tmp/out")" ]'
+cat "$tmp/out" >&2
+"$BENCH" max-batch --device cpu --arch preact_resnet20 >/dev/null 2>"$tmp/err"; rc=$?
+check "max-batch on the CPU without --limit-mb: exit 2" '[ $rc -eq 2 ] && grep -q "limit-mb" "$tmp/err"'
 # The man page documents exactly the options --help shows.
 if [ -n "$MAN" ]; then
-  opts_help=$({ "$BENCH" --help; "$BENCH" kernels --help; "$BENCH" memory --help; "$BENCH" step --help; } | grep -oE -- '--[a-z][a-z0-9-]+' | sort -u)
+  opts_help=$({ "$BENCH" --help; "$BENCH" kernels --help; "$BENCH" memory --help; "$BENCH" step --help; "$BENCH" max-batch --help; } | grep -oE -- '--[a-z][a-z0-9-]+' | sort -u)
   opts_man=$(grep -oE -- '\\-\\-[a-z][a-z0-9\\-]+' "$MAN" | sed 's/\\//g' | sort -u)
   check "man page and --help list the same options" '[ "$opts_help" = "$opts_man" ]'
   [ "$opts_help" = "$opts_man" ] || diff <(echo "$opts_help") <(echo "$opts_man") >&2
