@@ -9,7 +9,6 @@
 #include "aq/train.h"
 
 #include <torch/cuda.h>
-#include <ATen/autocast_mode.h>
 #if AQ_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
@@ -118,26 +117,50 @@ int bench_kernels(const KernelArgs& a, const torch::Device& dev) {
   return aq::cli::kOk;
 }
 
-struct MemoryArgs {
+// What the model benchmarks share: the model, its input, and the levels
+// compared with the exact model.
+struct ModelArgs {
   std::string arch = "resnet50";
-  int64_t batch_size = 32, image_size = 224, channels = 3, classes = 1000;
-  std::vector<std::string> levels = {"L1", "L2", "L3", "L3.1"};
+  int64_t image_size = 224, channels = 3, classes = 1000;
+  std::vector<std::string> levels;
   std::string amp = "off";
+};
+
+void add_model_options(CLI::App& sub, ModelArgs& m) {
+  sub.add_option("--arch", m.arch, "Architecture (see aq-train --arch)")->capture_default_str();
+  sub.add_option("--image-size", m.image_size, "Image side")->check(CLI::PositiveNumber)->capture_default_str();
+  sub.add_option("--channels", m.channels, "Input channels")->check(CLI::PositiveNumber)->capture_default_str();
+  sub.add_option("--classes", m.classes, "Classes")->check(CLI::PositiveNumber)->capture_default_str();
+  sub.add_option("--levels", m.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
+      ->delimiter(',')->capture_default_str();
+  sub.add_option("--amp", m.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
+}
+
+// The exact model's configuration first (the baseline of every ratio), then
+// each level's.
+std::vector<std::pair<std::string, aq::QuantConfig>> exact_and_levels(const std::vector<std::string>& levels) {
+  std::vector<std::pair<std::string, aq::QuantConfig>> configs;
+  aq::QuantConfig exact;
+  exact.scope = aq::Scope::kNone;
+  configs.emplace_back("exact", exact);
+  for (const auto& l : levels) {
+    if (l == "exact") continue;
+    const auto level = aq::parse_level(l);
+    configs.emplace_back(aq::to_string(level), aq::QuantConfig::for_level(level));
+  }
+  return configs;
+}
+
+struct MemoryArgs : ModelArgs {
+  int64_t batch_size = 32;
+  MemoryArgs() { levels = {"L1", "L2", "L3", "L3.1"}; }
 };
 
 // Activation and peak memory of one training step: the exact model, then
 // each level, with their ratios to exact measured in the same process.
 int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
   const auto amp = aq::train::parse_amp(a.amp);
-  std::vector<std::pair<std::string, aq::QuantConfig>> configs;
-  aq::QuantConfig exact;
-  exact.scope = aq::Scope::kNone;
-  configs.emplace_back("exact", exact);
-  for (const auto& l : a.levels) {
-    if (l == "exact") continue;
-    const auto level = aq::parse_level(l);
-    configs.emplace_back(aq::to_string(level), aq::QuantConfig::for_level(level));
-  }
+  const auto configs = exact_and_levels(a.levels);
   auto x = torch::randn({a.batch_size, a.channels, a.image_size, a.image_size});
   auto y = torch::randint(a.classes, {a.batch_size}, torch::kLong);
   std::printf("device\tarch\tbatch\timage\tamp\tlevel\tact_MB\tpeak_MB\taq_saved_MB\tact_ratio\tpeak_ratio\tstep_ms\n");
@@ -158,14 +181,12 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
   return aq::cli::kOk;
 }
 
-struct StepArgs {
-  std::string arch = "resnet50";
-  int64_t batch_size = 64, image_size = 224, channels = 3, classes = 1000;
-  std::vector<std::string> levels = {"L3"};
-  std::string amp = "off";
+struct StepArgs : ModelArgs {
+  int64_t batch_size = 64;
   int steps = 0;   // 0: 20 on CUDA, 3 on CPU
   int warmup = 3;
   std::string channels_last = "auto";  // auto: on CUDA
+  StepArgs() { levels = {"L3"}; }
 };
 
 // Training-step time and memory: the exact model, then each level, on one
@@ -178,15 +199,7 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
   const int steps = a.steps ? a.steps : (dev.is_cuda() ? 20 : 3);
   aq::train::install_cpu_memory_counter();
   if (dev.is_cuda()) at::globalContext().setBenchmarkCuDNN(true);
-  std::vector<std::pair<std::string, aq::QuantConfig>> configs;
-  aq::QuantConfig exact;
-  exact.scope = aq::Scope::kNone;
-  configs.emplace_back("exact", exact);
-  for (const auto& l : a.levels) {
-    if (l == "exact") continue;
-    const auto level = aq::parse_level(l);
-    configs.emplace_back(aq::to_string(level), aq::QuantConfig::for_level(level));
-  }
+  const auto configs = exact_and_levels(a.levels);
   auto x = torch::randn({a.batch_size, a.channels, a.image_size, a.image_size}, torch::TensorOptions().device(dev));
   if (cl) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
   auto y = torch::randint(a.classes, {a.batch_size}, torch::TensorOptions().dtype(torch::kLong).device(dev));
@@ -213,12 +226,8 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
       const int64_t before = aq::train::memory(dev).allocated;
       torch::Tensor logits;
       {
-        at::autocast::set_autocast_enabled(dev.type(), amp != aq::train::Amp::kOff);
-        if (amp != aq::train::Amp::kOff)
-          at::autocast::set_autocast_dtype(dev.type(), amp == aq::train::Amp::kBFloat16 ? at::kBFloat16 : at::kHalf);
+        aq::train::AutocastScope ac(dev, amp);
         logits = model->forward(x);
-        at::autocast::set_autocast_enabled(dev.type(), false);
-        at::autocast::clear_cache();
       }
       auto loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y);
       if (measure) act = aq::train::memory(dev).allocated - before;
@@ -251,11 +260,9 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
   return aq::cli::kOk;
 }
 
-struct MaxBatchArgs {
-  std::string arch = "resnet50";
-  int64_t image_size = 224, channels = 3, classes = 1000, start = 16, limit_mb = 0;
-  std::vector<std::string> levels = {"L3", "L5"};
-  std::string amp = "off";
+struct MaxBatchArgs : ModelArgs {
+  int64_t start = 16, limit_mb = 0;
+  MaxBatchArgs() { levels = {"L3", "L5"}; }
 };
 
 // Largest batch whose training step (forward, backward, SGD step) fits: the
@@ -267,15 +274,7 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
     throw std::invalid_argument("max-batch on the CPU needs --limit-mb (host memory is no device budget)");
   aq::train::install_cpu_memory_counter();
   const auto amp = aq::train::parse_amp(a.amp);
-  std::vector<std::pair<std::string, aq::QuantConfig>> configs;
-  aq::QuantConfig exact;
-  exact.scope = aq::Scope::kNone;
-  configs.emplace_back("exact", exact);
-  for (const auto& l : a.levels) {
-    if (l == "exact") continue;
-    const auto level = aq::parse_level(l);
-    configs.emplace_back(aq::to_string(level), aq::QuantConfig::for_level(level));
-  }
+  const auto configs = exact_and_levels(a.levels);
   std::printf("device\tarch\timage\tamp\tlevel\tmax_batch\tratio\ttrials\n");
   int64_t exact_max = 0;
   for (const auto& [name, cfg] : configs) {
@@ -297,20 +296,16 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
         opt.zero_grad();
         aq::set_batch_indices(torch::arange(b, torch::kLong));
         torch::Tensor logits;
-        at::autocast::set_autocast_enabled(dev.type(), amp != aq::train::Amp::kOff);
-        if (amp != aq::train::Amp::kOff)
-          at::autocast::set_autocast_dtype(dev.type(), amp == aq::train::Amp::kBFloat16 ? at::kBFloat16 : at::kHalf);
-        logits = model->forward(x);
-        at::autocast::set_autocast_enabled(dev.type(), false);
-        at::autocast::clear_cache();
+        {
+          aq::train::AutocastScope ac(dev, amp);
+          logits = model->forward(x);
+        }
         torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y).backward();
         opt.step();
         if (per_layer) aq::adapt_layers(*model);
         sync(dev);
       } catch (const c10::OutOfMemoryError&) {
         ok = false;
-        at::autocast::set_autocast_enabled(dev.type(), false);
-        at::autocast::clear_cache();
       }
       if (ok && a.limit_mb > 0) ok = aq::train::memory(dev).peak - base <= a.limit_mb * 1048576;
       opt.zero_grad();
@@ -374,25 +369,13 @@ int main(int argc, char** argv) {
   MemoryArgs ma;
   auto* mem = app.add_subcommand("memory", "Activation and peak memory of a training step: exact model and each level");
   aq::cli::add_common(*mem, common);
-  mem->add_option("--arch", ma.arch, "Architecture (see aq-train --arch)")->capture_default_str();
+  add_model_options(*mem, ma);
   mem->add_option("-b,--batch-size", ma.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
-  mem->add_option("--image-size", ma.image_size, "Image side")->check(CLI::PositiveNumber)->capture_default_str();
-  mem->add_option("--channels", ma.channels, "Input channels")->check(CLI::PositiveNumber)->capture_default_str();
-  mem->add_option("--classes", ma.classes, "Classes")->check(CLI::PositiveNumber)->capture_default_str();
-  mem->add_option("--levels", ma.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
-      ->delimiter(',')->capture_default_str();
-  mem->add_option("--amp", ma.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
   StepArgs sa;
   auto* st = app.add_subcommand("step", "Training-step time and memory: exact model and each level, same process");
   aq::cli::add_common(*st, common);
-  st->add_option("--arch", sa.arch, "Architecture (see aq-train --arch)")->capture_default_str();
+  add_model_options(*st, sa);
   st->add_option("-b,--batch-size", sa.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
-  st->add_option("--image-size", sa.image_size, "Image side")->check(CLI::PositiveNumber)->capture_default_str();
-  st->add_option("--channels", sa.channels, "Input channels")->check(CLI::PositiveNumber)->capture_default_str();
-  st->add_option("--classes", sa.classes, "Classes")->check(CLI::PositiveNumber)->capture_default_str();
-  st->add_option("--levels", sa.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
-      ->delimiter(',')->capture_default_str();
-  st->add_option("--amp", sa.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
   st->add_option("--steps", sa.steps, "Timed steps, median reported (0: 20 on CUDA, 3 on CPU)")
       ->check(CLI::NonNegativeNumber);
   st->add_option("--warmup", sa.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
@@ -400,13 +383,7 @@ int main(int argc, char** argv) {
   MaxBatchArgs mb;
   auto* mx = app.add_subcommand("max-batch", "Largest batch whose training step fits: exact model and each level");
   aq::cli::add_common(*mx, common);
-  mx->add_option("--arch", mb.arch, "Architecture (see aq-train --arch)")->capture_default_str();
-  mx->add_option("--image-size", mb.image_size, "Image side")->check(CLI::PositiveNumber)->capture_default_str();
-  mx->add_option("--channels", mb.channels, "Input channels")->check(CLI::PositiveNumber)->capture_default_str();
-  mx->add_option("--classes", mb.classes, "Classes")->check(CLI::PositiveNumber)->capture_default_str();
-  mx->add_option("--levels", mb.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
-      ->delimiter(',')->capture_default_str();
-  mx->add_option("--amp", mb.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
+  add_model_options(*mx, mb);
   mx->add_option("--start", mb.start, "First batch tried (then doubled)")->check(CLI::PositiveNumber)->capture_default_str();
   mx->add_option("--limit-mb", mb.limit_mb, "Also require the step's peak within this many MiB (required on the CPU)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();

@@ -217,30 +217,28 @@ models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::str
 
 // --- Evaluation ------------------------------------------------------------------
 
+AutocastScope::AutocastScope(const c10::Device& d, Amp amp) : type_(d.type()), on_(amp != Amp::kOff) {
+  if (!on_) return;
+  prev_enabled_ = at::autocast::is_autocast_enabled(type_);
+  prev_dtype_ = at::autocast::get_autocast_dtype(type_);
+  at::autocast::set_autocast_enabled(type_, true);
+  at::autocast::set_autocast_dtype(type_, amp == Amp::kBFloat16 ? at::kBFloat16 : at::kHalf);
+}
+
+AutocastScope::~AutocastScope() {
+  if (!on_) return;
+  at::autocast::set_autocast_enabled(type_, prev_enabled_);
+  at::autocast::set_autocast_dtype(type_, prev_dtype_);
+  at::autocast::clear_cache();
+}
+
+std::string resolve_dataset(const std::string& dataset, int64_t num_classes) {
+  if ((dataset == "cifar10" || dataset == "cifar100") && num_classes == 100) return "cifar100";
+  if (dataset == "cifar100" && num_classes == 10) return "cifar10";
+  return dataset;
+}
+
 namespace {
-
-// Autocast on for the device type while in scope.
-class AutocastScope {
- public:
-  AutocastScope(const c10::Device& d, Amp amp) : type_(d.type()), on_(amp != Amp::kOff) {
-    if (!on_) return;
-    prev_enabled_ = at::autocast::is_autocast_enabled(type_);
-    prev_dtype_ = at::autocast::get_autocast_dtype(type_);
-    at::autocast::set_autocast_enabled(type_, true);
-    at::autocast::set_autocast_dtype(type_, amp == Amp::kBFloat16 ? at::kBFloat16 : at::kHalf);
-  }
-  ~AutocastScope() {
-    if (!on_) return;
-    at::autocast::set_autocast_enabled(type_, prev_enabled_);
-    at::autocast::set_autocast_dtype(type_, prev_dtype_);
-    at::autocast::clear_cache();
-  }
-
- private:
-  c10::DeviceType type_;
-  bool on_, prev_enabled_ = false;
-  at::ScalarType prev_dtype_ = at::kBFloat16;
-};
 
 void sync(const c10::Device& d) {
   if (d.is_cuda()) torch::cuda::synchronize(d.index());
@@ -409,14 +407,6 @@ std::string now_iso() {
   return buf;
 }
 
-// Which loader reads --dataset: the seed runs CIFAR-100 as
-// "--dataset cifar10 --num-classes 100".
-std::string resolve_dataset(const Options& o) {
-  if ((o.dataset == "cifar10" || o.dataset == "cifar100") && o.num_classes == 100) return "cifar100";
-  if (o.dataset == "cifar100" && o.num_classes == 10) return "cifar10";
-  return o.dataset;
-}
-
 struct Progress {
   bool on;
   std::chrono::steady_clock::time_point last{};
@@ -495,7 +485,7 @@ class Trainer {
 
 void Trainer::setup() {
   if (!o_.resume.empty()) resumed_ = ckpt::load(o_.resume);
-  dataset_ = resolve_dataset(o_);
+  dataset_ = resolve_dataset(o_.dataset, o_.num_classes);
   if (resumed_) {
     const std::string src = o_.resume;
     if (meta(*resumed_, "arch", src) != o_.arch)

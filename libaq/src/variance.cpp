@@ -25,6 +25,56 @@ bool conv_or_linear(const torch::nn::Module& m) {
          dynamic_cast<const torch::nn::ConvTranspose3dImpl*>(&m);
 }
 
+// Restores a model's buffers (running statistics) when it goes out of
+// scope: measuring trains in train mode, which updates them.
+class KeepBuffers {
+ public:
+  explicit KeepBuffers(torch::nn::Module& model) {
+    for (const auto& b : model.buffers()) buffers_.push_back(b), saved_.push_back(b.clone());
+  }
+  ~KeepBuffers() {
+    torch::NoGradGuard g;
+    for (size_t i = 0; i < buffers_.size(); ++i) buffers_[i].copy_(saved_[i]);
+  }
+
+ private:
+  std::vector<torch::Tensor> buffers_, saved_;
+};
+
+// What aq-variance and aq-calibrate measure: the model of `resume` (or a
+// fresh `arch`) on the dataset it was trained on, on `device`, with a loader
+// over the training split.
+struct Subject {
+  std::string arch, dataset;
+  models::ModelPtr model;
+  std::unique_ptr<data::Loader> loader;
+};
+Subject open_subject(const std::string& resume, const std::string& dataset, const std::string& data_dir,
+                     const std::string& arch, int64_t num_classes, int64_t image_size, int64_t batch_size, int workers,
+                     const QuantConfig& config, const c10::Device& device, uint64_t seed) {
+  Subject s{arch, train::resolve_dataset(dataset, num_classes), nullptr, nullptr};
+  ckpt::Checkpoint c;
+  if (!resume.empty()) {
+    c = ckpt::load(resume);
+    if (c.meta.count("arch")) s.arch = c.meta.at("arch");
+    if (c.meta.count("dataset")) s.dataset = c.meta.at("dataset");
+  }
+  torch::manual_seed(seed);
+  data::OpenOptions oo;
+  oo.image_size = image_size;
+  if (num_classes > 0) oo.synthetic_classes = num_classes;
+  auto set = data::open(s.dataset, data_dir, data::Split::kTrain, oo);
+  s.model = resume.empty() ? models::build(s.arch, set->info().channels, set->info().num_classes, config)
+                           : train::model_from_checkpoint(c, resume, config);
+  s.model->to(device);
+  data::LoaderOptions lo;
+  lo.batch_size = batch_size;
+  lo.workers = workers;
+  lo.seed = seed;
+  s.loader = std::make_unique<data::Loader>(set, lo);
+  return s;
+}
+
 void reset_adaptive(torch::nn::Module& model) {
   for (const auto& m : model.modules()) {
     if (auto* q = dynamic_cast<QLayer*>(m.get())) {
@@ -50,9 +100,7 @@ std::vector<Result> measure(models::Model& model, data::Loader& loader, const c1
     names.push_back(item.key() + ".weight");
     weights.push_back(item.value()->named_parameters(false)["weight"]);
   }
-  // The model's buffers (running statistics) are restored at the end.
-  std::vector<torch::Tensor> buffers, saved;
-  for (const auto& b : model.buffers()) buffers.push_back(b), saved.push_back(b.clone());
+  const KeepBuffers keep(model);
   std::vector<data::Batch> batches;
   loader.start(0);
   while (static_cast<int64_t>(batches.size()) < o.batches) {
@@ -117,10 +165,6 @@ std::vector<Result> measure(models::Model& model, data::Loader& loader, const c1
     out.push_back(std::move(r));
   }
   model.zero_grad();
-  {
-    torch::NoGradGuard g;
-    for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(saved[i]);
-  }
   return out;
 }
 
@@ -153,34 +197,12 @@ std::vector<QuantConfig> parse_configs(const std::string& text) {
 }
 
 int run(const RunOptions& o) {
-  ckpt::Checkpoint c;
-  std::string dataset = o.dataset, arch = o.arch;
-  if (!o.resume.empty()) {
-    c = ckpt::load(o.resume);
-    arch = c.meta.count("arch") ? c.meta.at("arch") : arch;
-    dataset = c.meta.count("dataset") ? c.meta.at("dataset") : dataset;
-  } else if ((dataset == "cifar10" || dataset == "cifar100") && o.num_classes == 100) {
-    dataset = "cifar100";
-  }
-  torch::manual_seed(o.seed);
-  data::OpenOptions oo;
-  oo.image_size = o.image_size;
-  if (o.num_classes > 0) oo.synthetic_classes = o.num_classes;
-  auto set = data::open(dataset, o.data_dir, data::Split::kTrain, oo);
-  models::ModelPtr model;
   QuantConfig exact;
   exact.scope = Scope::kNone;
-  if (!o.resume.empty())
-    model = train::model_from_checkpoint(c, o.resume, exact);
-  else
-    model = models::build(arch, set->info().channels, set->info().num_classes, exact);
-  model->to(o.device);
-  data::LoaderOptions lo;
-  lo.batch_size = o.batch_size;
-  lo.workers = o.workers;
-  lo.seed = o.seed;
-  data::Loader loader(set, lo);
-  const auto results = measure(*model, loader, o.device, o.configs, o.options);
+  const Subject sub = open_subject(o.resume, o.dataset, o.data_dir, o.arch, o.num_classes, o.image_size,
+                                   o.batch_size, o.workers, exact, o.device, o.seed);
+  const std::string &arch = sub.arch, &dataset = sub.dataset;
+  const auto results = measure(*sub.model, *sub.loader, o.device, o.configs, o.options);
   std::printf("config\tlayer\toverall_var\tbias\tsample_var\n");
   ckpt::Checkpoint out;
   out.meta = {{"kind", "aq-variance"}, {"arch", arch}, {"dataset", dataset}, {"checkpoint", o.resume}};
@@ -212,59 +234,41 @@ int run(const RunOptions& o) {
 
 namespace aq::calibrate {
 
+using variance::KeepBuffers;
+using variance::open_subject;
+using variance::Subject;
+
 int run(const RunOptions& o) {
   if (!adaptive(o.config))
     throw std::invalid_argument("calibration is for adaptive configurations (--ibits above --cabits): " +
                                 o.config.to_flags());
-  ckpt::Checkpoint c;
-  std::string dataset = o.dataset, arch = o.arch;
-  if (!o.resume.empty()) {
-    c = ckpt::load(o.resume);
-    if (c.meta.count("arch")) arch = c.meta.at("arch");
-    if (c.meta.count("dataset")) dataset = c.meta.at("dataset");
-  } else if ((dataset == "cifar10" || dataset == "cifar100") && o.num_classes == 100) {
-    dataset = "cifar100";
-  }
-  torch::manual_seed(o.seed);
-  data::OpenOptions oo;
-  oo.image_size = o.image_size;
-  if (o.num_classes > 0) oo.synthetic_classes = o.num_classes;
-  auto set = data::open(dataset, o.data_dir, data::Split::kTrain, oo);
-  models::ModelPtr model = o.resume.empty()
-                               ? models::build(arch, set->info().channels, set->info().num_classes, o.config)
-                               : train::model_from_checkpoint(c, o.resume, o.config);
-  model->to(o.device);
-  model->train();
-  std::vector<torch::Tensor> buffers, saved;
-  for (const auto& b : model->buffers()) buffers.push_back(b), saved.push_back(b.clone());
-  data::LoaderOptions lo;
-  lo.batch_size = o.batch_size;
-  lo.workers = o.workers;
-  lo.seed = o.seed;
-  data::Loader loader(set, lo);
-  loader.start(0);
+  const Subject sub = open_subject(o.resume, o.dataset, o.data_dir, o.arch, o.num_classes, o.image_size,
+                                   o.batch_size, o.workers, o.config, o.device, o.seed);
+  const std::string &arch = sub.arch, &dataset = sub.dataset;
+  models::Model& model = *sub.model;
+  data::Loader& loader = *sub.loader;
+  model.train();
   int64_t done = 0;
-  while (done < o.batches) {
-    auto b = loader.next();
-    if (!b) break;
-    model->zero_grad();
-    set_batch_indices(b->indices);
-    auto loss = torch::nn::functional::cross_entropy(model->forward(b->images.to(o.device)), b->labels.to(o.device));
-    loss.backward();
-    if (o.config.perlayer) adapt_layers(*model);
-    ++done;
+  {
+    const KeepBuffers keep(model);  // the model's running statistics are not the point
+    loader.start(0);
+    while (done < o.batches) {
+      auto b = loader.next();
+      if (!b) break;
+      model.zero_grad();
+      set_batch_indices(b->indices);
+      torch::nn::functional::cross_entropy(model.forward(b->images.to(o.device)), b->labels.to(o.device)).backward();
+      if (o.config.perlayer) adapt_layers(model);
+      ++done;
+    }
   }
   if (done == 0) throw std::runtime_error("calibration: the dataset yields no batch");
-  {
-    torch::NoGradGuard g;  // the model's running statistics are not the point
-    for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(saved[i]);
-  }
-  const auto layers = layer_bits(*model);
+  const auto layers = layer_bits(model);
   ckpt::Checkpoint out;
   out.meta = {{"kind", "aq-calibration"}, {"arch", arch}, {"dataset", dataset}, {"config", o.config.to_flags()},
               {"checkpoint", o.resume}};
   out.counters = {{"batches", done}, {"batch_size", o.batch_size}, {"seed", static_cast<int64_t>(o.seed)}};
-  out.optimizer = adaptive_state(*model);
+  out.optimizer = adaptive_state(model);
   out.metric_columns = {"layer", "elements", "sensitivity", "bits", "budget"};
   std::string names;
   std::printf("layer\telements\tsensitivity\tbits\tbudget\n");

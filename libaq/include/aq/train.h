@@ -21,6 +21,25 @@ enum class Amp { kOff, kBFloat16, kFloat16 };
 Amp parse_amp(const std::string& s);  // off, bf16, fp16
 std::string to_string(Amp a);
 
+// Autocast on for a device's type while in scope (off: nothing changes);
+// the previous state comes back, and the cast cache is cleared, on exit.
+class AutocastScope {
+ public:
+  AutocastScope(const c10::Device& device, Amp amp);
+  ~AutocastScope();
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  c10::DeviceType type_;
+  bool on_, prev_enabled_ = false;
+  c10::ScalarType prev_dtype_ = c10::kBFloat16;
+};
+
+// Which dataset --dataset means: the seed runs CIFAR-100 as
+// "--dataset cifar10 --num-classes 100" (and CIFAR-10 the other way round).
+std::string resolve_dataset(const std::string& dataset, int64_t num_classes);
+
 enum class Schedule { kOneCycle, kCosine, kStep, kConstant };
 Schedule parse_schedule(const std::string& s);  // onecycle, cosine, step, constant
 std::string to_string(Schedule s);
