@@ -2,6 +2,8 @@
 // per group: range, rounding and packing happen in one pass over the group.
 #include "kernels.h"
 
+#include <ATen/OpMathType.h>
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -181,6 +183,39 @@ void unpack_bits_cpu(const at::Tensor& packed, int bits, at::Tensor& codes) {
         uint64_t w = in[bit >> 5];
         if ((bit & 31) + bits > 32) w |= static_cast<uint64_t>(in[(bit >> 5) + 1]) << 32;
         c[i] = static_cast<scalar_t>((w >> (bit & 31)) & mask);
+      }
+    });
+  });
+}
+
+void pack_positive_cpu(const at::Tensor& x, at::Tensor& packed) {
+  const int64_t n = x.numel(), words = (n + 31) / 32;
+  uint32_t* out = reinterpret_cast<uint32_t*>(packed.data_ptr<uint8_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "aq_pack_positive_cpu", [&] {
+    const scalar_t* v = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, words, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        uint32_t w = 0;
+        for (int64_t i = k * 32; i < std::min(n, k * 32 + 32); ++i)
+          w |= static_cast<uint32_t>(static_cast<float>(v[i]) > 0.0f) << (i & 31);
+        out[k] = w;
+      }
+    });
+  });
+}
+
+void apply_mask_cpu(const at::Tensor& g, const at::Tensor& packed, double scale, at::Tensor& out) {
+  const int64_t n = g.numel();
+  const uint32_t* m = reinterpret_cast<const uint32_t*>(packed.const_data_ptr<uint8_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "aq_apply_mask_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = g.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const acc_t s = static_cast<acc_t>(scale);
+    at::parallel_for(0, n, 65536, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const bool on = (m[i >> 5] >> (i & 31)) & 1u;
+        o[i] = !on ? scalar_t(0) : scale == 1.0 ? in[i] : static_cast<scalar_t>(static_cast<acc_t>(in[i]) * s);
       }
     });
   });

@@ -550,4 +550,82 @@ void unpack_bits_cuda(const at::Tensor& packed, int bits, at::Tensor& codes) {
   });
 }
 
+// ---------------------------------------------------------------------------
+// Masks straight from the activation: a warp's ballot is the 32-element word;
+// applying reads a word per element (from cache) next to the gradient.
+
+namespace {
+
+template <typename scalar_t>
+__global__ void pack_positive_kernel(const scalar_t* __restrict__ x, int64_t n, uint32_t* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+       k < (n + 31) / 32; k += warps) {
+    const int64_t i = k * 32 + lane;
+    const bool on = i < n && static_cast<float>(x[i]) > 0.0f;
+    const uint32_t word = __ballot_sync(0xffffffffu, on);
+    if (lane == 0) out[k] = word;
+  }
+}
+
+// E consecutive elements per thread (16 bytes when aligned; E divides 32, so
+// they share one mask word).
+template <typename scalar_t, int E>
+__global__ void apply_mask_kernel(const scalar_t* __restrict__ g, const uint32_t* __restrict__ mask, int64_t n,
+                                  float scale, bool scaled, scalar_t* __restrict__ out) {
+  struct alignas(sizeof(scalar_t) * E) Vec {
+    scalar_t v[E];
+  };
+  const int64_t chunks = n / E;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = c * E;
+    const uint32_t w = __ldg(mask + (i0 >> 5)) >> (i0 & 31);
+    Vec in = reinterpret_cast<const Vec*>(g)[c], o;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const bool on = (w >> e) & 1u;
+      o.v[e] = !on ? scalar_t(0) : scaled ? static_cast<scalar_t>(static_cast<float>(in.v[e]) * scale) : in.v[e];
+    }
+    reinterpret_cast<Vec*>(out)[c] = o;
+  }
+}
+
+}  // namespace
+
+void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "aq_pack_positive_cuda", [&] {
+    pack_positive_kernel<scalar_t><<<grid_for(n, 256), 256, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), n, reinterpret_cast<uint32_t*>(packed.data_ptr<uint8_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void apply_mask_cuda(const at::Tensor& g, const at::Tensor& packed, double scale, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int64_t n = g.numel();
+  if (n == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const uint32_t* m = reinterpret_cast<const uint32_t*>(packed.const_data_ptr<uint8_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "aq_apply_mask_cuda", [&] {
+    constexpr int E = 16 / sizeof(scalar_t) < 32 ? 16 / sizeof(scalar_t) : 32;
+    const bool vec = n % E == 0 && reinterpret_cast<uintptr_t>(g.const_data_ptr()) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+    const float s = static_cast<float>(scale);
+    if (vec) {
+      apply_mask_kernel<scalar_t, E><<<grid_for(n / E, 256), 256, 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), m, n, s, scale != 1.0, out.data_ptr<scalar_t>());
+    } else {
+      apply_mask_kernel<scalar_t, 1><<<grid_for(n, 256), 256, 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), m, n, s, scale != 1.0, out.data_ptr<scalar_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace aq::kernels

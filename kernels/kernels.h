@@ -64,6 +64,14 @@ void dequantize_cuda(const Plan& plan, const at::Tensor& packed, const at::Tenso
 void pack_bits_cuda(const at::Tensor& codes, int bits, at::Tensor& packed);
 void unpack_bits_cuda(const at::Tensor& packed, int bits, at::Tensor& codes);
 
+// Masks without a bool tensor in between.  x, g and out are flat (memory
+// order); packed holds bit i = (x[i] > 0) in pack_bits's 1-bit layout.
+// apply: out[i] = bit i ? g[i] * scale : 0 (scale == 1: g[i] unchanged).
+void pack_positive_cpu(const at::Tensor& x, at::Tensor& packed);
+void apply_mask_cpu(const at::Tensor& g, const at::Tensor& packed, double scale, at::Tensor& out);
+void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed);
+void apply_mask_cuda(const at::Tensor& g, const at::Tensor& packed, double scale, at::Tensor& out);
+
 // ---------------------------------------------------------------------------
 // Shared arithmetic.  Every float operation below is a single IEEE operation
 // (no contraction into FMA: the CUDA file uses the _rn intrinsics, the CPU file

@@ -1,7 +1,15 @@
 // Tests for the greedy bit allocation (aq/allocate.h, ALGORITHM.md 5).
 #include "aq/allocate.h"
 
+#include "device_test.h"
+
 #include <gtest/gtest.h>
+#include <torch/torch.h>
+#if __has_include(<c10/cuda/CUDAFunctions.h>) && __has_include(<cuda_runtime_api.h>)
+// Header-only (inline) here, so usable without linking c10_cuda.
+#include <c10/cuda/CUDAFunctions.h>
+#define AQ_TEST_SYNC_DEBUG 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -11,12 +19,14 @@
 #include <queue>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace {
 
 using aq::Allocation;
 using aq::allocate_bits;
+using aq::allocate_bits_tensor;
 using aq::allocation_cost;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -494,6 +504,311 @@ TEST(AllocateLarge, ThirtyThousandUnits) {
   EXPECT_NEAR(static_cast<double>(a.used) / static_cast<double>(total), 2.0, 1e-3);
   EXPECT_DOUBLE_EQ(a.cost, allocation_cost(c, a.bits));
   EXPECT_TRUE(std::isfinite(a.cost));
+}
+
+// --- on the device: allocate_bits_tensor -----------------------------------------------
+
+// Run per device like DeviceTest, but named Allocate/... so that the 'allocate' unit
+// test's Allocate* filter picks these cases up.
+class AllocateTensor : public DeviceTest {
+ protected:
+  // allocate_bits_tensor's bits on the host.  cost is given as doubles and stored as
+  // `dt`; unit_weights passes an undefined weight (w must then be all ones).
+  std::vector<int> device_bits(const std::vector<double>& c, const std::vector<int64_t>& w,
+                               int64_t target, int ibits, torch::Dtype dt = torch::kDouble,
+                               bool unit_weights = false) const {
+    const torch::Tensor cost = torch::tensor(c, torch::kDouble).to(opts(dt));
+    const torch::Tensor weight = unit_weights ? torch::Tensor() : torch::tensor(w).to(dev());
+    const torch::Tensor t = torch::full({}, target, opts(torch::kLong));
+    const torch::Tensor out = allocate_bits_tensor(cost, weight, t, ibits);
+    EXPECT_EQ(out.scalar_type(), torch::kInt);
+    EXPECT_EQ(out.device().type(), dev().type());
+    EXPECT_EQ(out.dim(), 1);
+    EXPECT_EQ(out.size(0), static_cast<int64_t>(c.size()));
+    const torch::Tensor h = out.cpu().contiguous();
+    return std::vector<int>(h.data_ptr<int>(), h.data_ptr<int>() + h.numel());
+  }
+  // The doubles that allocate_bits must see for the device's `dt` cost.
+  static std::vector<double> as_dtype(const std::vector<double>& c, torch::Dtype dt) {
+    const torch::Tensor r = torch::tensor(c, torch::kDouble).to(dt).to(torch::kDouble);
+    return std::vector<double>(r.data_ptr<double>(), r.data_ptr<double>() + r.numel());
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Allocate, AllocateTensor, ::testing::Values("cpu", "cuda"),
+                         [](const auto& info) { return std::string(info.param); });
+
+// Many random problems, every kind of weight and tie, budgets from below all-ones to
+// above ibits: the bits must equal allocate_bits' exactly.
+TEST_P(AllocateTensor, SameBitsAsAllocateBitsRandom) {
+  std::mt19937_64 rng(2718);
+  int compared = 0, removals = 0, partial = 0;
+  for (int inst = 0; inst < 600; ++inst) {
+    const std::size_t n = 1 + rng() % ((inst % 10 == 0) ? 3000 : 300);
+    const int ibits = 1 + static_cast<int>(rng() % 8);
+    std::vector<double> c = random_sens(rng, n);
+    switch (inst % 6) {
+      case 0:  // heavy ties: few distinct values
+        for (auto& x : c) x = static_cast<double>(rng() % 3);
+        break;
+      case 1:  // all zero
+        std::fill(c.begin(), c.end(), 0.0);
+        break;
+      case 2:  // NaN and +Inf among finite values
+        for (auto& x : c)
+          if (rng() % 8 == 0) x = (rng() % 2) ? kNaN : kInf;
+        break;
+      case 3:  // repeated values in runs
+        for (std::size_t i = 1; i < n; ++i)
+          if (rng() % 2) c[i] = c[i - 1];
+        break;
+      default:
+        break;
+    }
+    const bool unit = inst % 3 == 0;
+    const int64_t wcap = unit ? 1 : (inst % 3 == 1) ? 7 : 100000;
+    std::vector<int64_t> w(n);
+    for (auto& x : w) x = 1 + static_cast<int64_t>(rng() % wcap);
+    const int64_t total = std::accumulate(w.begin(), w.end(), int64_t{0});
+    const torch::Dtype dt = (inst % 7 == 0) ? torch::kFloat : (inst % 11 == 0) ? torch::kHalf
+                                                                               : torch::kDouble;
+    const std::vector<double> cref = as_dtype(c, dt);
+    std::uniform_real_distribution<double> avg(0.9, ibits + 0.2);
+    for (int k = 0; k < 3; ++k) {
+      const auto target = static_cast<int64_t>(std::floor(avg(rng) * static_cast<double>(total)));
+      const Allocation a = allocate_bits(cref, w, static_cast<double>(target), ibits);
+      ASSERT_EQ(device_bits(c, w, target, ibits, dt, unit && k != 1), a.bits)
+          << "instance " << inst << " n " << n << " ibits " << ibits << " target " << target;
+      ++compared;
+      if (a.feasible && a.used < total * ibits) ++removals;
+      if (a.feasible && a.used < total * ibits && a.used > total) ++partial;
+    }
+  }
+  EXPECT_EQ(compared, 1800);
+  EXPECT_GT(removals, 900);  // the comparisons mostly exercise actual removals
+  EXPECT_GT(partial, 900);
+}
+
+// Small problems, every integer target: each cut position of the removal order, with
+// ties across units and within a unit's own bits.
+TEST_P(AllocateTensor, SameBitsEveryTargetSmall) {
+  std::mt19937_64 rng(161803);
+  long compared = 0;
+  for (int inst = 0; inst < 60; ++inst) {
+    const std::size_t n = 1 + rng() % 6;
+    const int ibits = 2 + static_cast<int>(rng() % 7);
+    std::vector<double> c = random_sens(rng, n);
+    if (inst % 3 == 0)
+      for (auto& x : c) x = static_cast<double>(rng() % 2);
+    std::vector<int64_t> w(n);
+    for (auto& x : w) x = 1 + static_cast<int64_t>(rng() % ((inst % 2) ? 1 : 5));
+    const int64_t total = std::accumulate(w.begin(), w.end(), int64_t{0});
+    for (int64_t target = total - 2; target <= ibits * total + 2; ++target) {
+      ASSERT_EQ(device_bits(c, w, target, ibits),
+                allocate_bits(c, w, static_cast<double>(target), ibits).bits)
+          << "instance " << inst << " target " << target;
+      ++compared;
+    }
+  }
+  EXPECT_GT(compared, 1000);
+}
+
+// With unit weights every reachable target is met exactly: sum(bits) == target.
+TEST_P(AllocateTensor, UnitWeightsBudgetExact) {
+  std::mt19937_64 rng(1414);
+  for (int inst = 0; inst < 40; ++inst) {
+    const std::size_t n = 1 + rng() % 200;
+    const int ibits = 2 + static_cast<int>(rng() % 7);
+    const std::vector<double> c = random_sens(rng, n);
+    const std::vector<int64_t> w(n, 1);
+    const auto nn = static_cast<int64_t>(n);
+    for (int64_t target : {nn, nn + 1, (nn * (ibits + 1)) / 2, ibits * nn - 1, ibits * nn}) {
+      const std::vector<int> b = device_bits(c, w, target, ibits, torch::kFloat, true);
+      EXPECT_EQ(std::accumulate(b.begin(), b.end(), int64_t{0}), target);
+      for (int x : b) {
+        ASSERT_GE(x, 1);
+        ASSERT_LE(x, ibits);
+      }
+    }
+  }
+}
+
+// The candidate count that takes CUDA's sort to its large-input path (more than 4096 per
+// segment), with ties: few distinct (sensitivity, weight) pairs, so the cut falls inside
+// a tie group and the unit index decides.
+TEST_P(AllocateTensor, SameBitsLargeWithTies) {
+  std::mt19937_64 rng(5);
+  const std::size_t n = 200000;
+  std::vector<double> c(n);
+  std::vector<int64_t> w(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    c[i] = static_cast<double>(rng() % 3);
+    w[i] = 1 + static_cast<int64_t>(rng() % 3);
+  }
+  const int64_t total = std::accumulate(w.begin(), w.end(), int64_t{0});
+  for (int64_t target : {total * 11 / 2 + 1, total * 3 - 7}) {
+    const Allocation a = allocate_bits(c, w, static_cast<double>(target), 8);
+    ASSERT_TRUE(a.feasible);
+    EXPECT_EQ(device_bits(c, w, target, 8), a.bits) << "target " << target;
+  }
+}
+
+TEST_P(AllocateTensor, KnownTieOrders) {
+  // Zeros: lowest index first, each unit down to 1 bit before the next.
+  EXPECT_EQ(device_bits({0, 0, 0, 0}, {1, 1, 1, 1}, 20, 8), (std::vector<int>{1, 3, 8, 8}));
+  EXPECT_EQ(device_bits({0, 0, 0, 0}, {1, 1, 1, 1}, 20, 8, torch::kFloat, true),
+            (std::vector<int>{1, 3, 8, 8}));
+  // -0.0 ties with +0.0.
+  EXPECT_EQ(device_bits({0.0, -0.0, 0.0, -0.0}, {1, 1, 1, 1}, 20, 8),
+            (std::vector<int>{1, 3, 8, 8}));
+  // Equal values: round robin by index.
+  EXPECT_EQ(device_bits({5, 5, 5}, {1, 1, 1}, 22, 8), (std::vector<int>{7, 7, 8}));
+  EXPECT_EQ(device_bits({5, 5, 5}, {1, 1, 1}, 20, 8), (std::vector<int>{6, 7, 7}));
+}
+
+TEST_P(AllocateTensor, NonFiniteAndNegativeSensitivities) {
+  const std::vector<int64_t> w = {1, 2, 1, 3};
+  // NaN and +Inf act as the largest finite value present (5); negatives (-Inf too) as 0.
+  const std::vector<double> c = {kNaN, -1.0, 5.0, kInf};
+  const std::vector<double> same = {5.0, 0.0, 5.0, 5.0};
+  const std::vector<double> neg = {-kInf, 1.0, -3.0, 2.0};
+  const std::vector<double> neg_same = {0.0, 1.0, 0.0, 2.0};
+  for (int64_t target = 6; target <= 56; ++target) {
+    EXPECT_EQ(device_bits(c, w, target, 8), allocate_bits(same, w, target, 8).bits);
+    EXPECT_EQ(device_bits(c, w, target, 8, torch::kFloat), allocate_bits(same, w, target, 8).bits);
+    EXPECT_EQ(device_bits(neg, w, target, 8), allocate_bits(neg_same, w, target, 8).bits);
+  }
+  // None finite: 1e300 each, ties by index.
+  EXPECT_EQ(device_bits({kNaN, kInf}, {1, 1}, 14, 8), (std::vector<int>{7, 7}));
+  EXPECT_EQ(device_bits({kNaN, kInf, -kInf}, {1, 1, 1}, 14, 8),
+            allocate_bits({kNaN, kInf, 0.0}, {1, 1, 1}, 14, 8).bits);
+}
+
+TEST_P(AllocateTensor, TargetOutsideRange) {
+  const std::vector<double> c = {1.0, 2.0, 3.0};
+  const std::vector<int64_t> w = {5, 6, 7};  // all ones: 18; all eights: 144
+  const std::vector<int> ones(3, 1), eights(3, 8);
+  // Below all-ones: allocate_bits' infeasible answer.
+  for (int64_t target : {int64_t{17}, int64_t{0}, int64_t{-5},
+                         std::numeric_limits<int64_t>::min()}) {
+    EXPECT_EQ(device_bits(c, w, target, 8), ones) << target;
+    EXPECT_FALSE(allocate_bits(c, w, static_cast<double>(target), 8).feasible);
+  }
+  EXPECT_EQ(device_bits(c, w, 18, 8), ones);
+  EXPECT_EQ(device_bits(c, w, 19, 8), allocate_bits(c, w, 19, 8).bits);
+  // At or above all-ibits: nothing removed.
+  for (int64_t target : {int64_t{144}, int64_t{145}, std::numeric_limits<int64_t>::max()})
+    EXPECT_EQ(device_bits(c, w, target, 8), eights) << target;
+  EXPECT_NE(device_bits(c, w, 143, 8), eights);
+}
+
+TEST_P(AllocateTensor, IbitsOneAndEmpty) {
+  for (int64_t target : {int64_t{-1}, int64_t{4}, int64_t{5}, int64_t{100}})
+    EXPECT_EQ(device_bits({4.0, 1.0}, {2, 3}, target, 1), (std::vector<int>{1, 1}));
+  for (int ibits = 1; ibits <= 8; ++ibits) {
+    EXPECT_TRUE(device_bits({}, {}, 0, ibits).empty());
+    EXPECT_TRUE(device_bits({}, {}, -3, ibits, torch::kFloat, true).empty());
+  }
+  // 2 -> 1 only: the two least sensitive units lose their bit.
+  EXPECT_EQ(device_bits({1.0, 2.0, 0.5}, {1, 1, 1}, 4, 2), (std::vector<int>{1, 2, 1}));
+  EXPECT_EQ(device_bits({1.0, 2.0, 0.5}, {1, 1, 1}, 4, 2),
+            allocate_bits({1.0, 2.0, 0.5}, {1, 1, 1}, 4, 2).bits);
+}
+
+TEST_P(AllocateTensor, HostTargetAndStridedCost) {
+  std::mt19937_64 rng(8);
+  const std::vector<double> c = random_sens(rng, 100);
+  std::vector<int64_t> w(50);
+  for (auto& x : w) x = 1 + static_cast<int64_t>(rng() % 9);
+  const torch::Tensor all = torch::tensor(c, torch::kDouble).to(dev());
+  const torch::Tensor strided = all.slice(0, 0, 100, 2);  // every other value
+  std::vector<double> cs;
+  for (std::size_t i = 0; i < 100; i += 2) cs.push_back(c[i]);
+  const torch::Tensor wt = torch::tensor(w).to(dev());
+  const int64_t total = std::accumulate(w.begin(), w.end(), int64_t{0});
+  for (int64_t target : {total, total * 3, total * 5 + 1}) {
+    const torch::Tensor a = allocate_bits_tensor(strided, wt, target, 7);
+    const torch::Tensor b =
+        allocate_bits_tensor(strided, wt, torch::full({}, target, opts(torch::kLong)), 7);
+    EXPECT_TRUE(torch::equal(a, b));
+    const torch::Tensor h = a.cpu();
+    EXPECT_EQ(std::vector<int>(h.data_ptr<int>(), h.data_ptr<int>() + h.numel()),
+              allocate_bits(cs, w, static_cast<double>(target), 7).bits);
+  }
+}
+
+TEST_P(AllocateTensor, InvalidArgumentsThrow) {
+  const torch::Tensor c = torch::ones({3}, opts(torch::kFloat));
+  const torch::Tensor w = torch::ones({3}, opts(torch::kLong));
+  const torch::Tensor t = torch::full({}, 6, opts(torch::kLong));
+  EXPECT_NO_THROW(allocate_bits_tensor(c, w, t, 8));
+  EXPECT_THROW(allocate_bits_tensor(c, w, t, 0), std::invalid_argument);
+  EXPECT_THROW(allocate_bits_tensor(c, w, t, 9), std::invalid_argument);
+  EXPECT_THROW(allocate_bits_tensor(c.view({1, 3}), w, t, 8), std::invalid_argument);
+  EXPECT_THROW(allocate_bits_tensor(w, w, t, 8), std::invalid_argument);  // integer cost
+  EXPECT_THROW(allocate_bits_tensor(torch::Tensor(), w, t, 8), std::invalid_argument);
+  EXPECT_THROW(allocate_bits_tensor(torch::Tensor(), w, 6, 8), std::invalid_argument);
+  EXPECT_THROW(allocate_bits_tensor(c, w.to(torch::kInt), t, 8), std::invalid_argument);
+  EXPECT_THROW(allocate_bits_tensor(c, w.slice(0, 0, 2), t, 8), std::invalid_argument);
+  EXPECT_THROW(allocate_bits_tensor(c, w, t.view({1}), 8), std::invalid_argument);
+  EXPECT_THROW(allocate_bits_tensor(c, w, t.to(torch::kInt), 8), std::invalid_argument);
+  EXPECT_THROW(allocate_bits_tensor(c, w, torch::Tensor(), 8), std::invalid_argument);
+  if (dev().is_cuda()) {
+    EXPECT_THROW(allocate_bits_tensor(c, w.cpu(), t, 8), std::invalid_argument);
+    EXPECT_THROW(allocate_bits_tensor(c, w, t.cpu(), 8), std::invalid_argument);
+  }
+}
+
+// The point of the device version: no host synchronisation.  LibTorch's sync debug
+// mode makes every synchronising call (item(), a copy to the host, a stream sync)
+// throw.
+TEST_P(AllocateTensor, NoHostSynchronisation) {
+  if (!dev().is_cuda()) GTEST_SKIP() << "synchronisation is a CUDA matter";
+#ifndef AQ_TEST_SYNC_DEBUG
+  GTEST_SKIP() << "c10/cuda headers not available to the tests";
+#else
+  std::mt19937_64 rng(3);
+  const std::size_t n = 20000;  // 140,000 candidates: CUDA's large sort path
+  const std::vector<double> c = random_sens(rng, n);
+  std::vector<int64_t> w(n);
+  for (auto& x : w) x = 1 + static_cast<int64_t>(rng() % 1000);
+  const int64_t total = std::accumulate(w.begin(), w.end(), int64_t{0});
+  const torch::Tensor cost = torch::tensor(c, torch::kDouble).to(opts(torch::kFloat));
+  const torch::Tensor weight = torch::tensor(w).to(dev());
+  const torch::Tensor t = torch::full({}, total * 3, opts(torch::kLong));
+  const torch::Tensor small = cost.slice(0, 0, 10);
+  torch::cuda::synchronize();
+  auto& ws = c10::cuda::warning_state();
+  // Check that the mode is live here: a read-back must throw.
+  ws.set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+  bool probe_threw = false;
+  try {
+    (void)t.item<int64_t>();
+  } catch (const c10::Error&) {
+    probe_threw = true;
+  }
+  torch::Tensor a, b, d, e;
+  try {
+    a = allocate_bits_tensor(cost, weight, t, 8);
+    b = allocate_bits_tensor(cost, torch::Tensor(), static_cast<int64_t>(n) * 3, 8);
+    d = allocate_bits_tensor(small, torch::Tensor(), int64_t{0}, 5);  // infeasible
+    e = allocate_bits_tensor(cost.slice(0, 0, 0), torch::Tensor(), int64_t{0}, 8);
+  } catch (...) {
+    ws.set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+    throw;
+  }
+  ws.set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+  EXPECT_TRUE(probe_threw) << "sync debug mode had no effect";
+  const torch::Tensor ha = a.cpu();
+  std::vector<double> cf(c.size());
+  const torch::Tensor cd = cost.to(torch::kDouble).cpu();
+  std::copy(cd.data_ptr<double>(), cd.data_ptr<double>() + cd.numel(), cf.begin());
+  EXPECT_EQ(std::vector<int>(ha.data_ptr<int>(), ha.data_ptr<int>() + ha.numel()),
+            allocate_bits(cf, w, static_cast<double>(total * 3), 8).bits);
+  EXPECT_EQ(b.cpu().sum().item<int64_t>(), static_cast<int64_t>(n) * 3);
+  EXPECT_TRUE(torch::equal(d.cpu(), torch::ones({10}, torch::kInt)));
+  EXPECT_EQ(e.numel(), 0);
+#endif
 }
 
 }  // namespace

@@ -129,6 +129,25 @@ TEST_P(Engine, UnbiasedPerSampleBitsAndGroupSizes) {
   check_statistics(x, [&](const torch::Tensor& t) { return aq::quantize(t, 2, whole); }, 200, 0);
 }
 
+// Per-sample bits that stay on the device (their sum given): the same bytes
+// as bits read on the host, the same values back, slices that share the data.
+TEST_P(Engine, PerSampleBitsKeptOnTheDevice) {
+  auto x = torch::randn({6, 300}, opts());
+  auto bits = torch::tensor({3, 1, 8, 2, 2, 5}, opts(torch::kInt));
+  CompressOptions o;
+  o.seed = 11;
+  const auto host = aq::quantize(x, bits, o);
+  const auto dev = aq::quantize(x, bits, 21, o);
+  EXPECT_TRUE(dev.host_offsets.empty());
+  EXPECT_TRUE(torch::equal(dev.data, host.data));
+  EXPECT_TRUE(torch::equal(dev.word_offset, host.word_offset));
+  EXPECT_TRUE(torch::equal(aq::dequantize(dev), aq::dequantize(host)));
+  const auto part = dev.slice(2, 5);
+  EXPECT_TRUE(torch::equal(aq::dequantize(part), aq::dequantize(host.slice(2, 5))));
+  EXPECT_THROW(aq::quantize(x, bits, 5, o), std::invalid_argument);   // fewer than 1 bit per sample
+  EXPECT_THROW(aq::quantize(x, bits, 49, o), std::invalid_argument);  // more than 8
+}
+
 TEST_P(Engine, HalfAndBFloat16Inputs) {
   for (auto [dt, ulp] : {std::pair{torch::kHalf, 1.0 / 2048}, std::pair{torch::kBFloat16, 1.0 / 256}}) {
     auto x = (torch::randn({4, 512}, opts()) * 2).to(dt);
@@ -244,6 +263,42 @@ TEST_P(Engine, MasksAndWindowIndices) {
     auto back = aq::unpack_bits(aq::pack_bits(idx, b), b, idx.sizes(), torch::kLong);
     EXPECT_TRUE(torch::equal(back, idx)) << window;
   }
+}
+
+// Masks packed straight from an activation in its memory order, applied to
+// a gradient of any layout: the same bits and products as through a bool
+// tensor, for every float dtype, channels_last, odd sizes and a scale.
+TEST_P(Engine, MasksFromActivationsInMemoryOrder) {
+  for (auto dt : {torch::kFloat, torch::kBFloat16, torch::kHalf, torch::kDouble}) {
+    for (bool cl : {false, true}) {
+      auto x = torch::randn({3, 5, 7, 9}, opts(dt));
+      x.view(-1).narrow(0, 0, 4).zero_();  // zeros are not positive
+      if (cl) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+      const auto packed = aq::pack_positive(x);
+      const auto strides = aq::memory_strides(x);
+      EXPECT_EQ(strides, x.strides().vec());
+      // Bit i is element i in memory order.
+      const auto flat = x.as_strided({x.numel()}, {1});
+      EXPECT_TRUE(torch::equal(packed, aq::pack_mask(flat > 0))) << dt << " " << cl;
+      for (double scale : {1.0, 1.25}) {
+        auto g = torch::randn({3, 5, 7, 9}, opts(dt));  // contiguous: another layout when cl
+        const auto got = aq::apply_packed_mask(g, packed, strides, scale);
+        const auto want = scale == 1.0 ? g * (x > 0) : g * (x > 0) * scale;
+        EXPECT_TRUE(torch::equal(got, want)) << dt << " " << cl << " " << scale;
+        EXPECT_EQ(got.strides(), x.strides());
+      }
+    }
+  }
+  // Bool sources (dropout's kept elements), non-dense ones, and bad masks.
+  auto keep = torch::rand({4, 33}, opts()) > 0.5;
+  EXPECT_TRUE(torch::equal(aq::pack_positive(keep), aq::pack_mask(keep)));
+  auto wide = torch::randn({6, 40}, opts());
+  auto strided = wide.narrow(1, 3, 30);
+  EXPECT_TRUE(torch::equal(aq::pack_positive(strided), aq::pack_mask(strided.contiguous() > 0)));
+  EXPECT_EQ(aq::memory_strides(strided), (std::vector<int64_t>{30, 1}));
+  EXPECT_THROW(aq::apply_packed_mask(torch::randn({6, 30}, opts()), aq::pack_positive(torch::randn({6, 40}, opts())),
+                                     {30, 1}),
+               std::invalid_argument);
 }
 
 TEST_P(Engine, EmptyAndSingleElement) {

@@ -98,12 +98,27 @@ TEST_P(Ops, LinearMatchesLibTorch) {
   check_gradients([&](const aq::QuantConfig& c) { return F::linear(x, w, b, c, st); },
                   [&] { return torch::linear(x, w, b); }, {x, w, b}, probe, 0.0,
                   {torch::zeros_like(x), wb, torch::zeros_like(b)});
-  // What the layer kept, and the statistics it recorded.
+  // What the layer kept; uniform bits need no statistics.
   F::linear(x, w, b, c2, st).sum().backward();
-  EXPECT_EQ(st->range_sq.sizes(), torch::IntArrayRef({16}));
-  EXPECT_EQ(st->grad_sq.sizes(), torch::IntArrayRef({16}));
+  EXPECT_FALSE(st->range_sq.defined());
+  EXPECT_FALSE(st->grad_sq.defined());
   EXPECT_EQ(st->sample_elements, 200);
   EXPECT_LT(st->saved_bytes * 10, x.numel() * 4);
+  // Adaptive bits: the statistics the allocation reads, per sample, and the
+  // gradient norms in float however x is laid out.
+  auto ca = c2;
+  ca.ibits = 8;
+  ca.usegradient = false;
+  auto sta = aq::make_layer_state();
+  auto ga = torch::randn({16, 5, 24}, opts());
+  (F::linear(x, w, b, ca, sta) * ga).sum().backward();
+  ASSERT_TRUE(sta->range_sq.defined());
+  EXPECT_EQ(sta->range_sq.sizes(), torch::IntArrayRef({16}));
+  const auto xr = x.detach().reshape({16, -1}).to(torch::kFloat);
+  EXPECT_TRUE(torch::allclose(sta->range_sq.cpu(), (xr.amax(1) - xr.amin(1)).pow(2).cpu(), 1e-4, 1e-5));
+  ASSERT_TRUE(sta->grad_sq.defined());
+  EXPECT_TRUE(torch::allclose(sta->grad_sq.cpu(), ga.reshape({16, -1}).to(torch::kFloat).pow(2).sum(1).cpu(), 1e-4));
+  EXPECT_EQ(sta->last_bits.sum().item<int64_t>(), 2 * 16);
   // A frozen weight: x's gradient needs no copy of x.
   auto frozen = w.detach();
   x.mutable_grad() = torch::Tensor();

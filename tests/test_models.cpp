@@ -157,7 +157,9 @@ TEST_P(Models, SwappingKeepsTheGradients) {
   for (size_t i = 0; i < g3.size(); ++i)
     EXPECT_LE((g3[i] - g4[i]).abs().max().item<double>(), 1e-4 * g3[i].abs().max().item<double>() + 1e-12)
         << "parameter " << i;
-  if (dev().is_cuda()) EXPECT_LT(held4 * 2, held3) << "L3 " << held3 << " bytes, L4 " << held4;
+  if (dev().is_cuda()) {
+    EXPECT_LT(held4 * 2, held3) << "L3 " << held3 << " bytes, L4 " << held4;
+  }
 }
 
 // Adaptive precision: per-sample bits vary, per-layer budgets move and
@@ -192,7 +194,8 @@ TEST(ModelsAdaptive, SavedStatisticsAllocateTheSameBits) {
   }
   for (const auto& m : a->modules(false))
     if (auto* q = dynamic_cast<aq::QLayer*>(m.get()))
-      for (int bits : q->state()->last_bits) varied = varied || bits != q->state()->last_bits[0];
+      if (const auto& lb = q->state()->last_bits; lb.defined())
+        varied = varied || (lb != lb[0]).any().item<bool>();
   EXPECT_LE(weighted / elements, 2.0 + 1e-9);
   EXPECT_TRUE(moved) << "per-layer budgets stayed at cabits";
   EXPECT_TRUE(varied) << "every sample got the same bits";
@@ -213,9 +216,9 @@ TEST(ModelsAdaptive, SavedStatisticsAllocateTheSameBits) {
   int compared = 0;
   for (const auto& item : ma) {
     auto* qa = dynamic_cast<aq::QLayer*>(item.value().get());
-    if (!qa || qa->state()->last_bits.empty()) continue;
+    if (!qa || !qa->state()->last_bits.defined()) continue;
     auto* qb = dynamic_cast<aq::QLayer*>(mb[item.key()].get());
-    EXPECT_EQ(qa->state()->last_bits, qb->state()->last_bits) << item.key();
+    EXPECT_TRUE(torch::equal(qa->state()->last_bits, qb->state()->last_bits)) << item.key();
     ++compared;
   }
   EXPECT_GT(compared, 20);

@@ -170,7 +170,7 @@ TEST_P(Modules, SavedBytesMatchTheFormula) {
                              N * C);
   EXPECT_GE(double(exact) / total, 10.0) << exact << " vs " << total;
   out.sum().backward();
-  EXPECT_EQ(fc->state()->grad_sq.size(0), N);
+  EXPECT_FALSE(fc->state()->grad_sq.defined());  // uniform bits: no statistics to keep
 }
 
 TEST_P(Modules, AutocastBFloat16) {
@@ -211,8 +211,6 @@ TEST_P(Modules, PerSampleBitsFromTheState) {
   q(x).sum().backward();
   // Codes: each sample's bits times 320 padded elements; bounds: 2 groups x bf16 min and max.
   EXPECT_EQ(q->state()->saved_bytes, (1 + 2 + 3 + 8 + 4) * 320 / 8 + 5 * 2 * 2 * 2 + 5 * 4 /*bits*/ + 5 * 8 /*offsets*/);
-  EXPECT_EQ(q->state()->range_sq.size(0), 5);
-  EXPECT_EQ(q->state()->grad_sq.size(0), 5);
   q->state()->bits = torch::tensor({1, 2}, torch::kInt);  // wrong batch size: a clear error
   EXPECT_THROW(q(x), std::invalid_argument);
 }

@@ -8,15 +8,23 @@
 #include "aq/models.h"
 #include "aq/train.h"
 
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/cuda.h>
 #if AQ_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #endif
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -185,9 +193,178 @@ struct StepArgs : ModelArgs {
   int64_t batch_size = 64;
   int steps = 0;   // 0: 20 on CUDA, 3 on CPU
   int warmup = 3;
+  int profile_steps = 3;
   std::string channels_last = "auto";  // auto: on CUDA
+  std::string profile, trace;
   StepArgs() { levels = {"L3"}; }
 };
+
+// Counts the synchronising CUDA calls LibTorch makes between start() and
+// stop(): its sync debug mode reports each as a warning, which this handler
+// counts instead of printing.  Warnings from autograd's device threads are
+// replayed on the thread that called backward(), so backward is counted too.
+class SyncCounter : public c10::WarningHandler {
+ public:
+  explicit SyncCounter(bool cuda) : cuda_(cuda), prev_(c10::WarningUtils::get_warning_handler()) {
+    if (cuda_) c10::WarningUtils::set_warning_handler(this);
+  }
+  ~SyncCounter() override {
+    stop();
+    if (cuda_) c10::WarningUtils::set_warning_handler(prev_);
+  }
+  SyncCounter(const SyncCounter&) = delete;
+  SyncCounter& operator=(const SyncCounter&) = delete;
+  void start() {
+#if AQ_WITH_CUDA
+    if (cuda_) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_WARN);
+#endif
+  }
+  void stop() {
+#if AQ_WITH_CUDA
+    if (cuda_) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+#endif
+  }
+  void process(const c10::Warning& w) override {
+    if (w.msg().find("synchroniz") != std::string::npos) ++count;
+    else prev_->process(w);
+  }
+  int64_t count = 0;
+
+ private:
+  bool cuda_;
+  c10::WarningHandler* prev_;
+};
+
+// Where a step's device time goes, from LibTorch's (Kineto) profiler: each
+// device activity (a CUDA kernel, copy or fill; on the CPU, each outermost
+// operator) is charged to the innermost aq:: scope around the call that
+// launched it (aq::compress, aq::decompress, aq::allocate, aq::statistics,
+// aq::mask, ...) or to "torch" (LibTorch's own layers, loss and optimizer).
+struct Breakdown {
+  struct Item {
+    double ms = 0;
+    int64_t calls = 0;
+  };
+  bool ok = false;
+  int steps = 0;
+  double device_ms = 0;                 // all device activity
+  std::map<std::string, Item> scopes;   // device time per scope
+  std::map<std::string, Item> kernels;  // device time per kernel name
+  std::map<std::string, double> host;   // host time inside outermost aq:: scopes
+  double scope_ms(const std::string& s) const {
+    auto it = scopes.find(s);
+    return it == scopes.end() ? 0.0 : it->second.ms;
+  }
+};
+
+Breakdown profile_steps(const torch::Device& dev, int steps, const std::function<void()>& step,
+                        const std::string& trace_path) {
+  namespace prof = torch::profiler::impl;
+  Breakdown b;
+  if (steps <= 0) return b;
+  const prof::ProfilerConfig cfg(prof::ProfilerState::KINETO);
+  std::set<prof::ActivityType> acts = {prof::ActivityType::CPU};
+  if (dev.is_cuda()) acts.insert(prof::ActivityType::CUDA);
+  std::unique_ptr<torch::autograd::profiler::ProfilerResult> r;
+  try {
+    torch::autograd::profiler::prepareProfiler(cfg, acts);
+    torch::autograd::profiler::enableProfiler(cfg, acts);
+    for (int i = 0; i < steps; ++i) step();
+    sync(dev);
+    r = torch::autograd::profiler::disableProfiler();
+  } catch (const c10::Error& e) {
+    aq::log().warn("profiler unavailable ({}); no breakdown", e.what_without_backtrace());
+    return b;
+  }
+  if (!trace_path.empty()) r->save(trace_path);
+  b.ok = true;
+  b.steps = steps;
+  const bool cuda = dev.is_cuda();
+  // Host-side events: aq:: scopes, operators, and (on CUDA) the runtime
+  // calls that launch device work, keyed by their correlation id.
+  struct Span {
+    uint64_t begin, end;
+    std::string name;
+  };
+  std::vector<Span> scopes, ops;
+  std::map<uint64_t, uint64_t> launch_time;  // correlation id -> host time of the launch
+  std::vector<const torch::autograd::profiler::KinetoEvent*> device;
+  for (const auto& e : r->events()) {
+    if (e.deviceType() == c10::DeviceType::CUDA) {
+      device.push_back(&e);
+      continue;
+    }
+    const std::string name = e.name();
+    if (name.rfind("cuda", 0) == 0 || name.rfind("cu", 0) == 0) {
+      launch_time[e.correlationId()] = e.startNs();
+    } else if (name.rfind("aq::", 0) == 0) {
+      scopes.push_back({e.startNs(), e.endNs(), name});
+    } else {
+      ops.push_back({e.startNs(), e.endNs(), name});
+    }
+  }
+  const double per_step = 1e6 * steps;  // ns -> ms per step
+  // Innermost aq:: scope open at host time t (autograd's threads never run
+  // aq code at the same time as the thread that called backward).
+  auto scope_at = [&](uint64_t t) {
+    const Span* best = nullptr;
+    for (const auto& s : scopes)
+      if (s.begin <= t && t <= s.end && (!best || s.begin >= best->begin)) best = &s;
+    return best ? best->name : std::string("torch");
+  };
+  auto charge = [&](const std::string& name, const std::string& scope, double ms) {
+    auto& k = b.kernels[name.size() > 90 ? name.substr(0, 90) : name];
+    k.ms += ms;
+    k.calls += 1;
+    auto& s = b.scopes[scope];
+    s.ms += ms;
+    s.calls += 1;
+    b.device_ms += ms;
+  };
+  // Outermost spans of a list: what took the host's time (operators that
+  // intra-op worker threads run inside another are nested in its time).
+  auto outermost = [](std::vector<Span> v) {
+    std::sort(v.begin(), v.end(), [](const Span& x, const Span& y) {
+      return x.begin != y.begin ? x.begin < y.begin : x.end > y.end;
+    });
+    std::vector<Span> out;
+    for (const auto& s : v)
+      if (out.empty() || s.begin >= out.back().end) out.push_back(s);
+    return out;
+  };
+  for (const auto& s : outermost(scopes)) b.host[s.name] += static_cast<double>(s.end - s.begin) / per_step;
+  if (cuda) {
+    for (const auto* e : device) {
+      auto it = launch_time.find(e->correlationId());
+      if (it == launch_time.end()) it = launch_time.find(e->linkedCorrelationId());
+      charge(e->name(), it == launch_time.end() ? "unattributed" : scope_at(it->second),
+             static_cast<double>(e->durationNs()) / per_step);
+    }
+  } else {
+    std::vector<Span> all = ops;
+    all.insert(all.end(), scopes.begin(), scopes.end());
+    for (const auto& s : outermost(all))
+      charge(s.name, s.name.rfind("aq::", 0) == 0 ? s.name : scope_at(s.begin),
+             static_cast<double>(s.end - s.begin) / per_step);
+  }
+  return b;
+}
+
+// The breakdown as TSV rows: scopes, then the `top` largest kernels.
+void write_breakdown(std::FILE* f, const std::string& level, double step_ms, const Breakdown& b, size_t top = 25) {
+  auto row = [&](const char* kind, const std::string& name, const Breakdown::Item& it) {
+    std::string n = name;
+    std::replace(n.begin(), n.end(), '\t', ' ');
+    std::fprintf(f, "%s\t%s\t%s\t%.2f\t%.3f\t%.4f\n", level.c_str(), kind, n.c_str(),
+                 static_cast<double>(it.calls) / b.steps, it.ms, it.ms / step_ms);
+  };
+  row("all", "device", {b.device_ms, 0});
+  for (const auto& [name, it] : b.scopes) row("scope", name, it);
+  for (const auto& [name, ms] : b.host) row("host", name, {ms, 0});
+  std::vector<std::pair<std::string, Breakdown::Item>> k(b.kernels.begin(), b.kernels.end());
+  std::sort(k.begin(), k.end(), [](const auto& x, const auto& y) { return x.second.ms > y.second.ms; });
+  for (size_t i = 0; i < k.size() && i < top; ++i) row("kernel", k[i].first, k[i].second);
+}
 
 // Training-step time and memory: the exact model, then each level, on one
 // synthetic batch, as a user would run them (SGD with momentum, cuDNN
@@ -204,7 +381,15 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
   if (cl) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
   auto y = torch::randint(a.classes, {a.batch_size}, torch::TensorOptions().dtype(torch::kLong).device(dev));
   const auto idx = torch::arange(a.batch_size, torch::kLong);
-  std::printf("device\tarch\tbatch\timage\tamp\tlevel\tmedian_ms\timg_per_s\tact_MB\tpeak_MB\tspeed_ratio\tact_ratio\tpeak_ratio\n");
+  std::FILE* prof_out = nullptr;
+  if (!a.profile.empty()) {
+    prof_out = a.profile == "-" ? stderr : std::fopen(a.profile.c_str(), "w");
+    if (!prof_out) throw std::runtime_error("cannot write " + a.profile + ": " + std::strerror(errno));
+    std::fprintf(prof_out, "level\tkind\tname\tcalls_per_step\tms_per_step\tshare_of_step\n");
+  }
+  std::printf("device\tarch\tbatch\timage\tamp\tlevel\tmedian_ms\timg_per_s\tact_MB\tpeak_MB\tspeed_ratio\tact_ratio"
+              "\tpeak_ratio\tsyncs_per_step\tdevice_busy\tcompress_ms\tdecompress_ms\talloc_ms\talloc_share\n");
+  SyncCounter syncs(dev.is_cuda());
   double exact_ips = 0, exact_act = 0, exact_peak = 0;
   const double MB = 1048576.0;
   for (const auto& [name, cfg] : configs) {
@@ -240,9 +425,12 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
     const int64_t base = aq::train::memory(dev).allocated;
     aq::train::reset_peak(dev);
     std::vector<double> t;
+    syncs.count = 0;
     for (int i = 0; i < steps; ++i) {
       const auto t0 = std::chrono::steady_clock::now();
+      syncs.start();
       step(i == 0);
+      syncs.stop();
       sync(dev);
       t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
@@ -250,13 +438,24 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
     std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
     const double med = t[t.size() / 2], ips = a.batch_size / med;
     if (name == "exact") exact_ips = ips, exact_act = act, exact_peak = peak;
-    std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\t%.2f\t%.1f\t%.2f\t%.2f\t%.3f\t%.2f\t%.2f\n", dev.str().c_str(),
-                a.arch.c_str(), static_cast<long long>(a.batch_size), static_cast<long long>(a.image_size),
-                a.amp.c_str(), name.c_str(), med * 1e3, ips, act / MB, peak / MB, ips / exact_ips,
-                exact_act / std::max<double>(1, act), exact_peak / std::max<double>(1, peak));
+    const double sync_rate = dev.is_cuda() ? static_cast<double>(syncs.count) / steps : 0.0;
+    const auto br = profile_steps(dev, a.profile_steps, [&] { step(false); },
+                                  a.trace.empty() ? "" : a.trace + "/" + name + ".json");
+    auto ms = [&](double v) { return br.ok ? fmt::format("{:.3f}", v) : std::string("NA"); };
+    if (prof_out && br.ok) write_breakdown(prof_out, name, med * 1e3, br);
+    std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\t%.2f\t%.1f\t%.2f\t%.2f\t%.3f\t%.2f\t%.2f\t%.1f\t%s\t%s\t%s\t%s\t%s\n",
+                dev.str().c_str(), a.arch.c_str(), static_cast<long long>(a.batch_size),
+                static_cast<long long>(a.image_size), a.amp.c_str(), name.c_str(), med * 1e3, ips, act / MB, peak / MB,
+                ips / exact_ips, exact_act / std::max<double>(1, act), exact_peak / std::max<double>(1, peak), sync_rate,
+                br.ok ? fmt::format("{:.3f}", br.device_ms / (med * 1e3)).c_str() : "NA",
+                ms(br.scope_ms("aq::compress")).c_str(), ms(br.scope_ms("aq::decompress")).c_str(),
+                ms(br.scope_ms("aq::allocate")).c_str(),
+                br.ok ? fmt::format("{:.4f}", br.scope_ms("aq::allocate") / (med * 1e3)).c_str() : "NA");
     std::fflush(stdout);
   }
   aq::set_batch_indices(torch::Tensor());
+  if (prof_out && prof_out != stderr && std::fclose(prof_out) != 0)
+    throw std::runtime_error("cannot write " + a.profile + ": " + std::strerror(errno));
   return aq::cli::kOk;
 }
 
@@ -380,6 +579,12 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   st->add_option("--warmup", sa.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   st->add_option("--channels-last", sa.channels_last, "auto (on CUDA), True or False")->capture_default_str();
+  st->add_option("--profile-steps", sa.profile_steps,
+                 "Steps run under the profiler after the timed ones, for the breakdown columns (0: none)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  st->add_option("--profile", sa.profile, "Write the per-scope and per-kernel breakdown as TSV to FILE (-: stderr)");
+  st->add_option("--trace", sa.trace, "Write each level's profiler trace (Chrome JSON) into this folder")
+      ->check(CLI::ExistingDirectory);
   MaxBatchArgs mb;
   auto* mx = app.add_subcommand("max-batch", "Largest batch whose training step fits: exact model and each level");
   aq::cli::add_common(*mx, common);

@@ -4,6 +4,7 @@
 #include "aq/modules.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <map>
@@ -13,26 +14,56 @@ namespace aq {
 
 namespace {
 thread_local at::Tensor current_indices;
+thread_local at::Tensor current_indices_device;  // a copy on the device last asked for
 
-// ||R_n||^2 of x's per-group ranges, as the engine groups x (float [N]).
-at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
+// A host tensor on `dev` without waiting for the device (pinned copy).
+at::Tensor to_device(const at::Tensor& t, const at::Device& dev) {
+  if (dev.is_cuda() && t.is_cpu()) return t.pin_memory().to(dev, /*non_blocking=*/true);
+  return t.to(dev);
+}
+
+// Dataset indices on `dev`: the batch's are copied once per batch and device.
+at::Tensor indices_on(const at::Tensor& indices, const at::Device& dev) {
+  if (indices.device() == dev) return indices;
+  if (indices.is_same(current_indices)) {
+    if (!current_indices_device.defined() || current_indices_device.device() != dev)
+      current_indices_device = to_device(indices, dev);
+    return current_indices_device;
+  }
+  return to_device(indices, dev);
+}
+
+// x as [N, D] in memory order, without a copy when x is dense with its
+// samples outermost (channels_last included), as the engine groups it.
+at::Tensor samples_in_memory_order(const at::Tensor& x) {
   const int64_t n = x.dim() ? x.size(0) : 1;
-  const at::Tensor v = x.reshape({n, -1}).to(at::kFloat);
-  const int64_t d = v.size(1), g = c.group_size;
-  if (d == 0) return at::zeros({n}, v.options());
+  const int64_t d = n ? x.numel() / n : 0;
+  if (x.is_non_overlapping_and_dense() && (x.dim() == 0 || n <= 1 || x.stride(0) * n == x.numel()))
+    return x.as_strided({n, d}, {d, 1});
+  return x.contiguous().view({n, d});
+}
+
+// ||R_n||^2 of x's per-group ranges, as the engine groups x (float [N]):
+// one min/max pass over x in its own dtype.
+at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
+  const at::Tensor v = samples_in_memory_order(x);
+  const int64_t n = v.size(0), d = v.size(1), g = c.group_size;
+  if (d == 0) return at::zeros({n}, v.options().dtype(at::kFloat));
+  auto range_sq = [](const at::Tensor& t, int64_t dim) {
+    auto [mn, mx] = at::aminmax(t, dim);
+    return (mx.to(at::kFloat) - mn.to(at::kFloat)).pow(2);
+  };
   if (!c.pergroup) {
-    const at::Tensor r = (v.max() - v.min()).pow(2);
+    auto [mn, mx] = at::aminmax(v);
+    const at::Tensor r = (mx.to(at::kFloat) - mn.to(at::kFloat)).pow(2);
     return (r * static_cast<double>((d + g - 1) / g)).expand({n}).contiguous();
   }
   const int64_t full = d / g * g;
-  at::Tensor acc = at::zeros({n}, v.options());
-  if (full) {
-    const at::Tensor f = v.narrow(1, 0, full).view({n, full / g, g});
-    acc = acc + (std::get<0>(f.max(2)) - std::get<0>(f.min(2))).pow(2).sum(1);
-  }
+  at::Tensor acc;
+  if (full) acc = range_sq(v.narrow(1, 0, full).view({n, full / g, g}), 2).sum(1);
   if (full < d) {
-    const at::Tensor t = v.narrow(1, full, d - full);
-    acc = acc + (std::get<0>(t.max(1)) - std::get<0>(t.min(1))).pow(2);
+    const at::Tensor tail = range_sq(v.narrow(1, full, d - full), 1);
+    acc = acc.defined() ? acc + tail : tail;
   }
   return acc;
 }
@@ -41,18 +72,19 @@ at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
 
 void set_batch_indices(const at::Tensor& indices) {
   current_indices = indices.defined() ? indices.to(at::kCPU, at::kLong).contiguous() : at::Tensor();
+  current_indices_device = at::Tensor();
 }
 const at::Tensor& batch_indices() { return current_indices; }
 
-std::vector<double> sensitivities(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
-                                  int64_t elements, const at::Tensor& indices) {
+at::Tensor sensitivity_tensor(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
+                              int64_t elements, const at::Tensor& indices) {
   const int64_t n = range_sq.size(0);
   const double g = c.pergroup ? static_cast<double>(c.group_size) : static_cast<double>(std::max<int64_t>(1, elements));
   const double positions = std::max<double>(1.0, static_cast<double>(elements) / std::max<int64_t>(1, st.in_channels));
   at::Tensor s = at::ones({n}, range_sq.options());
   if (!st.batch_norm) {
     if (c.usegradient && st.sample_stat.defined() && indices.defined() && indices.numel() == n) {
-      const at::Tensor idx = indices.to(st.sample_stat.device());
+      const at::Tensor idx = indices_on(indices, st.sample_stat.device());
       const at::Tensor inside = idx < st.sample_stat.size(0);
       const at::Tensor known = at::where(inside, st.sample_stat.index({idx.clamp_max(st.sample_stat.size(0) - 1)}),
                                          at::full({}, -1.0, st.sample_stat.options()));
@@ -66,23 +98,35 @@ std::vector<double> sensitivities(const LayerState& st, const QuantConfig& c, co
     }
     s = s * (static_cast<double>(st.kernel_area) / (4.0 * static_cast<double>(st.conv_groups)));
   }
-  const at::Tensor cn = (range_sq.to(at::kDouble) * (g / positions) * s.to(at::kDouble)).cpu().contiguous();
-  return std::vector<double>(cn.data_ptr<double>(), cn.data_ptr<double>() + n);
+  return range_sq.to(at::kDouble) * (g / positions) * s.to(at::kDouble);
 }
 
-at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x) {
+std::vector<double> sensitivities(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
+                                  int64_t elements, const at::Tensor& indices) {
+  const at::Tensor cn = sensitivity_tensor(st, c, range_sq, elements, indices).cpu().contiguous();
+  return std::vector<double>(cn.data_ptr<double>(), cn.data_ptr<double>() + cn.numel());
+}
+
+at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x, int64_t* total) {
+  RECORD_FUNCTION("aq::allocate", std::vector<c10::IValue>());
   const int64_t n = x.dim() ? x.size(0) : 1;
   const int64_t elements = n ? x.numel() / n : 0;
-  const at::Tensor r = range_sq_of(x, c);
+  st.range_sq = range_sq_of(x, c);
+  st.sample_elements = elements;
   st.indices = batch_indices().defined() && batch_indices().numel() == n ? batch_indices() : at::Tensor();
-  const std::vector<double> cn = sensitivities(st, c, r, elements, st.indices);
+  const at::Tensor cn = sensitivity_tensor(st, c, st.range_sq, elements, st.indices);
   const double per_sample = st.budget > 0 ? st.budget : static_cast<double>(c.cabits);
-  const Allocation a = allocate_bits(cn, std::vector<int64_t>(n, 1), std::floor(per_sample * n + 1e-9), c.ibits);
-  st.last_bits = a.bits;
-  return at::tensor(a.bits, at::kInt);
+  // The layer's share of bits, known on the host: it sizes the packed data.
+  const int64_t target =
+      std::clamp<int64_t>(static_cast<int64_t>(std::floor(per_sample * static_cast<double>(n) + 1e-9)), n,
+                          static_cast<int64_t>(c.ibits) * n);
+  st.last_bits = allocate_bits_tensor(cn, at::Tensor(), target, c.ibits);
+  if (total) *total = target;
+  return st.last_bits;
 }
 
 void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& grad_sq, const at::Tensor& indices) {
+  RECORD_FUNCTION("aq::statistics", std::vector<c10::IValue>());
   if (!grad_sq.defined() || grad_sq.numel() == 0) return;
   const at::Tensor g = grad_sq.to(at::kFloat);
   if (!usegradient || !indices.defined() || indices.numel() != g.numel()) {
@@ -97,7 +141,7 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
       grown.narrow(0, 0, st.sample_stat.size(0)).copy_(st.sample_stat.to(g.device()));
     st.sample_stat = grown;
   }
-  const at::Tensor idx = indices.to(g.device());
+  const at::Tensor idx = indices_on(indices, g.device());
   const at::Tensor old = st.sample_stat.index({idx});
   st.sample_stat.index_put_({idx}, at::where(old >= 0, 0.5 * old + 0.5 * g, g));
   st.grad_mean = g.mean().detach();
@@ -115,7 +159,7 @@ std::vector<Adaptive> adaptive_layers(torch::nn::Module& model, bool perlayer_on
     auto* q = dynamic_cast<QLayer*>(item.value().get());
     if (!q || !adaptive(q->config())) continue;
     const LayerState& st = *q->state();
-    if (st.last_bits.empty() || !st.range_sq.defined()) continue;
+    if (!st.last_bits.defined() || !st.range_sq.defined()) continue;
     if (perlayer_only && (st.batch_norm || !q->config().perlayer)) continue;
     out.push_back({item.key(), q});
   }
@@ -125,29 +169,35 @@ std::vector<Adaptive> adaptive_layers(torch::nn::Module& model, bool perlayer_on
 }  // namespace
 
 int64_t adapt_layers(torch::nn::Module& model) {
+  RECORD_FUNCTION("aq::allocate", std::vector<c10::IValue>());
   const auto layers = adaptive_layers(model, /*perlayer_only=*/true);
   if (layers.empty()) return 0;
-  std::vector<double> cost;
-  std::vector<int64_t> weight;
-  std::vector<size_t> first;
+  // Units (layer, sample) on the device; the allocation runs there too, and
+  // only the per-layer sums of its bits come back (one wait per step: they
+  // size the next forward's packed data).
+  std::vector<at::Tensor> cost, weight;
+  std::vector<int64_t> count;
   double budget = 0;
   int ibits = 8;
   for (const auto& l : layers) {
     const LayerState& st = *l.layer->state();
     const QuantConfig& c = l.layer->config();
-    const auto cn = sensitivities(st, c, st.range_sq, st.sample_elements, st.indices);
-    first.push_back(cost.size());
-    cost.insert(cost.end(), cn.begin(), cn.end());
-    weight.insert(weight.end(), cn.size(), std::max<int64_t>(1, st.sample_elements));
-    budget += static_cast<double>(c.cabits) * static_cast<double>(st.sample_elements) * static_cast<double>(cn.size());
+    cost.push_back(sensitivity_tensor(st, c, st.range_sq, st.sample_elements, st.indices));
+    const int64_t n = cost.back().size(0);
+    weight.push_back(at::full({n}, std::max<int64_t>(1, st.sample_elements),
+                              cost.back().options().dtype(at::kLong)));
+    count.push_back(n);
+    budget += static_cast<double>(c.cabits) * static_cast<double>(st.sample_elements) * static_cast<double>(n);
     ibits = c.ibits;
   }
-  const Allocation a = allocate_bits(cost, weight, budget, ibits);
+  const at::Tensor bits = allocate_bits_tensor(at::cat(cost), at::cat(weight),
+                                               static_cast<int64_t>(std::floor(budget)), ibits);
+  const at::Tensor host = bits.cpu();
+  const int32_t* b = host.const_data_ptr<int32_t>();
   for (size_t i = 0; i < layers.size(); ++i) {
-    const size_t b = first[i], e = i + 1 < layers.size() ? first[i + 1] : cost.size();
-    double sum = 0;
-    for (size_t k = b; k < e; ++k) sum += a.bits[k];
-    layers[i].layer->state()->budget = e > b ? sum / static_cast<double>(e - b) : 0.0;
+    int64_t sum = 0;
+    for (int64_t k = 0; k < count[i]; ++k) sum += *b++;
+    layers[i].layer->state()->budget = count[i] ? static_cast<double>(sum) / static_cast<double>(count[i]) : 0.0;
   }
   return static_cast<int64_t>(layers.size());
 }
@@ -161,7 +211,7 @@ std::vector<LayerBits> layer_bits(torch::nn::Module& model) {
     b.name = l.name;
     b.elements = st.sample_elements;
     for (double v : cn) b.sensitivity += v / static_cast<double>(cn.size());
-    for (int v : st.last_bits) b.bits += static_cast<double>(v) / static_cast<double>(st.last_bits.size());
+    b.bits = st.last_bits.to(at::kDouble).mean().item<double>();
     b.budget = st.budget > 0 ? st.budget : l.layer->config().cabits;
     out.push_back(b);
   }

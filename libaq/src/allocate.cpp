@@ -1,13 +1,19 @@
 // Greedy bit allocation (ALGORITHM.md 5); see aq/allocate.h for the contract.
 #include "aq/allocate.h"
 
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <queue>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -241,6 +247,104 @@ Allocation allocate_bits(const std::vector<double>& sensitivity, const std::vect
   a.feasible = true;
   a.cost = cost_of(c, a.bits);
   return a;
+}
+
+namespace {
+// dinv[ibits], ..., dinv[2] as a double tensor on `dev`, cached: a training
+// step asks for it once per layer.
+at::Tensor dinv_table(const at::Device& dev, int ibits) {
+  static std::mutex mu;
+  static std::map<std::pair<std::string, int>, at::Tensor> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& t = cache[{dev.str(), ibits}];
+  if (!t.defined()) {
+    at::NoGradGuard no_grad;
+    t = at::empty({ibits - 1}, at::TensorOptions().dtype(at::kDouble).device(dev));
+    for (int j = 0; j < ibits - 1; ++j) t.narrow(0, j, 1).fill_(tables().dinv[ibits - j]);
+  }
+  return t;
+}
+}  // namespace
+
+// The device version lays the candidate removals out unit-major with b descending
+// (flat index f = i * (ibits - 1) + (ibits - b)), so a stable sort of their keys yields
+// exactly the (key, unit index, b descending) order of cand_less, and the greedy's
+// removals are the shortest prefix of that order whose weight covers the excess.  Every
+// step is an elementwise op, a reduction, a sort, a cumsum or a gather: nothing is read
+// back, and no scatter is needed (atomics, or a sync under deterministic algorithms).
+at::Tensor allocate_bits_tensor(const at::Tensor& cost, const at::Tensor& weight,
+                                const at::Tensor& target, int ibits) {
+  if (ibits < kMinBits || ibits > kMaxBits)
+    throw std::invalid_argument("allocate_bits_tensor: ibits = " + std::to_string(ibits) +
+                                " is outside 1..8");
+  if (!cost.defined() || cost.dim() != 1 || !cost.is_floating_point())
+    throw std::invalid_argument("allocate_bits_tensor: cost must be a 1-d floating tensor");
+  const int64_t n = cost.size(0);
+  const at::Device dev = cost.device();
+  if (weight.defined() && (weight.dim() != 1 || weight.size(0) != n ||
+                           weight.scalar_type() != at::kLong || weight.device() != dev))
+    throw std::invalid_argument("allocate_bits_tensor: weight must be int64 [" +
+                                std::to_string(n) + "] on " + dev.str());
+  if (!target.defined() || target.dim() != 0 || target.scalar_type() != at::kLong ||
+      target.device() != dev)
+    throw std::invalid_argument("allocate_bits_tensor: target must be an int64 0-d tensor on " +
+                                dev.str());
+
+  at::NoGradGuard no_grad;
+  const auto lopts = at::TensorOptions().dtype(at::kLong).device(dev);
+  const auto dopts = at::TensorOptions().dtype(at::kDouble).device(dev);
+  // ibits == 1 leaves no choice: 1 bit everywhere, feasible or not (as allocate_bits).
+  if (n == 0 || ibits == kMinBits) return at::full({n}, kMinBits, lopts.dtype(at::kInt));
+  const int64_t m = ibits - 1;  // candidates per unit
+
+  // sanitize() without the throw.  `c <= 0` also turns -0.0 into +0.0: CUDA's radix sort
+  // may order the two zeros by their bits, where cand_less sees equal keys.  NaN fails
+  // the comparison, so it survives to be replaced along with +Inf below.  Finite values are
+  // now >= 0, so a negative maximum means that none is finite.
+  at::Tensor c = cost.to(at::kDouble);
+  c = at::where(c <= 0, 0.0, c);
+  const at::Tensor finite = at::isfinite(c);
+  const at::Tensor maxf = at::where(finite, c, -1.0).max();
+  c = at::where(finite, c, at::where(maxf < 0, 1e300, maxf));
+
+  // dinv[ibits], ..., dinv[2], filled from the host table rather than copied (a copy
+  // from pageable host memory synchronises) or recomputed on the device (which would
+  // have to round exactly like the host); made once per device and ibits.
+  const at::Tensor dinv = dinv_table(dev, ibits);
+
+  const at::Tensor w = weight.defined() ? weight : at::ones({n}, lopts);
+  // removal_key's (c * dinv[b]) / w, each op rounded once as on the host.  w is a device
+  // tensor: CUDA divides by a host scalar through its reciprocal, which rounds twice.
+  // (Unit weights: dividing by 1 is exact, so it is skipped.)
+  at::Tensor key = c.unsqueeze(1) * dinv.unsqueeze(0);
+  if (weight.defined()) key = key.div(w.to(at::kDouble).unsqueeze(1));
+  key = key.reshape({-1});
+  const at::Tensor excess = w.sum() * ibits - target.clamp_min(0);  // clamp: no overflow
+
+  at::Tensor skey, perm;
+  std::tie(skey, perm) = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor ws = w.index_select(0, at::div(perm, m, "floor"));
+  // Sorted candidate j is removed iff the removals before it still fall short; with
+  // positive weights that is a prefix, of length k.  A target below sum(w) makes excess
+  // exceed the weight of all candidates, so all go: 1 bit everywhere, as on the host.
+  const at::Tensor k = ((ws.cumsum(0) - ws) < excess).sum();
+  // Map the prefix back to candidate order by comparing with its last element (key K,
+  // flat index F) in the strict (key, f) order, instead of scattering through perm.
+  const at::Tensor last = (k - 1).clamp_min(0).reshape({1});
+  const at::Tensor K = skey.index_select(0, last);
+  const at::Tensor F = perm.index_select(0, last);
+  const at::Tensor f = at::arange(n * m, lopts);
+  const at::Tensor removed = (k > 0) & ((key < K) | ((key == K) & (f <= F)));
+  return at::rsub(removed.view({n, m}).sum(1), ibits).to(at::kInt);
+}
+
+at::Tensor allocate_bits_tensor(const at::Tensor& cost, const at::Tensor& weight, int64_t target,
+                                int ibits) {
+  if (!cost.defined())
+    throw std::invalid_argument("allocate_bits_tensor: cost must be a 1-d floating tensor");
+  // A fill, not a copy from the host: no synchronisation.
+  const auto lopts = at::TensorOptions().dtype(at::kLong).device(cost.device());
+  return allocate_bits_tensor(cost, weight, at::full({}, target, lopts), ibits);
 }
 
 double allocation_cost(const std::vector<double>& sensitivity, const std::vector<int>& bits) {

@@ -8,7 +8,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Functions.h>
 #include <ATen/core/Generator.h>
+#include <ATen/record_function.h>
 
+#include <algorithm>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -54,7 +56,9 @@ kernels::Plan plan_of(const Packed& p) {
   return plan;
 }
 
-Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits,
+// total_bits >= 0: per-sample bits whose sum is known and that stay where
+// they are (no host round trip); -1: read them on the host and check them.
+Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits, int64_t total_bits,
                      const CompressOptions& o) {
   check_device(x, "input");
   const auto dt = x.scalar_type();
@@ -88,6 +92,16 @@ Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits,
            c10::str(sample_bits.sizes()));
     if (sample_bits.is_floating_point() || sample_bits.is_complex())
       fail("per-sample bits must be integers");
+  }
+  if (sample_bits.defined() && total_bits >= 0) {
+    if (sample_bits.device() != dev) fail("per-sample bits must be on the input's device to stay there");
+    if (total_bits < plan.N || total_bits > 8 * plan.N)
+      fail("per-sample bits of " + std::to_string(plan.N) + " samples cannot sum to " + std::to_string(total_bits));
+    p.bits = sample_bits.to(at::kInt).contiguous();
+    const at::Tensor w = p.bits.to(at::kLong).mul(plan.Dp / 32);
+    p.word_offset = w.cumsum(0).sub_(w);
+    words = total_bits * (plan.Dp / 32);
+  } else if (sample_bits.defined()) {
     sample_bits = sample_bits.to(at::kCPU, at::kInt).contiguous();
     const int32_t* b = sample_bits.const_data_ptr<int32_t>();
     at::Tensor off = at::empty({plan.N}, at::kLong);
@@ -177,6 +191,12 @@ Packed Packed::slice(int64_t begin, int64_t end) const {
   if (uniform_bits) {
     w0 = begin * (uniform_bits * Dp / 32);
     w1 = end * (uniform_bits * Dp / 32);
+  } else if (host_offsets.empty()) {  // offsets only on the device: keep all the data
+    p.bits = bits.narrow(0, begin, p.samples);
+    p.word_offset = word_offset.narrow(0, begin, p.samples);
+    p.mn = pergroup ? mn.narrow(0, begin, p.samples) : mn;
+    p.mx = pergroup ? mx.narrow(0, begin, p.samples) : mx;
+    return p;
   } else {
     w0 = host_offsets[begin];
     w1 = host_offsets[end];
@@ -194,15 +214,26 @@ Packed Packed::slice(int64_t begin, int64_t end) const {
 }
 
 Packed quantize(const at::Tensor& x, int64_t bits, const CompressOptions& options) {
-  return quantize_impl(x, bits, at::Tensor(), options);
+  RECORD_FUNCTION("aq::compress", std::vector<c10::IValue>());
+  return quantize_impl(x, bits, at::Tensor(), -1, options);
 }
 
 Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample, const CompressOptions& options) {
+  RECORD_FUNCTION("aq::compress", std::vector<c10::IValue>());
   if (!bits_per_sample.defined()) fail("per-sample bits tensor is undefined");
-  return quantize_impl(x, 0, bits_per_sample, options);
+  return quantize_impl(x, 0, bits_per_sample, -1, options);
+}
+
+Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample, int64_t total_bits,
+                const CompressOptions& options) {
+  RECORD_FUNCTION("aq::compress", std::vector<c10::IValue>());
+  if (!bits_per_sample.defined()) fail("per-sample bits tensor is undefined");
+  if (total_bits < 0) fail("total bits must be >= 0, not " + std::to_string(total_bits));
+  return quantize_impl(x, 0, bits_per_sample, total_bits, options);
 }
 
 at::Tensor dequantize(const Packed& p) {
+  RECORD_FUNCTION("aq::decompress", std::vector<c10::IValue>());
   if (!p.data.defined()) fail("dequantize: empty Packed object");
   const auto dev = p.data.device();
   check_device(p.data, "packed data");
@@ -228,6 +259,7 @@ at::Tensor dequantize(const Packed& p) {
 int64_t packed_bits_nbytes(int64_t n, int64_t bits) { return (n + 31) / 32 * bits * 4; }
 
 at::Tensor pack_bits(const at::Tensor& codes, int64_t bits) {
+  RECORD_FUNCTION("aq::pack_bits", std::vector<c10::IValue>());
   check_device(codes, "codes");
   if (bits < 1 || bits > 16) fail("code bits must be in 1..16, not " + std::to_string(bits));
   if (codes.is_floating_point() || codes.is_complex()) fail("codes must be bool or integers");
@@ -245,6 +277,7 @@ at::Tensor pack_bits(const at::Tensor& codes, int64_t bits) {
 }
 
 at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, at::IntArrayRef sizes, c10::ScalarType dtype) {
+  RECORD_FUNCTION("aq::unpack_bits", std::vector<c10::IValue>());
   check_device(packed, "packed codes");
   if (bits < 1 || bits > 16) fail("code bits must be in 1..16, not " + std::to_string(bits));
   at::Tensor out = at::empty(sizes, packed.options().dtype(dtype));
@@ -267,6 +300,68 @@ at::Tensor pack_mask(const at::Tensor& mask) { return pack_bits(mask, 1); }
 
 at::Tensor unpack_mask(const at::Tensor& packed, at::IntArrayRef sizes) {
   return unpack_bits(packed, 1, sizes, at::kBool);
+}
+
+std::vector<int64_t> memory_strides(const at::Tensor& x) {
+  if (x.is_non_overlapping_and_dense()) return x.strides().vec();
+  std::vector<int64_t> st(x.dim());
+  int64_t acc = 1;
+  for (int64_t d = x.dim() - 1; d >= 0; --d) {
+    st[d] = acc;
+    acc *= std::max<int64_t>(1, x.size(d));
+  }
+  return st;
+}
+
+namespace {
+// x's elements in memory order, flat (no copy when x is dense).
+at::Tensor flat_in_memory_order(const at::Tensor& x) {
+  return x.is_non_overlapping_and_dense() ? x.as_strided({x.numel()}, {1}) : x.contiguous().view(-1);
+}
+}  // namespace
+
+at::Tensor pack_positive(const at::Tensor& x) {
+  RECORD_FUNCTION("aq::mask", std::vector<c10::IValue>());
+  check_device(x, "input");
+  if (!x.is_floating_point() && x.scalar_type() != at::kBool) fail("pack_positive: x must be floating or bool");
+  const at::Tensor flat = flat_in_memory_order(x);
+  at::Tensor out = at::empty({packed_bits_nbytes(flat.numel(), 1)}, x.options().dtype(at::kByte));
+  if (flat.numel() == 0) return out;
+#if AQ_WITH_CUDA
+  if (x.is_cuda()) {
+    kernels::pack_positive_cuda(flat, out);
+    return out;
+  }
+#endif
+  kernels::pack_positive_cpu(flat, out);
+  return out;
+}
+
+at::Tensor apply_packed_mask(const at::Tensor& g, const at::Tensor& packed, at::IntArrayRef strides, double scale) {
+  RECORD_FUNCTION("aq::mask", std::vector<c10::IValue>());
+  check_device(g, "gradient");
+  if (!g.is_floating_point()) fail("apply_packed_mask: the gradient must be floating");
+  if (static_cast<int64_t>(strides.size()) != g.dim()) fail("apply_packed_mask: strides do not match the gradient");
+  if (packed.scalar_type() != at::kByte || !packed.is_contiguous() || packed.device() != g.device() ||
+      packed.numel() != packed_bits_nbytes(g.numel(), 1))
+    fail("apply_packed_mask: the mask does not hold " + std::to_string(g.numel()) + " bits");
+  // The gradient in the mask's memory order (a copy only when it has another
+  // layout), and the result in that order too.
+  at::Tensor src = g;
+  if (!g.is_non_overlapping_and_dense() || g.strides() != strides)
+    src = at::empty_strided(g.sizes(), strides, g.options()).copy_(g);
+  at::Tensor out = at::empty_strided(g.sizes(), strides, g.options());
+  if (g.numel() == 0) return out;
+  const at::Tensor in_flat = flat_in_memory_order(src);
+  at::Tensor out_flat = out.as_strided({out.numel()}, {1});
+#if AQ_WITH_CUDA
+  if (g.is_cuda()) {
+    kernels::apply_mask_cuda(in_flat, packed, scale, out_flat);
+    return out;
+  }
+#endif
+  kernels::apply_mask_cpu(in_flat, packed, scale, out_flat);
+  return out;
 }
 
 int64_t index_bits(int64_t window) {

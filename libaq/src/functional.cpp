@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
 #include <torch/autograd.h>
 #if AQ_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -20,6 +21,7 @@
 
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <stdexcept>
 
@@ -180,15 +182,15 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
   if (st && st->bits.defined()) {
     p = quantize(x, st->bits, o);
   } else if (st && adaptive(c) && x.dim() > 0 && x.size(0) > 0) {
-    p = quantize(x, choose_bits(*st, c, x), o);
+    int64_t total = 0;
+    const at::Tensor bits = choose_bits(*st, c, x, &total);
+    p = quantize(x, bits, total, o);
     ctx->saved_data["usegradient"] = c.usegradient;
     if (st->indices.defined()) ctx->saved_data["indices"] = st->indices;
   } else {
     p = quantize(x, c.cabits, o);
   }
   if (st) {
-    const at::Tensor r = (p.mx.to(at::kFloat) - p.mn.to(at::kFloat)).pow(2);
-    st->range_sq = p.pergroup ? r.sum(1) : (r * static_cast<double>(p.groups_per_sample())).expand({p.samples});
     st->sample_elements = p.sample_elements;
     st->saved_bytes = p.nbytes();
   }
@@ -291,12 +293,18 @@ void for_each_micro_batch(AutogradContext* ctx, c10::ScalarType dtype, F&& f) {
 
 void record_grad(AutogradContext* ctx, const at::Tensor& g) {
   LayerStatePtr st = state_of(ctx);
-  if (!st || !g.defined() || g.dim() == 0) return;
-  st->grad_sq = g.reshape({g.size(0), -1}).to(at::kFloat).pow(2).sum(1);
   auto& s = ctx->saved_data;
-  if (s.count("usegradient"))
-    update_gradient_stats(*st, s["usegradient"].toBool(), st->grad_sq,
-                          s.count("indices") ? s["indices"].toTensor() : at::Tensor());
+  // Only adaptive layers (which saved "usegradient") keep gradient statistics.
+  if (!st || !g.defined() || g.dim() == 0 || !s.count("usegradient")) return;
+  RECORD_FUNCTION("aq::statistics", std::vector<c10::IValue>());
+  // Per-sample squared norms over the other dimensions, in float, read in
+  // g's own layout (no copy).
+  std::vector<int64_t> dims(g.dim() - 1);
+  std::iota(dims.begin(), dims.end(), 1);
+  st->grad_sq = dims.empty() ? g.to(at::kFloat).pow(2)
+                             : at::linalg_vector_norm(g, 2, dims, /*keepdim=*/false, at::kFloat).pow(2);
+  update_gradient_stats(*st, s["usegradient"].toBool(), st->grad_sq,
+                        s.count("indices") ? s["indices"].toTensor() : at::Tensor());
 }
 
 struct LinearFn : torch::autograd::Function<LinearFn> {
@@ -411,22 +419,21 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
   }
 };
 
-// Saves a 1-bit mask; backward multiplies by it and a scale.
-void save_mask(AutogradContext* ctx, const at::Tensor& mask, double scale, LayerState* st) {
-  const at::Tensor packed = pack_mask(mask);
+// Saves the 1-bit mask (source > 0) in the source's memory order; backward
+// multiplies by it and a scale.
+void save_mask(AutogradContext* ctx, const at::Tensor& source, double scale, LayerState* st) {
+  const at::Tensor packed = pack_positive(source);
   ctx->saved_data["mask"] = packed;
-  ctx->saved_data["sizes"] = mask.sizes().vec();
+  ctx->saved_data["strides"] = memory_strides(source);
   ctx->saved_data["scale"] = scale;
   if (st) {
     st->saved_bytes = packed.nbytes();
-    st->sample_elements = mask.dim() ? mask.numel() / std::max<int64_t>(1, mask.size(0)) : 1;
+    st->sample_elements = source.dim() ? source.numel() / std::max<int64_t>(1, source.size(0)) : 1;
   }
 }
 at::Tensor apply_mask(AutogradContext* ctx, const at::Tensor& g) {
   auto& s = ctx->saved_data;
-  const at::Tensor mask = unpack_mask(s["mask"].toTensor(), s["sizes"].toIntVector());
-  const double scale = s["scale"].toDouble();
-  return scale == 1.0 ? g * mask : g * mask * scale;
+  return apply_packed_mask(g, s["mask"].toTensor(), s["strides"].toIntVector(), s["scale"].toDouble());
 }
 
 struct ReluFn : torch::autograd::Function<ReluFn> {
@@ -438,7 +445,7 @@ struct ReluFn : torch::autograd::Function<ReluFn> {
     } else {
       y = x.relu();
     }
-    save_mask(ctx, y > 0, 1.0, st.get());
+    save_mask(ctx, y, 1.0, st.get());
     return y;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -448,7 +455,7 @@ struct ReluFn : torch::autograd::Function<ReluFn> {
 
 // Inverted dropout's kept elements and their scale.
 at::Tensor dropout_keep(const at::Tensor& x, double p) {
-  return at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - p);
+  return at::empty_like(x, x.options().dtype(at::kBool)).bernoulli_(1.0 - p);
 }
 double dropout_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
 

@@ -82,7 +82,7 @@ void reset_adaptive(torch::nn::Module& model) {
       st.budget = 0;
       st.sample_stat = at::Tensor();
       st.grad_mean = at::Tensor();
-      st.last_bits.clear();
+      st.last_bits = at::Tensor();
     }
   }
 }

@@ -45,9 +45,20 @@ check "memory: L2 between exact and L3" '[ -n "$(awk -F"\t" "\$6==\"L2\" && \$10
 cat "$tmp/out" >&2
 "$BENCH" memory --arch nope --device cpu >/dev/null 2>"$tmp/err"; rc=$?
 check "memory: unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
-"$BENCH" step --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L3 --steps 2 --warmup 1 -q >"$tmp/out" 2>"$tmp/err"; rc=$?
+"$BENCH" step --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L3 --steps 2 --warmup 1 -q \
+  --profile "$tmp/prof" >"$tmp/out" 2>"$tmp/err"; rc=$?
 check "step: exits 0, header and 2 rows" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/out") -eq 3 ] && head -1 "$tmp/out" | grep -q "^device	arch	batch	image	amp	level	median_ms	img_per_s"'
 check "step: exact ratio 1, L3 holds >= 8x less" '[ -n "$(awk -F"\t" "\$6==\"exact\" && \$11==1.000" "$tmp/out")" ] && [ -n "$(awk -F"\t" "\$6==\"L3\" && \$12 >= 8 && \$8 > 0" "$tmp/out")" ]'
+# The profiled breakdown: the exact model spends nothing in aq scopes, L3
+# spends device time compressing and allocating, and the file has the rows.
+check "step: breakdown columns (exact: no aq time; L3: compress and allocation > 0)" \
+  '[ "$(head -1 "$tmp/out" | cut -f14-19)" = "syncs_per_step	device_busy	compress_ms	decompress_ms	alloc_ms	alloc_share" ] &&
+   [ -n "$(awk -F"\t" "\$6==\"exact\" && \$16==0 && \$18==0 && \$15 > 0" "$tmp/out")" ] &&
+   [ -n "$(awk -F"\t" "\$6==\"L3\" && \$16 > 0 && \$18 > 0 && \$19 > 0 && \$19 < 1" "$tmp/out")" ]'
+check "step --profile: scope, host and kernel rows per level" \
+  'head -1 "$tmp/prof" | grep -qx "level	kind	name	calls_per_step	ms_per_step	share_of_step" &&
+   grep -q "^L3	scope	aq::compress	" "$tmp/prof" && grep -q "^L3	scope	aq::allocate	" "$tmp/prof" &&
+   grep -q "^exact	all	device	" "$tmp/prof" && grep -q "^L3	kernel	" "$tmp/prof"'
 cat "$tmp/out" >&2
 "$BENCH" max-batch --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 --levels L3 --limit-mb 48 --start 8 -q >"$tmp/out" 2>"$tmp/err"; rc=$?
 check "max-batch: exits 0, exact and L3" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/out") -eq 3 ] && head -1 "$tmp/out" | grep -qx "device	arch	image	amp	level	max_batch	ratio	trials"'

@@ -29,14 +29,20 @@ inline bool adaptive(const QuantConfig& c) { return c.compresses() && c.ibits > 
 
 // Per-sample sensitivities C_n of a layer for its input's range_sq (float
 // [N], ||R_n||^2) and `elements` per sample, with the layer's current
-// gradient statistic for `indices` (undefined: batch mean).  On the CPU.
+// gradient statistic for `indices` (undefined: batch mean): double [N] on
+// range_sq's device (no wait for the device), or copied to the host.
+at::Tensor sensitivity_tensor(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
+                              int64_t elements, const at::Tensor& indices);
 std::vector<double> sensitivities(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
                                   int64_t elements, const at::Tensor& indices);
 
 // Per-sample bits for a forward: the layer's budget (its per-layer share, or
-// cabits) times N, allocated from ibits by sensitivity.  Returns an int
-// tensor [N] on the CPU and records it in st.last_bits.
-at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x);
+// cabits) times N, allocated from ibits by sensitivity on x's device, with
+// nothing read back to the host.  Returns int32 [N] on x's device, records
+// it in st.last_bits (with st.range_sq, st.sample_elements and st.indices)
+// and, when `total` is given, stores their sum there (known on the host: the
+// budget fixes it).
+at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x, int64_t* total = nullptr);
 
 // After backward: updates the gradient statistics from grad_sq ([N]) of
 // the samples at `indices` (or the batch mean).
@@ -45,7 +51,9 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
 // Per-layer reallocation across the model's adaptive conv/linear layers
 // (perlayer): units are (layer, sample) weighted by elements per sample,
 // budget cabits x all elements; each layer's next budget is the mean of its
-// samples' bits.  Returns the number of layers involved.
+// samples' bits.  Allocates on the device; reading the budgets back is the
+// one wait for the device it adds to a training step.  Returns the number of
+// layers involved.
 int64_t adapt_layers(torch::nn::Module& model);
 
 // Per-layer summary of what the last forward chose, for reports.

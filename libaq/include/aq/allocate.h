@@ -6,6 +6,8 @@
 // least per unit of weight is taken away until the budget holds.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -26,6 +28,31 @@ struct Allocation {
 // on mismatched sizes, bad weights or ibits.
 Allocation allocate_bits(const std::vector<double>& sensitivity, const std::vector<int64_t>& weight,
                          double budget, int ibits);
+
+// Same greedy as allocate_bits, computed with tensor ops on cost's device and
+// reading nothing back to the host (no synchronisation on CUDA), so it can run
+// inside a training step.  The bits equal allocate_bits(cost, weight, target,
+// ibits).bits exactly, ties included.
+// cost: floating [U] (any float dtype; computed in double); weight: int64 [U]
+// on cost's device, or undefined for all ones; target: int64 0-d tensor on
+// cost's device (the budget already floored to an integer number of weighted
+// bits).  Returns int32 [U] on cost's device.
+// allocate_bits's exceptions and feasible flag would need a host decision, so
+// instead:
+//  - NaN/+Inf sensitivities are treated as allocate_bits treats them (the
+//    largest finite value present, 1e300 if none); negative ones (-Inf too)
+//    are treated as 0;
+//  - a target below sum(w) (infeasible) gives every unit 1 bit, as
+//    allocate_bits does with feasible = false;
+//  - weights >= 1 and sum(w) * ibits <= INT64_MAX are the caller's to
+//    guarantee (unchecked: results are meaningless otherwise).
+// Throws std::invalid_argument on bad shapes, dtypes, devices or ibits (all
+// known on the host).
+at::Tensor allocate_bits_tensor(const at::Tensor& cost, const at::Tensor& weight,
+                                const at::Tensor& target, int ibits);
+// The same with a host target (written into a device scalar, not copied: no sync).
+at::Tensor allocate_bits_tensor(const at::Tensor& cost, const at::Tensor& weight, int64_t target,
+                                int ibits);
 
 // The objective for given bits (for tests and reports).
 double allocation_cost(const std::vector<double>& sensitivity, const std::vector<int>& bits);

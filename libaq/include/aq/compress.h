@@ -37,7 +37,10 @@ struct Packed {
   at::Tensor bits;         // per-sample bits, int32 [N]; undefined if uniform
   at::Tensor word_offset;  // int64 [N], first word of each sample (per-sample bits only)
   // (all tensors live on one device)
-  std::vector<int64_t> host_offsets;  // per-sample bits: word_offset and the total, on the host
+  // Per-sample bits: word_offset and the total on the host; empty when the
+  // bits stayed on the device (then word_offset are positions in `data`,
+  // which slices share whole).
+  std::vector<int64_t> host_offsets;
   int64_t uniform_bits = 0;  // b when uniform, 0 when per-sample
   std::vector<int64_t> sizes, strides;
   c10::ScalarType dtype = c10::kFloat;
@@ -62,6 +65,12 @@ Packed quantize(const at::Tensor& x, int64_t bits, const CompressOptions& option
 // the host (a CUDA tensor is copied back, which waits for the device).
 Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample,
                 const CompressOptions& options = {});
+// Per-sample bits that stay on x's device (no host round trip, no wait):
+// total_bits must be their sum, which sizes the output.  They are not
+// checked (that would need reading them back): values outside 1..8 or a
+// wrong sum give undefined bytes.
+Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample, int64_t total_bits,
+                const CompressOptions& options = {});
 // Restores a tensor of the input's shape, strides, dtype and device.
 at::Tensor dequantize(const Packed& packed);
 
@@ -75,6 +84,17 @@ at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, at::IntArrayRef s
 // 1-bit masks, exact.
 at::Tensor pack_mask(const at::Tensor& mask);
 at::Tensor unpack_mask(const at::Tensor& packed, at::IntArrayRef sizes);
+// Masks straight from an activation, in its memory order (channels_last
+// stays channels_last; no bool tensor in between): bit i of pack_bits's
+// 1-bit layout is (element i in memory order > 0), for floating or bool x.
+at::Tensor pack_positive(const at::Tensor& x);
+// The strides pack_positive ordered x's elements by (x's own when dense).
+std::vector<int64_t> memory_strides(const at::Tensor& x);
+// g * mask * scale, g of the masked tensor's shape, `strides` its
+// memory_strides: the result has those strides (g is copied into them first
+// when it has another layout).
+at::Tensor apply_packed_mask(const at::Tensor& g, const at::Tensor& packed, at::IntArrayRef strides,
+                             double scale = 1.0);
 // Bits needed for an argmax inside a window of `window` elements (>= 1).
 int64_t index_bits(int64_t window);
 

@@ -21,10 +21,12 @@ struct LayerState : torch::CustomClassHolder {
   // undefined: adaptive allocation when ibits > cabits (aq/adaptive.h), else
   // the configuration's uniform `cabits`.
   at::Tensor bits;
-  // Of the last compressed input: per sample, the sum over its groups of
-  // (mx - mn)^2, i.e. ||R_n||^2 (float [N], on the input's device).
+  // Adaptive layers only (ibits > cabits), of the last compressed input: per
+  // sample, the sum over its groups of (mx - mn)^2, i.e. ||R_n||^2 (float
+  // [N], on the input's device).
   at::Tensor range_sq;
-  // Of the last backward: per sample, ||dL/dy_n||^2 of the output gradient.
+  // Adaptive layers only, of the last backward: per sample, ||dL/dy_n||^2 of
+  // the output gradient.
   at::Tensor grad_sq;
   // Elements per sample of the last compressed input.
   int64_t sample_elements = 0;
@@ -37,7 +39,7 @@ struct LayerState : torch::CustomClassHolder {
   int64_t kernel_area = 1, conv_groups = 1, in_channels = 1;  // conv/linear geometry
   bool batch_norm = false;   // BatchNorm: no gradient term in the sensitivity
   at::Tensor indices;        // dataset indices of the last forward's samples (CPU int64 [N])
-  std::vector<int> last_bits;  // per-sample bits the last forward chose
+  at::Tensor last_bits;      // per-sample bits the last forward chose (int32 [N], on its device)
   // Average bits for the next forward (0: cabits); set by adapt_layers().
   double budget = 0;
   // Gradient statistics: per dataset index, the running average of
