@@ -16,6 +16,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -626,6 +628,171 @@ void apply_mask_cuda(const at::Tensor& g, const at::Tensor& packed, double scale
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// ---------------------------------------------------------------------------
+// Per-sample allocation of a layer in one block.  Thread t owns samples t,
+// t + kAllocThreads, ...; candidate removals (sample i, b -> b-1) have keys
+// c_i * dinv[b] >= 0, whose IEEE bit patterns order like their values.  The
+// greedy removes the R smallest in (key, i, b descending) order: a radix
+// select finds the R-th key K, every key below K goes, and of the keys equal
+// to K the first ones in sample order make up the rest.
+
+namespace {
+
+constexpr int kAllocThreads = 512;
+struct MaxOp {
+  __device__ double operator()(double a, double b) const { return a > b ? a : b; }
+};
+constexpr int kAllocPerThread = (kAllocMaxSamples + kAllocThreads - 1) / kAllocThreads;
+
+__global__ void __launch_bounds__(kAllocThreads)
+allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq, const float* __restrict__ grad_mean,
+                           const float* __restrict__ stat, const int64_t* __restrict__ idx, int32_t* __restrict__ bits,
+                           int64_t* __restrict__ word_offset) {
+  using Reduce = cub::BlockReduce<double, kAllocThreads>;
+  using ScanL = cub::BlockScan<int64_t, kAllocThreads>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename ScanL::TempStorage scan;
+  } tmp;
+  __shared__ unsigned int hist[256];
+  __shared__ double shared_value;
+  __shared__ uint64_t prefix;
+  __shared__ int64_t rank;
+  const int t = threadIdx.x;
+  const int64_t N = p.N;
+  double c[kAllocPerThread];
+
+  // s_n: per-sample statistics need the mean of the seen ones first.
+  float known[kAllocPerThread];
+  float mean = 1.0f;
+  if (p.mode == 2) {
+    double sum = 0, count = 0;
+    for (int j = 0; j < kAllocPerThread; ++j) {
+      const int64_t i = t + static_cast<int64_t>(j) * kAllocThreads;
+      known[j] = -1.0f;
+      if (i < N) {
+        const int64_t k = idx[i];
+        known[j] = k >= 0 && k < p.stat_size ? stat[k] : -1.0f;
+        if (known[j] >= 0.0f) sum += known[j], count += 1;
+      }
+    }
+    const double total = Reduce(tmp.reduce).Sum(sum);
+    __syncthreads();
+    const double seen = Reduce(tmp.reduce).Sum(count);
+    if (t == 0) shared_value = seen > 0 ? static_cast<double>(static_cast<float>(total) / static_cast<float>(seen)) : 1.0;
+    __syncthreads();
+    mean = static_cast<float>(shared_value);
+  }
+  double local_max = -1.0;
+  for (int j = 0; j < kAllocPerThread; ++j) {
+    const int64_t i = t + static_cast<int64_t>(j) * kAllocThreads;
+    c[j] = 0;
+    if (i >= N) continue;
+    float s = 1.0f;
+    if (!p.batch_norm) {
+      if (p.mode == 1) s = grad_mean[0];
+      else if (p.mode == 2) s = known[j] >= 0.0f ? known[j] : mean;
+      s = __fmul_rn(s, p.grad_scale);
+    }
+    double v = __dmul_rn(__dmul_rn(static_cast<double>(range_sq[i]), p.range_scale), static_cast<double>(s));
+    if (v <= 0) v = 0;  // also -0.0 -> +0.0; NaN stays
+    c[j] = v;
+    if (isfinite(v) && v > local_max) local_max = v;
+  }
+  // NaN and +Inf take the largest finite value (1e300 if there is none).
+  __syncthreads();
+  const double maxf = Reduce(tmp.reduce).Reduce(local_max, MaxOp());
+  if (t == 0) shared_value = maxf < 0 ? 1e300 : maxf;
+  __syncthreads();
+  for (int j = 0; j < kAllocPerThread; ++j)
+    if (!isfinite(c[j])) c[j] = shared_value;
+
+  const int m = p.ibits - 1;  // candidates per sample: b = ibits .. 2
+  auto key = [&](int j, int b) { return static_cast<uint64_t>(__double_as_longlong(__dmul_rn(c[j], p.dinv[b]))); };
+  uint64_t K = 0;
+  int64_t need = 0;
+  if (p.removals > 0 && p.removals < m * N) {
+    if (t == 0) prefix = 0, rank = p.removals;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      for (int d = t; d < 256; d += kAllocThreads) hist[d] = 0;
+      __syncthreads();
+      const uint64_t high = shift == 56 ? 0 : ~uint64_t(0) << (shift + 8);
+      const uint64_t want = prefix & high;
+      for (int j = 0; j < kAllocPerThread; ++j) {
+        if (t + static_cast<int64_t>(j) * kAllocThreads >= N) break;
+        for (int b = p.ibits; b >= 2; --b) {
+          const uint64_t k = key(j, b);
+          if ((k & high) == want) atomicAdd(&hist[(k >> shift) & 255], 1u);
+        }
+      }
+      __syncthreads();
+      if (t == 0) {
+        int64_t below = 0;
+        for (int d = 0; d < 256; ++d) {
+          if (below + hist[d] >= rank) {
+            prefix |= static_cast<uint64_t>(d) << shift;
+            rank -= below;
+            break;
+          }
+          below += hist[d];
+        }
+      }
+      __syncthreads();
+    }
+    K = prefix;
+    need = rank;  // candidates equal to K still to remove
+  }
+  // Removals per sample, then bits and word offsets by block scans in sample order.
+  int64_t carry_eq = 0, carry_words = 0;
+  for (int j = 0; j < kAllocPerThread; ++j) {
+    const int64_t i = t + static_cast<int64_t>(j) * kAllocThreads;
+    int less = 0, eq = 0;
+    if (i < N && p.removals >= m * N) {
+      less = m;
+    } else if (i < N && p.removals > 0) {
+      for (int b = p.ibits; b >= 2; --b) {
+        const uint64_t k = key(j, b);
+        less += k < K;
+        eq += k == K;
+      }
+    }
+    int64_t before = 0, round_eq = 0;
+    __syncthreads();
+    ScanL(tmp.scan).ExclusiveSum(static_cast<int64_t>(eq), before, round_eq);
+    before += carry_eq;
+    carry_eq += round_eq;
+    const int64_t left = need - before;
+    const int64_t take = left <= 0 ? 0 : left < eq ? left : eq;
+    const int b = p.ibits - less - static_cast<int>(take);
+    const int64_t words = i < N ? static_cast<int64_t>(b) * p.words_per_bit : 0;
+    int64_t start = 0, round_words = 0;
+    __syncthreads();
+    ScanL(tmp.scan).ExclusiveSum(words, start, round_words);
+    if (i < N) {
+      bits[i] = b;
+      word_offset[i] = carry_words + start;
+    }
+    carry_words += round_words;
+  }
+}
+
+}  // namespace
+
+void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq, const at::Tensor& grad_mean,
+                              const at::Tensor& sample_stat, const at::Tensor& indices, at::Tensor& bits,
+                              at::Tensor& word_offset) {
+  const c10::cuda::CUDAGuard guard(range_sq.device());
+  if (plan.N == 0) return;
+  TORCH_CHECK(plan.N <= kAllocMaxSamples, "aq: per-sample allocation of more than ", kAllocMaxSamples, " samples");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  allocate_per_sample_kernel<<<1, kAllocThreads, 0, stream>>>(
+      plan, range_sq.const_data_ptr<float>(), plan.mode == 1 ? grad_mean.const_data_ptr<float>() : nullptr,
+      plan.mode == 2 ? sample_stat.const_data_ptr<float>() : nullptr,
+      plan.mode == 2 ? indices.const_data_ptr<int64_t>() : nullptr, bits.data_ptr<int32_t>(),
+      word_offset.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace aq::kernels

@@ -64,6 +64,31 @@ void dequantize_cuda(const Plan& plan, const at::Tensor& packed, const at::Tenso
 void pack_bits_cuda(const at::Tensor& codes, int bits, at::Tensor& packed);
 void unpack_bits_cuda(const at::Tensor& packed, int bits, at::Tensor& codes);
 
+// Per-sample bit allocation of one layer in one launch (ALGORITHM.md 5 with
+// unit weights): the sensitivities from the layer's group ranges and
+// gradient statistics, then the greedy's bits (the same as allocate_bits,
+// ties included) and each sample's first packed word.  One block; N <=
+// kAllocMaxSamples.
+constexpr int64_t kAllocMaxSamples = 4096;
+struct AllocPlan {
+  int64_t N = 0;
+  int ibits = 8;
+  int64_t removals = 0;        // ibits * N - target: bits the greedy takes away
+  int64_t words_per_bit = 0;   // Dp / 32
+  double range_scale = 1;      // G / positions
+  float grad_scale = 1;        // kernel area / (4 groups); unused for batch norm
+  bool batch_norm = false;     // s_n = 1, no gradient term
+  int mode = 0;                // s_n: 0 ones, 1 grad_mean[0], 2 per-sample statistics
+  int64_t stat_size = 0;       // mode 2: entries of sample_stat
+  double dinv[9] = {};         // dinv[b] = 1/(2^(b-1)-1)^2 - 1/(2^b-1)^2, b = 2..8
+};
+// range_sq float [N]; grad_mean float (mode 1); sample_stat float
+// [stat_size] and indices int64 [N] (mode 2), all on one device; writes
+// bits int32 [N] and word_offset int64 [N].
+void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq, const at::Tensor& grad_mean,
+                              const at::Tensor& sample_stat, const at::Tensor& indices, at::Tensor& bits,
+                              at::Tensor& word_offset);
+
 // Masks without a bool tensor in between.  x, g and out are flat (memory
 // order); packed holds bit i = (x[i] > 0) in pack_bits's 1-bit layout.
 // apply: out[i] = bit i ? g[i] * scale : 0 (scale == 1: g[i] unchanged).

@@ -1,5 +1,6 @@
 // Tests for the greedy bit allocation (aq/allocate.h, ALGORITHM.md 5).
 #include "aq/allocate.h"
+#include "aq/adaptive.h"
 
 #include "device_test.h"
 
@@ -812,3 +813,52 @@ TEST_P(AllocateTensor, NoHostSynchronisation) {
 }
 
 }  // namespace
+
+// choose_bits, the per-sample allocation of a layer's forward: one fused
+// kernel on CUDA, tensor ops elsewhere.  Both must give allocate_bits' bits
+// for the layer's sensitivities (every kind of gradient statistic, ties from
+// repeated ranges, zeros, NaN), sum to the layer's budget, and (CUDA) give
+// the word offsets quantize() would compute.
+TEST_P(AllocateTensor, ChooseBitsIsTheGreedyOnTheSensitivities) {
+  std::mt19937_64 rng(99);
+  for (int trial = 0; trial < 60; ++trial) {
+    const int64_t n = std::vector<int64_t>{1, 2, 7, 64, 256, 513, 1000, 4096}[trial % 8];
+    const int64_t c_in = 4, hw = trial % 3 == 0 ? 40 : 64;  // 40: not a multiple of 32 per sample
+    aq::QuantConfig c = aq::QuantConfig::for_level(aq::Level::L3);
+    c.ibits = 2 + trial % 7;
+    c.usegradient = trial % 2 == 0;
+    aq::LayerState st;
+    st.in_channels = c_in;
+    st.kernel_area = 9;
+    st.conv_groups = 1 + trial % 2;
+    st.batch_norm = trial % 11 == 3;
+    st.budget = trial % 4 == 0 ? 0.0 : 1.0 + static_cast<double>(rng() % 700) / 100.0;
+    auto x = torch::randn({n, c_in, hw}, opts());
+    if (trial % 5 == 1) x.narrow(0, 0, n / 2).copy_(x.narrow(0, n - n / 2, n / 2));  // repeated samples: ties
+    if (trial % 7 == 2) x.narrow(0, 0, (n + 1) / 2).zero_();                         // zero ranges
+    if (trial % 13 == 4) x[0][0][0] = std::numeric_limits<float>::quiet_NaN();
+    const auto idx = torch::randperm(3 * n, torch::kLong).narrow(0, 0, n);
+    if (trial % 3 == 1) {  // statistics: seen samples get small exact values, others are unseen
+      st.sample_stat = torch::full({3 * n}, -1.0, opts(torch::kFloat));
+      st.sample_stat.index_put_({idx.narrow(0, 0, n - n / 3).to(dev())},
+                                torch::randint(0, 64, {n - n / 3}, opts(torch::kFloat)) / 8);
+    }
+    if (trial % 3 == 2) st.grad_mean = torch::full({}, 0.375, opts(torch::kFloat));
+    aq::set_batch_indices(idx);
+    int64_t total = -1;
+    torch::Tensor offsets;
+    const auto bits = aq::choose_bits(st, c, x, &total, &offsets);
+    aq::set_batch_indices(torch::Tensor());
+    ASSERT_EQ(bits.device().type(), dev().type());
+    const auto cn = aq::sensitivities(st, c, st.range_sq, st.sample_elements, idx);
+    const auto want = allocate_bits(cn, std::vector<int64_t>(n, 1), static_cast<double>(total), c.ibits);
+    const auto got = bits.cpu().to(torch::kLong);
+    ASSERT_EQ(got.numel(), n);
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(got[i].item<int64_t>(), want.bits[i]) << "trial " << trial << " sample " << i;
+    EXPECT_EQ(got.sum().item<int64_t>(), total) << trial;
+    if (offsets.defined()) {
+      const auto w = got * ((c_in * hw + 31) / 32);
+      EXPECT_TRUE(torch::equal(offsets.cpu(), w.cumsum(0) - w)) << trial;
+    }
+  }
+}

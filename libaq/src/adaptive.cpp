@@ -6,6 +6,9 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
+#include "aq_config.h"
+#include "kernels.h"
+
 #include <algorithm>
 #include <map>
 #include <cmath>
@@ -76,14 +79,33 @@ void set_batch_indices(const at::Tensor& indices) {
 }
 const at::Tensor& batch_indices() { return current_indices; }
 
+namespace {
+// C_n = range_sq_n * range_scale * s_n, with s_n = (gradient statistic) *
+// grad_scale for conv/linear layers and 1 for batch norm (ALGORITHM.md 5).
+double range_scale(const LayerState& st, const QuantConfig& c, int64_t elements) {
+  const double g = c.pergroup ? static_cast<double>(c.group_size) : static_cast<double>(std::max<int64_t>(1, elements));
+  const double positions = std::max<double>(1.0, static_cast<double>(elements) / std::max<int64_t>(1, st.in_channels));
+  return g / positions;
+}
+double grad_scale(const LayerState& st) {
+  return static_cast<double>(st.kernel_area) / (4.0 * static_cast<double>(st.conv_groups));
+}
+// Which gradient statistic s_n reads: 0 none (ones), 1 the batch mean, 2 per sample.
+int statistic_mode(const LayerState& st, const QuantConfig& c, const at::Tensor& indices, int64_t n) {
+  if (st.batch_norm) return 0;
+  if (c.usegradient && st.sample_stat.defined() && indices.defined() && indices.numel() == n) return 2;
+  if (!c.usegradient && st.grad_mean.defined()) return 1;
+  return 0;
+}
+}  // namespace
+
 at::Tensor sensitivity_tensor(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
                               int64_t elements, const at::Tensor& indices) {
   const int64_t n = range_sq.size(0);
-  const double g = c.pergroup ? static_cast<double>(c.group_size) : static_cast<double>(std::max<int64_t>(1, elements));
-  const double positions = std::max<double>(1.0, static_cast<double>(elements) / std::max<int64_t>(1, st.in_channels));
   at::Tensor s = at::ones({n}, range_sq.options());
+  const int mode = statistic_mode(st, c, indices, n);
   if (!st.batch_norm) {
-    if (c.usegradient && st.sample_stat.defined() && indices.defined() && indices.numel() == n) {
+    if (mode == 2) {
       const at::Tensor idx = indices_on(indices, st.sample_stat.device());
       const at::Tensor inside = idx < st.sample_stat.size(0);
       const at::Tensor known = at::where(inside, st.sample_stat.index({idx.clamp_max(st.sample_stat.size(0) - 1)}),
@@ -93,12 +115,12 @@ at::Tensor sensitivity_tensor(const LayerState& st, const QuantConfig& c, const 
       const at::Tensor count = seen.sum();
       const at::Tensor mean = at::where(count > 0, (known * seen).sum() / count.clamp_min(1), at::ones({}, known.options()));
       s = at::where(seen, known, mean).to(range_sq.device());
-    } else if (!c.usegradient && st.grad_mean.defined()) {
+    } else if (mode == 1) {
       s = st.grad_mean.to(range_sq.device()).expand({n});  // 0 before the first backward, as the original
     }
-    s = s * (static_cast<double>(st.kernel_area) / (4.0 * static_cast<double>(st.conv_groups)));
+    s = s * grad_scale(st);
   }
-  return range_sq.to(at::kDouble) * (g / positions) * s.to(at::kDouble);
+  return range_sq.to(at::kDouble) * range_scale(st, c, elements) * s.to(at::kDouble);
 }
 
 std::vector<double> sensitivities(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
@@ -107,21 +129,54 @@ std::vector<double> sensitivities(const LayerState& st, const QuantConfig& c, co
   return std::vector<double>(cn.data_ptr<double>(), cn.data_ptr<double>() + cn.numel());
 }
 
-at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x, int64_t* total) {
+at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x, int64_t* total,
+                       at::Tensor* word_offset) {
   RECORD_FUNCTION("aq::allocate", std::vector<c10::IValue>());
   const int64_t n = x.dim() ? x.size(0) : 1;
   const int64_t elements = n ? x.numel() / n : 0;
   st.range_sq = range_sq_of(x, c);
   st.sample_elements = elements;
   st.indices = batch_indices().defined() && batch_indices().numel() == n ? batch_indices() : at::Tensor();
-  const at::Tensor cn = sensitivity_tensor(st, c, st.range_sq, elements, st.indices);
   const double per_sample = st.budget > 0 ? st.budget : static_cast<double>(c.cabits);
   // The layer's share of bits, known on the host: it sizes the packed data.
   const int64_t target =
       std::clamp<int64_t>(static_cast<int64_t>(std::floor(per_sample * static_cast<double>(n) + 1e-9)), n,
                           static_cast<int64_t>(c.ibits) * n);
-  st.last_bits = allocate_bits_tensor(cn, at::Tensor(), target, c.ibits);
   if (total) *total = target;
+#if AQ_WITH_CUDA
+  // On CUDA, sensitivities, allocation and word offsets in one launch (the
+  // same bits as below: the tensor ops cost ~70 launches per layer).
+  if (x.is_cuda() && n <= kernels::kAllocMaxSamples) {
+    kernels::AllocPlan p;
+    p.N = n;
+    p.ibits = c.ibits;
+    p.removals = static_cast<int64_t>(c.ibits) * n - target;
+    p.words_per_bit = (elements + 31) / 32;
+    p.range_scale = range_scale(st, c, elements);
+    p.grad_scale = static_cast<float>(grad_scale(st));
+    p.batch_norm = st.batch_norm;
+    p.mode = statistic_mode(st, c, st.indices, n);
+    for (int b = 2; b <= c.ibits; ++b) p.dinv[b] = bit_cost_step(b);
+    at::Tensor idx, stat, mean;
+    if (p.mode == 2) {
+      idx = indices_on(st.indices, x.device());
+      stat = st.sample_stat.to(x.device(), at::kFloat).contiguous();
+      p.stat_size = stat.numel();
+    } else if (p.mode == 1) {
+      mean = st.grad_mean.to(x.device(), at::kFloat).contiguous();
+    }
+    const at::Tensor r = st.range_sq.to(at::kFloat).contiguous();
+    at::Tensor bits = at::empty({n}, x.options().dtype(at::kInt));
+    at::Tensor offsets = at::empty({n}, x.options().dtype(at::kLong));
+    kernels::allocate_per_sample_cuda(p, r, mean, stat, idx, bits, offsets);
+    st.last_bits = bits;
+    if (word_offset) *word_offset = offsets;
+    return bits;
+  }
+#endif
+  const at::Tensor cn = sensitivity_tensor(st, c, st.range_sq, elements, st.indices);
+  st.last_bits = allocate_bits_tensor(cn, at::Tensor(), target, c.ibits);
+  if (word_offset) *word_offset = at::Tensor();
   return st.last_bits;
 }
 

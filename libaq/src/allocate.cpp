@@ -347,6 +347,11 @@ at::Tensor allocate_bits_tensor(const at::Tensor& cost, const at::Tensor& weight
   return allocate_bits_tensor(cost, weight, at::full({}, target, lopts), ibits);
 }
 
+double bit_cost_step(int b) {
+  if (b < 2 || b > kMaxBits) throw std::invalid_argument("bit_cost_step: b = " + std::to_string(b) + " is outside 2..8");
+  return tables().dinv[b];
+}
+
 double allocation_cost(const std::vector<double>& sensitivity, const std::vector<int>& bits) {
   if (sensitivity.size() != bits.size())
     throw std::invalid_argument("allocation_cost: sensitivity has " +

@@ -59,7 +59,7 @@ kernels::Plan plan_of(const Packed& p) {
 // total_bits >= 0: per-sample bits whose sum is known and that stay where
 // they are (no host round trip); -1: read them on the host and check them.
 Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits, int64_t total_bits,
-                     const CompressOptions& o) {
+                     const CompressOptions& o, const at::Tensor& word_offset = {}) {
   check_device(x, "input");
   const auto dt = x.scalar_type();
   if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16)
@@ -98,8 +98,15 @@ Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits, 
     if (total_bits < plan.N || total_bits > 8 * plan.N)
       fail("per-sample bits of " + std::to_string(plan.N) + " samples cannot sum to " + std::to_string(total_bits));
     p.bits = sample_bits.to(at::kInt).contiguous();
-    const at::Tensor w = p.bits.to(at::kLong).mul(plan.Dp / 32);
-    p.word_offset = w.cumsum(0).sub_(w);
+    if (word_offset.defined()) {
+      if (word_offset.dim() != 1 || word_offset.numel() != plan.N || word_offset.device() != dev ||
+          word_offset.scalar_type() != at::kLong)
+        fail("word offsets must be int64 [" + std::to_string(plan.N) + "] on the input's device");
+      p.word_offset = word_offset.contiguous();
+    } else {
+      const at::Tensor w = p.bits.to(at::kLong).mul(plan.Dp / 32);
+      p.word_offset = w.cumsum(0).sub_(w);
+    }
     words = total_bits * (plan.Dp / 32);
   } else if (sample_bits.defined()) {
     sample_bits = sample_bits.to(at::kCPU, at::kInt).contiguous();
@@ -225,11 +232,11 @@ Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample, const Co
 }
 
 Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample, int64_t total_bits,
-                const CompressOptions& options) {
+                const CompressOptions& options, const at::Tensor& word_offset) {
   RECORD_FUNCTION("aq::compress", std::vector<c10::IValue>());
   if (!bits_per_sample.defined()) fail("per-sample bits tensor is undefined");
   if (total_bits < 0) fail("total bits must be >= 0, not " + std::to_string(total_bits));
-  return quantize_impl(x, 0, bits_per_sample, total_bits, options);
+  return quantize_impl(x, 0, bits_per_sample, total_bits, options, word_offset);
 }
 
 at::Tensor dequantize(const Packed& p) {

@@ -183,8 +183,9 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
     p = quantize(x, st->bits, o);
   } else if (st && adaptive(c) && x.dim() > 0 && x.size(0) > 0) {
     int64_t total = 0;
-    const at::Tensor bits = choose_bits(*st, c, x, &total);
-    p = quantize(x, bits, total, o);
+    at::Tensor offsets;
+    const at::Tensor bits = choose_bits(*st, c, x, &total, &offsets);
+    p = quantize(x, bits, total, o, offsets);
     ctx->saved_data["usegradient"] = c.usegradient;
     if (st->indices.defined()) ctx->saved_data["indices"] = st->indices;
   } else {

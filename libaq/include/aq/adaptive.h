@@ -41,8 +41,11 @@ std::vector<double> sensitivities(const LayerState& st, const QuantConfig& c, co
 // nothing read back to the host.  Returns int32 [N] on x's device, records
 // it in st.last_bits (with st.range_sq, st.sample_elements and st.indices)
 // and, when `total` is given, stores their sum there (known on the host: the
-// budget fixes it).
-at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x, int64_t* total = nullptr);
+// budget fixes it).  On CUDA (up to 4096 samples) it is one kernel, which
+// also gives each sample's first packed word in *word_offset (else that is
+// left undefined).
+at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x, int64_t* total = nullptr,
+                       at::Tensor* word_offset = nullptr);
 
 // After backward: updates the gradient statistics from grad_sq ([N]) of
 // the samples at `indices` (or the batch mean).

@@ -54,6 +54,11 @@ at::Tensor allocate_bits_tensor(const at::Tensor& cost, const at::Tensor& weight
 at::Tensor allocate_bits_tensor(const at::Tensor& cost, const at::Tensor& weight, int64_t target,
                                 int ibits);
 
+// dinv[b] = 1/(2^(b-1)-1)^2 - 1/(2^b-1)^2 for b in 2..8: what taking a unit
+// from b to b-1 bits costs per unit of sensitivity (the greedy's key before
+// dividing by the weight).
+double bit_cost_step(int b);
+
 // The objective for given bits (for tests and reports).
 double allocation_cost(const std::vector<double>& sensitivity, const std::vector<int>& bits);
 

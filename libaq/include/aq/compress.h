@@ -68,9 +68,11 @@ Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample,
 // Per-sample bits that stay on x's device (no host round trip, no wait):
 // total_bits must be their sum, which sizes the output.  They are not
 // checked (that would need reading them back): values outside 1..8 or a
-// wrong sum give undefined bytes.
+// wrong sum give undefined bytes.  word_offset, when given, holds each
+// sample's first 32-bit word (the exclusive prefix sum of bits x D/32, D
+// rounded up to 32), as aq's fused allocation computes it.
 Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample, int64_t total_bits,
-                const CompressOptions& options = {});
+                const CompressOptions& options = {}, const at::Tensor& word_offset = {});
 // Restores a tensor of the input's shape, strides, dtype and device.
 at::Tensor dequantize(const Packed& packed);
 
