@@ -10,6 +10,7 @@
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/detail/UnpackRaw.cuh>
@@ -575,7 +576,8 @@ __global__ void pack_positive_kernel(const scalar_t* __restrict__ x, int64_t n, 
 // they share one mask word).
 template <typename scalar_t, int E>
 __global__ void apply_mask_kernel(const scalar_t* __restrict__ g, const uint32_t* __restrict__ mask, int64_t n,
-                                  float scale, bool scaled, scalar_t* __restrict__ out) {
+                                  at::opmath_type<scalar_t> scale, bool scaled, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
   struct alignas(sizeof(scalar_t) * E) Vec {
     scalar_t v[E];
   };
@@ -588,7 +590,7 @@ __global__ void apply_mask_kernel(const scalar_t* __restrict__ g, const uint32_t
 #pragma unroll
     for (int e = 0; e < E; ++e) {
       const bool on = (w >> e) & 1u;
-      o.v[e] = !on ? scalar_t(0) : scaled ? static_cast<scalar_t>(static_cast<float>(in.v[e]) * scale) : in.v[e];
+      o.v[e] = !on ? scalar_t(0) : scaled ? static_cast<scalar_t>(static_cast<acc_t>(in.v[e]) * scale) : in.v[e];
     }
     reinterpret_cast<Vec*>(out)[c] = o;
   }
@@ -618,7 +620,7 @@ void apply_mask_cuda(const at::Tensor& g, const at::Tensor& packed, double scale
     constexpr int E = 16 / sizeof(scalar_t) < 32 ? 16 / sizeof(scalar_t) : 32;
     const bool vec = n % E == 0 && reinterpret_cast<uintptr_t>(g.const_data_ptr()) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
-    const float s = static_cast<float>(scale);
+    const auto s = static_cast<at::opmath_type<scalar_t>>(scale);
     if (vec) {
       apply_mask_kernel<scalar_t, E><<<grid_for(n / E, 256), 256, 0, stream>>>(
           g.const_data_ptr<scalar_t>(), m, n, s, scale != 1.0, out.data_ptr<scalar_t>());
