@@ -651,7 +651,7 @@ constexpr int kAllocPerThread = (kAllocMaxSamples + kAllocThreads - 1) / kAllocT
 __global__ void __launch_bounds__(kAllocThreads)
 allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq, const float* __restrict__ grad_mean,
                            const float* __restrict__ stat, const int64_t* __restrict__ idx, int32_t* __restrict__ bits,
-                           int64_t* __restrict__ word_offset) {
+                           int64_t* __restrict__ word_offset, double* __restrict__ cost) {
   using Reduce = cub::BlockReduce<double, kAllocThreads>;
   using ScanL = cub::BlockScan<int64_t, kAllocThreads>;
   __shared__ union {
@@ -702,6 +702,13 @@ allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq
     if (v <= 0) v = 0;  // also -0.0 -> +0.0; NaN stays
     c[j] = v;
     if (isfinite(v) && v > local_max) local_max = v;
+  }
+  if (cost) {  // sensitivities only
+    for (int j = 0; j < kAllocPerThread; ++j) {
+      const int64_t i = t + static_cast<int64_t>(j) * kAllocThreads;
+      if (i < N) cost[i] = c[j];
+    }
+    return;
   }
   // NaN and +Inf take the largest finite value (1e300 if there is none).
   __syncthreads();
@@ -784,7 +791,7 @@ allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq
 
 void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq, const at::Tensor& grad_mean,
                               const at::Tensor& sample_stat, const at::Tensor& indices, at::Tensor& bits,
-                              at::Tensor& word_offset) {
+                              at::Tensor& word_offset, at::Tensor* cost) {
   const c10::cuda::CUDAGuard guard(range_sq.device());
   if (plan.N == 0) return;
   TORCH_CHECK(plan.N <= kAllocMaxSamples, "aq: per-sample allocation of more than ", kAllocMaxSamples, " samples");
@@ -792,9 +799,82 @@ void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq,
   allocate_per_sample_kernel<<<1, kAllocThreads, 0, stream>>>(
       plan, range_sq.const_data_ptr<float>(), plan.mode == 1 ? grad_mean.const_data_ptr<float>() : nullptr,
       plan.mode == 2 ? sample_stat.const_data_ptr<float>() : nullptr,
-      plan.mode == 2 ? indices.const_data_ptr<int64_t>() : nullptr, bits.data_ptr<int32_t>(),
-      word_offset.data_ptr<int64_t>());
+      plan.mode == 2 ? indices.const_data_ptr<int64_t>() : nullptr, cost ? nullptr : bits.data_ptr<int32_t>(),
+      cost ? nullptr : word_offset.data_ptr<int64_t>(), cost ? cost->data_ptr<double>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------
+// ||R_n||^2 per sample: a block per sample, a warp per group (strided), min
+// and max propagating NaN, the squares summed in a fixed order.
+
+namespace {
+
+template <typename T>
+__device__ __forceinline__ void minmax_step(float v, float& mn, float& mx) {
+  // NaN sticks: once mn (mx) is NaN no comparison replaces it.
+  if (v < mn || v != v) mn = mn != mn ? mn : v;
+  if (v > mx || v != v) mx = mx != mx ? mx : v;
+}
+
+template <typename scalar_t, bool VEC>
+__global__ void __launch_bounds__(256)
+range_sq_kernel(const scalar_t* __restrict__ x, int64_t D, int64_t G, float* __restrict__ out) {
+  constexpr int E = 16 / sizeof(scalar_t);
+  struct alignas(16) Vec {
+    scalar_t v[E];
+  };
+  using Reduce = cub::BlockReduce<float, 256>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const int64_t n = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t groups = (D + G - 1) / G;
+  const scalar_t* row = x + n * D;
+  float acc = 0;  // lane 0 of each warp: its groups' squares, in group order
+  for (int64_t g = warp; g < groups; g += 8) {
+    const int64_t begin = g * G, len = min(G, D - begin);
+    float mn = INFINITY, mx = -INFINITY;
+    if (VEC) {
+      const Vec* p = reinterpret_cast<const Vec*>(row + begin);
+      for (int64_t k = lane; k < len / E; k += 32) {
+        const Vec v = p[k];
+#pragma unroll
+        for (int e = 0; e < E; ++e) minmax_step<scalar_t>(static_cast<float>(v.v[e]), mn, mx);
+      }
+    } else {
+      for (int64_t k = lane; k < len; k += 32) minmax_step<scalar_t>(static_cast<float>(row[begin + k]), mn, mx);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float omn = __shfl_xor_sync(0xffffffffu, mn, o), omx = __shfl_xor_sync(0xffffffffu, mx, o);
+      minmax_step<scalar_t>(omn, mn, mx);
+      minmax_step<scalar_t>(omx, mn, mx);
+    }
+    const float r = __fsub_rn(mx, mn);
+    if (lane == 0) acc = __fadd_rn(acc, __fmul_rn(r, r));
+  }
+  const float total = Reduce(tmp).Sum(lane == 0 ? acc : 0.0f);
+  if (threadIdx.x == 0) out[n] = total;
+}
+
+}  // namespace
+
+void range_sq_cuda(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (N == 0) return;
+  if (D == 0) {
+    out.zero_();
+    return;
+  }
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "aq_range_sq_cuda", [&] {
+    constexpr int E = 16 / sizeof(scalar_t);
+    const bool vec = E > 0 && D % E == 0 && G % E == 0 && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+    if (vec)
+      range_sq_kernel<scalar_t, true><<<N, 256, 0, stream>>>(x.const_data_ptr<scalar_t>(), D, G, out.data_ptr<float>());
+    else
+      range_sq_kernel<scalar_t, false><<<N, 256, 0, stream>>>(x.const_data_ptr<scalar_t>(), D, G, out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace aq::kernels

@@ -84,10 +84,15 @@ struct AllocPlan {
 };
 // range_sq float [N]; grad_mean float (mode 1); sample_stat float
 // [stat_size] and indices int64 [N] (mode 2), all on one device; writes
-// bits int32 [N] and word_offset int64 [N].
+// bits int32 [N] and word_offset int64 [N]; or, when `cost` is given, only
+// the sensitivities (double [N], NaN kept) there.
 void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq, const at::Tensor& grad_mean,
                               const at::Tensor& sample_stat, const at::Tensor& indices, at::Tensor& bits,
-                              at::Tensor& word_offset);
+                              at::Tensor& word_offset, at::Tensor* cost = nullptr);
+// ||R_n||^2: per sample of x ([N*D] in memory order, fp32/fp16/bf16/fp64),
+// the sum over its groups of G elements of (max - min)^2 in float, NaN
+// propagating; out float [N].
+void range_sq_cuda(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Tensor& out);
 
 // Masks without a bool tensor in between.  x, g and out are flat (memory
 // order); packed holds bit i = (x[i] > 0) in pack_bits's 1-bit layout.

@@ -862,3 +862,43 @@ TEST_P(AllocateTensor, ChooseBitsIsTheGreedyOnTheSensitivities) {
     }
   }
 }
+
+// The group ranges choose_bits reads (||R_n||^2, grouped in memory order):
+// every dtype, channels_last, groups cut short, a NaN, as plain tensor ops
+// compute them.
+TEST_P(AllocateTensor, GroupRangesMatchTheReference) {
+  aq::QuantConfig c = aq::QuantConfig::for_level(aq::Level::L3);
+  for (auto dt : {torch::kFloat, torch::kBFloat16, torch::kHalf, torch::kDouble}) {
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{5, 3, 10, 10}, {4, 64, 7, 7}, {3, 37}, {2, 1000}}) {
+      for (bool cl : {false, true}) {
+        if (cl && shape.size() != 4) continue;
+        auto x = torch::randn(shape, opts(dt)) * 3;
+        if (cl) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+        if (shape[1] == 37) x.view(-1)[40] = std::numeric_limits<double>::quiet_NaN();
+        aq::LayerState st;
+        st.in_channels = shape[1];
+        aq::choose_bits(st, c, x);
+        // Reference: memory order, groups of 256 (the last one shorter), in double.
+        const int64_t n = shape[0], d = x.numel() / n, g = c.group_size;
+        const auto v = x.as_strided({n, d}, {d, 1}).to(torch::kDouble).cpu();
+        auto want = torch::zeros({n}, torch::kDouble);
+        for (int64_t b = 0; b < d; b += g) {
+          const auto part = v.narrow(1, b, std::min(g, d - b));
+          want += (std::get<0>(part.max(1)).to(torch::kFloat).to(torch::kDouble) -
+                   std::get<0>(part.min(1)).to(torch::kFloat).to(torch::kDouble))
+                      .pow(2);
+        }
+        const auto got = st.range_sq.cpu().to(torch::kDouble);
+        ASSERT_EQ(got.numel(), n);
+        for (int64_t i = 0; i < n; ++i) {
+          const double w = want[i].item<double>(), o = got[i].item<double>();
+          if (std::isnan(w)) {
+            EXPECT_TRUE(std::isnan(o)) << dt << " sample " << i;
+          } else {
+            EXPECT_NEAR(o, w, 1e-5 * w + 1e-6) << dt << " " << cl << " sample " << i;
+          }
+        }
+      }
+    }
+  }
+}

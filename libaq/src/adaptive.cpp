@@ -52,6 +52,13 @@ at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
   const at::Tensor v = samples_in_memory_order(x);
   const int64_t n = v.size(0), d = v.size(1), g = c.group_size;
   if (d == 0) return at::zeros({n}, v.options().dtype(at::kFloat));
+#if AQ_WITH_CUDA
+  if (x.is_cuda() && c.pergroup) {  // one kernel instead of a min/max pass and five small ops
+    at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
+    kernels::range_sq_cuda(v, n, d, g, out);
+    return out;
+  }
+#endif
   auto range_sq = [](const at::Tensor& t, int64_t dim) {
     auto [mn, mx] = at::aminmax(t, dim);
     return (mx.to(at::kFloat) - mn.to(at::kFloat)).pow(2);
@@ -99,9 +106,51 @@ int statistic_mode(const LayerState& st, const QuantConfig& c, const at::Tensor&
 }
 }  // namespace
 
+#if AQ_WITH_CUDA
+namespace {
+// The fused CUDA kernel's view of a layer (and the tensors it reads).
+struct FusedInputs {
+  kernels::AllocPlan plan;
+  at::Tensor range_sq, grad_mean, sample_stat, indices;
+};
+FusedInputs fused_inputs(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq, int64_t elements,
+                         const at::Tensor& indices) {
+  FusedInputs f;
+  const int64_t n = range_sq.size(0);
+  const at::Device dev = range_sq.device();
+  f.plan.N = n;
+  f.plan.ibits = c.ibits;
+  f.plan.words_per_bit = (elements + 31) / 32;
+  f.plan.range_scale = range_scale(st, c, elements);
+  f.plan.grad_scale = static_cast<float>(grad_scale(st));
+  f.plan.batch_norm = st.batch_norm;
+  f.plan.mode = statistic_mode(st, c, indices, n);
+  for (int b = 2; b <= c.ibits; ++b) f.plan.dinv[b] = bit_cost_step(b);
+  if (f.plan.mode == 2) {
+    f.indices = indices_on(indices, dev);
+    f.sample_stat = st.sample_stat.to(dev, at::kFloat).contiguous();
+    f.plan.stat_size = f.sample_stat.numel();
+  } else if (f.plan.mode == 1) {
+    f.grad_mean = st.grad_mean.to(dev, at::kFloat).contiguous();
+  }
+  f.range_sq = range_sq.to(at::kFloat).contiguous();
+  return f;
+}
+}  // namespace
+#endif
+
 at::Tensor sensitivity_tensor(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
                               int64_t elements, const at::Tensor& indices) {
   const int64_t n = range_sq.size(0);
+#if AQ_WITH_CUDA
+  if (range_sq.is_cuda() && n <= kernels::kAllocMaxSamples) {  // one launch instead of ~20
+    FusedInputs f = fused_inputs(st, c, range_sq, elements, indices);
+    at::Tensor cost = at::empty({n}, range_sq.options().dtype(at::kDouble)), unused;
+    kernels::allocate_per_sample_cuda(f.plan, f.range_sq, f.grad_mean, f.sample_stat, f.indices, unused, unused,
+                                      &cost);
+    return cost;
+  }
+#endif
   at::Tensor s = at::ones({n}, range_sq.options());
   const int mode = statistic_mode(st, c, indices, n);
   if (!st.batch_norm) {
@@ -147,28 +196,11 @@ at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x
   // On CUDA, sensitivities, allocation and word offsets in one launch (the
   // same bits as below: the tensor ops cost ~70 launches per layer).
   if (x.is_cuda() && n <= kernels::kAllocMaxSamples) {
-    kernels::AllocPlan p;
-    p.N = n;
-    p.ibits = c.ibits;
-    p.removals = static_cast<int64_t>(c.ibits) * n - target;
-    p.words_per_bit = (elements + 31) / 32;
-    p.range_scale = range_scale(st, c, elements);
-    p.grad_scale = static_cast<float>(grad_scale(st));
-    p.batch_norm = st.batch_norm;
-    p.mode = statistic_mode(st, c, st.indices, n);
-    for (int b = 2; b <= c.ibits; ++b) p.dinv[b] = bit_cost_step(b);
-    at::Tensor idx, stat, mean;
-    if (p.mode == 2) {
-      idx = indices_on(st.indices, x.device());
-      stat = st.sample_stat.to(x.device(), at::kFloat).contiguous();
-      p.stat_size = stat.numel();
-    } else if (p.mode == 1) {
-      mean = st.grad_mean.to(x.device(), at::kFloat).contiguous();
-    }
-    const at::Tensor r = st.range_sq.to(at::kFloat).contiguous();
+    FusedInputs f = fused_inputs(st, c, st.range_sq, elements, st.indices);
+    f.plan.removals = static_cast<int64_t>(c.ibits) * n - target;
     at::Tensor bits = at::empty({n}, x.options().dtype(at::kInt));
     at::Tensor offsets = at::empty({n}, x.options().dtype(at::kLong));
-    kernels::allocate_per_sample_cuda(p, r, mean, stat, idx, bits, offsets);
+    kernels::allocate_per_sample_cuda(f.plan, f.range_sq, f.grad_mean, f.sample_stat, f.indices, bits, offsets);
     st.last_bits = bits;
     if (word_offset) *word_offset = offsets;
     return bits;
