@@ -810,28 +810,27 @@ void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq,
 
 namespace {
 
-template <typename T>
-__device__ __forceinline__ void minmax_step(float v, float& mn, float& mx) {
-  // NaN sticks: once mn (mx) is NaN no comparison replaces it.
-  if (v < mn || v != v) mn = mn != mn ? mn : v;
-  if (v > mx || v != v) mx = mx != mx ? mx : v;
-}
+// min and max in which NaN sticks: once mn (mx) is NaN nothing replaces it.
+__device__ __forceinline__ float nan_min(float a, float v) { return a != a ? a : (v < a || v != v) ? v : a; }
+__device__ __forceinline__ float nan_max(float a, float v) { return a != a ? a : (v > a || v != v) ? v : a; }
+
+constexpr int kRangeThreads = 1024;  // 32 warps per sample: enough warps in flight
 
 template <typename scalar_t, bool VEC>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kRangeThreads)
 range_sq_kernel(const scalar_t* __restrict__ x, int64_t D, int64_t G, float* __restrict__ out) {
   constexpr int E = 16 / sizeof(scalar_t);
   struct alignas(16) Vec {
     scalar_t v[E];
   };
-  using Reduce = cub::BlockReduce<float, 256>;
+  using Reduce = cub::BlockReduce<float, kRangeThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   const int64_t n = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t groups = (D + G - 1) / G;
   const scalar_t* row = x + n * D;
   float acc = 0;  // lane 0 of each warp: its groups' squares, in group order
-  for (int64_t g = warp; g < groups; g += 8) {
+  for (int64_t g = warp; g < groups; g += kRangeThreads / 32) {
     const int64_t begin = g * G, len = min(G, D - begin);
     float mn = INFINITY, mx = -INFINITY;
     if (VEC) {
@@ -839,15 +838,23 @@ range_sq_kernel(const scalar_t* __restrict__ x, int64_t D, int64_t G, float* __r
       for (int64_t k = lane; k < len / E; k += 32) {
         const Vec v = p[k];
 #pragma unroll
-        for (int e = 0; e < E; ++e) minmax_step<scalar_t>(static_cast<float>(v.v[e]), mn, mx);
+        for (int e = 0; e < E; ++e) {
+          const float f = static_cast<float>(v.v[e]);
+          mn = nan_min(mn, f);
+          mx = nan_max(mx, f);
+        }
       }
     } else {
-      for (int64_t k = lane; k < len; k += 32) minmax_step<scalar_t>(static_cast<float>(row[begin + k]), mn, mx);
+      for (int64_t k = lane; k < len; k += 32) {
+        const float f = static_cast<float>(row[begin + k]);
+        mn = nan_min(mn, f);
+        mx = nan_max(mx, f);
+      }
     }
     for (int o = 16; o > 0; o >>= 1) {
       const float omn = __shfl_xor_sync(0xffffffffu, mn, o), omx = __shfl_xor_sync(0xffffffffu, mx, o);
-      minmax_step<scalar_t>(omn, mn, mx);
-      minmax_step<scalar_t>(omx, mn, mx);
+      mn = nan_min(mn, omn);
+      mx = nan_max(mx, omx);
     }
     const float r = __fsub_rn(mx, mn);
     if (lane == 0) acc = __fadd_rn(acc, __fmul_rn(r, r));
@@ -870,9 +877,11 @@ void range_sq_cuda(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Ten
     constexpr int E = 16 / sizeof(scalar_t);
     const bool vec = E > 0 && D % E == 0 && G % E == 0 && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
     if (vec)
-      range_sq_kernel<scalar_t, true><<<N, 256, 0, stream>>>(x.const_data_ptr<scalar_t>(), D, G, out.data_ptr<float>());
+      range_sq_kernel<scalar_t, true>
+          <<<N, kRangeThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), D, G, out.data_ptr<float>());
     else
-      range_sq_kernel<scalar_t, false><<<N, 256, 0, stream>>>(x.const_data_ptr<scalar_t>(), D, G, out.data_ptr<float>());
+      range_sq_kernel<scalar_t, false>
+          <<<N, kRangeThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), D, G, out.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <deque>
 #include <map>
 #include <mutex>
 #include <numeric>
@@ -173,13 +174,110 @@ class Swapper {
 };
 #endif
 
-// Compresses x for backward with the layer's bits, records what the adaptive
-// scheme reads, and keeps it in the context.
+// A tensor that several layers save (a ResNet block's input, read by its
+// first conv and by its shortcut) is compressed once, by the first of them;
+// the others share that copy, as autograd shares one saved tensor in the
+// exact model.  Recent compressions are remembered through weak references
+// (to the input and to the compressed parts): nothing is kept alive, and an
+// input changed in place (its version moved) or freed does not match.
+using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+struct RecentCompression {
+  explicit RecentCompression(const at::Tensor& x) : source(x.getIntrusivePtr()) {}
+  WeakTensor source;
+  int64_t version = 0;
+  const LayerState* owner = nullptr;  // the layer that compressed it
+  int64_t group_size = 0, cabits = 0, ibits = 0;
+  bool pergroup = true, stochastic = true;
+  c10::ScalarType range_dtype = c10::kBFloat16;
+  std::vector<WeakTensor> parts;  // data, mn, mx[, bits, word offsets]
+  std::optional<c10::weak_intrusive_ptr<SwapEntry>> swap;  // L4/L5: the host copies instead
+  Packed meta;  // everything but the tensors
+};
+struct SharedCompression {
+  Packed packed;     // its tensors undefined when swapped
+  SwapEntryPtr swap;  // L4/L5
+};
+thread_local std::deque<RecentCompression> recent_compressions;
+constexpr size_t kRecentCompressions = 16;
+
+// The same compression asked for: options and bits (for adaptive layers the
+// budget and initial bits; each layer's share of the budget may differ, and
+// the first layer's is used).
+bool same_options(const RecentCompression& r, const CompressOptions& o, const QuantConfig& c) {
+  return r.group_size == o.group_size && r.pergroup == o.pergroup && r.stochastic == o.stochastic &&
+         r.range_dtype == o.range_dtype && !o.seed && r.cabits == c.cabits && r.ibits == c.ibits;
+}
+
+// Only another layer's copy is shared, and only one made after this layer's
+// own last save: a layer that runs again (another forward over the same
+// input while the first graph is alive) draws fresh random rounding.
+std::optional<SharedCompression> shared_compression(const at::Tensor& x, const CompressOptions& o,
+                                                   const QuantConfig& c, const LayerState* st, bool swap) {
+  if (!st) return std::nullopt;
+  for (const auto& r : recent_compressions) {
+    if (r.owner == st) break;
+    const auto src = r.source.lock();
+    if (!src || src.get() != x.unsafeGetTensorImpl() || r.version != static_cast<int64_t>(x._version()) ||
+        !same_options(r, o, c) || r.swap.has_value() != swap)
+      continue;
+    if (r.swap) {
+      SwapEntryPtr e = r.swap->lock();
+      if (!e) return std::nullopt;
+      return SharedCompression{r.meta, std::move(e)};
+    }
+    std::vector<at::Tensor> ts;
+    for (const auto& w : r.parts) {
+      auto t = w.lock();
+      if (!t) return std::nullopt;
+      ts.push_back(at::Tensor::wrap_tensor_impl(std::move(t)));
+    }
+    Packed p = r.meta;
+    p.data = ts[0];
+    p.mn = ts[1];
+    p.mx = ts[2];
+    if (ts.size() > 3) p.bits = ts[3], p.word_offset = ts[4];
+    return SharedCompression{std::move(p), SwapEntryPtr()};
+  }
+  return std::nullopt;
+}
+
+void remember_compression(const at::Tensor& x, const CompressOptions& o, const QuantConfig& c, const LayerState* st,
+                          const Packed& p, const SwapEntryPtr& swap) {
+  if (o.seed || !st) return;  // a fixed seed asks for its own bytes
+  RecentCompression r(x);
+  r.owner = st;
+  r.version = static_cast<int64_t>(x._version());
+  r.group_size = o.group_size;
+  r.pergroup = o.pergroup;
+  r.stochastic = o.stochastic;
+  r.range_dtype = o.range_dtype;
+  r.cabits = c.cabits;
+  r.ibits = c.ibits;
+  if (swap) {
+    r.swap = c10::weak_intrusive_ptr<SwapEntry>(swap);
+  } else {
+    for (const at::Tensor* t : {&p.data, &p.mn, &p.mx, &p.bits, &p.word_offset})
+      if (t->defined()) r.parts.emplace_back(t->getIntrusivePtr());
+  }
+  r.meta = p;
+  r.meta.data = r.meta.mn = r.meta.mx = r.meta.bits = r.meta.word_offset = at::Tensor();
+  recent_compressions.push_front(std::move(r));
+  if (recent_compressions.size() > kRecentCompressions) recent_compressions.pop_back();
+}
+
+// Compresses x for backward with the layer's bits (or shares the copy an
+// earlier layer made of the same tensor), records what the adaptive scheme
+// reads, and keeps it in the context.
 void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfig& c, LayerState* st) {
   const CompressOptions o = compress_options(c);
   // Bits: set by hand on the layer, else adaptive (ibits > cabits), else cabits.
+  const bool swap = AQ_WITH_CUDA && c.swap && x.is_cuda();
   Packed p;
-  if (st && st->bits.defined()) {
+  std::optional<SharedCompression> shared;
+  if (!(st && st->bits.defined())) shared = shared_compression(x, o, c, st, swap);
+  if (shared) {
+    p = shared->packed;
+  } else if (st && st->bits.defined()) {
     p = quantize(x, st->bits, o);
   } else if (st && adaptive(c) && x.dim() > 0 && x.size(0) > 0) {
     int64_t total = 0;
@@ -193,19 +291,24 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
   }
   if (st) {
     st->sample_elements = p.sample_elements;
-    st->saved_bytes = p.nbytes();
+    st->saved_bytes = shared ? 0 : p.nbytes();
   }
   auto& s = ctx->saved_data;
-  bool swapped = false;
+  SwapEntryPtr entry;
 #if AQ_WITH_CUDA
-  if (c.swap && x.is_cuda()) {
-    std::vector<at::Tensor> ts = {p.data, p.mn, p.mx};
-    if (p.bits.defined()) ts.insert(ts.end(), {p.bits, p.word_offset});
-    s["swap"] = c10::IValue::make_capsule(Swapper::get().swap_out(ts));
-    swapped = true;
+  if (swap) {
+    if (shared) {
+      entry = shared->swap;
+    } else {
+      std::vector<at::Tensor> ts = {p.data, p.mn, p.mx};
+      if (p.bits.defined()) ts.insert(ts.end(), {p.bits, p.word_offset});
+      entry = Swapper::get().swap_out(ts);
+    }
+    s["swap"] = c10::IValue::make_capsule(entry);
   }
 #endif
-  if (!swapped) {
+  if (!shared) remember_compression(x, o, c, st, p, entry);
+  if (!swap) {
     s["data"] = p.data;
     s["mn"] = p.mn;
     s["mx"] = p.mx;
