@@ -651,7 +651,8 @@ constexpr int kAllocPerThread = (kAllocMaxSamples + kAllocThreads - 1) / kAllocT
 __global__ void __launch_bounds__(kAllocThreads)
 allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq, const float* __restrict__ grad_mean,
                            const float* __restrict__ stat, const int64_t* __restrict__ idx, int32_t* __restrict__ bits,
-                           int64_t* __restrict__ word_offset, double* __restrict__ cost) {
+                           int64_t* __restrict__ word_offset, double* __restrict__ cost,
+                           const double* __restrict__ extra) {
   using Reduce = cub::BlockReduce<double, kAllocThreads>;
   using ScanL = cub::BlockScan<int64_t, kAllocThreads>;
   __shared__ union {
@@ -699,6 +700,7 @@ allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq
       s = __fmul_rn(s, p.grad_scale);
     }
     double v = __dmul_rn(__dmul_rn(static_cast<double>(range_sq[i]), p.range_scale), static_cast<double>(s));
+    if (extra) v = __dadd_rn(v, extra[i]);
     if (v <= 0) v = 0;  // also -0.0 -> +0.0; NaN stays
     c[j] = v;
     if (isfinite(v) && v > local_max) local_max = v;
@@ -791,7 +793,7 @@ allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq
 
 void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq, const at::Tensor& grad_mean,
                               const at::Tensor& sample_stat, const at::Tensor& indices, at::Tensor& bits,
-                              at::Tensor& word_offset, at::Tensor* cost) {
+                              at::Tensor& word_offset, at::Tensor* cost, const at::Tensor& extra) {
   const c10::cuda::CUDAGuard guard(range_sq.device());
   if (plan.N == 0) return;
   TORCH_CHECK(plan.N <= kAllocMaxSamples, "aq: per-sample allocation of more than ", kAllocMaxSamples, " samples");
@@ -800,7 +802,8 @@ void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq,
       plan, range_sq.const_data_ptr<float>(), plan.mode == 1 ? grad_mean.const_data_ptr<float>() : nullptr,
       plan.mode == 2 ? sample_stat.const_data_ptr<float>() : nullptr,
       plan.mode == 2 ? indices.const_data_ptr<int64_t>() : nullptr, cost ? nullptr : bits.data_ptr<int32_t>(),
-      cost ? nullptr : word_offset.data_ptr<int64_t>(), cost ? cost->data_ptr<double>() : nullptr);
+      cost ? nullptr : word_offset.data_ptr<int64_t>(), cost ? cost->data_ptr<double>() : nullptr,
+      extra.defined() ? extra.const_data_ptr<double>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

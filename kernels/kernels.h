@@ -85,10 +85,11 @@ struct AllocPlan {
 // range_sq float [N]; grad_mean float (mode 1); sample_stat float
 // [stat_size] and indices int64 [N] (mode 2), all on one device; writes
 // bits int32 [N] and word_offset int64 [N]; or, when `cost` is given, only
-// the sensitivities (double [N], NaN kept) there.
+// the sensitivities (double [N], NaN kept) there.  `extra` (double [N], or
+// undefined) is added to the sensitivities: layers sharing the compressed copy.
 void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq, const at::Tensor& grad_mean,
                               const at::Tensor& sample_stat, const at::Tensor& indices, at::Tensor& bits,
-                              at::Tensor& word_offset, at::Tensor* cost = nullptr);
+                              at::Tensor& word_offset, at::Tensor* cost = nullptr, const at::Tensor& extra = {});
 // ||R_n||^2: per sample of x ([N*D] in memory order, fp32/fp16/bf16/fp64),
 // the sum over its groups of G elements of (max - min)^2 in float, NaN
 // propagating; out float [N].

@@ -186,8 +186,13 @@ TEST(ModelsAdaptive, SavedStatisticsAllocateTheSameBits) {
   }
   double weighted = 0, elements = 0;
   bool moved = false, varied = false;
+  int sharing = 0;
   for (const auto& l : aq::layer_bits(*a)) {
     if (l.name.find("bn") != std::string::npos) continue;
+    if (!l.shares.empty()) {  // uses another layer's copy: no bits of its own
+      ++sharing;
+      continue;
+    }
     weighted += l.budget * l.elements;
     elements += l.elements;
     moved = moved || std::abs(l.budget - 2.0) > 0.1;
@@ -197,6 +202,7 @@ TEST(ModelsAdaptive, SavedStatisticsAllocateTheSameBits) {
       if (const auto& lb = q->state()->last_bits; lb.defined())
         varied = varied || (lb != lb[0]).any().item<bool>();
   EXPECT_LE(weighted / elements, 2.0 + 1e-9);
+  EXPECT_GT(sharing, 0) << "no shortcut shared its block's compressed input";
   EXPECT_TRUE(moved) << "per-layer budgets stayed at cabits";
   EXPECT_TRUE(varied) << "every sample got the same bits";
   // Through a file, as aq-train's checkpoints and aq-calibrate keep them.

@@ -192,6 +192,14 @@ at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x
       std::clamp<int64_t>(static_cast<int64_t>(std::floor(per_sample * static_cast<double>(n) + 1e-9)), n,
                           static_cast<int64_t>(c.ibits) * n);
   if (total) *total = target;
+  // Layers that shared this layer's copy last time read the same input: their
+  // sensitivities add to its own (the same bits serve them all).
+  at::Tensor extra;
+  for (LayerState* other : st.sharers) {
+    if (other->shared_from != &st) continue;
+    const at::Tensor e = sensitivity_tensor(*other, c, st.range_sq, elements, st.indices);
+    extra = extra.defined() ? extra + e : e;
+  }
 #if AQ_WITH_CUDA
   // On CUDA, sensitivities, allocation and word offsets in one launch (the
   // same bits as below: the tensor ops cost ~70 launches per layer).
@@ -200,13 +208,15 @@ at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x
     f.plan.removals = static_cast<int64_t>(c.ibits) * n - target;
     at::Tensor bits = at::empty({n}, x.options().dtype(at::kInt));
     at::Tensor offsets = at::empty({n}, x.options().dtype(at::kLong));
-    kernels::allocate_per_sample_cuda(f.plan, f.range_sq, f.grad_mean, f.sample_stat, f.indices, bits, offsets);
+    kernels::allocate_per_sample_cuda(f.plan, f.range_sq, f.grad_mean, f.sample_stat, f.indices, bits, offsets,
+                                      nullptr, extra);
     st.last_bits = bits;
     if (word_offset) *word_offset = offsets;
     return bits;
   }
 #endif
-  const at::Tensor cn = sensitivity_tensor(st, c, st.range_sq, elements, st.indices);
+  at::Tensor cn = sensitivity_tensor(st, c, st.range_sq, elements, st.indices);
+  if (extra.defined()) cn = cn + extra;
   st.last_bits = allocate_bits_tensor(cn, at::Tensor(), target, c.ibits);
   if (word_offset) *word_offset = at::Tensor();
   return st.last_bits;
@@ -264,11 +274,14 @@ int64_t adapt_layers(torch::nn::Module& model) {
   // size the next forward's packed data).
   std::vector<at::Tensor> cost, weight;
   std::vector<int64_t> count;
+  std::map<const LayerState*, size_t> unit_of;  // owner layer -> its entry in cost
   double budget = 0;
   int ibits = 8;
   for (const auto& l : layers) {
     const LayerState& st = *l.layer->state();
+    if (st.shared_from) continue;  // below: its sensitivity joins its owner's
     const QuantConfig& c = l.layer->config();
+    unit_of[&st] = cost.size();
     cost.push_back(sensitivity_tensor(st, c, st.range_sq, st.sample_elements, st.indices));
     const int64_t n = cost.back().size(0);
     weight.push_back(at::full({n}, std::max<int64_t>(1, st.sample_elements),
@@ -277,21 +290,41 @@ int64_t adapt_layers(torch::nn::Module& model) {
     budget += static_cast<double>(c.cabits) * static_cast<double>(st.sample_elements) * static_cast<double>(n);
     ibits = c.ibits;
   }
+  // A layer that used another's compressed copy holds no bits of its own:
+  // what its gradient loses to them adds to the owner's units.
+  for (const auto& l : layers) {
+    const LayerState& st = *l.layer->state();
+    if (!st.shared_from) continue;
+    const auto it = unit_of.find(st.shared_from);
+    if (it == unit_of.end() || cost[it->second].size(0) != st.range_sq.size(0)) continue;
+    cost[it->second] = cost[it->second] +
+                       sensitivity_tensor(st, l.layer->config(), st.range_sq, st.sample_elements, st.indices);
+  }
+  if (cost.empty()) return 0;
   const at::Tensor bits = allocate_bits_tensor(at::cat(cost), at::cat(weight),
                                                static_cast<int64_t>(std::floor(budget)), ibits);
   const at::Tensor host = bits.cpu();
   const int32_t* b = host.const_data_ptr<int32_t>();
-  for (size_t i = 0; i < layers.size(); ++i) {
+  std::vector<double> mean(count.size());
+  for (size_t i = 0; i < count.size(); ++i) {
     int64_t sum = 0;
     for (int64_t k = 0; k < count[i]; ++k) sum += *b++;
-    layers[i].layer->state()->budget = count[i] ? static_cast<double>(sum) / static_cast<double>(count[i]) : 0.0;
+    mean[i] = count[i] ? static_cast<double>(sum) / static_cast<double>(count[i]) : 0.0;
+  }
+  for (const auto& l : layers) {
+    LayerState& st = *l.layer->state();
+    const auto it = unit_of.find(st.shared_from ? st.shared_from : &st);
+    if (it != unit_of.end()) st.budget = mean[it->second];
   }
   return static_cast<int64_t>(layers.size());
 }
 
 std::vector<LayerBits> layer_bits(torch::nn::Module& model) {
   std::vector<LayerBits> out;
-  for (const auto& l : adaptive_layers(model, /*perlayer_only=*/false)) {
+  const auto layers = adaptive_layers(model, /*perlayer_only=*/false);
+  std::map<const LayerState*, std::string> name_of;
+  for (const auto& l : layers) name_of[l.layer->state().get()] = l.name;
+  for (const auto& l : layers) {
     const LayerState& st = *l.layer->state();
     const auto cn = sensitivities(st, l.layer->config(), st.range_sq, st.sample_elements, st.indices);
     LayerBits b;
@@ -300,6 +333,10 @@ std::vector<LayerBits> layer_bits(torch::nn::Module& model) {
     for (double v : cn) b.sensitivity += v / static_cast<double>(cn.size());
     b.bits = st.last_bits.to(at::kDouble).mean().item<double>();
     b.budget = st.budget > 0 ? st.budget : l.layer->config().cabits;
+    if (st.shared_from) {
+      const auto it = name_of.find(st.shared_from);
+      b.shares = it != name_of.end() ? it->second : std::string("?");
+    }
     out.push_back(b);
   }
   return out;

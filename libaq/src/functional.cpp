@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <algorithm>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -185,7 +186,7 @@ struct RecentCompression {
   explicit RecentCompression(const at::Tensor& x) : source(x.getIntrusivePtr()) {}
   WeakTensor source;
   int64_t version = 0;
-  const LayerState* owner = nullptr;  // the layer that compressed it
+  LayerState* owner = nullptr;  // the layer that compressed it
   int64_t group_size = 0, cabits = 0, ibits = 0;
   bool pergroup = true, stochastic = true;
   c10::ScalarType range_dtype = c10::kBFloat16;
@@ -196,6 +197,7 @@ struct RecentCompression {
 struct SharedCompression {
   Packed packed;     // its tensors undefined when swapped
   SwapEntryPtr swap;  // L4/L5
+  LayerState* owner = nullptr;
 };
 thread_local std::deque<RecentCompression> recent_compressions;
 constexpr size_t kRecentCompressions = 16;
@@ -223,7 +225,7 @@ std::optional<SharedCompression> shared_compression(const at::Tensor& x, const C
     if (r.swap) {
       SwapEntryPtr e = r.swap->lock();
       if (!e) return std::nullopt;
-      return SharedCompression{r.meta, std::move(e)};
+      return SharedCompression{r.meta, std::move(e), r.owner};
     }
     std::vector<at::Tensor> ts;
     for (const auto& w : r.parts) {
@@ -236,12 +238,12 @@ std::optional<SharedCompression> shared_compression(const at::Tensor& x, const C
     p.mn = ts[1];
     p.mx = ts[2];
     if (ts.size() > 3) p.bits = ts[3], p.word_offset = ts[4];
-    return SharedCompression{std::move(p), SwapEntryPtr()};
+    return SharedCompression{std::move(p), SwapEntryPtr(), r.owner};
   }
   return std::nullopt;
 }
 
-void remember_compression(const at::Tensor& x, const CompressOptions& o, const QuantConfig& c, const LayerState* st,
+void remember_compression(const at::Tensor& x, const CompressOptions& o, const QuantConfig& c, LayerState* st,
                           const Packed& p, const SwapEntryPtr& swap) {
   if (o.seed || !st) return;  // a fixed seed asks for its own bytes
   RecentCompression r(x);
@@ -275,8 +277,21 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
   Packed p;
   std::optional<SharedCompression> shared;
   if (!(st && st->bits.defined())) shared = shared_compression(x, o, c, st, swap);
+  if (st) st->shared_from = shared ? shared->owner : nullptr;
   if (shared) {
     p = shared->packed;
+    // What the owner's allocation reads about this layer: its statistics of
+    // the same input, and (after backward) its gradient statistics.
+    LayerState* owner = shared->owner;
+    st->range_sq = owner->range_sq;
+    st->indices = owner->indices;
+    st->last_bits = owner->last_bits;
+    if (std::find(owner->sharers.begin(), owner->sharers.end(), st) == owner->sharers.end())
+      owner->sharers.push_back(st);
+    if (adaptive(c)) {
+      ctx->saved_data["usegradient"] = c.usegradient;
+      if (st->indices.defined()) ctx->saved_data["indices"] = st->indices;
+    }
   } else if (st && st->bits.defined()) {
     p = quantize(x, st->bits, o);
   } else if (st && adaptive(c) && x.dim() > 0 && x.size(0) > 0) {

@@ -271,11 +271,11 @@ int run(const RunOptions& o) {
   out.optimizer = adaptive_state(model);
   out.metric_columns = {"layer", "elements", "sensitivity", "bits", "budget"};
   std::string names;
-  std::printf("layer\telements\tsensitivity\tbits\tbudget\n");
+  std::printf("layer\telements\tsensitivity\tbits\tbudget\tshares\n");
   for (size_t i = 0; i < layers.size(); ++i) {
     const auto& l = layers[i];
-    std::printf("%s\t%lld\t%.6g\t%.3f\t%.3f\n", l.name.c_str(), static_cast<long long>(l.elements), l.sensitivity,
-                l.bits, l.budget);
+    std::printf("%s\t%lld\t%.6g\t%.3f\t%.3f\t%s\n", l.name.c_str(), static_cast<long long>(l.elements), l.sensitivity,
+                l.bits, l.budget, l.shares.empty() ? "-" : l.shares.c_str());
     out.metric_rows.push_back({double(i), double(l.elements), l.sensitivity, l.bits, l.budget});
     names += (i ? "\n" : "") + l.name;
   }

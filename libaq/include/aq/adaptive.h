@@ -66,6 +66,7 @@ struct LayerBits {
   double sensitivity = 0;    // mean over the last batch's samples
   double bits = 0;           // mean bits of the last forward
   double budget = 0;         // the layer's budget for the next forward
+  std::string shares;        // the layer whose compressed copy of the same input it used ("" : its own)
 };
 std::vector<LayerBits> layer_bits(torch::nn::Module& model);
 

@@ -42,6 +42,12 @@ struct LayerState : torch::CustomClassHolder {
   at::Tensor last_bits;      // per-sample bits the last forward chose (int32 [N], on its device)
   // Average bits for the next forward (0: cabits); set by adapt_layers().
   double budget = 0;
+  // Sharing (a tensor saved by several layers is compressed once): the
+  // layer whose copy this one used in its last forward (null: its own), and
+  // the layers that used this one's; their sensitivities add to this
+  // layer's when its bits are allocated.
+  LayerState* shared_from = nullptr;
+  std::vector<LayerState*> sharers;
   // Gradient statistics: per dataset index, the running average of
   // ||dL/dy_n||^2 (usegradient; -1: not seen yet), or the batch mean of the
   // last backward (float, 0-d; !usegradient).  On the layer's device.
