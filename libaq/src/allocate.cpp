@@ -292,7 +292,6 @@ at::Tensor allocate_bits_tensor(const at::Tensor& cost, const at::Tensor& weight
 
   at::NoGradGuard no_grad;
   const auto lopts = at::TensorOptions().dtype(at::kLong).device(dev);
-  const auto dopts = at::TensorOptions().dtype(at::kDouble).device(dev);
   // ibits == 1 leaves no choice: 1 bit everywhere, feasible or not (as allocate_bits).
   if (n == 0 || ibits == kMinBits) return at::full({n}, kMinBits, lopts.dtype(at::kInt));
   const int64_t m = ibits - 1;  // candidates per unit
