@@ -308,3 +308,28 @@ TEST_P(Modules, LayersSavingOneTensorShareItsCompressedCopy) {
   auto o2 = b(h2);
   EXPECT_GT(b->state()->saved_bytes, 0);
 }
+
+// A layer that shared another's copy may go away first (another model on the
+// same input): the owner's next allocation must not read it.
+TEST_P(Modules, OwnerOutlivesTheLayerThatSharedItsCopy) {
+  auto cfg = std::make_shared<aq::QuantConfig>(aq::QuantConfig::for_level(aq::Level::L3));
+  aq::QConv2d a(nn::Conv2dOptions(4, 8, 3).padding(1));
+  a->set_config(cfg);
+  a->to(dev());
+  auto x = torch::randn({5, 4, 12, 12}, dev());
+  {
+    aq::QConv2d b(nn::Conv2dOptions(4, 8, 1));
+    b->set_config(cfg);
+    b->to(dev());
+    auto ya = a(x);
+    auto yb = b(x);
+    EXPECT_EQ(b->state()->shared_from, a->state().get());
+    EXPECT_EQ(b->state()->saved_bytes, 0);
+    (ya.sum() + yb.sum()).backward();
+  }
+  for (int i = 0; i < 2; ++i) {
+    auto y = a(torch::randn({5, 4, 12, 12}, dev()));
+    y.sum().backward();
+    EXPECT_EQ(a->state()->last_bits.sum().item<int64_t>(), 2 * 5);
+  }
+}

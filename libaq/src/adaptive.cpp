@@ -195,8 +195,9 @@ at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x
   // Layers that shared this layer's copy last time read the same input: their
   // sensitivities add to its own (the same bits serve them all).
   at::Tensor extra;
-  for (LayerState* other : st.sharers) {
-    if (other->shared_from != &st) continue;
+  for (const auto& weak : st.sharers) {
+    const LayerStatePtr other = weak.lock();
+    if (!other || other->shared_from != &st) continue;
     const at::Tensor e = sensitivity_tensor(*other, c, st.range_sq, elements, st.indices);
     extra = extra.defined() ? extra + e : e;
   }

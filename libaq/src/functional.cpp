@@ -186,7 +186,8 @@ struct RecentCompression {
   explicit RecentCompression(const at::Tensor& x) : source(x.getIntrusivePtr()) {}
   WeakTensor source;
   int64_t version = 0;
-  LayerState* owner = nullptr;  // the layer that compressed it
+  const LayerState* owner_id = nullptr;  // the layer that compressed it (identity only)
+  c10::weak_intrusive_ptr<LayerState> owner{c10::intrusive_ptr<LayerState>()};
   int64_t group_size = 0, cabits = 0, ibits = 0;
   bool pergroup = true, stochastic = true;
   c10::ScalarType range_dtype = c10::kBFloat16;
@@ -195,9 +196,9 @@ struct RecentCompression {
   Packed meta;  // everything but the tensors
 };
 struct SharedCompression {
-  Packed packed;     // its tensors undefined when swapped
+  Packed packed;      // its tensors undefined when swapped
   SwapEntryPtr swap;  // L4/L5
-  LayerState* owner = nullptr;
+  LayerStatePtr owner;
 };
 thread_local std::deque<RecentCompression> recent_compressions;
 constexpr size_t kRecentCompressions = 16;
@@ -217,15 +218,17 @@ std::optional<SharedCompression> shared_compression(const at::Tensor& x, const C
                                                    const QuantConfig& c, const LayerState* st, bool swap) {
   if (!st) return std::nullopt;
   for (const auto& r : recent_compressions) {
-    if (r.owner == st) break;
+    if (r.owner_id == st) break;
     const auto src = r.source.lock();
     if (!src || src.get() != x.unsafeGetTensorImpl() || r.version != static_cast<int64_t>(x._version()) ||
         !same_options(r, o, c) || r.swap.has_value() != swap)
       continue;
+    LayerStatePtr owner = r.owner.lock();
+    if (!owner) return std::nullopt;
     if (r.swap) {
       SwapEntryPtr e = r.swap->lock();
       if (!e) return std::nullopt;
-      return SharedCompression{r.meta, std::move(e), r.owner};
+      return SharedCompression{r.meta, std::move(e), std::move(owner)};
     }
     std::vector<at::Tensor> ts;
     for (const auto& w : r.parts) {
@@ -238,7 +241,7 @@ std::optional<SharedCompression> shared_compression(const at::Tensor& x, const C
     p.mn = ts[1];
     p.mx = ts[2];
     if (ts.size() > 3) p.bits = ts[3], p.word_offset = ts[4];
-    return SharedCompression{std::move(p), SwapEntryPtr(), r.owner};
+    return SharedCompression{std::move(p), SwapEntryPtr(), std::move(owner)};
   }
   return std::nullopt;
 }
@@ -247,7 +250,8 @@ void remember_compression(const at::Tensor& x, const CompressOptions& o, const Q
                           const Packed& p, const SwapEntryPtr& swap) {
   if (o.seed || !st) return;  // a fixed seed asks for its own bytes
   RecentCompression r(x);
-  r.owner = st;
+  r.owner_id = st;
+  r.owner = c10::weak_intrusive_ptr<LayerState>(LayerStatePtr::reclaim_copy(st));
   r.version = static_cast<int64_t>(x._version());
   r.group_size = o.group_size;
   r.pergroup = o.pergroup;
@@ -277,17 +281,19 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
   Packed p;
   std::optional<SharedCompression> shared;
   if (!(st && st->bits.defined())) shared = shared_compression(x, o, c, st, swap);
-  if (st) st->shared_from = shared ? shared->owner : nullptr;
+  if (st) st->shared_from = shared ? shared->owner.get() : nullptr;
   if (shared) {
     p = shared->packed;
     // What the owner's allocation reads about this layer: its statistics of
     // the same input, and (after backward) its gradient statistics.
-    LayerState* owner = shared->owner;
+    LayerState* owner = shared->owner.get();
     st->range_sq = owner->range_sq;
     st->indices = owner->indices;
     st->last_bits = owner->last_bits;
-    if (std::find(owner->sharers.begin(), owner->sharers.end(), st) == owner->sharers.end())
-      owner->sharers.push_back(st);
+    auto& list = owner->sharers;
+    list.erase(std::remove_if(list.begin(), list.end(), [](const auto& w) { return w.expired(); }), list.end());
+    if (std::none_of(list.begin(), list.end(), [&](const auto& w) { return w._unsafe_get_target() == st; }))
+      list.emplace_back(LayerStatePtr::reclaim_copy(st));
     if (adaptive(c)) {
       ctx->saved_data["usegradient"] = c.usegradient;
       if (st->indices.defined()) ctx->saved_data["indices"] = st->indices;

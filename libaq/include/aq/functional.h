@@ -46,8 +46,10 @@ struct LayerState : torch::CustomClassHolder {
   // layer whose copy this one used in its last forward (null: its own), and
   // the layers that used this one's; their sensitivities add to this
   // layer's when its bits are allocated.
-  LayerState* shared_from = nullptr;
-  std::vector<LayerState*> sharers;
+  // (shared_from identifies the owner and is never dereferenced; sharers
+  // are weak: a layer may outlive the model of a layer that shared with it.)
+  const LayerState* shared_from = nullptr;
+  std::vector<c10::weak_intrusive_ptr<LayerState>> sharers;
   // Gradient statistics: per dataset index, the running average of
   // ||dL/dy_n||^2 (usegradient; -1: not seen yet), or the batch mean of the
   // last backward (float, 0-d; !usegradient).  On the layer's device.
