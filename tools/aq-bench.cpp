@@ -144,6 +144,18 @@ void add_model_options(CLI::App& sub, ModelArgs& m) {
   sub.add_option("--amp", m.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
 }
 
+// A subcommand over a model: the common options, the model's, and batch size
+// when the subcommand has one.
+CLI::App* add_model_subcommand(CLI::App& app, const std::string& name, const std::string& what,
+                               aq::cli::Common& common, ModelArgs& m, int64_t* batch_size = nullptr) {
+  auto* sub = app.add_subcommand(name, what);
+  aq::cli::add_common(*sub, common);
+  add_model_options(*sub, m);
+  if (batch_size)
+    sub->add_option("-b,--batch-size", *batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
+  return sub;
+}
+
 // The exact model's configuration first (the baseline of every ratio), then
 // each level's.
 std::vector<std::pair<std::string, aq::QuantConfig>> exact_and_levels(const std::vector<std::string>& levels) {
@@ -566,15 +578,11 @@ int main(int argc, char** argv) {
   k->add_option("--reps", ka.reps, "Timed batches, median reported (0: 5 on CUDA, 3 on CPU)")->check(CLI::NonNegativeNumber);
   k->add_option("--inner", ka.inner, "Calls per timed batch (0: 10 on CUDA, 1 on CPU)")->check(CLI::NonNegativeNumber);
   MemoryArgs ma;
-  auto* mem = app.add_subcommand("memory", "Activation and peak memory of a training step: exact model and each level");
-  aq::cli::add_common(*mem, common);
-  add_model_options(*mem, ma);
-  mem->add_option("-b,--batch-size", ma.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
+  auto* mem = add_model_subcommand(app, "memory", "Activation and peak memory of a training step: exact model and each level",
+                                   common, ma, &ma.batch_size);
   StepArgs sa;
-  auto* st = app.add_subcommand("step", "Training-step time and memory: exact model and each level, same process");
-  aq::cli::add_common(*st, common);
-  add_model_options(*st, sa);
-  st->add_option("-b,--batch-size", sa.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
+  auto* st = add_model_subcommand(app, "step", "Training-step time and memory: exact model and each level, same process",
+                                  common, sa, &sa.batch_size);
   st->add_option("--steps", sa.steps, "Timed steps, median reported (0: 20 on CUDA, 3 on CPU)")
       ->check(CLI::NonNegativeNumber);
   st->add_option("--warmup", sa.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
@@ -586,9 +594,8 @@ int main(int argc, char** argv) {
   st->add_option("--trace", sa.trace, "Write each level's profiler trace (Chrome JSON) into this folder")
       ->check(CLI::ExistingDirectory);
   MaxBatchArgs mb;
-  auto* mx = app.add_subcommand("max-batch", "Largest batch whose training step fits: exact model and each level");
-  aq::cli::add_common(*mx, common);
-  add_model_options(*mx, mb);
+  auto* mx = add_model_subcommand(app, "max-batch", "Largest batch whose training step fits: exact model and each level",
+                                  common, mb);
   mx->add_option("--start", mb.start, "First batch tried (then doubled)")->check(CLI::PositiveNumber)->capture_default_str();
   mx->add_option("--limit-mb", mb.limit_mb, "Also require the step's peak within this many MiB (required on the CPU)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();

@@ -36,16 +36,6 @@ at::Tensor indices_on(const at::Tensor& indices, const at::Device& dev) {
   return to_device(indices, dev);
 }
 
-// x as [N, D] in memory order, without a copy when x is dense with its
-// samples outermost (channels_last included), as the engine groups it.
-at::Tensor samples_in_memory_order(const at::Tensor& x) {
-  const int64_t n = x.dim() ? x.size(0) : 1;
-  const int64_t d = n ? x.numel() / n : 0;
-  if (x.is_non_overlapping_and_dense() && (x.dim() == 0 || n <= 1 || x.stride(0) * n == x.numel()))
-    return x.as_strided({n, d}, {d, 1});
-  return x.contiguous().view({n, d});
-}
-
 // ||R_n||^2 of x's per-group ranges, as the engine groups x (float [N]):
 // one min/max pass over x in its own dtype.
 at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
@@ -63,11 +53,8 @@ at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
     auto [mn, mx] = at::aminmax(t, dim);
     return (mx.to(at::kFloat) - mn.to(at::kFloat)).pow(2);
   };
-  if (!c.pergroup) {
-    auto [mn, mx] = at::aminmax(v);
-    const at::Tensor r = (mx.to(at::kFloat) - mn.to(at::kFloat)).pow(2);
-    return (r * static_cast<double>((d + g - 1) / g)).expand({n}).contiguous();
-  }
+  if (!c.pergroup)
+    return (range_sq(v.reshape({-1}), 0) * static_cast<double>((d + g - 1) / g)).expand({n}).contiguous();
   const int64_t full = d / g * g;
   at::Tensor acc;
   if (full) acc = range_sq(v.narrow(1, 0, full).view({n, full / g, g}), 2).sum(1);

@@ -43,6 +43,17 @@ at::Tensor memory_order(const at::Tensor& x, std::vector<int64_t>& strides) {
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+}  // namespace
+
+at::Tensor samples_in_memory_order(const at::Tensor& x) {
+  const int64_t n = x.dim() ? x.size(0) : 1;
+  const int64_t d = n ? x.numel() / n : 0;
+  std::vector<int64_t> strides;
+  return memory_order(x, strides).as_strided({n, d}, {d, 1});
+}
+
+namespace {
+
 // The kernels' view of a packed tensor (seed and rounding mode aside).
 kernels::Plan plan_of(const Packed& p) {
   kernels::Plan plan;

@@ -73,6 +73,10 @@ Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample,
 // rounded up to 32), as aq's fused allocation computes it.
 Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample, int64_t total_bits,
                 const CompressOptions& options = {}, const at::Tensor& word_offset = {});
+// x as [N, D] in the memory order quantize() groups it: a view when x is
+// dense with its samples outermost (channels_last included), else a
+// contiguous copy.
+at::Tensor samples_in_memory_order(const at::Tensor& x);
 // Restores a tensor of the input's shape, strides, dtype and device.
 at::Tensor dequantize(const Packed& packed);
 
