@@ -69,7 +69,7 @@ void quantize_impl(const Plan& p, const scalar_t* x, const int32_t* sample_bits,
             if ((e & 7) == 0 || d == d0) r = philox(static_cast<uint64_t>(e) >> 3, p.offset, p.seed);
             k = random15(r, e);
           }
-          q = quantize_one(grid, static_cast<float>(xs[d]), k);
+          q = quantize_one(grid, static_cast<float>(xs[d]), k, (1u << s.b) - 1u, sizeof(scalar_t) >= 4);
         }
         acc |= static_cast<uint64_t>(q) << nacc;
         nacc += s.b;

@@ -31,6 +31,8 @@ namespace {
 constexpr int kWarps = 8;  // warps per block
 
 __constant__ uint32_t kPhiloxMul[2] = {kPhiloxM0, kPhiloxM1};  // see philox()
+__constant__ uint32_t kRoundBaseReg[1] = {kRoundBase};             // see encode_piece()
+__constant__ uint32_t kCodeBaseReg[1] = {0x4b000000u};             // see decode_piece()
 
 struct Stream {
   int b;
@@ -75,39 +77,6 @@ __device__ __forceinline__ float dev_max(float a, float b) {
 #endif
 }
 
-// E elements of 16 or 32 bytes, moved with 16-byte loads and stores.
-template <typename T, int E>
-union Chunk {
-  static_assert(sizeof(T) * E % 16 == 0, "chunks are whole 16-byte vectors");
-  T v[E];
-  uint4 q[sizeof(T) * E / 16];
-};
-
-template <typename T, int E>
-__device__ __forceinline__ void load_raw(const T* src, Chunk<T, E>& c) {
-#pragma unroll
-  for (int k = 0; k < int(sizeof(T) * E / 16); ++k) c.q[k] = reinterpret_cast<const uint4*>(src)[k];
-}
-template <typename T, int E>
-__device__ __forceinline__ void store_raw(T* dst, const Chunk<T, E>& c) {
-#pragma unroll
-  for (int k = 0; k < int(sizeof(T) * E / 16); ++k) reinterpret_cast<uint4*>(dst)[k] = c.q[k];
-}
-
-// Loads the nv (0..E) existing elements of a lane's chunk as floats.
-template <typename scalar_t, int E, bool VEC>
-__device__ __forceinline__ void load_chunk(const scalar_t* x, int nv, float (&v)[E]) {
-  if (VEC && nv == E) {
-    Chunk<scalar_t, E> c;
-    load_raw<scalar_t, E>(x, c);
-#pragma unroll
-    for (int i = 0; i < E; ++i) v[i] = static_cast<float>(c.v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < E; ++i) v[i] = i < nv ? static_cast<float>(x[i]) : 0.f;
-  }
-}
-
 // Floats to the output dtype, two at a time where the hardware converts pairs
 // (round to nearest even, like LibTorch's CPU conversion).
 template <typename scalar_t, int E>
@@ -130,59 +99,211 @@ __device__ __forceinline__ void to_storage(const float (&f)[E], scalar_t (&out)[
   }
 }
 
-// A lane's piece is 8 elements, 8*b bits = b whole bytes at byte (d/8)*b of
-// the group's stream (d: the piece's first element in the group).  Streams are
-// 4-byte aligned, so 1, 2 and 4 bytes go in one store and the rest in words
-// or bytes.
-__device__ __forceinline__ void store_piece(uint8_t* bytes, int b, uint64_t c) {
-  switch (b) {
-    case 1: *bytes = static_cast<uint8_t>(c); break;
-    case 2: *reinterpret_cast<uint16_t*>(bytes) = static_cast<uint16_t>(c); break;
-    case 4: *reinterpret_cast<uint32_t*>(bytes) = static_cast<uint32_t>(c); break;
-    case 8:
-      reinterpret_cast<uint32_t*>(bytes)[0] = static_cast<uint32_t>(c);
-      reinterpret_cast<uint32_t*>(bytes)[1] = static_cast<uint32_t>(c >> 32);
-      break;
-    default:
-#pragma unroll 1
-      for (int i = 0; i < b; ++i) bytes[i] = static_cast<uint8_t>(c >> (8 * i));
-  }
+// A piece: 8 consecutive elements of one group, as loaded (16-bit types as 4
+// words of pairs).  A lane's pieces stay in registers between the group's
+// min/max and its rounding.
+template <typename scalar_t>
+struct Piece {
+  static constexpr int kWords = 2 * sizeof(scalar_t);
+  uint32_t w[kWords];
+};
+
+template <typename scalar_t>
+constexpr bool is_fp32() {
+  return std::is_same_v<scalar_t, float>;
+}
+template <typename scalar_t>
+constexpr bool is_bf16() {
+  return std::is_same_v<scalar_t, c10::BFloat16>;
 }
 
-// The Philox words of elements e..e+7 (e a multiple of 8); a deterministic
-// stand-in when rounding to nearest.
-__device__ __forceinline__ Philox4 piece_random(bool stochastic, uint64_t e, uint64_t offset, uint64_t seed) {
-  if (!stochastic) {
-    // random15 of these words is kNearest for every element.
-    const uint32_t w = kNearest | (kNearest << 17);
-    return Philox4{{w, w, w, w}};
-  }
-  return philox(e >> 3, offset, seed, kPhiloxMul[0], kPhiloxMul[1]);
+// Raw bits of element i of src (16-bit types in the low half).
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t raw_bits(const scalar_t* src, int i) {
+  if constexpr (is_fp32<scalar_t>())
+    return __float_as_uint(src[i]);
+  else
+    return reinterpret_cast<const uint16_t*>(src)[i];
 }
 
-// Rounds and packs a piece: 8 elements (nv of them exist) into 8*b bits,
-// with the piece's Philox words r.
-__device__ __forceinline__ uint64_t encode_piece(const Grid& grid, const float (&t)[8], int nv, int b,
-                                                 const Philox4& r) {
-  uint32_t k[8];
+// All 8 elements (16-byte aligned), or the first nv (0..8) and zeros.
+template <typename scalar_t>
+__device__ __forceinline__ void load_piece(const scalar_t* src, Piece<scalar_t>& p) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) k[i] = (i & 1) ? r.r[i >> 1] >> 17 : r.r[i >> 1] & 0x7fffu;  // as random15
-  // Codes 0..3 and 4..7 in two 32-bit halves: i*b < 32 for i < 4.
-  uint32_t lo = 0, hi = 0;
-  auto put = [&](int i, uint32_t q) {
-    if (i < 4)
-      lo |= q << (i * b);
+  for (int k = 0; k < Piece<scalar_t>::kWords / 4; ++k) {
+    const uint4 u = reinterpret_cast<const uint4*>(src)[k];
+    p.w[4 * k] = u.x;
+    p.w[4 * k + 1] = u.y;
+    p.w[4 * k + 2] = u.z;
+    p.w[4 * k + 3] = u.w;
+  }
+}
+template <typename scalar_t>
+__device__ __forceinline__ void load_piece(const scalar_t* src, int nv, Piece<scalar_t>& p) {
+#pragma unroll
+  for (int k = 0; k < Piece<scalar_t>::kWords; ++k) p.w[k] = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (i >= nv) break;
+    if constexpr (is_fp32<scalar_t>())
+      p.w[i] = raw_bits(src, i);
     else
-      hi |= q << ((i - 4) * b);
-  };
-  if (nv == 8) {  // the common case, without per-element predicates
+      p.w[i >> 1] |= raw_bits(src, i) << (16 * (i & 1));
+  }
+}
+
+// Element i of a piece as a float (exact for every input type).
+template <typename scalar_t>
+__device__ __forceinline__ float piece_float(const Piece<scalar_t>& p, int i) {
+  if constexpr (is_fp32<scalar_t>()) {
+    return __uint_as_float(p.w[i]);
+  } else if constexpr (is_bf16<scalar_t>()) {
+    const uint32_t w = p.w[i >> 1];
+    return __uint_as_float((i & 1) ? (w & 0xffff0000u) : (w << 16));
+  } else {
+    const uint32_t w = p.w[i >> 1];
+    return __half2float(__ushort_as_half(static_cast<unsigned short>((i & 1) ? (w >> 16) : (w & 0xffffu))));
+  }
+}
+
+// NaN-propagating min/max of packed pairs (one instruction for two elements).
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t pair_min(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (is_bf16<scalar_t>())
+    asm("min.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else
+    asm("min.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t pair_max(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (is_bf16<scalar_t>())
+    asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else
+    asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+// A lane's running min and max: floats, plus packed pairs for 16-bit inputs.
+template <typename scalar_t>
+struct MinMax {
+  float lo = INFINITY, hi = -INFINITY;
+  uint32_t lo2 = is_bf16<scalar_t>() ? 0x7f807f80u : 0x7c007c00u;  // +inf pairs
+  uint32_t hi2 = is_bf16<scalar_t>() ? 0xff80ff80u : 0xfc00fc00u;  // -inf pairs
+
+  __device__ __forceinline__ void add(const Piece<scalar_t>& p) {  // all 8 elements
 #pragma unroll
-    for (int i = 0; i < 8; ++i) put(i, quantize_one(grid, t[i], k[i]));
+    for (int k = 0; k < Piece<scalar_t>::kWords; ++k) {
+      if constexpr (is_fp32<scalar_t>()) {
+        lo = dev_min(lo, __uint_as_float(p.w[k]));
+        hi = dev_max(hi, __uint_as_float(p.w[k]));
+      } else {
+        lo2 = pair_min<scalar_t>(lo2, p.w[k]);
+        hi2 = pair_max<scalar_t>(hi2, p.w[k]);
+      }
+    }
+  }
+  __device__ __forceinline__ void add(const Piece<scalar_t>& p, int nv) {  // the first nv
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (i >= nv) break;
+      lo = dev_min(lo, piece_float(p, i));
+      hi = dev_max(hi, piece_float(p, i));
+    }
+  }
+  __device__ __forceinline__ void finish() {
+    if constexpr (!is_fp32<scalar_t>()) {
+      Piece<scalar_t> l{{lo2, 0, 0, 0}}, h{{hi2, 0, 0, 0}};
+      lo = dev_min(lo, dev_min(piece_float(l, 0), piece_float(l, 1)));
+      hi = dev_max(hi, dev_max(piece_float(h, 0), piece_float(h, 1)));
+    }
+  }
+};
+
+// The 8*b bits of a piece's codes, at byte (d/8)*b of its group's stream:
+// one store for b = 1, 2, 4, 8 (aligned), bytes otherwise.
+template <int B>
+__device__ __forceinline__ void store_codes(uint8_t* dst, uint64_t c) {
+  if constexpr (B == 1) {
+    *dst = static_cast<uint8_t>(c);
+  } else if constexpr (B == 2) {
+    *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(c);
+  } else if constexpr (B == 4) {
+    *reinterpret_cast<uint32_t*>(dst) = static_cast<uint32_t>(c);
+  } else if constexpr (B == 8) {  // streams are only 4-byte aligned
+    reinterpret_cast<uint32_t*>(dst)[0] = static_cast<uint32_t>(c);
+    reinterpret_cast<uint32_t*>(dst)[1] = static_cast<uint32_t>(c >> 32);
   } else {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) put(i, i < nv ? quantize_one(grid, t[i], k[i]) : 0u);
+    for (int i = 0; i < B; ++i) dst[i] = static_cast<uint8_t>(c >> (8 * i));
   }
-  return (static_cast<uint64_t>(hi) << (4 * b)) | lo;
+}
+template <int B>
+__device__ __forceinline__ uint64_t load_codes(const uint8_t* src) {
+  if constexpr (B == 1) {
+    return *src;
+  } else if constexpr (B == 2) {
+    return *reinterpret_cast<const uint16_t*>(src);
+  } else if constexpr (B == 4) {
+    return *reinterpret_cast<const uint32_t*>(src);
+  } else if constexpr (B == 8) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(src);
+    return (static_cast<uint64_t>(w[1]) << 32) | w[0];
+  } else {
+    uint64_t c = 0;
+#pragma unroll
+    for (int i = 0; i < B; ++i) c |= static_cast<uint64_t>(src[i]) << (8 * i);
+    return c;
+  }
+}
+
+// The Philox words of a piece (counter: its first element / 8); a
+// deterministic stand-in when rounding to nearest.
+__device__ __forceinline__ Philox4 piece_random(bool stochastic, uint64_t counter, uint64_t offset, uint64_t seed) {
+  if (!stochastic) {
+    const uint32_t w = kNearest | (kNearest << 17);  // random15 = kNearest for every element
+    return Philox4{{w, w, w, w}};
+  }
+  return philox(counter, offset, seed, kPhiloxMul[0], kPhiloxMul[1]);
+}
+
+// Rounds and packs a piece's first nv elements (the rest get code 0) to b =
+// B bits each: 8*b bits, code i at bit i*b.
+template <int B, typename scalar_t>
+__device__ __forceinline__ uint64_t encode_piece(const Grid& g, const Piece<scalar_t>& p, const Philox4& r,
+                                                 int nv = 8) {
+  constexpr bool kClamp = sizeof(scalar_t) >= 4;  // see quantize_bits
+  uint32_t lo = 0, hi = 0;
+  uint64_t wide = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    // 256 + k / 2^15 with k as random15: one instruction each (LEA.HI for
+    // the top bits; LOP3 with the exponent from a register for the low bits).
+    const uint32_t w = r.r[i >> 1];
+    uint32_t rb;
+    if (i & 1)
+      rb = (w >> 17) + kRoundBase;
+    else
+      asm("lop3.b32 %0, %1, 0x7fff, %2, 0xEA;" : "=r"(rb) : "r"(w), "r"(kRoundBaseReg[0]));  // (w & 0x7fff) | base
+    uint32_t q = quantize_bits(g, piece_float(p, i), rb, (1u << B) - 1u, kClamp);
+    if (i >= nv) q = 0;
+    if constexpr (B == 1 || B == 2 || B == 4) {
+      lo |= q << (i * B);
+    } else if constexpr (B == 8) {
+      if (i < 4)
+        lo |= q << (8 * i);
+      else
+        hi |= q << (8 * i - 32);
+    } else {
+      wide |= static_cast<uint64_t>(q) << (i * B);
+    }
+  }
+  if constexpr (B == 1 || B == 2 || B == 4 || B == 8)
+    return (static_cast<uint64_t>(hi) << 32) | lo;
+  else
+    return wide;
 }
 
 // Which group a lane works on, and where it lives.
@@ -210,66 +331,79 @@ __device__ __forceinline__ GroupAt group_at(const Plan& p, const int32_t* sbits,
 
 __device__ __forceinline__ int clamp8(int r) { return r <= 0 ? 0 : (r >= 8 ? 8 : r); }
 
-// A team of TEAM lanes works on one group; a warp on 32/TEAM consecutive
-// groups at a time, in a grid-stride loop.  Lane t of a team holds pieces
-// j*TEAM + t (8 elements each) of its group: a team's loads are contiguous.
-// P > 0: P pieces per lane, kept in registers between the min/max and the
-// rounding; P == 0: groups of 2048 or more, read twice.
-template <typename scalar_t, int TEAM, int P, bool VEC>
+// How lanes share the groups: a team of 2^team_log2 lanes per group, P
+// pieces per lane per chunk and `chunks` chunks per group (1 unless the
+// group is larger than a team holds in registers).  Lane t of a team holds
+// pieces (c P + j) team + t of its group, so a team's accesses are
+// contiguous.
+struct Teams {
+  int team_log2;
+  int chunks;
+  bool vec;  // every full group's pieces are 16-byte aligned
+};
+
+// Calls f(B) with B = b as an integral constant (1..8).
+template <typename F>
+__device__ __forceinline__ void with_bits(int b, F&& f) {
+  switch (b) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+template <typename scalar_t, int P>
 __global__ void __launch_bounds__(kWarps * 32)
-    quantize_kernel(Plan p, const scalar_t* __restrict__ x, const int32_t* __restrict__ sbits,
+    quantize_kernel(Plan p, Teams tm, const scalar_t* __restrict__ x, const int32_t* __restrict__ sbits,
                     const int64_t* __restrict__ woff, const float* __restrict__ global_range,
-                    uint8_t* __restrict__ packed, void* mn, void* mx, bool bf16,
-                    at::PhiloxCudaState st) {
-  constexpr int kGroupsPerWarp = 32 / TEAM;
-  const int lane = threadIdx.x & 31, t = lane % TEAM;
+                    uint8_t* __restrict__ packed, void* mn, void* mx, bool bf16, at::PhiloxCudaState st) {
+  const int lane = threadIdx.x & 31, t = lane & ((1 << tm.team_log2) - 1);
+  const int groups_per_warp = 32 >> tm.team_log2;
   uint64_t seed, offset;
   seed_of(p, st, seed, offset);
   const int64_t total = p.N * p.ngroups;
-  const int pieces = P ? P : static_cast<int>(p.G / (8 * TEAM));
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-       w * kGroupsPerWarp < total; w += warps) {
-    const int64_t gi = w * kGroupsPerWarp + lane / TEAM;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); w * groups_per_warp < total;
+       w += warps) {
+    const int64_t gi = w * groups_per_warp + (lane >> tm.team_log2);
     const bool active = gi < total;  // lanes past the end still join the shuffles
     const GroupAt g = group_at(p, sbits, woff, active ? gi : total - 1);
     const scalar_t* xg = x + g.n * p.D + g.d0;
-    auto elem = [&](int j) { return (j * TEAM + t) * 8; };
+    const bool full = tm.vec && g.left == p.G;
+    auto elem = [&](int c, int j) { return (((c * P + j) << tm.team_log2) | t) * 8; };
 
-    float v[P ? P : 1][8];
-    float lo = INFINITY, hi = -INFINITY;
-    auto take = [&](float u) {
-      lo = dev_min(lo, u);
-      hi = dev_max(hi, u);
-    };
-    auto reduce = [&](const float (&u)[8], int nv) {
-      if (nv == 8) {  // without per-element predicates
+    Piece<scalar_t> v[P];
+    auto load = [&](int c) {  // a chunk's pieces (full groups)
 #pragma unroll
-        for (int i = 0; i < 8; ++i) take(u[i]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          if (i < nv) take(u[i]);
-      }
+      for (int j = 0; j < P; ++j) load_piece(xg + elem(c, j), v[j]);
     };
+    float lo, hi;
     if (p.pergroup) {
-      if (P) {
+      MinMax<scalar_t> m;
+      if (full) {
+        for (int c = 0; c < tm.chunks; ++c) {
+          load(c);
 #pragma unroll
-        for (int j = 0; j < (P ? P : 1); ++j) {
-          const int nv = active ? clamp8(g.left - elem(j)) : 0;
-          load_chunk<scalar_t, 8, VEC>(xg + elem(j), nv, v[j]);
-          reduce(v[j], nv);
+          for (int j = 0; j < P; ++j) m.add(v[j]);
         }
-      } else {
-        for (int j = 0; j < pieces; ++j) {
-          const int nv = active ? clamp8(g.left - elem(j)) : 0;
-          float u[8];
-          load_chunk<scalar_t, 8, VEC>(xg + elem(j), nv, u);
-          reduce(u, nv);
+      } else if (active) {
+#pragma unroll 1
+        for (int k = 0; k < tm.chunks * P; ++k) {
+          const int d = ((k << tm.team_log2) | t) * 8;
+          Piece<scalar_t> pc;
+          load_piece(xg + d, clamp8(g.left - d), pc);
+          m.add(pc, clamp8(g.left - d));
         }
       }
-#pragma unroll
-      for (int o = TEAM / 2; o > 0; o >>= 1) {
+      m.finish();
+      lo = m.lo;
+      hi = m.hi;
+      for (int o = (1 << tm.team_log2) >> 1; o > 0; o >>= 1) {
         lo = dev_min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
         hi = dev_max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
       }
@@ -278,6 +412,7 @@ __global__ void __launch_bounds__(kWarps * 32)
         store_range(mx, bf16, gi, hi, true);
       }
     } else {
+      if (full && tm.chunks == 1) load(0);
       lo = global_range[0];
       hi = global_range[1];
       if (gi == 0) {
@@ -288,129 +423,173 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (!active) continue;
     const Grid grid = make_grid(round_range(lo, bf16, false), round_range(hi, bf16, true), g.s.b);
     uint8_t* gb = packed + 4 * g.s.word + g.d0 * g.s.b / 8;
-    const int64_t e0 = g.n * p.Dp + g.d0;
-    auto emit = [&](int j, const float (&u)[8], const Philox4& r) {
-      const int d = elem(j);
-      if (d >= g.T) return;
-      store_piece(gb + (d / 8) * g.s.b, g.s.b, encode_piece(grid, u, clamp8(g.left - d), g.s.b, r));
-    };
-    if (P && p.pergroup) {
-      // All pieces' random numbers first: independent Philox chains that the
-      // scheduler can interleave.
-      Philox4 r[P ? P : 1];
+    const uint64_t counter0 = static_cast<uint64_t>(g.n * p.Dp + g.d0) >> 3;
+    if (full) {  // the pieces in registers, every element real
+      with_bits(g.s.b, [&](auto b_tag) {
+        constexpr int B = decltype(b_tag)::value;
+        for (int c = 0; c < tm.chunks; ++c) {
+          if (tm.chunks > 1) load(c);
 #pragma unroll
-      for (int j = 0; j < (P ? P : 1); ++j) r[j] = piece_random(p.stochastic, e0 + elem(j), offset, seed);
-#pragma unroll
-      for (int j = 0; j < (P ? P : 1); ++j) emit(j, v[j], r[j]);
-    } else {
-      for (int j = 0; j < pieces; ++j) {
-        float u[8];
-        load_chunk<scalar_t, 8, VEC>(xg + elem(j), clamp8(g.left - elem(j)), u);
-        emit(j, u, piece_random(p.stochastic, e0 + elem(j), offset, seed));
-      }
+          for (int j = 0; j < P; ++j) {
+            const int d = elem(c, j);
+            const Philox4 r = piece_random(p.stochastic, counter0 + d / 8, offset, seed);
+            store_codes<B>(gb + (d / 8) * B, encode_piece<B>(grid, v[j], r));
+          }
+        }
+      });
+    } else {  // a tail or unaligned group: pieces reloaded one at a time
+      with_bits(g.s.b, [&](auto b_tag) {
+        constexpr int B = decltype(b_tag)::value;
+#pragma unroll 1
+        for (int k = 0; k < tm.chunks * P; ++k) {
+          const int d = ((k << tm.team_log2) | t) * 8;
+          if (d >= g.T) continue;  // past the padded end: no bytes
+          const int nv = clamp8(g.left - d);
+          Piece<scalar_t> pc;
+          load_piece(xg + d, nv, pc);
+          const Philox4 r = piece_random(p.stochastic, counter0 + d / 8, offset, seed);
+          store_codes<B>(gb + (d / 8) * B, encode_piece<B>(grid, pc, r, nv));
+        }
+      });
     }
   }
 }
 
-// Reads the nb (<= 32) bits at bit `bit` of a 4-byte aligned stream.
-__device__ __forceinline__ uint32_t load_bits32(const uint32_t* words, int64_t bit, int nb) {
-  const int64_t w = bit >> 5;
-  const int s = static_cast<int>(bit & 31);
-  uint32_t c = words[w] >> s;
-  if (s + nb > 32) c |= words[w + 1] << (32 - s);
-  return nb == 32 ? c : c & ((1u << nb) - 1u);
+// The E*b bits of codes of unit u of a group's stream (E = 4 or 8 elements;
+// for E = 4 and odd b, a unit starts in the middle of a byte).
+template <int E, int B>
+__device__ __forceinline__ uint64_t load_unit_codes(const uint8_t* gb, int u) {
+  if constexpr (E == 8) {
+    return load_codes<B>(gb + u * B);
+  } else if constexpr (B % 2 == 0) {
+    const uint8_t* src = gb + u * (B / 2);
+    if constexpr (B == 2) return *src;
+    if constexpr (B == 4) return *reinterpret_cast<const uint16_t*>(src);
+    if constexpr (B == 8) return *reinterpret_cast<const uint32_t*>(src);
+    return src[0] | (src[1] << 8) | (src[2] << 16);  // B = 6
+  } else {
+    const uint8_t* src = gb + ((u * B) >> 1);
+    uint32_t c = 0;
+#pragma unroll
+    for (int i = 0; i < (B + 1) / 2; ++i) c |= static_cast<uint32_t>(src[i]) << (8 * i);
+    return c >> (4 * (u & 1));
+  }
 }
 
-// Same teams as quantize_kernel, but a lane's unit is a 16-byte block of
-// output (E = 4 fp32 or 8 fp16/bf16 elements), so that every store
-// instruction of a team covers contiguous memory; codes are read with
-// funnel shifts from whatever words hold them.
-template <typename scalar_t, int TEAM, int P, bool VEC>
+// A unit's E values from its codes.  FAST: the grid's step2 is finite, so a
+// value is one FMA from the code's exact float (see dequantize_one).
+template <int E, int B, bool FAST, typename scalar_t>
+__device__ __forceinline__ void decode_unit(const Grid& g, uint64_t c, scalar_t (&out)[E]) {
+  constexpr uint32_t kMask = (1u << B) - 1u;
+  float f[E];
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    const uint32_t sh = (E * B <= 32 || i * B + B <= 32) ? static_cast<uint32_t>(c) >> (i * B)
+                                                        : static_cast<uint32_t>(c >> (i * B));
+    if constexpr (FAST) {
+      uint32_t fb;  // 2^23 + q: (sh & mask) | exponent, in one instruction
+      asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(fb) : "r"(sh), "n"(kMask), "r"(kCodeBaseReg[0]));
+      f[i] = __fmaf_rn(__fsub_rn(__uint_as_float(fb), kMagic), g.step2, g.mn);
+    } else {
+      f[i] = dequantize_one(g, sh & kMask);
+    }
+  }
+  to_storage<scalar_t, E>(f, out);
+}
+
+// The same teams, but a lane's unit is 16 bytes of output (E = 4 fp32 or 8
+// 16-bit elements), so that every store instruction of a team covers
+// contiguous memory: lane t writes units k team + t of its group.
+template <typename scalar_t, int P>
 __global__ void __launch_bounds__(kWarps * 32)
-    dequantize_kernel(Plan p, const uint8_t* __restrict__ packed, const void* mn, const void* mx,
-                      bool bf16, const int32_t* __restrict__ sbits,
-                      const int64_t* __restrict__ woff, scalar_t* __restrict__ y) {
+    dequantize_kernel(Plan p, Teams tm, const uint8_t* __restrict__ packed, const void* mn, const void* mx,
+                      bool bf16, const int32_t* __restrict__ sbits, const int64_t* __restrict__ woff,
+                      scalar_t* __restrict__ y) {
   constexpr int E = 16 / sizeof(scalar_t);
-  constexpr int kGroupsPerWarp = 32 / TEAM;
-  const int lane = threadIdx.x & 31, t = lane % TEAM;
+  constexpr int U = 8 * P / E;  // units per lane per chunk
+  const int lane = threadIdx.x & 31, t = lane & ((1 << tm.team_log2) - 1);
+  const int groups_per_warp = 32 >> tm.team_log2;
   const int64_t total = p.N * p.ngroups;
-  const int blocks = static_cast<int>(p.G / (E * TEAM));  // per lane
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-       w * kGroupsPerWarp < total; w += warps) {
-    const int64_t gi = w * kGroupsPerWarp + lane / TEAM;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); w * groups_per_warp < total;
+       w += warps) {
+    const int64_t gi = w * groups_per_warp + (lane >> tm.team_log2);
     if (gi >= total) continue;  // no shuffles below
     const GroupAt g = group_at(p, sbits, woff, gi);
     const int64_t ri = p.pergroup ? gi : 0;
     const Grid grid = make_grid(load_range(mn, bf16, ri), load_range(mx, bf16, ri), g.s.b);
-    const uint32_t* gw = reinterpret_cast<const uint32_t*>(packed) + g.s.word + g.d0 * g.s.b / 32;
-    const uint32_t mask = (1u << g.s.b) - 1u;
-    const int nb = E * g.s.b;  // <= 64
+    const uint8_t* gb = packed + 4 * g.s.word + g.d0 * g.s.b / 8;
     scalar_t* yg = y + g.n * p.D + g.d0;
-#pragma unroll(P ? 4 * P / (E / 2) : 1)
-    for (int j = 0; j < blocks; ++j) {
-      const int d = (j * TEAM + t) * E;
-      if (d >= g.T) break;
-      const int64_t bit = static_cast<int64_t>(d) * g.s.b;
-      uint32_t lo32, hi32 = 0;
-      if (nb <= 32) {
-        lo32 = load_bits32(gw, bit, nb);
-        if (E > 4) hi32 = lo32 >> (4 * g.s.b);  // b <= 4 here
-      } else {  // E = 8, b > 4: two halves of 4 codes
-        lo32 = load_bits32(gw, bit, nb / 2);
-        hi32 = load_bits32(gw, bit + nb / 2, nb / 2);
-      }
-      const int r = g.left - d < E ? g.left - d : E;
-      float f[E];
+    const bool full = tm.vec && g.left == p.G && is_finite(grid.step2);
+    with_bits(g.s.b, [&](auto b_tag) {
+      constexpr int B = decltype(b_tag)::value;
+      if (full) {
+        for (int c = 0; c < tm.chunks; ++c) {
+          uint64_t codes[U];  // all loads first
 #pragma unroll
-      for (int i = 0; i < E; ++i) f[i] = dequantize_one(grid, ((i < 4 ? lo32 : hi32) >> ((i & 3) * g.s.b)) & mask);
-      Chunk<scalar_t, E> out;
-      to_storage<scalar_t, E>(f, out.v);
-      if (VEC && r == E) {
-        store_raw<scalar_t, E>(yg + d, out);
-      } else {
+          for (int j = 0; j < U; ++j) codes[j] = load_unit_codes<E, B>(gb, ((c * U + j) << tm.team_log2) | t);
 #pragma unroll
-        for (int i = 0; i < E; ++i)
-          if (i < r) yg[d + i] = out.v[i];
+          for (int j = 0; j < U; ++j) {
+            const int u = ((c * U + j) << tm.team_log2) | t;
+            scalar_t out[E];
+            decode_unit<E, B, true>(grid, codes[j], out);
+            uint4 v;
+            memcpy(&v, out, 16);
+            reinterpret_cast<uint4*>(yg)[u] = v;
+          }
+        }
+      } else {  // a tail or unaligned group, or a range beyond FLT_MAX
+#pragma unroll 1
+        for (int k = 0; k < tm.chunks * U; ++k) {
+          const int u = (k << tm.team_log2) | t, d = u * E;
+          if (d >= g.left) continue;
+          scalar_t out[E];
+          decode_unit<E, B, false>(grid, load_unit_codes<E, B>(gb, u), out);
+          const int r = g.left - d < E ? g.left - d : E;
+#pragma unroll
+          for (int i = 0; i < E; ++i)
+            if (i < r) yg[d + i] = out[i];
+        }
       }
-    }
+    });
   }
 }
 
-// Calls f(TEAM, P, VEC) as integral constants for the plan's group size and
-// whether every piece of `ptr` is aligned for vector access.
-template <typename scalar_t, typename F>
-void dispatch_chunk(const Plan& p, const void* ptr, F&& f) {
-  auto go = [&](auto team, auto pieces) {
-    const bool vec = p.D % 8 == 0 && reinterpret_cast<uintptr_t>(ptr) % 32 == 0;
-    if (vec)
-      f(team, pieces, std::true_type{});
-    else
-      f(team, pieces, std::false_type{});
-  };
-  using C1 = std::integral_constant<int, 1>;
-  using C2 = std::integral_constant<int, 2>;
-  using C4 = std::integral_constant<int, 4>;
-  using C8 = std::integral_constant<int, 8>;
-  using C16 = std::integral_constant<int, 16>;
-  using C32 = std::integral_constant<int, 32>;
-  using C0 = std::integral_constant<int, 0>;
-  switch (p.G) {  // 32 elements per lane up to G = 1024
-    case 32: go(C1{}, C4{}); break;
-    case 64: go(C2{}, C4{}); break;
-    case 128: go(C4{}, C4{}); break;
-    case 256: go(C8{}, C4{}); break;
-    case 512: go(C16{}, C4{}); break;
-    case 1024: go(C32{}, C4{}); break;
-    default: go(C32{}, C0{}); break;
-  }
+// Team shape for a plan: P pieces (8 elements each) per lane, at most 32
+// lanes per group, chunks for larger groups.
+Teams teams_for(const Plan& p, int P, const void* ptr) {
+  Teams tm;
+  const int64_t per_lane = 8 * static_cast<int64_t>(P);
+  const int64_t lanes = std::min<int64_t>(32, std::max<int64_t>(1, p.G / per_lane));
+  tm.team_log2 = 0;
+  while ((int64_t(1) << tm.team_log2) < lanes) ++tm.team_log2;
+  tm.chunks = static_cast<int>(std::max<int64_t>(1, p.G / (per_lane * lanes)));
+  tm.vec = p.D % 8 == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+  return tm;
 }
 
-// Enough resident warps to fill the device; each loops over groups.
-int64_t blocks_for(int64_t groups, int team) {
+// As many blocks as the device holds at once (each loops over groups, so a
+// second wave would only add a tail), or fewer for small tensors.
+template <auto Kernel>
+int64_t blocks_for(int64_t groups, const Teams& tm) {
+  static const int per_sm = [] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kWarps * 32, 0));
+    return std::max(1, n);
+  }();
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t warps = (groups * team + 31) / 32;
-  return std::max<int64_t>(1, std::min<int64_t>((warps + kWarps - 1) / kWarps, sms * 8));
+  const int64_t warps = ((groups << tm.team_log2) + 31) / 32;
+  return std::max<int64_t>(1, std::min<int64_t>((warps + kWarps - 1) / kWarps, sms * per_sm));
+}
+
+// Pieces per lane: 4 for fp32 (32 registers of data), 8 for 16-bit inputs
+// (the same registers), 4 when a group is smaller than 8 pieces.
+template <typename scalar_t, typename F>
+void with_pieces(const Plan& p, F&& f) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (p.G >= 64) return f(std::integral_constant<int, 8>{});
+  }
+  f(std::integral_constant<int, 4>{});
 }
 
 #define AQ_DISPATCH_FLOATS(TYPE, NAME, ...) \
@@ -439,13 +618,11 @@ void quantize_cuda(const Plan& plan, const at::Tensor& x, const at::Tensor& samp
   auto stream = at::cuda::getCurrentCUDAStream();
   AQ_DISPATCH_FLOATS(x.scalar_type(), "aq_quantize_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    dispatch_chunk<scalar_t>(plan, xp, [&](auto team_tag, auto p_tag, auto vec_tag) {
-      constexpr int TEAM = decltype(team_tag)::value;
+    with_pieces<scalar_t>(plan, [&](auto p_tag) {
       constexpr int P = decltype(p_tag)::value;
-      constexpr bool VEC = decltype(vec_tag)::value;
-      quantize_kernel<scalar_t, TEAM, P, VEC><<<blocks_for(groups, TEAM), kWarps * 32, 0, stream>>>(
-          plan, xp, sb, wo, gr, packed.data_ptr<uint8_t>(),
-          mn.data_ptr(), mx.data_ptr(), bf16, st);
+      const Teams tm = teams_for(plan, P, xp);
+      quantize_kernel<scalar_t, P><<<blocks_for<quantize_kernel<scalar_t, P>>(groups, tm), kWarps * 32, 0, stream>>>(
+          plan, tm, xp, sb, wo, gr, packed.data_ptr<uint8_t>(), mn.data_ptr(), mx.data_ptr(), bf16, st);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -463,13 +640,11 @@ void dequantize_cuda(const Plan& plan, const at::Tensor& packed, const at::Tenso
   auto stream = at::cuda::getCurrentCUDAStream();
   AQ_DISPATCH_FLOATS(out.scalar_type(), "aq_dequantize_cuda", [&] {
     scalar_t* yp = out.data_ptr<scalar_t>();
-    dispatch_chunk<scalar_t>(plan, yp, [&](auto team_tag, auto p_tag, auto vec_tag) {
-      constexpr int TEAM = decltype(team_tag)::value;
+    with_pieces<scalar_t>(plan, [&](auto p_tag) {
       constexpr int P = decltype(p_tag)::value;
-      constexpr bool VEC = decltype(vec_tag)::value;
-      dequantize_kernel<scalar_t, TEAM, P, VEC><<<blocks_for(groups, TEAM), kWarps * 32, 0, stream>>>(
-          plan, packed.const_data_ptr<uint8_t>(),
-          mn.const_data_ptr(), mx.const_data_ptr(), bf16, sb, wo, yp);
+      const Teams tm = teams_for(plan, P, yp);
+      dequantize_kernel<scalar_t, P><<<blocks_for<dequantize_kernel<scalar_t, P>>(groups, tm), kWarps * 32, 0, stream>>>(
+          plan, tm, packed.const_data_ptr<uint8_t>(), mn.const_data_ptr(), mx.const_data_ptr(), bf16, sb, wo, yp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

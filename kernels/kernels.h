@@ -199,14 +199,16 @@ constexpr uint32_t kNearest = 0x4000u;  // random15's stand-in for round-to-near
 
 // A group's quantization grid, from its stored (already rounded) mn and mx.
 // Values are kept halved so that mx - mn never overflows for finite inputs.
-// A group with a non-finite bound gets scale 0 (every code 0) and base NaN
-// (every value NaN), so that no per-element branch is needed.
+// A group with a non-finite bound gets scale 0 (codes carry nothing) and
+// base NaN (every value NaN), so that no per-element branch is needed.
 struct Grid {
-  float hm;         // mn / 2 (0 if not finite)
-  float scale15;    // 2^15 B / ((mx - mn + eps) / 2) (0 if not finite)
-  float base;       // mn / 2, or NaN if not finite
-  float step;       // ((mx - mn + eps) / 2) / B
-  uint32_t levels;  // B = 2^bits - 1
+  float nhm;    // -mn / 2 (0 if not finite)
+  float scale;  // B / ((mx - mn + eps) / 2) (0 if not finite)
+  float tmax;   // the largest float below 257 + B (256 if not finite)
+  float base;   // mn / 2, or NaN if not finite
+  float step;   // ((mx - mn + eps) / 2) / B
+  float mn;     // 2 base
+  float step2;  // 2 step; infinite only for B = 1 and a range beyond FLT_MAX
 };
 
 #if defined(__CUDA_ARCH__)
@@ -214,49 +216,82 @@ struct Grid {
 #define AQ_SUB(a, b) __fsub_rn(a, b)
 #define AQ_MUL(a, b) __fmul_rn(a, b)
 #define AQ_DIV(a, b) __fdiv_rn(a, b)
+#define AQ_FMA(a, b, c) __fmaf_rn(a, b, c)
 #else
 #define AQ_ADD(a, b) ((a) + (b))
 #define AQ_SUB(a, b) ((a) - (b))
 #define AQ_MUL(a, b) ((a) * (b))
 #define AQ_DIV(a, b) ((a) / (b))
+#define AQ_FMA(a, b, c) std::fma(a, b, c)  // correctly rounded, as on the GPU
 #endif
+
+// min(a, b) and max(a, 0) that return the other operand when a is NaN (one
+// FMNMX each on the GPU).
+AQ_HD float min_or(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return fminf(a, b);
+#else
+  return a < b ? a : b;
+#endif
+}
+AQ_HD float max0(float a) {
+#if defined(__CUDA_ARCH__)
+  return fmaxf(a, 0.f);
+#else
+  return a > 0.f ? a : 0.f;
+#endif
+}
 
 AQ_HD Grid make_grid(float mn, float mx, int bits) {
   Grid g;
-  g.levels = (1u << bits) - 1u;
-  const float B = static_cast<float>(g.levels);
+  const uint32_t levels = (1u << bits) - 1u;
+  const float B = static_cast<float>(levels);
   const bool finite = is_finite(mn) && is_finite(mx);
   const float hm = AQ_MUL(0.5f, mn);
   const float hr = AQ_ADD(AQ_SUB(AQ_MUL(0.5f, mx), hm), 0.5f * kEps);
-  g.hm = finite ? hm : 0.f;
-  g.scale15 = finite ? AQ_DIV(AQ_MUL(B, 32768.0f), hr) : 0.f;
+  g.nhm = finite ? -hm : 0.f;
+  g.scale = finite ? AQ_DIV(B, hr) : 0.f;
+  g.tmax = finite ? bits_float(float_bits(257.0f + B) - 1u) : 256.0f;
   g.base = finite ? hm : bits_float(0x7fc00000u);
   g.step = AQ_DIV(hr, B);
+  g.mn = AQ_MUL(2.0f, g.base);
+  g.step2 = AQ_MUL(2.0f, g.step);
   return g;
 }
 
-// 2^23 + v has v rounded to an integer (ties to even) in its low mantissa
-// bits, for 0 <= v < 2^23: float-to-integer without a conversion unit.
-constexpr float kMagic = 8388608.0f;
-
-// The code of x: with v = (x - mn) B / (mx - mn + eps) in [0, B] and k a
-// uniform 15-bit integer, q = floor((round(2^15 v) + k) / 2^15), so that
-// E[q] = round(2^15 v) / 2^15: unbiased to within 2^-16 of a grid step.
+// The code of x: with v = (x - mn) B / (mx - mn + eps) in [0, B] and u =
+// k / 2^15 (k a uniform 15-bit integer), q = floor(v + u) where v + u is
+// rounded once to a multiple of 2^-15, so that E[q] = v to within 2^-16 of a
+// grid step.  t = 256 + v + u lies in [256, 257 + B), where a float's ulp is
+// 2^-15: its integer part is bits 15..22, read without a conversion unit.
 // k = kNearest rounds to nearest instead.
-AQ_HD uint32_t quantize_one(const Grid& g, float x, uint32_t k) {
-  // v is NaN only in a non-finite group and < 0 only past a saturated bf16
-  // bound (|x| > 3.39e38): fmax makes both 0, code 0.  v >= 2^23 (also only
-  // past a saturated bound) gives a huge q, clamped to B below.
-  const float v = fmaxf(AQ_MUL(AQ_SUB(AQ_MUL(0.5f, x), g.hm), g.scale15), 0.f);
-  const uint32_t q = (float_bits(AQ_ADD(v, kMagic)) - 0x4b000000u + k) >> 15;
-  return q < g.levels ? q : g.levels;
+//
+// Every element of a finite group lies in [mn, mx], so t needs no clamping,
+// except for fp32 inputs beyond bf16's saturated bounds (|x| > 3.39e38):
+// `clamp` (fp32 inputs) keeps t in [256, tmax].  In a non-finite group a
+// finite x gets code 0 and a non-finite one an unspecified code <= B.
+constexpr uint32_t kRoundBase = 0x43800000u;  // 256.0f
+// rb: the bits of 256 + k / 2^15, i.e. kRoundBase | k; levels = B.
+AQ_HD uint32_t quantize_bits(const Grid& g, float x, uint32_t rb, uint32_t levels, bool clamp) {
+  float h = AQ_FMA(x, 0.5f, g.nhm);
+  if (clamp) h = max0(h);
+  float t = AQ_FMA(h, g.scale, bits_float(rb));
+  if (clamp) t = min_or(t, g.tmax);
+  return (float_bits(t) >> 15) & levels;  // bits 23..30 hold the exponent, 0x87
+}
+AQ_HD uint32_t quantize_one(const Grid& g, float x, uint32_t k, uint32_t levels, bool clamp) {
+  return quantize_bits(g, x, kRoundBase | k, levels, clamp);
 }
 
-// Exact float of a code (q < 2^23), without a conversion unit.
+// 2^23 + v has v rounded to an integer in its low mantissa bits, for 0 <= v
+// < 2^23: the exact float of a code without a conversion unit.
+constexpr float kMagic = 8388608.0f;
 AQ_HD float code_float(uint32_t q) { return AQ_SUB(bits_float(0x4b000000u | q), kMagic); }
 
+// mn + q step2, or in halves where step2 overflows.
 AQ_HD float dequantize_one(const Grid& g, uint32_t q) {
-  return AQ_MUL(2.0f, AQ_ADD(g.base, AQ_MUL(code_float(q), g.step)));
+  const float c = code_float(q);
+  return is_finite(g.step2) ? AQ_FMA(c, g.step2, g.mn) : AQ_MUL(2.0f, AQ_FMA(c, g.step, g.base));
 }
 
 // Reads the stored range of group i (fp32 or bf16 storage).
