@@ -747,6 +747,31 @@ __global__ void pack_positive_kernel(const scalar_t* __restrict__ x, int64_t n, 
   }
 }
 
+// The same words from 16-byte loads: lane L of a warp tests elements
+// [L E, L E + E) of a chunk of 32 E, and the lanes sharing a word OR their
+// bits together.  x is 16-byte aligned; n_chunks full chunks.
+template <typename scalar_t>
+__global__ void pack_positive_vec_kernel(const scalar_t* __restrict__ x, int64_t n_chunks,
+                                         uint32_t* __restrict__ out) {
+  constexpr int E = 16 / sizeof(scalar_t);  // 2..16, divides 32
+  constexpr int kLanesPerWord = 32 / E;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); k < n_chunks;
+       k += warps) {
+    const uint4 raw = reinterpret_cast<const uint4*>(x + k * 32 * E)[lane];
+    scalar_t v[E];
+    memcpy(v, &raw, 16);
+    uint32_t bits = 0;
+#pragma unroll
+    for (int i = 0; i < E; ++i) bits |= static_cast<uint32_t>(static_cast<float>(v[i]) > 0.0f) << i;
+    bits <<= (lane * E) & 31;
+#pragma unroll
+    for (int o = 1; o < kLanesPerWord; o <<= 1) bits |= __shfl_xor_sync(0xffffffffu, bits, o);
+    if (lane % kLanesPerWord == 0) out[k * E + lane / kLanesPerWord] = bits;
+  }
+}
+
 // E consecutive elements per thread (16 bytes when aligned; E divides 32, so
 // they share one mask word).
 template <typename scalar_t, int E>
@@ -779,9 +804,20 @@ void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed) {
   if (n == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "aq_pack_positive_cuda", [&] {
-    pack_positive_kernel<scalar_t><<<grid_for(n, 256), 256, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), n, reinterpret_cast<uint32_t*>(packed.data_ptr<uint8_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    uint32_t* out = reinterpret_cast<uint32_t*>(packed.data_ptr<uint8_t>());
+    // Whole chunks of 32 16-byte vectors where aligned, the rest (a word-aligned tail) a word per warp.
+    constexpr int64_t kChunk = 32 * (16 / sizeof(scalar_t));
+    const int64_t chunks = reinterpret_cast<uintptr_t>(xp) % 16 == 0 ? n / kChunk : 0;
+    if (chunks > 0) {
+      pack_positive_vec_kernel<scalar_t><<<grid_for(chunks * 32, 256), 256, 0, stream>>>(xp, chunks, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const int64_t done = chunks * kChunk;
+    if (done < n) {
+      pack_positive_kernel<scalar_t><<<grid_for(n - done, 256), 256, 0, stream>>>(xp + done, n - done, out + done / 32);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 

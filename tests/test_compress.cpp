@@ -292,6 +292,10 @@ TEST_P(Engine, MasksFromActivationsInMemoryOrder) {
   // Bool sources (dropout's kept elements), non-dense ones, and bad masks.
   auto keep = torch::rand({4, 33}, opts()) > 0.5;
   EXPECT_TRUE(torch::equal(aq::pack_positive(keep), aq::pack_mask(keep)));
+  auto many = torch::rand({9, 128}, opts()) > 0.5;  // whole 16-byte chunks and a tail
+  EXPECT_TRUE(torch::equal(aq::pack_positive(many), aq::pack_mask(many)));
+  auto line = torch::randn({4097}, opts(torch::kBFloat16)).narrow(0, 1, 4096);  // not 16-byte aligned
+  EXPECT_TRUE(torch::equal(aq::pack_positive(line), aq::pack_mask(line > 0)));
   auto wide = torch::randn({6, 40}, opts());
   auto strided = wide.narrow(1, 3, 30);
   EXPECT_TRUE(torch::equal(aq::pack_positive(strided), aq::pack_mask(strided.contiguous() > 0)));
