@@ -14,6 +14,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/detail/UnpackRaw.cuh>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -1028,6 +1030,52 @@ namespace {
 __device__ __forceinline__ float nan_min(float a, float v) { return a != a ? a : (v < a || v != v) ? v : a; }
 __device__ __forceinline__ float nan_max(float a, float v) { return a != a ? a : (v > a || v != v) ? v : a; }
 
+// (max - min)^2 of every group, with the compression kernel's teams and
+// loads (a team per group, a lane's pieces loaded before they are reduced).
+template <typename scalar_t, int P>
+__global__ void __launch_bounds__(kWarps * 32)
+    group_range_sq_kernel(Plan p, Teams tm, const scalar_t* __restrict__ x, float* __restrict__ r2) {
+  const int lane = threadIdx.x & 31, t = lane & ((1 << tm.team_log2) - 1);
+  const int groups_per_warp = 32 >> tm.team_log2;
+  const int64_t total = p.N * p.ngroups;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); w * groups_per_warp < total;
+       w += warps) {
+    const int64_t gi = w * groups_per_warp + (lane >> tm.team_log2);
+    const bool active = gi < total;  // lanes past the end still join the shuffles
+    const GroupAt g = group_at(p, nullptr, nullptr, active ? gi : total - 1);
+    const scalar_t* xg = x + g.n * p.D + g.d0;
+    MinMax<scalar_t> m;
+    if (tm.vec && g.left == p.G) {
+      for (int c = 0; c < tm.chunks; ++c) {
+        Piece<scalar_t> v[P];
+#pragma unroll
+        for (int j = 0; j < P; ++j) load_piece(xg + ((((c * P + j) << tm.team_log2) | t) * 8), v[j]);
+#pragma unroll
+        for (int j = 0; j < P; ++j) m.add(v[j]);
+      }
+    } else if (active) {
+#pragma unroll 1
+      for (int k = 0; k < tm.chunks * P; ++k) {
+        const int d = ((k << tm.team_log2) | t) * 8;
+        Piece<scalar_t> pc;
+        load_piece(xg + d, clamp8(g.left - d), pc);
+        m.add(pc, clamp8(g.left - d));
+      }
+    }
+    m.finish();
+    float lo = m.lo, hi = m.hi;
+    for (int o = (1 << tm.team_log2) >> 1; o > 0; o >>= 1) {
+      lo = dev_min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+      hi = dev_max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    }
+    if (active && t == 0) {
+      const float r = __fsub_rn(hi, lo);
+      r2[gi] = __fmul_rn(r, r);
+    }
+  }
+}
+
 constexpr int kRangeThreads = 1024;  // 32 warps per sample: enough warps in flight
 
 template <typename scalar_t, bool VEC>
@@ -1087,6 +1135,29 @@ void range_sq_cuda(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Ten
     return;
   }
   auto stream = at::cuda::getCurrentCUDAStream();
+  if (x.scalar_type() != at::kDouble && G >= 32 && (G & (G - 1)) == 0) {
+    // Per group, then summed per sample by LibTorch (a fixed order).
+    Plan p;
+    p.N = N;
+    p.D = D;
+    p.G = G;
+    p.ngroups = (D + G - 1) / G;
+    p.Dp = (D + 31) / 32 * 32;
+    p.bits = 1;  // unused: no stream
+    auto r2 = at::empty({N, p.ngroups}, x.options().dtype(at::kFloat));
+    AQ_DISPATCH_FLOATS(x.scalar_type(), "aq_group_range_sq_cuda", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      with_pieces<scalar_t>(p, [&](auto p_tag) {
+        constexpr int P = decltype(p_tag)::value;
+        const Teams tm = teams_for(p, P, xp);
+        group_range_sq_kernel<scalar_t, P><<<blocks_for<group_range_sq_kernel<scalar_t, P>>(N * p.ngroups, tm),
+                                             kWarps * 32, 0, stream>>>(p, tm, xp, r2.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    at::sum_out(out, r2, {1});
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "aq_range_sq_cuda", [&] {
     constexpr int E = 16 / sizeof(scalar_t);
     const bool vec = E > 0 && D % E == 0 && G % E == 0 && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
