@@ -359,6 +359,50 @@ __device__ __forceinline__ void with_bits(int b, F&& f) {
   }
 }
 
+// Element of piece j of chunk c of lane t's group.
+__device__ __forceinline__ int piece_elem(const Teams& tm, int t, int P, int c, int j) {
+  return (((c * P + j) << tm.team_log2) | t) * 8;
+}
+
+// Chunk c of a full group's pieces.
+template <typename scalar_t, int P>
+__device__ __forceinline__ void load_pieces(const Teams& tm, int t, const scalar_t* xg, int c,
+                                            Piece<scalar_t> (&v)[P]) {
+#pragma unroll
+  for (int j = 0; j < P; ++j) load_piece(xg + piece_elem(tm, t, P, c, j), v[j]);
+}
+
+// The min and max of the group a lane's team works on (left: its real
+// elements; full: all G of them, 16-byte aligned).  Every lane of the warp
+// calls it, for the shuffles.  A full group's last chunk stays in v.
+template <typename scalar_t, int P>
+__device__ __forceinline__ void group_min_max(const Teams& tm, int t, const scalar_t* xg, int left, bool full,
+                                              bool active, Piece<scalar_t> (&v)[P], float& lo, float& hi) {
+  MinMax<scalar_t> m;
+  if (full) {
+    for (int c = 0; c < tm.chunks; ++c) {
+      load_pieces(tm, t, xg, c, v);
+#pragma unroll
+      for (int j = 0; j < P; ++j) m.add(v[j]);
+    }
+  } else if (active) {
+#pragma unroll 1
+    for (int k = 0; k < tm.chunks * P; ++k) {
+      const int d = ((k << tm.team_log2) | t) * 8;
+      Piece<scalar_t> pc;
+      load_piece(xg + d, clamp8(left - d), pc);
+      m.add(pc, clamp8(left - d));
+    }
+  }
+  m.finish();
+  lo = m.lo;
+  hi = m.hi;
+  for (int o = (1 << tm.team_log2) >> 1; o > 0; o >>= 1) {
+    lo = dev_min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = dev_max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+}
+
 template <typename scalar_t, int P>
 __global__ void __launch_bounds__(kWarps * 32)
     quantize_kernel(Plan p, Teams tm, const scalar_t* __restrict__ x, const int32_t* __restrict__ sbits,
@@ -377,38 +421,12 @@ __global__ void __launch_bounds__(kWarps * 32)
     const GroupAt g = group_at(p, sbits, woff, active ? gi : total - 1);
     const scalar_t* xg = x + g.n * p.D + g.d0;
     const bool full = tm.vec && g.left == p.G;
-    auto elem = [&](int c, int j) { return (((c * P + j) << tm.team_log2) | t) * 8; };
-
+    auto elem = [&](int c, int j) { return piece_elem(tm, t, P, c, j); };
     Piece<scalar_t> v[P];
-    auto load = [&](int c) {  // a chunk's pieces (full groups)
-#pragma unroll
-      for (int j = 0; j < P; ++j) load_piece(xg + elem(c, j), v[j]);
-    };
+    auto load = [&](int c) { load_pieces(tm, t, xg, c, v); };  // full groups
     float lo, hi;
     if (p.pergroup) {
-      MinMax<scalar_t> m;
-      if (full) {
-        for (int c = 0; c < tm.chunks; ++c) {
-          load(c);
-#pragma unroll
-          for (int j = 0; j < P; ++j) m.add(v[j]);
-        }
-      } else if (active) {
-#pragma unroll 1
-        for (int k = 0; k < tm.chunks * P; ++k) {
-          const int d = ((k << tm.team_log2) | t) * 8;
-          Piece<scalar_t> pc;
-          load_piece(xg + d, clamp8(g.left - d), pc);
-          m.add(pc, clamp8(g.left - d));
-        }
-      }
-      m.finish();
-      lo = m.lo;
-      hi = m.hi;
-      for (int o = (1 << tm.team_log2) >> 1; o > 0; o >>= 1) {
-        lo = dev_min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-        hi = dev_max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
-      }
+      group_min_max(tm, t, xg, g.left, full, active, v, lo, hi);
       if (active && t == 0) {
         store_range(mn, bf16, gi, lo, false);
         store_range(mx, bf16, gi, hi, true);
@@ -1045,30 +1063,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     const bool active = gi < total;  // lanes past the end still join the shuffles
     const GroupAt g = group_at(p, nullptr, nullptr, active ? gi : total - 1);
     const scalar_t* xg = x + g.n * p.D + g.d0;
-    MinMax<scalar_t> m;
-    if (tm.vec && g.left == p.G) {
-      for (int c = 0; c < tm.chunks; ++c) {
-        Piece<scalar_t> v[P];
-#pragma unroll
-        for (int j = 0; j < P; ++j) load_piece(xg + ((((c * P + j) << tm.team_log2) | t) * 8), v[j]);
-#pragma unroll
-        for (int j = 0; j < P; ++j) m.add(v[j]);
-      }
-    } else if (active) {
-#pragma unroll 1
-      for (int k = 0; k < tm.chunks * P; ++k) {
-        const int d = ((k << tm.team_log2) | t) * 8;
-        Piece<scalar_t> pc;
-        load_piece(xg + d, clamp8(g.left - d), pc);
-        m.add(pc, clamp8(g.left - d));
-      }
-    }
-    m.finish();
-    float lo = m.lo, hi = m.hi;
-    for (int o = (1 << tm.team_log2) >> 1; o > 0; o >>= 1) {
-      lo = dev_min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-      hi = dev_max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
-    }
+    Piece<scalar_t> v[P];
+    float lo, hi;
+    group_min_max(tm, t, xg, g.left, tm.vec && g.left == p.G, active, v, lo, hi);
     if (active && t == 0) {
       const float r = __fsub_rn(hi, lo);
       r2[gi] = __fmul_rn(r, r);
