@@ -1,12 +1,14 @@
 // CUDA implementation of the compression kernels (see kernels.h).
 //
 // Quantize is one kernel and one pass over the input: a team of lanes owns a
-// group, loads it once into registers (groups up to 1024 elements; larger ones
-// are read twice, the second time mostly from cache), reduces min/max with
-// shuffles, rounds with Philox numbers and writes its packed bytes.  Each lane
-// handles 32 elements per group, so the per-group work (locating the group,
-// the grid's divisions) is spread thin.  Everything runs on the current
-// stream; nothing waits for the host.
+// group and loads it once into registers (32 fp32 or 64 16-bit elements per
+// lane, as loaded; groups larger than a team holds are read twice, the second
+// time mostly from cache), reduces min/max (16-bit inputs as packed pairs)
+// and shuffles, then rounds with two FMAs per element and Philox numbers and
+// writes its packed bytes, with the group's bit width a compile-time
+// constant.  Dequantize writes 16-byte units, contiguous across a team, one
+// FMA per value.  Everything runs on the current stream; nothing waits for
+// the host.  docs/kernel-benchmarks.md has the figures and the profile.
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
