@@ -231,6 +231,45 @@ TEST(ModelsAdaptive, SavedStatisticsAllocateTheSameBits) {
   aq::set_batch_indices(torch::Tensor());
 }
 
+// Deferred per-layer budgets (training loops): a call leaves its budgets
+// pending and the next call applies them before computing its own; they
+// equal what an immediate call computes from the same statistics, and a
+// checkpoint keeps them pending.
+TEST_P(Models, DeferredBudgetsApplyAtTheNextCall) {
+  const auto cfg = aq::QuantConfig::for_level(aq::Level::L3);
+  auto a = aq::models::build("preact_resnet20", 1, 10, cfg);
+  a->to(dev());
+  auto x = torch::randn({8, 1, 28, 28}, opts()) * torch::linspace(0.2, 3.0, 8, opts()).view({8, 1, 1, 1});
+  auto y = torch::randint(10, {8}, opts(torch::kLong));
+  aq::set_batch_indices(torch::arange(8, torch::kLong));
+  auto budgets = [&](torch::nn::Module& m) {
+    std::vector<double> out;
+    for (const auto& item : m.named_modules())
+      if (auto* q = dynamic_cast<aq::QLayer*>(item.value().get())) out.push_back(q->state()->budget);
+    return out;
+  };
+  for (int step = 0; step < 2; ++step) {
+    a->zero_grad();
+    torch::nn::functional::cross_entropy(a->forward(x), y).backward();
+  }
+  const auto before = budgets(*a);
+  EXPECT_GT(aq::adapt_layers(*a, /*defer=*/true), 10);
+  EXPECT_EQ(budgets(*a), before) << "a deferred call changed the budgets at once";
+  // A checkpoint of this moment, loaded into a twin, holds the same pending budgets.
+  auto b = aq::models::build("preact_resnet20", 1, 10, cfg);
+  b->to(dev());
+  aq::load_adaptive_state(*b, aq::adaptive_state(*a));
+  aq::apply_pending_budgets(*a);
+  aq::apply_pending_budgets(*b);
+  const auto deferred = budgets(*a);
+  EXPECT_EQ(budgets(*b), deferred);
+  EXPECT_NE(deferred, before);
+  // The same statistics give the same budgets immediately.
+  aq::adapt_layers(*a);
+  EXPECT_EQ(budgets(*a), deferred);
+  aq::set_batch_indices(torch::Tensor());
+}
+
 TEST(ModelsState, LoadStateChecksNamesAndShapes) {
   auto m = aq::models::build("preact_resnet20", 1, 10);
   auto src = aq::models::build("preact_resnet20", 1, 10);

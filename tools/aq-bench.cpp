@@ -430,7 +430,7 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
       if (measure) act = aq::train::memory(dev).allocated - before;
       loss.backward();
       opt.step();
-      if (per_layer) aq::adapt_layers(*model);
+      if (per_layer) aq::adapt_layers(*model, /*defer=*/true);
     };
     for (int i = 0; i < a.warmup; ++i) step(false);
     sync(dev);
@@ -513,7 +513,7 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
         }
         torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y).backward();
         opt.step();
-        if (per_layer) aq::adapt_layers(*model);
+        if (per_layer) aq::adapt_layers(*model, /*defer=*/true);
         sync(dev);
       } catch (const c10::OutOfMemoryError&) {
         ok = false;

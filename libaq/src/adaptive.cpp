@@ -5,15 +5,46 @@
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
 #include "aq_config.h"
 #include "kernels.h"
 
 #include <algorithm>
-#include <map>
 #include <cmath>
+#include <map>
+#include <memory>
+#include <optional>
 
 namespace aq {
+
+// A deferred allocation's result on its way to the host: every unit's bits
+// (int32, pinned when copied from a device) and each owner layer's range in
+// them; read once, on first use.
+struct PendingBudgets {
+  at::Tensor host_bits;
+  std::vector<int64_t> begin, count;  // per owner layer
+  std::optional<c10::Event> done;     // the device-to-host copy (device tensors only)
+  std::optional<c10::Stream> stream;  // its stream
+  std::vector<double> means;          // per owner layer, once read (or from a checkpoint)
+
+  double mean(size_t unit) {
+    if (means.empty()) {
+      // Normally finished a step ago; if not, wait through the stream (which
+      // LibTorch's sync debug mode counts).
+      if (done && !done->query()) stream->synchronize();
+      const int32_t* b = host_bits.const_data_ptr<int32_t>();
+      means.resize(count.size());
+      for (size_t i = 0; i < count.size(); ++i) {
+        int64_t sum = 0;
+        for (int64_t k = 0; k < count[i]; ++k) sum += b[begin[i] + k];
+        means[i] = count[i] ? static_cast<double>(sum) / static_cast<double>(count[i]) : 0.0;
+      }
+    }
+    return means[unit];
+  }
+};
 
 namespace {
 thread_local at::Tensor current_indices;
@@ -253,18 +284,29 @@ std::vector<Adaptive> adaptive_layers(torch::nn::Module& model, bool perlayer_on
 
 }  // namespace
 
-int64_t adapt_layers(torch::nn::Module& model) {
+void apply_pending_budgets(torch::nn::Module& model) {
+  for (const auto& m : model.modules(/*include_self=*/true)) {
+    auto* q = dynamic_cast<QLayer*>(m.get());
+    if (!q || !q->state()->pending) continue;
+    LayerState& st = *q->state();
+    st.budget = st.pending->mean(st.pending_unit);
+    st.pending.reset();
+  }
+}
+
+int64_t adapt_layers(torch::nn::Module& model, bool defer) {
   RECORD_FUNCTION("aq::allocate", std::vector<c10::IValue>());
+  if (defer) apply_pending_budgets(model);  // the previous call's: its copy is done by now
   const auto layers = adaptive_layers(model, /*perlayer_only=*/true);
   if (layers.empty()) return 0;
   // Units (layer, sample) on the device; the allocation runs there too, and
-  // only the per-layer sums of its bits come back (one wait per step: they
-  // size the next forward's packed data).
+  // only the units' bits come back.
   std::vector<at::Tensor> cost, weight;
-  std::vector<int64_t> count;
+  auto pending = std::make_shared<PendingBudgets>();
   std::map<const LayerState*, size_t> unit_of;  // owner layer -> its entry in cost
   double budget = 0;
   int ibits = 8;
+  int64_t units = 0;
   for (const auto& l : layers) {
     const LayerState& st = *l.layer->state();
     if (st.shared_from) continue;  // below: its sensitivity joins its owner's
@@ -274,7 +316,9 @@ int64_t adapt_layers(torch::nn::Module& model) {
     const int64_t n = cost.back().size(0);
     weight.push_back(at::full({n}, std::max<int64_t>(1, st.sample_elements),
                               cost.back().options().dtype(at::kLong)));
-    count.push_back(n);
+    pending->begin.push_back(units);
+    pending->count.push_back(n);
+    units += n;
     budget += static_cast<double>(c.cabits) * static_cast<double>(st.sample_elements) * static_cast<double>(n);
     ibits = c.ibits;
   }
@@ -291,19 +335,24 @@ int64_t adapt_layers(torch::nn::Module& model) {
   if (cost.empty()) return 0;
   const at::Tensor bits = allocate_bits_tensor(at::cat(cost), at::cat(weight),
                                                static_cast<int64_t>(std::floor(budget)), ibits);
-  const at::Tensor host = bits.cpu();
-  const int32_t* b = host.const_data_ptr<int32_t>();
-  std::vector<double> mean(count.size());
-  for (size_t i = 0; i < count.size(); ++i) {
-    int64_t sum = 0;
-    for (int64_t k = 0; k < count[i]; ++k) sum += *b++;
-    mean[i] = count[i] ? static_cast<double>(sum) / static_cast<double>(count[i]) : 0.0;
+  if (bits.is_cpu()) {
+    pending->host_bits = bits;
+  } else {
+    pending->host_bits = at::empty(bits.sizes(), bits.options().device(at::kCPU).pinned_memory(true));
+    pending->host_bits.copy_(bits, /*non_blocking=*/true);
+    const c10::impl::VirtualGuardImpl impl(bits.device().type());
+    pending->stream = impl.getStream(bits.device());
+    pending->done.emplace(bits.device().type());
+    pending->done->record(*pending->stream);
   }
   for (const auto& l : layers) {
     LayerState& st = *l.layer->state();
     const auto it = unit_of.find(st.shared_from ? st.shared_from : &st);
-    if (it != unit_of.end()) st.budget = mean[it->second];
+    if (it == unit_of.end()) continue;
+    st.pending = pending;
+    st.pending_unit = it->second;
   }
+  if (!defer) apply_pending_budgets(model);
   return static_cast<int64_t>(layers.size());
 }
 
@@ -337,6 +386,8 @@ std::vector<std::pair<std::string, at::Tensor>> adaptive_state(torch::nn::Module
     if (!q) continue;
     const LayerState& st = *q->state();
     if (st.budget > 0) out.emplace_back(item.key() + ".aq_budget", at::scalar_tensor(st.budget, at::kDouble));
+    if (st.pending)
+      out.emplace_back(item.key() + ".aq_budget_next", at::scalar_tensor(st.pending->mean(st.pending_unit), at::kDouble));
     if (st.sample_stat.defined()) out.emplace_back(item.key() + ".aq_sample_stat", st.sample_stat.cpu());
     if (st.grad_mean.defined()) out.emplace_back(item.key() + ".aq_grad_mean", st.grad_mean.cpu());
   }
@@ -359,9 +410,17 @@ void load_adaptive_state(torch::nn::Module& model, const std::vector<std::pair<s
     if (it == layers.end()) continue;
     LayerState& st = *it->second->state();
     const std::string what = key.substr(dot + 4);
-    if (what == "budget") st.budget = t.item<double>();
-    else if (what == "sample_stat") st.sample_stat = t.to(dev, at::kFloat);
-    else if (what == "grad_mean") st.grad_mean = t.to(dev, at::kFloat);
+    if (what == "budget") {
+      st.budget = t.item<double>();
+    } else if (what == "budget_next") {
+      st.pending = std::make_shared<PendingBudgets>();
+      st.pending->means = {t.item<double>()};
+      st.pending_unit = 0;
+    } else if (what == "sample_stat") {
+      st.sample_stat = t.to(dev, at::kFloat);
+    } else if (what == "grad_mean") {
+      st.grad_mean = t.to(dev, at::kFloat);
+    }
   }
 }
 

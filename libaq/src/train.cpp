@@ -699,7 +699,7 @@ int Trainer::run() {
         loss.backward();
         opt_->step();
       }
-      if (per_layer) adapt_layers(*model_);
+      if (per_layer) adapt_layers(*model_, /*defer=*/true);
       loss_sum += loss.detach().to(torch::kDouble) * y.size(0);
       correct += logits.detach().argmax(1).eq(y).sum();
       seen_now += y.size(0);

@@ -54,10 +54,19 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
 // Per-layer reallocation across the model's adaptive conv/linear layers
 // (perlayer): units are (layer, sample) weighted by elements per sample,
 // budget cabits x all elements; each layer's next budget is the mean of its
-// samples' bits.  Allocates on the device; reading the budgets back is the
-// one wait for the device it adds to a training step.  Returns the number of
-// layers involved.
-int64_t adapt_layers(torch::nn::Module& model);
+// samples' bits.  Allocates on the device.  Returns the number of layers
+// involved.
+//
+// defer = false: the budgets are read back (a wait for the device) and set
+// now.  defer = true (training loops): they are copied to the host without
+// waiting and set by the next call, which applies them before computing its
+// own; a step then waits for nothing, and a budget takes effect one step
+// later (the forward after next).  Checkpoints keep the pending budgets
+// (adaptive_state), so a resumed run continues exactly.
+int64_t adapt_layers(torch::nn::Module& model, bool defer = false);
+// Sets the budgets a deferred adapt_layers() left pending (waiting for their
+// copy if it has not finished).
+void apply_pending_budgets(torch::nn::Module& model);
 
 // Per-layer summary of what the last forward chose, for reports.
 struct LayerBits {
@@ -71,8 +80,9 @@ struct LayerBits {
 std::vector<LayerBits> layer_bits(torch::nn::Module& model);
 
 // The adaptive state of every aq layer (budgets and gradient statistics) as
-// named tensors "<layer>.aq_budget", "<layer>.aq_sample_stat",
-// "<layer>.aq_grad_mean" (on the CPU), for checkpoints; and back.
+// named tensors "<layer>.aq_budget", "<layer>.aq_budget_next" (a deferred
+// budget not applied yet), "<layer>.aq_sample_stat", "<layer>.aq_grad_mean"
+// (on the CPU), for checkpoints; and back.
 std::vector<std::pair<std::string, at::Tensor>> adaptive_state(torch::nn::Module& model);
 void load_adaptive_state(torch::nn::Module& model, const std::vector<std::pair<std::string, at::Tensor>>& tensors);
 

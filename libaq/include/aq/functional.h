@@ -9,9 +9,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/ivalue.h>
 
+#include <memory>
 #include <optional>
 
 namespace aq {
+
+struct PendingBudgets;  // aq/adaptive.h
 
 // What one layer's compression reads and records, for the adaptive scheme
 // and for memory accounting.  Shared between a module and its autograd nodes
@@ -42,6 +45,10 @@ struct LayerState : torch::CustomClassHolder {
   at::Tensor last_bits;      // per-sample bits the last forward chose (int32 [N], on its device)
   // Average bits for the next forward (0: cabits); set by adapt_layers().
   double budget = 0;
+  // The budget a deferred adapt_layers() computed and has not applied yet
+  // (its host copy, shared by the model's layers, and this layer's entry).
+  std::shared_ptr<PendingBudgets> pending;
+  size_t pending_unit = 0;
   // Sharing (a tensor saved by several layers is compressed once): the
   // layer whose copy this one used in its last forward (null: its own), and
   // the layers that used this one's; their sensitivities add to this
