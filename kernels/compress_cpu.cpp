@@ -24,6 +24,79 @@ Bits sample_stream(const Plan& p, const int32_t* sample_bits, const int64_t* wor
   return {sample_bits[n], word_offset[n]};
 }
 
+// The CPU's rounding uses std::fma, which a baseline x86-64 build calls in
+// libm; where the processor has FMA the loops below are compiled a second time
+// with it (same results: an FMA is exactly rounded either way).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AQ_FMA_CLONES 1
+bool cpu_has_fma() {
+  static const bool yes = __builtin_cpu_supports("fma");
+  return yes;
+}
+#define AQ_TARGET_FMA __attribute__((target("fma")))
+#else
+#define AQ_TARGET_FMA
+#endif
+
+// Groups [begin, end): range, rounding and packing in one pass over each.
+template <typename scalar_t>
+[[gnu::always_inline]] inline void quantize_groups(const Plan& p, const scalar_t* x, const int32_t* sample_bits,
+                                                   const int64_t* word_offset, const float* global_range,
+                                                   uint32_t* packed, void* mn, void* mx, bool bf16, int64_t begin,
+                                                   int64_t end) {
+  for (int64_t gi = begin; gi < end; ++gi) {
+    const int64_t n = gi / p.ngroups, d0 = (gi % p.ngroups) * p.G;
+    const int64_t dv = std::min(d0 + p.G, p.D), dp = std::min(d0 + p.G, p.Dp);
+    const scalar_t* xs = x + n * p.D;
+    const Bits s = sample_stream(p, sample_bits, word_offset, n);
+    float lo, hi;
+    if (p.pergroup) {
+      lo = std::numeric_limits<float>::infinity();
+      hi = -lo;
+      for (int64_t d = d0; d < dv; ++d) {
+        float v = static_cast<float>(xs[d]);
+        lo = nan_min(lo, v);
+        hi = nan_max(hi, v);
+      }
+      store_range(mn, bf16, gi, lo, false);
+      store_range(mx, bf16, gi, hi, true);
+    } else {
+      lo = global_range[0];
+      hi = global_range[1];
+    }
+    const Grid grid = make_grid(round_range(lo, bf16, false), round_range(hi, bf16, true), s.b);
+    uint32_t* out = packed + s.word + d0 * s.b / 32;
+    uint64_t acc = 0;
+    int nacc = 0;
+    Philox4 r{};
+    for (int64_t d = d0; d < dp; ++d) {
+      const int64_t e = n * p.Dp + d;
+      uint32_t q = 0;
+      if (d < dv) {
+        uint32_t k = kNearest;
+        if (p.stochastic) {
+          if ((e & 7) == 0 || d == d0) r = philox(static_cast<uint64_t>(e) >> 3, p.offset, p.seed);
+          k = random15(r, e);
+        }
+        q = quantize_one(grid, static_cast<float>(xs[d]), k, (1u << s.b) - 1u, sizeof(scalar_t) >= 4);
+      }
+      acc |= static_cast<uint64_t>(q) << nacc;
+      nacc += s.b;
+      if (nacc >= 32) {
+        *out++ = static_cast<uint32_t>(acc);
+        acc >>= 32;
+        nacc -= 32;
+      }
+    }
+  }
+}
+template <typename scalar_t>
+AQ_TARGET_FMA void quantize_groups_fma(const Plan& p, const scalar_t* x, const int32_t* sample_bits,
+                                       const int64_t* word_offset, const float* global_range, uint32_t* packed,
+                                       void* mn, void* mx, bool bf16, int64_t begin, int64_t end) {
+  quantize_groups(p, x, sample_bits, word_offset, global_range, packed, mn, mx, bf16, begin, end);
+}
+
 template <typename scalar_t>
 void quantize_impl(const Plan& p, const scalar_t* x, const int32_t* sample_bits,
                    const int64_t* word_offset, const float* global_range, uint32_t* packed,
@@ -35,52 +108,46 @@ void quantize_impl(const Plan& p, const scalar_t* x, const int32_t* sample_bits,
   const int64_t total = p.N * p.ngroups;
   const int64_t grain = std::max<int64_t>(1, 65536 / p.G);
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t n = gi / p.ngroups, d0 = (gi % p.ngroups) * p.G;
-      const int64_t dv = std::min(d0 + p.G, p.D), dp = std::min(d0 + p.G, p.Dp);
-      const scalar_t* xs = x + n * p.D;
-      const Bits s = sample_stream(p, sample_bits, word_offset, n);
-      float lo, hi;
-      if (p.pergroup) {
-        lo = std::numeric_limits<float>::infinity();
-        hi = -lo;
-        for (int64_t d = d0; d < dv; ++d) {
-          float v = static_cast<float>(xs[d]);
-          lo = nan_min(lo, v);
-          hi = nan_max(hi, v);
-        }
-        store_range(mn, bf16, gi, lo, false);
-        store_range(mx, bf16, gi, hi, true);
-      } else {
-        lo = global_range[0];
-        hi = global_range[1];
-      }
-      const Grid grid = make_grid(round_range(lo, bf16, false), round_range(hi, bf16, true), s.b);
-      uint32_t* out = packed + s.word + d0 * s.b / 32;
-      uint64_t acc = 0;
-      int nacc = 0;
-      Philox4 r{};
-      for (int64_t d = d0; d < dp; ++d) {
-        const int64_t e = n * p.Dp + d;
-        uint32_t q = 0;
-        if (d < dv) {
-          uint32_t k = kNearest;
-          if (p.stochastic) {
-            if ((e & 7) == 0 || d == d0) r = philox(static_cast<uint64_t>(e) >> 3, p.offset, p.seed);
-            k = random15(r, e);
-          }
-          q = quantize_one(grid, static_cast<float>(xs[d]), k, (1u << s.b) - 1u, sizeof(scalar_t) >= 4);
-        }
-        acc |= static_cast<uint64_t>(q) << nacc;
-        nacc += s.b;
-        if (nacc >= 32) {
-          *out++ = static_cast<uint32_t>(acc);
-          acc >>= 32;
-          nacc -= 32;
-        }
-      }
-    }
+#ifdef AQ_FMA_CLONES
+    if (cpu_has_fma())
+      return quantize_groups_fma(p, x, sample_bits, word_offset, global_range, packed, mn, mx, bf16, begin, end);
+#endif
+    quantize_groups(p, x, sample_bits, word_offset, global_range, packed, mn, mx, bf16, begin, end);
   });
+}
+
+template <typename scalar_t>
+[[gnu::always_inline]] inline void dequantize_groups(const Plan& p, const uint32_t* packed, const void* mn,
+                                                     const void* mx, bool bf16, const int32_t* sample_bits,
+                                                     const int64_t* word_offset, scalar_t* y, int64_t begin,
+                                                     int64_t end) {
+  for (int64_t gi = begin; gi < end; ++gi) {
+    const int64_t n = gi / p.ngroups, d0 = (gi % p.ngroups) * p.G;
+    const int64_t dv = std::min(d0 + p.G, p.D);
+    const Bits s = sample_stream(p, sample_bits, word_offset, n);
+    const int64_t ri = p.pergroup ? gi : 0;
+    const Grid grid = make_grid(load_range(mn, bf16, ri), load_range(mx, bf16, ri), s.b);
+    const uint32_t* in = packed + s.word + d0 * s.b / 32;
+    const uint64_t mask = (1u << s.b) - 1u;
+    uint64_t acc = 0;
+    int nacc = 0;
+    scalar_t* ys = y + n * p.D;
+    for (int64_t d = d0; d < dv; ++d) {
+      if (nacc < s.b) {
+        acc |= static_cast<uint64_t>(*in++) << nacc;
+        nacc += 32;
+      }
+      ys[d] = static_cast<scalar_t>(dequantize_one(grid, static_cast<uint32_t>(acc & mask)));
+      acc >>= s.b;
+      nacc -= s.b;
+    }
+  }
+}
+template <typename scalar_t>
+AQ_TARGET_FMA void dequantize_groups_fma(const Plan& p, const uint32_t* packed, const void* mn, const void* mx,
+                                         bool bf16, const int32_t* sample_bits, const int64_t* word_offset,
+                                         scalar_t* y, int64_t begin, int64_t end) {
+  dequantize_groups(p, packed, mn, mx, bf16, sample_bits, word_offset, y, begin, end);
 }
 
 template <typename scalar_t>
@@ -90,27 +157,11 @@ void dequantize_impl(const Plan& p, const uint32_t* packed, const void* mn, cons
   const int64_t total = p.N * p.ngroups;
   const int64_t grain = std::max<int64_t>(1, 65536 / p.G);
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t n = gi / p.ngroups, d0 = (gi % p.ngroups) * p.G;
-      const int64_t dv = std::min(d0 + p.G, p.D);
-      const Bits s = sample_stream(p, sample_bits, word_offset, n);
-      const int64_t ri = p.pergroup ? gi : 0;
-      const Grid grid = make_grid(load_range(mn, bf16, ri), load_range(mx, bf16, ri), s.b);
-      const uint32_t* in = packed + s.word + d0 * s.b / 32;
-      const uint64_t mask = (1u << s.b) - 1u;
-      uint64_t acc = 0;
-      int nacc = 0;
-      scalar_t* ys = y + n * p.D;
-      for (int64_t d = d0; d < dv; ++d) {
-        if (nacc < s.b) {
-          acc |= static_cast<uint64_t>(*in++) << nacc;
-          nacc += 32;
-        }
-        ys[d] = static_cast<scalar_t>(dequantize_one(grid, static_cast<uint32_t>(acc & mask)));
-        acc >>= s.b;
-        nacc -= s.b;
-      }
-    }
+#ifdef AQ_FMA_CLONES
+    if (cpu_has_fma())
+      return dequantize_groups_fma(p, packed, mn, mx, bf16, sample_bits, word_offset, y, begin, end);
+#endif
+    dequantize_groups(p, packed, mn, mx, bf16, sample_bits, word_offset, y, begin, end);
   });
 }
 

@@ -15,6 +15,8 @@
 
 #if defined(__CUDACC__)
 #define AQ_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define AQ_HD inline __attribute__((always_inline))  // also into compress_cpu.cpp's FMA clones
 #else
 #define AQ_HD inline
 #endif
