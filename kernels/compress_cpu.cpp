@@ -38,6 +38,20 @@ bool cpu_has_fma() {
 #define AQ_TARGET_FMA
 #endif
 
+// Calls f, an always-inline lambda, so that it is compiled into the FMA copy
+// too, and runs that copy where the processor has FMA.
+template <typename F>
+AQ_TARGET_FMA void call_with_fma(const F& f) {
+  f();
+}
+template <typename F>
+void call_best(const F& f) {
+#ifdef AQ_FMA_CLONES
+  if (cpu_has_fma()) return call_with_fma(f);
+#endif
+  f();
+}
+
 // Groups [begin, end): range, rounding and packing in one pass over each.
 template <typename scalar_t>
 [[gnu::always_inline]] inline void quantize_groups(const Plan& p, const scalar_t* x, const int32_t* sample_bits,
@@ -90,12 +104,6 @@ template <typename scalar_t>
     }
   }
 }
-template <typename scalar_t>
-AQ_TARGET_FMA void quantize_groups_fma(const Plan& p, const scalar_t* x, const int32_t* sample_bits,
-                                       const int64_t* word_offset, const float* global_range, uint32_t* packed,
-                                       void* mn, void* mx, bool bf16, int64_t begin, int64_t end) {
-  quantize_groups(p, x, sample_bits, word_offset, global_range, packed, mn, mx, bf16, begin, end);
-}
 
 template <typename scalar_t>
 void quantize_impl(const Plan& p, const scalar_t* x, const int32_t* sample_bits,
@@ -108,11 +116,9 @@ void quantize_impl(const Plan& p, const scalar_t* x, const int32_t* sample_bits,
   const int64_t total = p.N * p.ngroups;
   const int64_t grain = std::max<int64_t>(1, 65536 / p.G);
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-#ifdef AQ_FMA_CLONES
-    if (cpu_has_fma())
-      return quantize_groups_fma(p, x, sample_bits, word_offset, global_range, packed, mn, mx, bf16, begin, end);
-#endif
-    quantize_groups(p, x, sample_bits, word_offset, global_range, packed, mn, mx, bf16, begin, end);
+    call_best([&]() __attribute__((always_inline)) {
+      quantize_groups(p, x, sample_bits, word_offset, global_range, packed, mn, mx, bf16, begin, end);
+    });
   });
 }
 
@@ -143,12 +149,6 @@ template <typename scalar_t>
     }
   }
 }
-template <typename scalar_t>
-AQ_TARGET_FMA void dequantize_groups_fma(const Plan& p, const uint32_t* packed, const void* mn, const void* mx,
-                                         bool bf16, const int32_t* sample_bits, const int64_t* word_offset,
-                                         scalar_t* y, int64_t begin, int64_t end) {
-  dequantize_groups(p, packed, mn, mx, bf16, sample_bits, word_offset, y, begin, end);
-}
 
 template <typename scalar_t>
 void dequantize_impl(const Plan& p, const uint32_t* packed, const void* mn, const void* mx,
@@ -157,11 +157,9 @@ void dequantize_impl(const Plan& p, const uint32_t* packed, const void* mn, cons
   const int64_t total = p.N * p.ngroups;
   const int64_t grain = std::max<int64_t>(1, 65536 / p.G);
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-#ifdef AQ_FMA_CLONES
-    if (cpu_has_fma())
-      return dequantize_groups_fma(p, packed, mn, mx, bf16, sample_bits, word_offset, y, begin, end);
-#endif
-    dequantize_groups(p, packed, mn, mx, bf16, sample_bits, word_offset, y, begin, end);
+    call_best([&]() __attribute__((always_inline)) {
+      dequantize_groups(p, packed, mn, mx, bf16, sample_bits, word_offset, y, begin, end);
+    });
   });
 }
 
