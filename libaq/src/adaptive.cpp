@@ -20,11 +20,11 @@
 namespace aq {
 
 // A deferred allocation's result on its way to the host: every unit's bits
-// (int32, pinned when copied from a device) and each owner layer's range in
-// them; read once, on first use.
+// (int32, pinned when copied from a device), owner layer after owner layer,
+// and how many each has; read once, on first use.
 struct PendingBudgets {
   at::Tensor host_bits;
-  std::vector<int64_t> begin, count;  // per owner layer
+  std::vector<int64_t> count;         // per owner layer
   std::optional<c10::Event> done;     // the device-to-host copy (device tensors only)
   std::optional<c10::Stream> stream;  // its stream
   std::vector<double> means;          // per owner layer, once read (or from a checkpoint)
@@ -38,7 +38,7 @@ struct PendingBudgets {
       means.resize(count.size());
       for (size_t i = 0; i < count.size(); ++i) {
         int64_t sum = 0;
-        for (int64_t k = 0; k < count[i]; ++k) sum += b[begin[i] + k];
+        for (int64_t k = 0; k < count[i]; ++k) sum += *b++;
         means[i] = count[i] ? static_cast<double>(sum) / static_cast<double>(count[i]) : 0.0;
       }
     }
@@ -306,7 +306,6 @@ int64_t adapt_layers(torch::nn::Module& model, bool defer) {
   std::map<const LayerState*, size_t> unit_of;  // owner layer -> its entry in cost
   double budget = 0;
   int ibits = 8;
-  int64_t units = 0;
   for (const auto& l : layers) {
     const LayerState& st = *l.layer->state();
     if (st.shared_from) continue;  // below: its sensitivity joins its owner's
@@ -316,9 +315,7 @@ int64_t adapt_layers(torch::nn::Module& model, bool defer) {
     const int64_t n = cost.back().size(0);
     weight.push_back(at::full({n}, std::max<int64_t>(1, st.sample_elements),
                               cost.back().options().dtype(at::kLong)));
-    pending->begin.push_back(units);
     pending->count.push_back(n);
-    units += n;
     budget += static_cast<double>(c.cabits) * static_cast<double>(st.sample_elements) * static_cast<double>(n);
     ibits = c.ibits;
   }
