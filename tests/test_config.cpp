@@ -74,6 +74,7 @@ TEST(Config, LevelsSetDefaultsFlagsOverride) {
   EXPECT_FALSE(l31.swap);
   auto l4 = parse("--level l4");
   EXPECT_TRUE(l4.swap);
+  EXPECT_FALSE(l4.micro_batch_backward);
   EXPECT_FALSE(l4.defrag);
   auto l5 = parse("--level L5");
   EXPECT_TRUE(l5.swap);

@@ -269,6 +269,22 @@ TEST_P(Ops, MicroBatchedBackwardGivesTheSameGradients) {
   const auto lw = grads([&] { return F::linear(xl, wl, std::nullopt, c, nullptr); }, {xl, wl}, pl);
   const auto lp = grads([&] { return F::linear(xl, wl, std::nullopt, micro, nullptr); }, {xl, wl}, pl);
   EXPECT_LE((lp[1] - lw[1]).abs().max().item<double>(), 1e-5 * lw[1].abs().max().item<double>());
+  // BatchNorm restores its input twice (sums, then the input gradient),
+  // channels_last kept.
+  auto xb = (torch::randn({10, 6, 5, 7}, opts()) * 3 + 1).contiguous(torch::MemoryFormat::ChannelsLast).requires_grad_();
+  auto gamma = torch::rand({6}, opts()).add_(0.5).requires_grad_();
+  auto beta = torch::randn({6}, opts()).requires_grad_();
+  micro.micro_batch_bytes = 3 * 6 * 5 * 7 * 4;
+  auto pb = torch::randn({10, 6, 5, 7}, opts());
+  auto bn = [&](const aq::QuantConfig& cfg) {
+    auto rm = torch::zeros({6}, opts()), rv = torch::ones({6}, opts());
+    return F::batch_norm(xb, gamma, beta, rm, rv, 0.1, 1e-5, cfg, aq::make_layer_state());
+  };
+  const auto bw = grads([&] { return bn(c); }, {xb, gamma, beta}, pb);
+  const auto bp = grads([&] { return bn(micro); }, {xb, gamma, beta}, pb);
+  for (size_t i = 0; i < bw.size(); ++i)
+    EXPECT_LE((bp[i] - bw[i]).abs().max().item<double>(), 1e-5 * bw[i].abs().max().item<double>()) << "bn " << i;
+  EXPECT_TRUE(bp[0].is_contiguous(torch::MemoryFormat::ChannelsLast));
 }
 
 TEST_P(Ops, PoolingIsExact) {
@@ -311,6 +327,29 @@ TEST_P(Ops, PoolingIsExact) {
   auto pad = torch::randn_like(ead());
   EXPECT_TRUE(torch::allclose(grads(ead, {x}, pad)[0],
                               grads([&] { return F::adaptive_avg_pool2d(x, {5, 4}); }, {x}, pad)[0], 1e-6, 1e-7));
+}
+
+// A batch of more than 2^22 output elements has its window indices converted
+// a slice of samples at a time; the gradient keeps the input's layout.  An
+// unbatched input pools as one sample.
+TEST_P(Ops, MaxPoolSlicesLargeBatchesAndKeepsTheLayout) {
+  auto x = torch::randn({5, 2, 1200, 800}, opts()).contiguous(torch::MemoryFormat::ChannelsLast).requires_grad_();
+  auto exact = [&] { return torch::max_pool2d(x, {3, 3}, {1, 1}, {1, 1}, {1, 1}, false); };
+  auto st = aq::make_layer_state();
+  auto pool = [&] { return F::max_pool(x, {3, 3}, {1, 1}, {1, 1}, {1, 1}, false, st); };
+  EXPECT_TRUE(torch::equal(pool(), exact()));
+  const auto probe = torch::randn_like(exact());
+  const auto ge = grads(exact, {x}, probe);
+  const auto gq = grads(pool, {x}, probe);
+  EXPECT_TRUE(gq[0].is_contiguous(torch::MemoryFormat::ChannelsLast));
+  EXPECT_TRUE(torch::allclose(gq[0], ge[0], 1e-6, 1e-6));
+
+  auto u = torch::randn({4, 21, 19}, opts()).requires_grad_();
+  auto eu = [&] { return torch::max_pool2d(u, {3, 3}, {2, 2}, {1, 1}, {1, 1}, true); };
+  auto pu = torch::randn_like(eu());
+  EXPECT_TRUE(torch::allclose(grads([&] { return F::max_pool(u, {3, 3}, {2, 2}, {1, 1}, {1, 1}, true, nullptr); },
+                                    {u}, pu)[0],
+                              grads(eu, {u}, pu)[0], 1e-6, 1e-6));
 }
 
 TEST_P(Ops, UncompressedConfigsAreLibTorch) {

@@ -173,6 +173,7 @@ std::vector<std::pair<std::string, aq::QuantConfig>> exact_and_levels(const std:
 
 struct MemoryArgs : ModelArgs {
   int64_t batch_size = 32;
+  std::string ops;  // per-operation memory TSV (-: stderr)
   MemoryArgs() { levels = {"L1", "L2", "L3", "L3.1"}; }
 };
 
@@ -186,18 +187,40 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
   std::printf("device\tarch\tbatch\timage\tamp\tlevel\tact_MB\tpeak_MB\taq_saved_MB\tact_ratio\tpeak_ratio\tstep_ms\n");
   double exact_act = 0, exact_peak = 0;
   const double MB = 1048576.0;
+  std::FILE* ops_out = nullptr;
+  if (!a.ops.empty()) {
+    ops_out = a.ops == "-" ? stderr : std::fopen(a.ops.c_str(), "w");
+    if (!ops_out) throw std::runtime_error("cannot write " + a.ops + ": " + std::strerror(errno));
+    std::fprintf(ops_out, "level\tseq\tpass\top\tbefore_MB\tpeak_MB\tafter_MB\n");
+  }
   for (const auto& [name, cfg] : configs) {
     torch::manual_seed(0);
     auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
     model->to(dev);
-    const auto m = aq::train::measure_step(*model, x, y, dev, amp);
+    const auto m = aq::train::measure_step(*model, x, y, dev, amp, ops_out != nullptr);
     if (name == "exact") exact_act = m.activations, exact_peak = m.peak;
+    if (ops_out) {
+      size_t top = 0;
+      for (size_t i = 0; i < m.ops.size(); ++i) {
+        const auto& op = m.ops[i];
+        std::fprintf(ops_out, "%s\t%zu\t%s\t%s\t%.2f\t%.2f\t%.2f\n", name.c_str(), i,
+                     op.backward ? "backward" : "forward", op.name.c_str(), op.before / MB, op.peak / MB,
+                     op.after / MB);
+        if (op.peak > m.ops[top].peak) top = i;
+      }
+      if (!m.ops.empty())
+        aq::log().info("{}: the step's peak, {:.1f} MB, is in {} ({} #{}, {:.1f} MB allocated before it)", name,
+                       m.ops[top].peak / MB, m.ops[top].name, m.ops[top].backward ? "backward" : "forward", top,
+                       m.ops[top].before / MB);
+    }
     std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f\n", dev.str().c_str(), a.arch.c_str(),
                 static_cast<long long>(a.batch_size), static_cast<long long>(a.image_size), a.amp.c_str(), name.c_str(),
                 m.activations / MB, m.peak / MB, m.aq_saved / MB, exact_act / std::max<double>(1, m.activations),
                 exact_peak / std::max<double>(1, m.peak), m.seconds * 1e3);
     std::fflush(stdout);
   }
+  if (ops_out && ops_out != stderr && std::fclose(ops_out) != 0)
+    throw std::runtime_error("cannot write " + a.ops + ": " + std::strerror(errno));
   return aq::cli::kOk;
 }
 
@@ -580,6 +603,9 @@ int main(int argc, char** argv) {
   MemoryArgs ma;
   auto* mem = add_model_subcommand(app, "memory", "Activation and peak memory of a training step: exact model and each level",
                                    common, ma, &ma.batch_size);
+  mem->add_option("--ops", ma.ops,
+                  "Write each operation's memory (before it, peak while it ran, after; forward and backward) as TSV to "
+                  "FILE (-: stderr)");
   StepArgs sa;
   auto* st = add_model_subcommand(app, "step", "Training-step time and memory: exact model and each level, same process",
                                   common, sa, &sa.batch_size);

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <deque>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <numeric>
@@ -403,8 +404,7 @@ at::Tensor restore(AutogradContext* ctx, c10::ScalarType dtype) { return dequant
 // Calls f(begin, end, restored input of samples [begin, end)) per
 // micro-batch (one call for all samples unless L3.1 asked for chunks).
 template <typename F>
-void for_each_micro_batch(AutogradContext* ctx, c10::ScalarType dtype, F&& f) {
-  const Packed p = packed_of(ctx);
+void for_each_micro_batch(AutogradContext* ctx, const Packed& p, c10::ScalarType dtype, F&& f) {
   const int64_t chunk = ctx->saved_data["chunk"].toInt();
   if (chunk == 0) {
     f(int64_t(0), p.samples, dequantize(p).to(dtype));
@@ -453,7 +453,7 @@ struct LinearFn : torch::autograd::Function<LinearFn> {
     if (ctx->needs_input_grad(0)) gx = g.matmul(w.to(g.scalar_type()));
     if (ctx->needs_input_grad(1)) {
       at::Tensor acc;
-      for_each_micro_batch(ctx, g.scalar_type(), [&](int64_t b, int64_t e, const at::Tensor& x) {
+      for_each_micro_batch(ctx, packed_of(ctx), g.scalar_type(), [&](int64_t b, int64_t e, const at::Tensor& x) {
         const at::Tensor part = g.narrow(0, b, e - b).reshape({-1, out}).t().matmul(x.reshape({-1, in}));
         acc = acc.defined() ? acc + part : part;
       });
@@ -500,18 +500,35 @@ struct ConvFn : torch::autograd::Function<ConvFn> {
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       ctx->needs_input_grad(2)};
     const at::Tensor wg = w.to(g.scalar_type());
-    std::vector<at::Tensor> gxs;
-    at::Tensor gw, gb;
-    for_each_micro_batch(ctx, g.scalar_type(), [&](int64_t b, int64_t e, const at::Tensor& x) {
-      auto [gx_part, gw_part, gb_part] = at::convolution_backward(
-          g.narrow(0, b, e - b), x, wg, bias_sizes ? std::optional<at::IntArrayRef>(*bias_sizes) : std::nullopt,
-          s["stride"].toIntVector(), s["padding"].toIntVector(), s["dilation"].toIntVector(), transposed,
-          s["output_padding"].toIntVector(), groups, mask);
-      if (gx_part.defined()) gxs.push_back(gx_part);
-      if (gw_part.defined()) gw = gw.defined() ? gw + gw_part : gw_part;
-      if (gb_part.defined()) gb = gb.defined() ? gb + gb_part : gb_part;
-    });
-    const at::Tensor gx = gxs.empty() ? at::Tensor() : gxs.size() == 1 ? gxs[0] : at::cat(gxs);
+    const auto stride = s["stride"].toIntVector(), padding = s["padding"].toIntVector(),
+               dilation = s["dilation"].toIntVector(), output_padding = s["output_padding"].toIntVector();
+    // The weight's (and bias's) gradient first, from the restored input,
+    // which is then let go; the input's gradient after, from the output
+    // gradient and the weight alone: the adjoint convolution (transposed for
+    // a convolution, plain for a transposed one), which is what the backward
+    // op computes.  The restored input and the input gradient, each the
+    // input's size, are never held together.
+    at::Tensor gx, gw, gb;
+    if (mask[1] || mask[2]) {
+      for_each_micro_batch(ctx, packed_of(ctx), g.scalar_type(), [&](int64_t b, int64_t e, const at::Tensor& x) {
+        auto [unused, gw_part, gb_part] = at::convolution_backward(
+            g.narrow(0, b, e - b), x, wg, bias_sizes ? std::optional<at::IntArrayRef>(*bias_sizes) : std::nullopt,
+            stride, padding, dilation, transposed, output_padding, groups, {false, mask[1], mask[2]});
+        if (gw_part.defined()) gw = gw.defined() ? gw + gw_part : gw_part;
+        if (gb_part.defined()) gb = gb.defined() ? gb + gb_part : gb_part;
+      });
+    }
+    if (mask[0]) {
+      const auto x_sizes = s["sizes"].toIntVector();
+      const int64_t D = static_cast<int64_t>(stride.size());
+      std::vector<int64_t> adjoint_padding(D, 0);
+      if (!transposed) {  // what the output size leaves of the input's
+        for (int64_t d = 0; d < D; ++d)
+          adjoint_padding[d] = x_sizes[2 + d] - ((g.size(2 + d) - 1) * stride[d] - 2 * padding[d] +
+                                                 dilation[d] * (w.size(2 + d) - 1) + 1);
+      }
+      gx = at::convolution(g, wg, {}, stride, padding, dilation, !transposed, adjoint_padding, groups);
+    }
     if (gw.defined()) gw = gw.to(w.scalar_type());
     return {gx, gw, gb, {}, {}, {}, {}, {}, {}, {}, {}};
   }
@@ -537,9 +554,64 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
     const auto saved = ctx->get_saved_variables();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       ctx->needs_input_grad(2)};
-    auto [gx, gw, gb] = at::native_batch_norm_backward(g, restore(ctx, g.scalar_type()), present(saved[0]), {}, {},
-                                                       saved[1], saved[2], /*train=*/true,
-                                                       ctx->saved_data["eps"].toDouble(), mask);
+    if (ctx->saved_data["chunk"].toInt() == 0) {
+      auto [gx, gw, gb] = at::native_batch_norm_backward(g, restore(ctx, g.scalar_type()), present(saved[0]), {},
+                                                         {}, saved[1], saved[2], /*train=*/true,
+                                                         ctx->saved_data["eps"].toDouble(), mask);
+      return {gx, gw, gb, {}, {}, {}, {}, {}, {}};
+    }
+    // Micro-batched (L3.1): the input is restored a slice of samples at a
+    // time, twice: for the per-channel sums of dy and dy (x - mean), then
+    // for dx = (dy - sum dy / M - (x - mean) invstd^2 sum dy (x - mean) / M)
+    // invstd w, the training-mode formula.  On CUDA, LibTorch's own kernels
+    // for the two halves (those of its synchronised BatchNorm); on the CPU
+    // the formula in ATen ops.
+    const Packed p = packed_of(ctx);
+    const at::Tensor w = present(saved[0]);
+    const int64_t C = g.size(1);
+    const int64_t M = g.numel() / std::max<int64_t>(1, C);
+    std::vector<int64_t> dims = {0}, shape(g.dim(), 1);
+    for (int64_t d = 2; d < g.dim(); ++d) dims.push_back(d);
+    shape[1] = C;
+    at::Tensor sum_dy = at::zeros({C}, g.options().dtype(at::kFloat)), sum_dy_xmu = at::zeros_like(sum_dy);
+    const bool fused = g.is_cuda() && M <= std::numeric_limits<int32_t>::max();  // their count is an int
+    const c10::ScalarType dtype = fused ? g.scalar_type() : at::kFloat;
+    const at::Tensor mean = fused ? saved[1] : saved[1].view(shape), invstd = fused ? saved[2] : saved[2].view(shape);
+    const at::Tensor wf = w.defined() ? w.to(saved[1].scalar_type()) : w;
+    for_each_micro_batch(ctx, p, dtype, [&](int64_t b, int64_t e, const at::Tensor& x) {
+      const at::Tensor dy = g.narrow(0, b, e - b);
+      if (fused) {
+        auto [s_dy, s_dy_xmu, unused_w, unused_b] =
+            at::batch_norm_backward_reduce(dy, x, mean, invstd, wf, /*input_g=*/true, false, false);
+        sum_dy += s_dy;
+        sum_dy_xmu += s_dy_xmu;
+      } else {
+        const at::Tensor dyf = dy.to(at::kFloat);
+        sum_dy += dyf.sum(dims);
+        sum_dy_xmu += (dyf * (x - mean)).sum(dims);
+      }
+    });
+    at::Tensor gx;
+    if (mask[0]) {
+      gx = at::empty_like(g);
+      if (fused) {
+        const at::Tensor count = at::full({1}, M, g.options().dtype(at::kInt));
+        for_each_micro_batch(ctx, p, dtype, [&](int64_t b, int64_t e, const at::Tensor& x) {
+          gx.narrow(0, b, e - b)
+              .copy_(at::batch_norm_backward_elemt(g.narrow(0, b, e - b), x, mean, invstd, wf, sum_dy, sum_dy_xmu,
+                                                   count));
+        });
+      } else {
+        const at::Tensor scale = w.defined() ? invstd * wf.view(shape) : invstd;
+        const at::Tensor mean_dy = (sum_dy / M).view(shape), proj = (sum_dy_xmu / M).view(shape) * invstd * invstd;
+        for_each_micro_batch(ctx, p, dtype, [&](int64_t b, int64_t e, const at::Tensor& x) {
+          gx.narrow(0, b, e - b).copy_((g.narrow(0, b, e - b) - mean_dy - (x - mean) * proj) * scale);
+        });
+      }
+    }
+    const auto param_dtype = saved[0].numel() ? saved[0].scalar_type() : at::kFloat;
+    at::Tensor gw = mask[1] ? (sum_dy_xmu * saved[2]).to(param_dtype) : at::Tensor();
+    at::Tensor gb = mask[2] ? sum_dy.to(param_dtype) : at::Tensor();
     return {gx, gw, gb, {}, {}, {}, {}, {}, {}};
   }
 };
@@ -638,6 +710,17 @@ struct PoolGeometry {
   }
 };
 
+// The index conversions make several int64 temporaries the size of their
+// input: they run over at most this many elements at a time (whole slices of
+// the first dimension), so that they never hold more than a few tens of MB.
+constexpr int64_t kIndexChunk = int64_t(1) << 22;
+template <typename F>
+void for_each_slice(const at::Tensor& t, F&& f) {
+  const int64_t n = t.size(0);
+  const int64_t step = std::max<int64_t>(1, kIndexChunk / std::max<int64_t>(1, n ? t.numel() / n : 0));
+  for (int64_t b = 0; b < n; b += step) f(b, std::min(n, b + step) - b);
+}
+
 struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, std::vector<int64_t> kernel,
                             std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
@@ -656,7 +739,13 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
       g.out.push_back(y.size(y.dim() - D + d));
     }
     const int64_t bits = index_bits(g.window());
-    const at::Tensor local = g.to_local(idx).to(bits <= 8 ? at::kByte : at::kInt);
+    at::Tensor local = at::empty(idx.sizes(), idx.options().dtype(bits <= 8 ? at::kByte : at::kInt));
+    if (idx.dim() > D) {
+      for_each_slice(idx, [&](int64_t b, int64_t n) { local.narrow(0, b, n).copy_(g.to_local(idx.narrow(0, b, n))); });
+    } else {
+      local.copy_(g.to_local(idx));
+    }
+    idx = at::Tensor();
     const at::Tensor packed = pack_bits(local, bits);
     auto& s = ctx->saved_data;
     s["packed"] = packed;
@@ -670,6 +759,8 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
     s["out"] = g.out;
     s["x_sizes"] = x.sizes().vec();
     s["y_sizes"] = y.sizes().vec();
+    s["ceil_mode"] = ceil_mode;
+    s["x_format"] = static_cast<int64_t>(x.suggest_memory_format());
     if (st) {
       st->saved_bytes = packed.nbytes();
       st->sample_elements = y.dim() ? y.numel() / std::max<int64_t>(1, y.size(0)) : 1;
@@ -680,16 +771,44 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
     auto& s = ctx->saved_data;
     const PoolGeometry g{s["kernel"].toIntVector(), s["stride"].toIntVector(), s["padding"].toIntVector(),
                          s["dilation"].toIntVector(), s["in"].toIntVector(), s["out"].toIntVector()};
+    const int64_t D = static_cast<int64_t>(g.kernel.size());
     const auto x_sizes = s["x_sizes"].toIntVector();
+    const bool ceil_mode = s["ceil_mode"].toBool();
+    const auto format = static_cast<at::MemoryFormat>(s["x_format"].toInt());
     const at::Tensor& gy = grads[0];
-    const at::Tensor local = unpack_bits(s["packed"].toTensor(), s["bits"].toInt(), s["y_sizes"].toIntVector(),
-                                         at::kLong);
-    const at::Tensor flat = g.to_flat(local);
-    int64_t in_plane = 1, out_plane = 1;
-    for (size_t d = 0; d < g.in.size(); ++d) in_plane *= g.in[d], out_plane *= g.out[d];
-    at::Tensor gx = at::zeros({gy.numel() / std::max<int64_t>(1, out_plane), in_plane}, gy.options());
-    gx.scatter_add_(1, flat.reshape({-1, out_plane}), gy.reshape({-1, out_plane}));
-    return {gx.view(x_sizes), {}, {}, {}, {}, {}, {}};
+    const int64_t bits = s["bits"].toInt();
+    const at::Tensor local =
+        unpack_bits(s["packed"].toTensor(), bits, s["y_sizes"].toIntVector(), bits <= 8 ? at::kByte : at::kInt);
+    // LibTorch's own backward kernels scatter into the input's layout, from
+    // flat indices into each input plane, a slice of samples at a time.
+    // One dimension runs as two with a height of 1.
+    auto backward_slice = [&](const at::Tensor& gy_part, const at::Tensor& local_part,
+                              at::IntArrayRef x_part) -> at::Tensor {
+      const at::Tensor flat = g.to_flat(local_part.to(at::kLong));
+      const at::Tensor shape_only = at::empty(x_part, gy.options().memory_format(format));  // values never read
+      if (D == 3)
+        return at::max_pool3d_with_indices_backward(gy_part, shape_only, g.kernel, g.stride, g.padding, g.dilation,
+                                                    ceil_mode, flat);
+      if (D == 2)
+        return at::max_pool2d_with_indices_backward(gy_part, shape_only, g.kernel, g.stride, g.padding, g.dilation,
+                                                    ceil_mode, flat);
+      return at::max_pool2d_with_indices_backward(gy_part.unsqueeze(-2), shape_only.unsqueeze(-2), {1, g.kernel[0]},
+                                                  {1, g.stride[0]}, {0, g.padding[0]}, {1, g.dilation[0]}, ceil_mode,
+                                                  flat.unsqueeze(-2))
+          .squeeze(-2);
+    };
+    if (static_cast<int64_t>(x_sizes.size()) < D + 2) {  // unbatched (C, ...): one sample
+      std::vector<int64_t> one = x_sizes;
+      one.insert(one.begin(), 1);
+      return {backward_slice(gy.unsqueeze(0), local.unsqueeze(0), one).squeeze(0), {}, {}, {}, {}, {}, {}};
+    }
+    at::Tensor gx = at::empty(x_sizes, gy.options().memory_format(format));
+    for_each_slice(local, [&](int64_t b, int64_t n) {
+      std::vector<int64_t> part = x_sizes;
+      part[0] = n;
+      gx.narrow(0, b, n).copy_(backward_slice(gy.narrow(0, b, n), local.narrow(0, b, n), part));
+    });
+    return {gx, {}, {}, {}, {}, {}, {}};
   }
 };
 

@@ -16,6 +16,13 @@ QConv2d conv(int64_t in, int64_t out, int64_t k, int64_t stride = 1) {
   return QConv2d(nn::Conv2dOptions(in, out, k).stride(stride).padding(k / 2).bias(false));
 }
 QBatchNorm2d bn(int64_t c) { return QBatchNorm2d(nn::BatchNormOptions(c)); }
+// In place, as torchvision's: a ReLU follows a BatchNorm or a sum, neither of
+// whose backward reads the output it overwrites.
+QReLU relu() { return QReLU(nn::ReLUOptions(/*inplace=*/true)); }
+
+// The blocks' forward passes take one statement per step and overwrite their
+// running tensor: a nested expression would keep every intermediate until its
+// end, and a shortcut computed first would be held through the whole branch.
 
 // --- CIFAR-style pre-activation ResNets (He et al., ECCV 2016) -------------
 
@@ -28,17 +35,19 @@ struct PreActBasicImpl : nn::Module {
   QConv2d conv1{nullptr}, conv2{nullptr}, shortcut{nullptr};
   PreActBasicImpl(int64_t in, int64_t planes, int64_t stride) {
     bn1 = register_module("bn1", bn(in));
-    relu1 = register_module("relu1", QReLU());
+    relu1 = register_module("relu1", relu());
     conv1 = register_module("conv1", conv(in, planes, 3, stride));
     bn2 = register_module("bn2", bn(planes));
-    relu2 = register_module("relu2", QReLU());
+    relu2 = register_module("relu2", relu());
     conv2 = register_module("conv2", conv(planes, planes, 3));
     if (stride != 1 || in != planes) shortcut = register_module("shortcut", conv(in, planes, 1, stride));
   }
   torch::Tensor forward(const torch::Tensor& x) {
     auto a = relu1(bn1(x));
-    auto skip = shortcut ? shortcut(a) : x;
-    return conv2(relu2(bn2(conv1(a)))) + skip;
+    auto h = relu2(bn2(conv1(a)));
+    h = conv2(h);
+    h += shortcut ? shortcut(a) : x;
+    return h;
   }
 };
 TORCH_MODULE(PreActBasic);
@@ -50,21 +59,24 @@ struct PreActBottleneckImpl : nn::Module {
   QConv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr}, shortcut{nullptr};
   PreActBottleneckImpl(int64_t in, int64_t planes, int64_t stride) {
     bn1 = register_module("bn1", bn(in));
-    relu1 = register_module("relu1", QReLU());
+    relu1 = register_module("relu1", relu());
     conv1 = register_module("conv1", conv(in, planes, 1));
     bn2 = register_module("bn2", bn(planes));
-    relu2 = register_module("relu2", QReLU());
+    relu2 = register_module("relu2", relu());
     conv2 = register_module("conv2", conv(planes, planes, 3, stride));
     bn3 = register_module("bn3", bn(planes));
-    relu3 = register_module("relu3", QReLU());
+    relu3 = register_module("relu3", relu());
     conv3 = register_module("conv3", conv(planes, planes * kExpansion, 1));
     if (stride != 1 || in != planes * kExpansion)
       shortcut = register_module("shortcut", conv(in, planes * kExpansion, 1, stride));
   }
   torch::Tensor forward(const torch::Tensor& x) {
     auto a = relu1(bn1(x));
-    auto skip = shortcut ? shortcut(a) : x;
-    return conv3(relu3(bn3(conv2(relu2(bn2(conv1(a))))))) + skip;
+    auto h = relu2(bn2(conv1(a)));
+    h = relu3(bn3(conv2(h)));
+    h = conv3(h);
+    h += shortcut ? shortcut(a) : x;
+    return h;
   }
 };
 TORCH_MODULE(PreActBottleneck);
@@ -85,7 +97,7 @@ class PreActResNet : public Model {
       layers_.push_back(register_module("layer" + std::to_string(s + 1), stage));
     }
     bn_ = register_module("bn", bn(in));
-    relu_ = register_module("relu", QReLU());
+    relu_ = register_module("relu", relu());
     pool_ = register_module("avgpool", QAdaptiveAvgPool2d(nn::AdaptiveAvgPool2dOptions(1)));
     fc_ = register_module("fc", QLinear(nn::LinearOptions(in, num_classes)));
   }
@@ -122,15 +134,17 @@ struct BasicImpl : nn::Module {
   BasicImpl(int64_t in, int64_t planes, int64_t stride) {
     conv1 = register_module("conv1", conv(in, planes, 3, stride));
     bn1 = register_module("bn1", bn(planes));
-    relu1 = register_module("relu1", QReLU());
+    relu1 = register_module("relu1", relu());
     conv2 = register_module("conv2", conv(planes, planes, 3));
     bn2 = register_module("bn2", bn(planes));
-    relu2 = register_module("relu2", QReLU());
+    relu2 = register_module("relu2", relu());
     if (stride != 1 || in != planes) down = register_module("downsample", downsample(in, planes, stride));
   }
   torch::Tensor forward(const torch::Tensor& x) {
-    auto skip = down ? down->forward(x) : x;
-    return relu2(bn2(conv2(relu1(bn1(conv1(x))))) + skip);
+    auto h = relu1(bn1(conv1(x)));
+    h = bn2(conv2(h));
+    h += down ? down->forward(x) : x;
+    return relu2(h);
   }
 };
 TORCH_MODULE(Basic);
@@ -144,19 +158,22 @@ struct BottleneckImpl : nn::Module {
   BottleneckImpl(int64_t in, int64_t planes, int64_t stride) {
     conv1 = register_module("conv1", conv(in, planes, 1));
     bn1 = register_module("bn1", bn(planes));
-    relu1 = register_module("relu1", QReLU());
+    relu1 = register_module("relu1", relu());
     conv2 = register_module("conv2", conv(planes, planes, 3, stride));
     bn2 = register_module("bn2", bn(planes));
-    relu2 = register_module("relu2", QReLU());
+    relu2 = register_module("relu2", relu());
     conv3 = register_module("conv3", conv(planes, planes * kExpansion, 1));
     bn3 = register_module("bn3", bn(planes * kExpansion));
-    relu3 = register_module("relu3", QReLU());
+    relu3 = register_module("relu3", relu());
     if (stride != 1 || in != planes * kExpansion)
       down = register_module("downsample", downsample(in, planes * kExpansion, stride));
   }
   torch::Tensor forward(const torch::Tensor& x) {
-    auto skip = down ? down->forward(x) : x;
-    return relu3(bn3(conv3(relu2(bn2(conv2(relu1(bn1(conv1(x)))))))) + skip);
+    auto h = relu1(bn1(conv1(x)));
+    h = relu2(bn2(conv2(h)));
+    h = bn3(conv3(h));
+    h += down ? down->forward(x) : x;
+    return relu3(h);
   }
 };
 TORCH_MODULE(Bottleneck);
@@ -167,7 +184,7 @@ class ResNet : public Model {
   void make(int64_t in_channels, int64_t num_classes, const std::vector<int64_t>& blocks) {
     conv1_ = register_module("conv1", QConv2d(nn::Conv2dOptions(in_channels, 64, 7).stride(2).padding(3).bias(false)));
     bn1_ = register_module("bn1", bn(64));
-    relu_ = register_module("relu", QReLU());
+    relu_ = register_module("relu", relu());
     maxpool_ = register_module("maxpool", QMaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)));
     int64_t in = 64;
     for (size_t s = 0; s < blocks.size(); ++s) {
@@ -183,7 +200,8 @@ class ResNet : public Model {
     fc_ = register_module("fc", QLinear(nn::LinearOptions(in, num_classes)));
   }
   torch::Tensor forward(const torch::Tensor& x) override {
-    auto h = maxpool_(relu_(bn1_(conv1_(x))));
+    auto h = relu_(bn1_(conv1_(x)));
+    h = maxpool_(h);
     for (auto& l : layers_) h = l->forward(h);
     return fc_(pool_(h).flatten(1));
   }

@@ -7,6 +7,7 @@
 #include "aq_config.h"
 
 #include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
 #include <c10/core/CPUAllocator.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/optim/sgd.h>
@@ -156,6 +157,55 @@ void reset_peak(const c10::Device& d) {
   if (cpu_counter && d.is_cpu()) cpu_counter->reset_peak();
 }
 
+namespace {
+
+// The active trace's state: the device it reads, the operations recorded,
+// and per thread (forward runs on the caller's, backward on autograd's) how
+// deep inside recorded functions the thread is.
+struct OpTraceState {
+  c10::Device device{c10::kCPU};
+  std::mutex mu;
+  std::vector<OpMemory> ops;
+};
+OpTraceState* op_trace = nullptr;
+thread_local int op_depth = 0;
+thread_local int64_t op_before = 0;
+
+std::unique_ptr<at::ObserverContext> op_enter(const at::RecordFunction&) {
+  if (op_depth++ == 0 && op_trace) {
+    op_before = memory(op_trace->device).allocated;
+    reset_peak(op_trace->device);
+  }
+  return nullptr;
+}
+void op_leave(const at::RecordFunction& fn, at::ObserverContext*) {
+  if (--op_depth != 0 || !op_trace) return;
+  const Memory m = memory(op_trace->device);
+  std::lock_guard<std::mutex> lock(op_trace->mu);
+  op_trace->ops.push_back({fn.name(), fn.scope() == at::RecordScope::BACKWARD_FUNCTION, op_before, m.peak,
+                           m.allocated});
+}
+
+}  // namespace
+
+OpMemoryTrace::OpMemoryTrace(const c10::Device& device) {
+  if (op_trace) throw std::logic_error("aq: one operation memory trace at a time");
+  op_trace = new OpTraceState;
+  op_trace->device = device;
+  handle_ = at::addGlobalCallback(at::RecordFunctionCallback(&op_enter, &op_leave)
+                                      .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION,
+                                               at::RecordScope::USER_SCOPE}));
+}
+OpMemoryTrace::~OpMemoryTrace() {
+  at::removeCallback(handle_);
+  delete op_trace;
+  op_trace = nullptr;
+}
+std::vector<OpMemory> OpMemoryTrace::ops() const {
+  std::lock_guard<std::mutex> lock(op_trace->mu);
+  return op_trace->ops;
+}
+
 // --- Checkpoints <-> models ---------------------------------------------------------
 
 namespace {
@@ -288,15 +338,16 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
 }
 
 StepMemory measure_step(models::Model& model, const torch::Tensor& images, const torch::Tensor& labels,
-                        const c10::Device& device, Amp amp) {
+                        const c10::Device& device, Amp amp, bool trace_ops) {
   install_cpu_memory_counter();
   model.train();
   auto x = images.to(device), y = labels.to(device);
+  int64_t base = 0;
   auto step = [&](StepMemory* m) {
     for (auto& p : model.parameters()) p.mutable_grad() = torch::Tensor();
     sync(device);
     const auto t0 = std::chrono::steady_clock::now();
-    const int64_t base = memory(device).allocated;
+    base = memory(device).allocated;
     reset_peak(device);
     torch::Tensor logits;
     {
@@ -318,7 +369,17 @@ StepMemory measure_step(models::Model& model, const torch::Tensor& images, const
   };
   step(nullptr);  // warm-up: cuDNN plans, allocator caches, gradient buffers
   StepMemory m;
+  std::optional<OpMemoryTrace> trace;
+  if (trace_ops) trace.emplace(device);
   step(&m);
+  if (trace) {
+    // The trace restarts the peak at each operation: the step's is theirs.
+    m.ops = trace->ops();
+    for (auto& op : m.ops) {
+      op.before -= base, op.peak -= base, op.after -= base;
+      m.peak = std::max(m.peak, op.peak);
+    }
+  }
   return m;
 }
 

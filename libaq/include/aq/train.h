@@ -117,11 +117,34 @@ void reset_peak(const c10::Device& device);
 // a measured one.  activations: bytes the forward pass allocated and left for
 // backward; peak: the allocator's peak over the step, above what was
 // allocated before it; aq_saved: what aq's layers report keeping.
+// Where a step's memory goes: each outermost operator, aq scope or
+// autograd node (forward and backward, in the order they ran) with the
+// memory allocated before it, the allocator's peak while it ran and what it
+// left allocated.  Recorded between construction and destruction, through
+// LibTorch's RecordFunction callbacks; one trace at a time.
+struct OpMemory {
+  std::string name;
+  bool backward = false;
+  int64_t before = 0, peak = 0, after = 0;
+};
+class OpMemoryTrace {
+ public:
+  explicit OpMemoryTrace(const c10::Device& device);
+  ~OpMemoryTrace();
+  OpMemoryTrace(const OpMemoryTrace&) = delete;
+  OpMemoryTrace& operator=(const OpMemoryTrace&) = delete;
+  std::vector<OpMemory> ops() const;
+
+ private:
+  uint64_t handle_ = 0;
+};
+
 struct StepMemory {
   int64_t activations = 0, peak = 0, aq_saved = 0;
   double seconds = 0;
+  std::vector<OpMemory> ops;  // with trace_ops: the measured step's operations
 };
 StepMemory measure_step(models::Model& model, const torch::Tensor& images, const torch::Tensor& labels,
-                        const c10::Device& device, Amp amp);
+                        const c10::Device& device, Amp amp, bool trace_ops = false);
 
 }  // namespace aq::train
