@@ -132,6 +132,7 @@ struct ModelArgs {
   int64_t image_size = 224, channels = 3, classes = 1000;
   std::vector<std::string> levels;
   std::string amp = "off";
+  int64_t micro_batch_mb = aq::QuantConfig().micro_batch_bytes >> 20;  // L3.1
 };
 
 void add_model_options(CLI::App& sub, ModelArgs& m) {
@@ -142,6 +143,9 @@ void add_model_options(CLI::App& sub, ModelArgs& m) {
   sub.add_option("--levels", m.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
       ->delimiter(',')->capture_default_str();
   sub.add_option("--amp", m.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
+  sub.add_option("--micro-batch-mb", m.micro_batch_mb, "L3.1: restored input per backward micro-batch, MiB")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
 }
 
 // A subcommand over a model: the common options, the model's, and batch size
@@ -158,15 +162,17 @@ CLI::App* add_model_subcommand(CLI::App& app, const std::string& name, const std
 
 // The exact model's configuration first (the baseline of every ratio), then
 // each level's.
-std::vector<std::pair<std::string, aq::QuantConfig>> exact_and_levels(const std::vector<std::string>& levels) {
+std::vector<std::pair<std::string, aq::QuantConfig>> exact_and_levels(const ModelArgs& m) {
   std::vector<std::pair<std::string, aq::QuantConfig>> configs;
   aq::QuantConfig exact;
   exact.scope = aq::Scope::kNone;
   configs.emplace_back("exact", exact);
-  for (const auto& l : levels) {
+  for (const auto& l : m.levels) {
     if (l == "exact") continue;
     const auto level = aq::parse_level(l);
-    configs.emplace_back(aq::to_string(level), aq::QuantConfig::for_level(level));
+    auto c = aq::QuantConfig::for_level(level);
+    c.micro_batch_bytes = m.micro_batch_mb << 20;
+    configs.emplace_back(aq::to_string(level), c);
   }
   return configs;
 }
@@ -181,7 +187,7 @@ struct MemoryArgs : ModelArgs {
 // each level, with their ratios to exact measured in the same process.
 int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
   const auto amp = aq::train::parse_amp(a.amp);
-  const auto configs = exact_and_levels(a.levels);
+  const auto configs = exact_and_levels(a);
   auto x = torch::randn({a.batch_size, a.channels, a.image_size, a.image_size});
   auto y = torch::randint(a.classes, {a.batch_size}, torch::kLong);
   std::printf("device\tarch\tbatch\timage\tamp\tlevel\tact_MB\tpeak_MB\taq_saved_MB\tact_ratio\tpeak_ratio\tstep_ms\n");
@@ -411,7 +417,7 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
   const int steps = a.steps ? a.steps : (dev.is_cuda() ? 20 : 3);
   aq::train::install_cpu_memory_counter();
   if (dev.is_cuda()) at::globalContext().setBenchmarkCuDNN(true);
-  const auto configs = exact_and_levels(a.levels);
+  const auto configs = exact_and_levels(a);
   auto x = torch::randn({a.batch_size, a.channels, a.image_size, a.image_size}, torch::TensorOptions().device(dev));
   if (cl) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
   auto y = torch::randint(a.classes, {a.batch_size}, torch::TensorOptions().dtype(torch::kLong).device(dev));
@@ -508,7 +514,7 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
     throw std::invalid_argument("max-batch on the CPU needs --limit-mb (host memory is no device budget)");
   aq::train::install_cpu_memory_counter();
   const auto amp = aq::train::parse_amp(a.amp);
-  const auto configs = exact_and_levels(a.levels);
+  const auto configs = exact_and_levels(a);
   std::printf("device\tarch\timage\tamp\tlevel\tmax_batch\tratio\ttrials\n");
   int64_t exact_max = 0;
   for (const auto& [name, cfg] : configs) {
