@@ -6,7 +6,8 @@
 # (scripts/build.sh, or scripts/gpu-test.sh on the project's GPU machine):
 #   scripts/bench-resnet50.sh [BUILD_DIR] [OUT_DIR]
 # Prints the tables; OUT_DIR (default results/bench) keeps them as TSV with
-# the per-scope profile of each step table.  Takes ~5 minutes on an H100.
+# the per-scope profile of each step table and the per-operation memory of
+# an fp32 step.  Takes ~8 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-build}/tools
@@ -24,6 +25,7 @@ date -u +"%Y-%m-%d %H:%M UTC" >&2
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >&2
 run step-bf16 "$B/aq-bench" step --arch resnet50 -b 256 --amp bf16 --levels L3 --steps 10 --profile "$OUT/step-bf16.profile.tsv"
 run step-fp32 "$B/aq-bench" step --arch resnet50 -b 256 --levels L3 --steps 10 --profile "$OUT/step-fp32.profile.tsv"
-run max-batch-fp32 "$B/aq-bench" max-batch --arch resnet50 --levels L3,L5 --start 512
+run memory-fp32 "$B/aq-bench" memory --arch resnet50 -b 256 --levels L3,L3.1,L5 --ops "$OUT/memory-fp32.ops.tsv"
+run max-batch-fp32 "$B/aq-bench" max-batch --arch resnet50 --levels L3,L3.1,L5 --start 512
 run max-batch-bf16 "$B/aq-bench" max-batch --arch resnet50 --amp bf16 --levels L3 --start 1024
 exit $status

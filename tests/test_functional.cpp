@@ -210,6 +210,35 @@ TEST_P(Ops, BatchNormMatchesLibTorch) {
   auto bound_x = w.detach().abs().view(shape) * invstd / M *
                  (e * (probe * xhat).sum(dims, true).abs() + (xhat.abs() + e) * sum_abs_g * e);
   check_gradients(q, e_exact, {x, w, b}, probe, 0.0, {bound_x * 1.01, bound_w * 1.01, torch::zeros_like(b)});
+
+  // overwrite_input: the output is written over a non-leaf input, with the
+  // same values, running statistics and gradients (same random rounding);
+  // a leaf is never overwritten.
+  for (const bool channels_last : {false, true}) {
+    auto xl = channels_last ? x.detach().contiguous(torch::MemoryFormat::ChannelsLast).requires_grad_()
+                            : x.detach().clone().requires_grad_();
+    auto run = [&](bool overwrite, torch::Tensor* out, torch::Tensor* r_mean) {
+      auto rm3 = torch::zeros({5}, opts()), rv3 = torch::ones({5}, opts());
+      auto c = bits(2);
+      c.stochastic = false;
+      auto in = xl * 1.0;  // not a leaf
+      auto y3 = F::batch_norm(in, w, b, rm3, rv3, 0.1, 1e-5, c, aq::make_layer_state(), overwrite);
+      EXPECT_EQ(y3.data_ptr() == in.data_ptr(), overwrite);
+      *out = y3.detach().clone();
+      *r_mean = rv3;
+      return grads([&] { return y3; }, {xl, w, b}, probe);
+    };
+    torch::Tensor y_new, y_over, rv_new, rv_over;
+    const auto g_new = run(false, &y_new, &rv_new);
+    const auto g_over = run(true, &y_over, &rv_over);
+    EXPECT_TRUE(torch::equal(y_over, y_new));
+    EXPECT_TRUE(torch::equal(rv_over, rv_new));
+    for (size_t i = 0; i < g_new.size(); ++i) EXPECT_TRUE(torch::equal(g_over[i], g_new[i])) << i;
+  }
+  auto leaf = x.detach().clone().requires_grad_();
+  auto kept = leaf.detach().clone();
+  F::batch_norm(leaf, w, b, rm, rv, 0.1, 1e-5, bits(2), aq::make_layer_state(), true);
+  EXPECT_TRUE(torch::equal(leaf, kept));
 }
 
 TEST_P(Ops, ReluAndDropoutMasksAreExact) {

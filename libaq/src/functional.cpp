@@ -9,6 +9,7 @@
 #include "aq_config.h"
 
 #include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/record_function.h>
 #include <torch/autograd.h>
@@ -537,14 +538,29 @@ struct ConvFn : torch::autograd::Function<ConvFn> {
 struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                             const at::Tensor& running_mean, const at::Tensor& running_var, double momentum,
-                            double eps, const QuantConfig* c, const LayerStatePtr& st) {
-    auto [y, mean, invstd] = at::native_batch_norm(x, present(w), present(b), present(running_mean),
-                                                   present(running_var),
-                                                   /*training=*/true, momentum, eps);
-    ctx->save_for_backward({w, mean, invstd});
+                            double eps, const QuantConfig* c, const LayerStatePtr& st, bool overwrite) {
     put_state(ctx, st);
     if (st) st->batch_norm = true, st->in_channels = x.size(1);
-    save_compressed(ctx, x, *c, st.get());
+    at::Tensor y, mean, invstd;
+    if (overwrite) {
+      // Compressed first, then normalised in place by the same kernels
+      // (their statistics pass reads x before the output pass writes it).
+      save_compressed(ctx, x, *c, st.get());
+      // The statistics' dtype LibTorch's own call would give them.
+      const auto acc = x.is_cuda() ? at::toAccumulateType(x.scalar_type(), x.device().type())
+                                   : (w.numel() ? w : x).scalar_type();
+      mean = at::empty({0}, x.options().dtype(acc));
+      invstd = at::empty({0}, x.options().dtype(acc));
+      y = x;
+      at::native_batch_norm_out(y, mean, invstd, x, present(w), present(b), present(running_mean),
+                                present(running_var), /*training=*/true, momentum, eps);
+      ctx->mark_dirty({x});
+    } else {
+      std::tie(y, mean, invstd) = at::native_batch_norm(x, present(w), present(b), present(running_mean),
+                                                        present(running_var), /*training=*/true, momentum, eps);
+      save_compressed(ctx, x, *c, st.get());
+    }
+    ctx->save_for_backward({w, mean, invstd});
     if (st) st->saved_bytes += mean.nbytes() + invstd.nbytes();
     ctx->saved_data["eps"] = eps;
     return y;
@@ -558,7 +574,7 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
       auto [gx, gw, gb] = at::native_batch_norm_backward(g, restore(ctx, g.scalar_type()), present(saved[0]), {},
                                                          {}, saved[1], saved[2], /*train=*/true,
                                                          ctx->saved_data["eps"].toDouble(), mask);
-      return {gx, gw, gb, {}, {}, {}, {}, {}, {}};
+      return {gx, gw, gb, {}, {}, {}, {}, {}, {}, {}};
     }
     // Micro-batched (L3.1): the input is restored a slice of samples at a
     // time, twice: for the per-channel sums of dy and dy (x - mean), then
@@ -612,7 +628,7 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
     const auto param_dtype = saved[0].numel() ? saved[0].scalar_type() : at::kFloat;
     at::Tensor gw = mask[1] ? (sum_dy_xmu * saved[2]).to(param_dtype) : at::Tensor();
     at::Tensor gb = mask[2] ? sum_dy.to(param_dtype) : at::Tensor();
-    return {gx, gw, gb, {}, {}, {}, {}, {}, {}};
+    return {gx, gw, gb, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
@@ -886,13 +902,16 @@ at::Tensor convolution(const at::Tensor& x, const at::Tensor& weight, const std:
 at::Tensor batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                       const at::Tensor& running_var, double momentum, double eps, const QuantConfig& config,
-                      const LayerStatePtr& state) {
+                      const LayerStatePtr& state, bool overwrite_input) {
   const at::Tensor w = maybe_bias(weight);
   if (!config.compress_bn || !compressing(config, x, w))
     return at::batch_norm(x, w, maybe_bias(bias), running_mean, running_var, /*training=*/true, momentum, eps,
                           /*cudnn_enabled=*/true);
+  // Never over a leaf or a view (autograd forbids the first; the second's
+  // base may be read elsewhere), nor over what is not one dense block.
+  const bool overwrite = overwrite_input && !x.is_leaf() && !x.is_view() && x.is_non_overlapping_and_dense();
   return BatchNormFn::apply(x, placeholder(weight, x), placeholder(bias, x), placeholder(running_mean, x),
-                            placeholder(running_var, x), momentum, eps, &config, state);
+                            placeholder(running_var, x), momentum, eps, &config, state, overwrite);
 }
 
 at::Tensor relu(const at::Tensor& x, bool inplace, const LayerStatePtr& state) {

@@ -15,7 +15,14 @@ namespace nn = torch::nn;
 QConv2d conv(int64_t in, int64_t out, int64_t k, int64_t stride = 1) {
   return QConv2d(nn::Conv2dOptions(in, out, k).stride(stride).padding(k / 2).bias(false));
 }
-QBatchNorm2d bn(int64_t c) { return QBatchNorm2d(nn::BatchNormOptions(c)); }
+// A BatchNorm whose input nothing else reads (a convolution's output) writes
+// its output over it once compressed; one whose input is also a shortcut
+// must not.
+QBatchNorm2d bn(int64_t c, bool input_shared = false) {
+  QBatchNorm2d m{nn::BatchNormOptions(c)};
+  m->overwrite_input = !input_shared;
+  return m;
+}
 // In place, as torchvision's: a ReLU follows a BatchNorm or a sum, neither of
 // whose backward reads the output it overwrites.
 QReLU relu() { return QReLU(nn::ReLUOptions(/*inplace=*/true)); }
@@ -34,7 +41,7 @@ struct PreActBasicImpl : nn::Module {
   QReLU relu1, relu2;
   QConv2d conv1{nullptr}, conv2{nullptr}, shortcut{nullptr};
   PreActBasicImpl(int64_t in, int64_t planes, int64_t stride) {
-    bn1 = register_module("bn1", bn(in));
+    bn1 = register_module("bn1", bn(in, /*input_shared=*/true));
     relu1 = register_module("relu1", relu());
     conv1 = register_module("conv1", conv(in, planes, 3, stride));
     bn2 = register_module("bn2", bn(planes));
@@ -58,7 +65,7 @@ struct PreActBottleneckImpl : nn::Module {
   QReLU relu1, relu2, relu3;
   QConv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr}, shortcut{nullptr};
   PreActBottleneckImpl(int64_t in, int64_t planes, int64_t stride) {
-    bn1 = register_module("bn1", bn(in));
+    bn1 = register_module("bn1", bn(in, /*input_shared=*/true));
     relu1 = register_module("relu1", relu());
     conv1 = register_module("conv1", conv(in, planes, 1));
     bn2 = register_module("bn2", bn(planes));

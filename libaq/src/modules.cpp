@@ -71,7 +71,7 @@ torch::Tensor QBatchNormImpl<D, Twin>::forward(const torch::Tensor& input) {
     if (!o.momentum()) factor = 1.0 / this->num_batches_tracked.template item<double>();
   }
   return functional::batch_norm(input, maybe(this->weight), maybe(this->bias), this->running_mean,
-                                this->running_var, factor, o.eps(), config(), state());
+                                this->running_var, factor, o.eps(), config(), state(), overwrite_input);
 }
 
 torch::Tensor QReLUImpl::forward(torch::Tensor input) {

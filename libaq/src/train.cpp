@@ -166,6 +166,7 @@ struct OpTraceState {
   c10::Device device{c10::kCPU};
   std::mutex mu;
   std::vector<OpMemory> ops;
+  bool backward = false;  // an autograd node has run: what follows is backward
 };
 OpTraceState* op_trace = nullptr;
 thread_local int op_depth = 0;
@@ -181,9 +182,20 @@ std::unique_ptr<at::ObserverContext> op_enter(const at::RecordFunction&) {
 void op_leave(const at::RecordFunction& fn, at::ObserverContext*) {
   if (--op_depth != 0 || !op_trace) return;
   const Memory m = memory(op_trace->device);
+  // The engine wraps each node in a function scope named after it; aq's own
+  // nodes are named by their function's type.
+  std::string name = fn.name();
+  const std::string engine = "autograd::engine::evaluate_function: ", node = "torch::autograd::CppNode<";
+  const bool node_scope = name.rfind(engine, 0) == 0;
+  if (node_scope) name.erase(0, engine.size());
+  if (name.rfind(node, 0) == 0 && name.back() == '>') {
+    name = name.substr(node.size(), name.size() - node.size() - 1);
+    const auto anon = name.find("(anonymous namespace)::");
+    if (anon != std::string::npos) name.erase(anon, std::string("(anonymous namespace)::").size());
+  }
   std::lock_guard<std::mutex> lock(op_trace->mu);
-  op_trace->ops.push_back({fn.name(), fn.scope() == at::RecordScope::BACKWARD_FUNCTION, op_before, m.peak,
-                           m.allocated});
+  if (node_scope || fn.scope() == at::RecordScope::BACKWARD_FUNCTION) op_trace->backward = true;
+  op_trace->ops.push_back({name, op_trace->backward, op_before, m.peak, m.allocated});
 }
 
 }  // namespace

@@ -38,10 +38,15 @@ check "rows have 10 fields" '[ -z "$(awk -F"\t" "NF != 10" "$tmp/out")" ]'
 check "packed size of 64K fp32 at 2 bits" 'awk -F"\t" "\$2==\"fp32\" && \$3==65536 && \$4==2 && \$5==\"compress\" {print \$10}" "$tmp/out" | grep -qx 5120'
 check "positive throughput" '[ -z "$(awk -F"\t" "NR > 1 && !(\$7 > 0 && \$8 > 0)" "$tmp/out")" ]'
 check "-q keeps stderr empty" '[ ! -s "$tmp/err" ]'
-"$BENCH" memory --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L2,L3 -q >"$tmp/out" 2>"$tmp/err"; rc=$?
+"$BENCH" memory --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L2,L3 -q \
+  --ops "$tmp/ops" >"$tmp/out" 2>"$tmp/err"; rc=$?
 check "memory: exits 0, header and 3 rows" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/out") -eq 4 ] && head -1 "$tmp/out" | grep -q "^device	arch	batch	image	amp	level	act_MB	peak_MB"'
 check "memory: L3 holds >= 8x less than exact" '[ -n "$(awk -F"\t" "\$6==\"L3\" && \$10 >= 8" "$tmp/out")" ]'
 check "memory: L2 between exact and L3" '[ -n "$(awk -F"\t" "\$6==\"L2\" && \$10 > 3" "$tmp/out")" ]'
+# --ops: forward then backward operations of each model; the largest of an
+# L3 step's peaks is the step's peak_MB.
+check "memory --ops: header, both passes, aq's nodes by name" 'head -1 "$tmp/ops" | grep -q "^level	seq	pass	op	before_MB	peak_MB	after_MB$" && grep -q "^L3	[0-9]*	forward	aq::compress	" "$tmp/ops" && grep -q "^L3	[0-9]*	backward	aq::ConvFn	" "$tmp/ops"'
+check "memory --ops: the L3 step's peak is its largest operation's" '[ "$(awk -F"\t" "\$1==\"L3\" && \$6 > m {m = \$6} END {printf \"%.1f\", m}" "$tmp/ops")" = "$(awk -F"\t" "\$6==\"L3\" {printf \"%.1f\", \$8}" "$tmp/out")" ]'
 cat "$tmp/out" >&2
 "$BENCH" memory --arch nope --device cpu >/dev/null 2>"$tmp/err"; rc=$?
 check "memory: unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'

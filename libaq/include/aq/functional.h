@@ -79,11 +79,13 @@ at::Tensor convolution(const at::Tensor& x, const at::Tensor& weight, const std:
 
 // Training-mode batch norm (running statistics, which may be undefined,
 // updated in place as LibTorch's); saves x compressed plus the per-channel
-// mean and invstd.
+// mean and invstd.  overwrite_input: when x is compressed, the output is
+// written over x (its compressed copy is all backward needs) and x is
+// returned; only for an x nothing else reads afterwards.
 at::Tensor batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                       const at::Tensor& running_var, double momentum, double eps,
-                      const QuantConfig& config, const LayerStatePtr& state);
+                      const QuantConfig& config, const LayerStatePtr& state, bool overwrite_input = false);
 
 // max(x, 0); saves a 1-bit mask.  inplace: x is overwritten and returned.
 at::Tensor relu(const at::Tensor& x, bool inplace, const LayerStatePtr& state);

@@ -104,11 +104,16 @@ TORCH_MODULE(QConvTranspose3d);
 
 // Batch norm: running statistics, momentum (or cumulative average when
 // momentum is unset), affine and eval mode exactly as the twin's.
+// overwrite_input (off unless set): in training with a compressed copy, the
+// output overwrites the input; for a model whose BatchNorm input has no
+// other reader (a convolution's output), it saves a tensor of the input's
+// size at every BatchNorm.  aq's own models set it where that holds.
 template <size_t D, typename Twin>
 class QBatchNormImpl : public Twin, public QLayer {
  public:
   using Twin::Twin;
   torch::Tensor forward(const torch::Tensor& input);
+  bool overwrite_input = false;
 };
 class QBatchNorm1dImpl : public QBatchNormImpl<1, torch::nn::BatchNorm1dImpl> {
  public:
