@@ -766,7 +766,6 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
     auto& s = ctx->saved_data;
     s["packed"] = packed;
     s["bits"] = bits;
-    s["geometry"] = std::vector<int64_t>{D};
     s["kernel"] = kernel;
     s["stride"] = stride;
     s["padding"] = padding;
