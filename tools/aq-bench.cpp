@@ -160,6 +160,34 @@ CLI::App* add_model_subcommand(CLI::App& app, const std::string& name, const std
   return sub;
 }
 
+// A TSV written beside stdout (--profile, --ops): FILE, or stderr for "-",
+// its header first; finish() reports whatever did not reach the file.
+class SideTsv {
+ public:
+  SideTsv(const std::string& path, const char* header) : path_(path) {
+    if (path.empty()) return;
+    f_ = path == "-" ? stderr : std::fopen(path.c_str(), "w");
+    if (!f_) throw std::runtime_error("cannot write " + path + ": " + std::strerror(errno));
+    std::fputs(header, f_);
+  }
+  ~SideTsv() {
+    if (f_ && f_ != stderr) std::fclose(f_);
+  }
+  SideTsv(const SideTsv&) = delete;
+  SideTsv& operator=(const SideTsv&) = delete;
+  std::FILE* get() const { return f_; }
+  void finish() {
+    std::FILE* f = f_;
+    f_ = nullptr;
+    if (f && f != stderr && std::fclose(f) != 0)
+      throw std::runtime_error("cannot write " + path_ + ": " + std::strerror(errno));
+  }
+
+ private:
+  std::string path_;
+  std::FILE* f_ = nullptr;
+};
+
 // The exact model's configuration first (the baseline of every ratio), then
 // each level's.
 std::vector<std::pair<std::string, aq::QuantConfig>> exact_and_levels(const ModelArgs& m) {
@@ -190,15 +218,11 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
   const auto configs = exact_and_levels(a);
   auto x = torch::randn({a.batch_size, a.channels, a.image_size, a.image_size});
   auto y = torch::randint(a.classes, {a.batch_size}, torch::kLong);
+  SideTsv ops(a.ops, "level\tseq\tpass\top\tbefore_MB\tpeak_MB\tafter_MB\n");
+  std::FILE* ops_out = ops.get();
   std::printf("device\tarch\tbatch\timage\tamp\tlevel\tact_MB\tpeak_MB\taq_saved_MB\tact_ratio\tpeak_ratio\tstep_ms\n");
   double exact_act = 0, exact_peak = 0;
   const double MB = 1048576.0;
-  std::FILE* ops_out = nullptr;
-  if (!a.ops.empty()) {
-    ops_out = a.ops == "-" ? stderr : std::fopen(a.ops.c_str(), "w");
-    if (!ops_out) throw std::runtime_error("cannot write " + a.ops + ": " + std::strerror(errno));
-    std::fprintf(ops_out, "level\tseq\tpass\top\tbefore_MB\tpeak_MB\tafter_MB\n");
-  }
   for (const auto& [name, cfg] : configs) {
     torch::manual_seed(0);
     auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
@@ -225,8 +249,7 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
                 exact_peak / std::max<double>(1, m.peak), m.seconds * 1e3);
     std::fflush(stdout);
   }
-  if (ops_out && ops_out != stderr && std::fclose(ops_out) != 0)
-    throw std::runtime_error("cannot write " + a.ops + ": " + std::strerror(errno));
+  ops.finish();
   return aq::cli::kOk;
 }
 
@@ -422,12 +445,8 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
   if (cl) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
   auto y = torch::randint(a.classes, {a.batch_size}, torch::TensorOptions().dtype(torch::kLong).device(dev));
   const auto idx = torch::arange(a.batch_size, torch::kLong);
-  std::FILE* prof_out = nullptr;
-  if (!a.profile.empty()) {
-    prof_out = a.profile == "-" ? stderr : std::fopen(a.profile.c_str(), "w");
-    if (!prof_out) throw std::runtime_error("cannot write " + a.profile + ": " + std::strerror(errno));
-    std::fprintf(prof_out, "level\tkind\tname\tcalls_per_step\tms_per_step\tshare_of_step\n");
-  }
+  SideTsv prof(a.profile, "level\tkind\tname\tcalls_per_step\tms_per_step\tshare_of_step\n");
+  std::FILE* prof_out = prof.get();
   std::printf("device\tarch\tbatch\timage\tamp\tlevel\tmedian_ms\timg_per_s\tact_MB\tpeak_MB\tspeed_ratio\tact_ratio"
               "\tpeak_ratio\tsyncs_per_step\tdevice_busy\tcompress_ms\tdecompress_ms\talloc_ms\talloc_share\n");
   SyncCounter syncs(dev.is_cuda());
@@ -495,8 +514,7 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
     std::fflush(stdout);
   }
   aq::set_batch_indices(torch::Tensor());
-  if (prof_out && prof_out != stderr && std::fclose(prof_out) != 0)
-    throw std::runtime_error("cannot write " + a.profile + ": " + std::strerror(errno));
+  prof.finish();
   return aq::cli::kOk;
 }
 
