@@ -35,6 +35,7 @@
 #include <optional>
 #include <random>
 #include <stdexcept>
+#include <string_view>
 
 namespace aq::train {
 
@@ -184,14 +185,15 @@ void op_leave(const at::RecordFunction& fn, at::ObserverContext*) {
   const Memory m = memory(op_trace->device);
   // The engine wraps each node in a function scope named after it; aq's own
   // nodes are named by their function's type.
+  static constexpr std::string_view engine = "autograd::engine::evaluate_function: ",
+                                     node = "torch::autograd::CppNode<", anon = "(anonymous namespace)::";
   std::string name = fn.name();
-  const std::string engine = "autograd::engine::evaluate_function: ", node = "torch::autograd::CppNode<";
   const bool node_scope = name.rfind(engine, 0) == 0;
   if (node_scope) name.erase(0, engine.size());
   if (name.rfind(node, 0) == 0 && name.back() == '>') {
     name = name.substr(node.size(), name.size() - node.size() - 1);
-    const auto anon = name.find("(anonymous namespace)::");
-    if (anon != std::string::npos) name.erase(anon, std::string("(anonymous namespace)::").size());
+    const auto at = name.find(anon);
+    if (at != std::string::npos) name.erase(at, anon.size());
   }
   std::lock_guard<std::mutex> lock(op_trace->mu);
   if (node_scope || fn.scope() == at::RecordScope::BACKWARD_FUNCTION) op_trace->backward = true;

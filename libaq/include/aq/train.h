@@ -113,10 +113,6 @@ void install_cpu_memory_counter();
 Memory memory(const c10::Device& device);
 void reset_peak(const c10::Device& device);
 
-// One training step's memory (and time) on `device`: a warm-up step, then
-// a measured one.  activations: bytes the forward pass allocated and left for
-// backward; peak: the allocator's peak over the step, above what was
-// allocated before it; aq_saved: what aq's layers report keeping.
 // Where a step's memory goes: each outermost operator, aq scope or
 // autograd node (forward and backward, in the order they ran) with the
 // memory allocated before it, the allocator's peak while it ran and what it
@@ -139,6 +135,10 @@ class OpMemoryTrace {
   uint64_t handle_ = 0;
 };
 
+// One training step's memory (and time) on `device`: a warm-up step, then
+// a measured one.  activations: bytes the forward pass allocated and left for
+// backward; peak: the allocator's peak over the step, above what was
+// allocated before it; aq_saved: what aq's layers report keeping.
 struct StepMemory {
   int64_t activations = 0, peak = 0, aq_saved = 0;
   double seconds = 0;
