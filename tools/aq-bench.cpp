@@ -564,6 +564,12 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
         sync(dev);
       } catch (const c10::OutOfMemoryError&) {
         ok = false;
+      } catch (const c10::Error& e) {
+        // cuBLAS and cuDNN report their own allocation failures as errors
+        // of their own, not as LibTorch's out-of-memory error.
+        const std::string what = e.what();
+        if (what.find("ALLOC_FAILED") == std::string::npos) throw;
+        ok = false;
       }
       if (ok && a.limit_mb > 0) ok = aq::train::memory(dev).peak - base <= a.limit_mb * 1048576;
       opt.zero_grad();
@@ -574,6 +580,11 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
       aq::log().debug("{} batch {}: {}", name, b, ok ? "fits" : "does not fit");
       return ok;
     };
+    // One small step first, so that cuBLAS and cuDNN create their handles
+    // and workspaces while memory is free (created inside a trial that
+    // nearly fills memory, they fail and would end the search).
+    if (!fits(2)) throw std::runtime_error(name + ": a batch of 2 does not fit on " + dev.str());
+    trials = 0;
     int64_t lo = 0, hi = 0;
     for (int64_t b = std::max<int64_t>(1, a.start); b <= (int64_t(1) << 22); b *= 2) {
       if (fits(b)) {
