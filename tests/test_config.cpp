@@ -74,10 +74,11 @@ TEST(Config, LevelsSetDefaultsFlagsOverride) {
   EXPECT_FALSE(l31.swap);
   auto l4 = parse("--level l4");
   EXPECT_TRUE(l4.swap);
-  EXPECT_FALSE(l4.micro_batch_backward);
+  EXPECT_TRUE(l4.micro_batch_backward);  // L3.1 + swap
   EXPECT_FALSE(l4.defrag);
   auto l5 = parse("--level L5");
   EXPECT_TRUE(l5.swap);
+  EXPECT_TRUE(l5.micro_batch_backward);
   EXPECT_TRUE(l5.defrag);
   // An explicit flag beats the level's default, wherever it stands.
   auto mixed = parse("--cabits=3 --level L1 --ibits=8");

@@ -132,7 +132,7 @@ struct ModelArgs {
   int64_t image_size = 224, channels = 3, classes = 1000;
   std::vector<std::string> levels;
   std::string amp = "off";
-  int64_t micro_batch_mb = aq::QuantConfig().micro_batch_bytes >> 20;  // L3.1
+  int64_t micro_batch_mb = aq::QuantConfig().micro_batch_bytes >> 20;
 };
 
 void add_model_options(CLI::App& sub, ModelArgs& m) {
@@ -143,7 +143,7 @@ void add_model_options(CLI::App& sub, ModelArgs& m) {
   sub.add_option("--levels", m.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
       ->delimiter(',')->capture_default_str();
   sub.add_option("--amp", m.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
-  sub.add_option("--micro-batch-mb", m.micro_batch_mb, "L3.1: restored input per backward micro-batch, MiB")
+  sub.add_option("--micro-batch-mb", m.micro_batch_mb, "Restored input per backward micro-batch, MiB (L3.1, L4, L5)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
 }

@@ -108,8 +108,8 @@ QuantConfig QuantConfig::for_level(Level level) {
     case Level::L4:
       c.swap = true;
       [[fallthrough]];
-    case Level::L3_1:  // memory-saving backward (L4/L5 swap instead, ALGORITHM.md 6)
-      c.micro_batch_backward = level == Level::L3_1;
+    case Level::L3_1:  // memory-saving backward (L4 is L3.1 + swap, as in ActNN)
+      c.micro_batch_backward = true;
       [[fallthrough]];
     case Level::L3:  // 2-bit budget, per-group, per-sample and per-layer, from 8 bits
       c.cabits = 2;

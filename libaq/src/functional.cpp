@@ -345,8 +345,8 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
   s["strides"] = p.strides;
   s["meta"] = std::vector<int64_t>{static_cast<int64_t>(p.dtype), p.samples, p.sample_elements, p.group_size,
                                    p.pergroup, p.uniform_bits};
-  // L3.1 (and L4/L5 on the CPU, which has nothing to swap from): how many
-  // samples backward restores at a time (0: all at once).
+  // L3.1, L4 and L5 (and swap on the CPU, which has nothing to swap from):
+  // how many samples backward restores at a time (0: all at once).
   int64_t chunk = 0;
   if (c.swap && !x.is_cuda()) {
     static std::once_flag said;

@@ -42,9 +42,9 @@ struct QuantConfig {
   int64_t group_size = 256;  // elements per group, power of two 32..2^20
   bool stochastic = true;    // stochastic rounding (false: nearest, biased)
   c10::ScalarType range_dtype = c10::kBFloat16;  // storage of group bounds
-  bool micro_batch_backward = false;  // L3.1: inputs restored in micro-batches in backward
+  bool micro_batch_backward = false;  // L3.1, L4, L5: inputs restored in micro-batches in backward
   int64_t micro_batch_bytes = 256 << 20;  // restored input per micro-batch, at most
-  bool swap = false;         // L4+: packed activations in pinned host memory (CUDA; on the CPU: as L3.1)
+  bool swap = false;         // L4+: packed activations in pinned host memory (CUDA)
   bool defrag = false;       // L5: expandable segments in the CUDA caching allocator (set by QModule)
 
   // The defaults of a level (scope unchanged).
