@@ -96,6 +96,13 @@ void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq,
 // the sum over its groups of G elements of (max - min)^2 in float, NaN
 // propagating; out float [N].
 void range_sq_cuda(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Tensor& out);
+// Per-sample gradient statistics in one launch: for each i < N,
+// stat[idx[i]] = stat[idx[i]] >= 0 ? 0.5 stat[idx[i]] + 0.5 g[i] : g[i]
+// (every old value read before any is written, as LibTorch's index and
+// index_put_), and mean[0] = the mean of g.  g float [N], idx int64 [N]
+// (each < stat's length), stat float, mean float [] on one device; one
+// block, N <= kAllocMaxSamples.
+void update_sample_stat_cuda(const at::Tensor& g, const at::Tensor& idx, at::Tensor& stat, at::Tensor& mean);
 
 // Masks without a bool tensor in between.  x, g and out are flat (memory
 // order); packed holds bit i = (x[i] > 0) in pack_bits's 1-bit layout.

@@ -863,6 +863,37 @@ TEST_P(AllocateTensor, ChooseBitsIsTheGreedyOnTheSensitivities) {
   }
 }
 
+// Per-sample gradient statistics (the moving average keyed by dataset
+// index, and the batch mean) as plain tensor ops compute them: unseen
+// samples (-1), NaN, a statistic that grows, up to kAllocMaxSamples and past it.
+TEST_P(AllocateTensor, GradientStatisticsMatchTheReference) {
+  for (int64_t n : {1, 5, 256, 4096, 5000}) {
+    aq::LayerState st;
+    const int64_t size = 2 * n;
+    st.sample_stat = torch::full({size}, -1.0, opts(torch::kFloat));
+    const auto seen = torch::randperm(size, torch::kLong).narrow(0, 0, n);
+    st.sample_stat.index_put_({seen.to(dev())}, torch::rand({n}, opts(torch::kFloat)));
+    if (n > 1) st.sample_stat[seen[0].item<int64_t>()] = std::numeric_limits<float>::quiet_NaN();
+    auto idx = torch::randperm(size, torch::kLong).narrow(0, 0, n).contiguous();
+    if (n == 5) idx[4] = size + 3;  // past the statistic's end: it grows
+    const auto g = torch::rand({n}, opts(torch::kFloat)) * 10;
+    // The reference, on the CPU.
+    auto want = st.sample_stat.cpu();
+    if (want.size(0) < idx.max().item<int64_t>() + 1) {
+      auto grown = torch::full({std::max<int64_t>(idx.max().item<int64_t>() + 1, 2 * want.size(0))}, -1.0);
+      grown.narrow(0, 0, want.size(0)).copy_(want);
+      want = grown;
+    }
+    const auto gc = g.cpu();
+    const auto old = want.index({idx});
+    want.index_put_({idx}, torch::where(old >= 0, 0.5 * old + 0.5 * gc, gc));
+    aq::update_gradient_stats(st, /*usegradient=*/true, g, idx);
+    ASSERT_EQ(st.sample_stat.device().type(), dev().type());
+    EXPECT_TRUE(torch::allclose(st.sample_stat.cpu(), want, 0, 0, /*equal_nan=*/true)) << n;
+    EXPECT_NEAR(st.grad_mean.item<double>(), gc.mean().item<double>(), 1e-6 * gc.mean().item<double>()) << n;
+  }
+}
+
 // The group ranges choose_bits reads (||R_n||^2, grouped in memory order):
 // every dtype, channels_last, groups cut short, a NaN, as plain tensor ops
 // compute them.

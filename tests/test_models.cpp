@@ -303,4 +303,60 @@ TEST(ModelsState, LoadStateChecksNamesAndShapes) {
   expect_error(other, "not in the model");
 }
 
+// aq's SGD (multi-tensor kernels) makes torch::optim::SGD's updates: the
+// same parameters and momentum buffers, step after step, for every option,
+// with parameters of two dtypes, one channels_last, one without a gradient
+// at first and one never given one; the gradients are left as they were.
+TEST_P(Models, MultiTensorSgdMatchesLibTorchs) {
+  struct Case {
+    double momentum, dampening, weight_decay;
+    bool nesterov;
+  };
+  for (const Case& c : {Case{0, 0, 0, false}, Case{0.9, 0, 0, false}, Case{0.9, 0.1, 5e-4, false},
+                        Case{0.9, 0, 1e-4, true}, Case{0, 0, 1e-2, false}}) {
+    auto make = [&] {
+      torch::manual_seed(1);
+      return std::vector<torch::Tensor>{
+          torch::randn({8, 3, 3, 3}, opts()).contiguous(torch::MemoryFormat::ChannelsLast).requires_grad_(),
+          torch::randn({8}, opts()).requires_grad_(), torch::randn({5, 4}, opts(torch::kDouble)).requires_grad_(),
+          torch::randn({6}, opts()).requires_grad_(), torch::randn({3}, opts()).requires_grad_()};
+    };
+    auto ours_p = make(), theirs_p = make();
+    auto so = torch::optim::SGDOptions(0.05)
+                  .momentum(c.momentum)
+                  .dampening(c.dampening)
+                  .weight_decay(c.weight_decay)
+                  .nesterov(c.nesterov);
+    aq::train::SGD ours(ours_p, so);
+    torch::optim::SGD theirs(theirs_p, so);
+    for (int step = 0; step < 4; ++step) {
+      torch::manual_seed(100 + step);
+      for (size_t i = 0; i + 1 < ours_p.size(); ++i) {
+        if (i == 3 && step < 2) continue;  // its buffer starts at step 2
+        const torch::Tensor g = torch::randn_like(ours_p[i]);
+        ours_p[i].mutable_grad() = g.clone();
+        theirs_p[i].mutable_grad() = g.clone();
+      }
+      const torch::Tensor g0 = ours_p[0].grad().clone();
+      ours.step();
+      theirs.step();
+      EXPECT_TRUE(torch::equal(ours_p[0].grad(), g0)) << "gradient changed";
+      for (size_t i = 0; i < ours_p.size(); ++i) {
+        const double tol = dev().is_cuda() ? 1e-6 : 0.0;  // CUDA's kernels may contract a + alpha b
+        EXPECT_LE((ours_p[i] - theirs_p[i]).abs().max().item<double>(), tol)
+            << "param " << i << " step " << step << " momentum " << c.momentum << " nesterov " << c.nesterov;
+      }
+    }
+    for (size_t i = 0; i < ours_p.size(); ++i) {
+      auto a = ours.state().find(ours_p[i].unsafeGetTensorImpl());
+      auto b = theirs.state().find(theirs_p[i].unsafeGetTensorImpl());
+      ASSERT_EQ(a == ours.state().end(), b == theirs.state().end()) << i;
+      if (a == ours.state().end()) continue;
+      const auto& ba = static_cast<torch::optim::SGDParamState&>(*a->second).momentum_buffer();
+      const auto& bb = static_cast<torch::optim::SGDParamState&>(*b->second).momentum_buffer();
+      EXPECT_LE((ba - bb).abs().max().item<double>(), dev().is_cuda() ? 1e-6 : 0.0) << "buffer " << i;
+    }
+  }
+}
+
 }  // namespace

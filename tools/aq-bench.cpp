@@ -462,7 +462,7 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
         if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
     }
     model->train();
-    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
+    aq::train::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
     const bool per_layer = aq::adaptive(cfg) && cfg.perlayer;
     int64_t act = 0;
     auto step = [&](bool measure) {
@@ -540,7 +540,7 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
     auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
     model->to(dev);
     model->train();
-    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
+    aq::train::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
     const bool per_layer = aq::adaptive(cfg) && cfg.perlayer;
     int trials = 0;
     auto fits = [&](int64_t b) {

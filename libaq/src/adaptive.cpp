@@ -258,6 +258,15 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
     st.sample_stat = grown;
   }
   const at::Tensor idx = indices_on(indices, g.device());
+#if AQ_WITH_CUDA
+  if (g.is_cuda() && g.numel() <= kernels::kAllocMaxSamples && st.sample_stat.scalar_type() == at::kFloat &&
+      st.sample_stat.is_contiguous() && indices.min().item<int64_t>() >= 0) {  // one launch instead of ~10
+    at::Tensor mean = at::empty({}, g.options());
+    kernels::update_sample_stat_cuda(g.contiguous(), idx.contiguous(), st.sample_stat, mean);
+    st.grad_mean = mean;
+    return;
+  }
+#endif
   const at::Tensor old = st.sample_stat.index({idx});
   st.sample_stat.index_put_({idx}, at::where(old >= 0, 0.5 * old + 0.5 * g, g));
   st.grad_mean = g.mean().detach();

@@ -137,6 +137,59 @@ void install_cpu_memory_counter() {
   });
 }
 
+torch::Tensor SGD::step(LossClosure closure) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor loss;
+  if (closure) {
+    at::AutoGradMode enable_grad(true);
+    loss = closure();
+  }
+  for (auto& group : param_groups_) {
+    const auto& o = static_cast<const torch::optim::SGDOptions&>(group.options());
+    // The multi-tensor kernels take lists of one device and dtype.
+    struct Lists {
+      std::vector<at::Tensor> params, grads;
+    };
+    std::map<std::pair<std::string, c10::ScalarType>, Lists> lists;
+    for (const auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      Lists& l = lists[{p.device().str(), p.scalar_type()}];
+      l.params.push_back(p);
+      l.grads.push_back(p.grad());
+    }
+    for (auto& [key, l] : lists) {
+      std::vector<at::Tensor> d = l.grads;
+      if (o.weight_decay() != 0) d = at::_foreach_add(d, l.params, o.weight_decay());
+      if (o.momentum() != 0) {
+        // d_p, or the momentum buffer (new: a copy of d_p; else
+        // buf = momentum buf + (1 - dampening) d_p), as torch::optim::SGD.
+        std::vector<at::Tensor> bufs(d.size()), old_bufs, old_d;
+        for (size_t i = 0; i < d.size(); ++i) {
+          void* key_i = l.params[i].unsafeGetTensorImpl();
+          auto it = state_.find(key_i);
+          if (it == state_.end()) {
+            bufs[i] = d[i].clone().detach();
+            auto st = std::make_unique<torch::optim::SGDParamState>();
+            st->momentum_buffer(bufs[i]);
+            state_[key_i] = std::move(st);
+          } else {
+            bufs[i] = static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer();
+            old_bufs.push_back(bufs[i]);
+            old_d.push_back(d[i]);
+          }
+        }
+        if (!old_bufs.empty()) {
+          at::_foreach_mul_(old_bufs, o.momentum());
+          at::_foreach_add_(old_bufs, old_d, 1 - o.dampening());
+        }
+        d = o.nesterov() ? at::_foreach_add(d, bufs, o.momentum()) : bufs;
+      }
+      at::_foreach_add_(l.params, d, -o.lr());
+    }
+  }
+  return loss;
+}
+
 Memory memory(const c10::Device& d) {
 #if AQ_WITH_CUDA
   if (d.is_cuda()) {
@@ -549,7 +602,7 @@ class Trainer {
   uint64_t seed_ = 0;
   std::shared_ptr<const data::Dataset> train_set_, test_set_;
   models::ModelPtr model_;
-  std::unique_ptr<torch::optim::SGD> opt_;
+  std::unique_ptr<SGD> opt_;
   std::unique_ptr<data::Loader> train_loader_, test_loader_;
   int64_t epoch_ = 0, step_ = 0, batch_ = 0;
   Partial partial_;
@@ -589,7 +642,7 @@ void Trainer::setup() {
   model_->to(dev_);
   auto so = torch::optim::SGDOptions(o_.lr).momentum(o_.momentum).weight_decay(o_.weight_decay);
   so.nesterov(o_.nesterov && o_.momentum > 0);
-  opt_ = std::make_unique<torch::optim::SGD>(model_->parameters(), so);
+  opt_ = std::make_unique<SGD>(model_->parameters(), so);
   data::LoaderOptions lo;
   lo.batch_size = o_.batch_size;
   lo.workers = o_.workers;
