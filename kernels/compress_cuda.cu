@@ -1170,7 +1170,6 @@ void range_sq_cuda(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Ten
   });
 }
 
-
 constexpr int kStatThreads = 256;
 __global__ void __launch_bounds__(kStatThreads)
     update_sample_stat_kernel(const float* __restrict__ g, const int64_t* __restrict__ idx, int64_t N,
