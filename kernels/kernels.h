@@ -96,6 +96,7 @@ void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq,
 // the sum over its groups of G elements of (max - min)^2 in float, NaN
 // propagating; out float [N].
 void range_sq_cuda(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Tensor& out);
+void range_sq_cpu(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Tensor& out);
 // Per-sample gradient statistics in one launch: for each i < N,
 // stat[idx[i]] = stat[idx[i]] >= 0 ? 0.5 stat[idx[i]] + 0.5 g[i] : g[i]
 // (every old value read before any is written, as LibTorch's index and

@@ -80,6 +80,11 @@ at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
     return out;
   }
 #endif
+  if (x.is_cpu() && c.pergroup && v.is_contiguous()) {  // one pass, no temporaries
+    at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
+    kernels::range_sq_cpu(v, n, d, g, out);
+    return out;
+  }
   auto range_sq = [](const at::Tensor& t, int64_t dim) {
     auto [mn, mx] = at::aminmax(t, dim);
     return (mx.to(at::kFloat) - mn.to(at::kFloat)).pow(2);
