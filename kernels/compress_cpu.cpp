@@ -303,10 +303,23 @@ void apply_mask_cpu(const at::Tensor& g, const at::Tensor& packed, double scale,
     const scalar_t* in = g.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const acc_t s = static_cast<acc_t>(scale);
-    at::parallel_for(0, n, 65536, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const bool on = (m[i >> 5] >> (i & 31)) & 1u;
-        o[i] = !on ? scalar_t(0) : scale == 1.0 ? in[i] : static_cast<scalar_t>(static_cast<acc_t>(in[i]) * s);
+    const bool unit = scale == 1.0;
+    // A word of the mask at a time: 32 elements with constant shifts.
+    at::parallel_for(0, (n + 31) / 32, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const uint32_t w = m[k];
+        const scalar_t* ik = in + k * 32;
+        scalar_t* ok = o + k * 32;
+        const int64_t cnt = std::min<int64_t>(32, n - k * 32);
+        auto one = [&](int64_t j) {
+          const bool on = (w >> j) & 1u;
+          ok[j] = !on ? scalar_t(0) : unit ? ik[j] : static_cast<scalar_t>(static_cast<acc_t>(ik[j]) * s);
+        };
+        if (cnt == 32) {
+          _Pragma("GCC unroll 32") for (int j = 0; j < 32; ++j) one(j);
+        } else {
+          for (int64_t j = 0; j < cnt; ++j) one(j);
+        }
       }
     });
   });
