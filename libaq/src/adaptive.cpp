@@ -254,7 +254,8 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
     st.grad_mean = g.mean().detach();
     return;
   }
-  const int64_t need = indices.max().item<int64_t>() + 1;  // CPU indices: no device sync
+  const auto [lowest, highest] = at::aminmax(indices);  // CPU indices: no device sync
+  const int64_t need = highest.item<int64_t>() + 1;
   if (!st.sample_stat.defined() || st.sample_stat.device() != g.device() || st.sample_stat.size(0) < need) {
     at::Tensor grown = at::full({std::max<int64_t>(need, st.sample_stat.defined() ? st.sample_stat.size(0) * 2 : need)},
                                 -1.0, g.options());
@@ -265,7 +266,7 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
   const at::Tensor idx = indices_on(indices, g.device());
 #if AQ_WITH_CUDA
   if (g.is_cuda() && g.numel() <= kernels::kAllocMaxSamples && st.sample_stat.scalar_type() == at::kFloat &&
-      st.sample_stat.is_contiguous() && indices.min().item<int64_t>() >= 0) {  // one launch instead of ~10
+      st.sample_stat.is_contiguous() && lowest.item<int64_t>() >= 0) {  // one launch instead of ~10
     at::Tensor mean = at::empty({}, g.options());
     kernels::update_sample_stat_cuda(g.contiguous(), idx.contiguous(), st.sample_stat, mean);
     st.grad_mean = mean;

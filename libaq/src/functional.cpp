@@ -403,7 +403,8 @@ Packed packed_of(AutogradContext* ctx) {
 at::Tensor restore(AutogradContext* ctx, c10::ScalarType dtype) { return dequantize(packed_of(ctx)).to(dtype); }
 
 // Calls f(begin, end, restored input of samples [begin, end)) per
-// micro-batch (one call for all samples unless L3.1 asked for chunks).
+// micro-batch (one call for all samples unless the level restores in
+// micro-batches: L3.1, L4, L5).
 template <typename F>
 void for_each_micro_batch(AutogradContext* ctx, const Packed& p, c10::ScalarType dtype, F&& f) {
   const int64_t chunk = ctx->saved_data["chunk"].toInt();

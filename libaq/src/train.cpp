@@ -36,6 +36,7 @@
 #include <random>
 #include <stdexcept>
 #include <string_view>
+#include <tuple>
 
 namespace aq::train {
 
@@ -150,10 +151,10 @@ torch::Tensor SGD::step(LossClosure closure) {
     struct Lists {
       std::vector<at::Tensor> params, grads;
     };
-    std::map<std::pair<std::string, c10::ScalarType>, Lists> lists;
+    std::map<std::tuple<c10::DeviceType, c10::DeviceIndex, c10::ScalarType>, Lists> lists;
     for (const auto& p : group.params()) {
       if (!p.grad().defined()) continue;
-      Lists& l = lists[{p.device().str(), p.scalar_type()}];
+      Lists& l = lists[{p.device().type(), p.device().index(), p.scalar_type()}];
       l.params.push_back(p);
       l.grads.push_back(p.grad());
     }
