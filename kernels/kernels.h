@@ -105,6 +105,19 @@ void range_sq_cpu(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Tens
 // block, N <= kAllocMaxSamples.
 void update_sample_stat_cuda(const at::Tensor& g, const at::Tensor& idx, at::Tensor& stat, at::Tensor& mean);
 
+// BatchNorm's training-mode input gradient written over x (the restored
+// input, dy's shape and dtype; a tensor of its own), as LibTorch's
+// batch_norm_backward_elemt computes it: x = (dy - mean_dy - (x - mean) k1)
+// k2 per channel (dim 1), with mean_dy = sum_dy / count, k1 = invstd^2
+// sum_dy_xmu / count and k2 = weight invstd (invstd without a weight).  The
+// per-channel tensors are [C]; sum_dy and sum_dy_xmu are the sums of dy and
+// dy (x - mean) over all but dim 1.  A flat vectorised kernel where x and dy
+// are both NCHW- or both channels-last-dense, any layouts otherwise; fp32,
+// fp16 or bf16.
+void batch_norm_input_grad_inplace_cuda(at::Tensor& x, const at::Tensor& dy, const at::Tensor& mean,
+                                        const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& sum_dy,
+                                        const at::Tensor& sum_dy_xmu, int64_t count);
+
 // Masks without a bool tensor in between.  x, g and out are flat (memory
 // order); packed holds bit i = (x[i] > 0) in pack_bits's 1-bit layout.
 // apply: out[i] = bit i ? g[i] * scale : 0 (scale == 1: g[i] unchanged).

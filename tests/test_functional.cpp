@@ -1,6 +1,7 @@
 // Compressed ops against LibTorch's: identical forward, gradients close at
 // 8 bits and unbiased at 2 bits, exact masks; per device.
 #include "aq/functional.h"
+#include "aq/train.h"
 #include "device_test.h"
 
 #include <gtest/gtest.h>
@@ -314,6 +315,69 @@ TEST_P(Ops, MicroBatchedBackwardGivesTheSameGradients) {
   for (size_t i = 0; i < bw.size(); ++i)
     EXPECT_LE((bp[i] - bw[i]).abs().max().item<double>(), 1e-5 * bw[i].abs().max().item<double>()) << "bn " << i;
   EXPECT_TRUE(bp[0].is_contiguous(torch::MemoryFormat::ChannelsLast));
+}
+
+// On CUDA, a BatchNorm whose input is restored in one piece writes the
+// input gradient over the restored input: beyond the output gradient,
+// backward holds one tensor of the input's size, not two.  The gradients
+// are those of the micro-batched path (LibTorch's elementwise kernel), for
+// fp32 and bf16 and an output gradient in another layout than the input.
+TEST_P(Ops, BatchNormInputGradientOverTheRestoredInput) {
+  if (!dev().is_cuda()) GTEST_SKIP() << "on the CPU, backward is LibTorch's batch_norm_backward";
+  const auto CL = torch::MemoryFormat::ChannelsLast, NCHW = torch::MemoryFormat::Contiguous;
+  struct Case {
+    int64_t ch, hw;
+    torch::MemoryFormat x, dy;  // the vectorised kernel in each layout, any layouts, one element a thread
+  };
+  for (const Case& k : {Case{32, 28, CL, CL}, Case{32, 28, NCHW, NCHW}, Case{32, 28, CL, NCHW}, Case{5, 7, CL, CL},
+                        Case{6, 5, NCHW, NCHW}})
+    for (auto dt : {torch::kFloat, torch::kBFloat16}) {
+      const int64_t n = 64, ch = k.ch, hw = k.hw;
+      const int64_t unit = n * ch * hw * hw * torch::elementSize(dt);
+      auto c = bits(8);
+      c.stochastic = false;
+      auto micro = c;
+      micro.micro_batch_backward = true;
+      micro.micro_batch_bytes = unit / 4;
+      // Two values only: every group's minimum and maximum, restored exactly
+      // (codes 0 and 255, rounded to nearest) whatever the groups, so both
+      // paths match LibTorch's gradients.
+      auto x = (torch::randint(0, 2, {n, ch, hw, hw}, opts(dt)) * 2 - 0.5).contiguous(k.x);
+      x.requires_grad_();
+      auto gamma = torch::rand({ch}, opts()).add_(0.5).requires_grad_();
+      auto beta = torch::randn({ch}, opts()).requires_grad_();
+      auto probe = torch::randn({n, ch, hw, hw}, opts(dt)).contiguous(k.dy);
+      auto bn = [&](const aq::QuantConfig& cfg) {
+        auto rm = torch::zeros({ch}, opts()), rv = torch::ones({ch}, opts());
+        return F::batch_norm(x, gamma, beta, rm, rv, 0.1, 1e-5, cfg, aq::make_layer_state());
+      };
+      const std::string what = std::to_string(ch) + "x" + std::to_string(hw) + " " + c10::toString(dt);
+      const auto exact = grads(
+          [&] {
+            auto rm = torch::zeros({ch}, opts()), rv = torch::ones({ch}, opts());
+            return torch::batch_norm(x, gamma, beta, rm, rv, true, 0.1, 1e-5, false);
+          },
+          {x, gamma, beta}, probe);
+      const auto whole = grads([&] { return bn(c); }, {x, gamma, beta}, probe);
+      const auto parts = grads([&] { return bn(micro); }, {x, gamma, beta}, probe);
+      const double tol = dt == torch::kFloat ? 1e-4 : 2e-2;  // bf16: the input gradient rounded once
+      for (size_t i = 0; i < whole.size(); ++i) {
+        const double scale = exact[i].abs().max().item<double>();
+        EXPECT_LE((whole[i] - exact[i]).abs().max().item<double>(), tol * scale) << i << " " << what;
+        EXPECT_LE((parts[i] - exact[i]).abs().max().item<double>(), tol * scale) << i << " " << what << " micro";
+      }
+      EXPECT_TRUE(whole[0].is_contiguous(k.x)) << what;
+      EXPECT_EQ(whole[0].scalar_type(), dt);
+      // The backward's peak: the output gradient and the restored input.
+      x.mutable_grad() = torch::Tensor();
+      auto loss = (bn(c) * probe).sum();
+      const int64_t base = aq::train::memory(dev()).allocated;
+      aq::train::reset_peak(dev());
+      loss.backward();
+      const int64_t peak = aq::train::memory(dev()).peak - base;
+      if (unit >= (1 << 20))  // small ones are rounded up to the allocator's blocks
+        EXPECT_LT(peak, unit * 5 / 2) << "backward held " << double(peak) / unit << " inputs' worth, " << what;
+    }
 }
 
 TEST_P(Ops, PoolingIsExact) {

@@ -7,6 +7,7 @@
 #include "aq/log.h"
 
 #include "aq_config.h"
+#include "kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -571,63 +572,82 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
     const auto saved = ctx->get_saved_variables();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       ctx->needs_input_grad(2)};
-    if (ctx->saved_data["chunk"].toInt() == 0) {
-      auto [gx, gw, gb] = at::native_batch_norm_backward(g, restore(ctx, g.scalar_type()), present(saved[0]), {},
-                                                         {}, saved[1], saved[2], /*train=*/true,
-                                                         ctx->saved_data["eps"].toDouble(), mask);
-      return {gx, gw, gb, {}, {}, {}, {}, {}, {}, {}};
-    }
-    // Micro-batched (L3.1): the input is restored a slice of samples at a
-    // time, twice: for the per-channel sums of dy and dy (x - mean), then
-    // for dx = (dy - sum dy / M - (x - mean) invstd^2 sum dy (x - mean) / M)
-    // invstd w, the training-mode formula.  On CUDA, LibTorch's own kernels
-    // for the two halves (those of its synchronised BatchNorm); on the CPU
-    // the formula in ATen ops.
-    const Packed p = packed_of(ctx);
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
     const at::Tensor w = present(saved[0]);
     const int64_t C = g.size(1);
     const int64_t M = g.numel() / std::max<int64_t>(1, C);
-    std::vector<int64_t> dims = {0}, shape(g.dim(), 1);
-    for (int64_t d = 2; d < g.dim(); ++d) dims.push_back(d);
-    shape[1] = C;
-    at::Tensor sum_dy = at::zeros({C}, g.options().dtype(at::kFloat)), sum_dy_xmu = at::zeros_like(sum_dy);
     const bool fused = g.is_cuda() && M <= std::numeric_limits<int32_t>::max();  // their count is an int
+    if (chunk == 0 && (!fused || g.scalar_type() == at::kDouble)) {
+      auto [gx, gw, gb] = at::native_batch_norm_backward(g, restore(ctx, g.scalar_type()), w, {}, {}, saved[1],
+                                                         saved[2], /*train=*/true, ctx->saved_data["eps"].toDouble(),
+                                                         mask);
+      return {gx, gw, gb, {}, {}, {}, {}, {}, {}, {}};
+    }
+    // The training-mode formula in two passes over the restored input: the
+    // per-channel sums of dy and dy (x - mean), then dx = (dy - sum dy / M -
+    // (x - mean) invstd^2 sum dy (x - mean) / M) invstd w.  On CUDA,
+    // LibTorch's own kernels for the sums (those of its synchronised
+    // BatchNorm).  Restored in one piece (L3, CUDA), the input is a tensor of
+    // its own that the second pass reads last, so that pass writes the input
+    // gradient over it: the restored input and the input gradient are never
+    // held together.  Micro-batched (L3.1), the input is restored a slice of
+    // samples at a time for each pass, and the second pass is LibTorch's own
+    // kernel on CUDA and the formula in ATen ops on the CPU.
+    const Packed p = packed_of(ctx);
     const c10::ScalarType dtype = fused ? g.scalar_type() : at::kFloat;
-    const at::Tensor mean = fused ? saved[1] : saved[1].view(shape), invstd = fused ? saved[2] : saved[2].view(shape);
     const at::Tensor wf = w.defined() ? w.to(saved[1].scalar_type()) : w;
-    for_each_micro_batch(ctx, p, dtype, [&](int64_t b, int64_t e, const at::Tensor& x) {
-      const at::Tensor dy = g.narrow(0, b, e - b);
-      if (fused) {
-        auto [s_dy, s_dy_xmu, unused_w, unused_b] =
-            at::batch_norm_backward_reduce(dy, x, mean, invstd, wf, /*input_g=*/true, false, false);
-        sum_dy += s_dy;
-        sum_dy_xmu += s_dy_xmu;
-      } else {
-        const at::Tensor dyf = dy.to(at::kFloat);
-        sum_dy += dyf.sum(dims);
-        sum_dy_xmu += (dyf * (x - mean)).sum(dims);
+    at::Tensor gx, sum_dy, sum_dy_xmu;
+    if (chunk == 0) {  // fused: CUDA
+#if AQ_WITH_CUDA
+      at::Tensor x = dequantize(p).to(dtype);
+      std::tie(sum_dy, sum_dy_xmu, std::ignore, std::ignore) =
+          at::batch_norm_backward_reduce(g, x, saved[1], saved[2], wf, /*input_g=*/true, false, false);
+      if (mask[0]) {
+        kernels::batch_norm_input_grad_inplace_cuda(x, g, saved[1], saved[2], w, sum_dy, sum_dy_xmu, M);
+        gx = std::move(x);
       }
-    });
-    at::Tensor gx;
-    if (mask[0]) {
-      gx = at::empty_like(g);
-      if (fused) {
-        const at::Tensor count = at::full({1}, M, g.options().dtype(at::kInt));
-        for_each_micro_batch(ctx, p, dtype, [&](int64_t b, int64_t e, const at::Tensor& x) {
-          gx.narrow(0, b, e - b)
-              .copy_(at::batch_norm_backward_elemt(g.narrow(0, b, e - b), x, mean, invstd, wf, sum_dy, sum_dy_xmu,
-                                                   count));
-        });
-      } else {
-        const at::Tensor scale = w.defined() ? invstd * wf.view(shape) : invstd;
-        const at::Tensor mean_dy = (sum_dy / M).view(shape), proj = (sum_dy_xmu / M).view(shape) * invstd * invstd;
-        for_each_micro_batch(ctx, p, dtype, [&](int64_t b, int64_t e, const at::Tensor& x) {
-          gx.narrow(0, b, e - b).copy_((g.narrow(0, b, e - b) - mean_dy - (x - mean) * proj) * scale);
-        });
+#endif
+    } else {
+      std::vector<int64_t> dims = {0}, shape(g.dim(), 1);
+      for (int64_t d = 2; d < g.dim(); ++d) dims.push_back(d);
+      shape[1] = C;
+      sum_dy = at::zeros({C}, g.options().dtype(at::kFloat));
+      sum_dy_xmu = at::zeros_like(sum_dy);
+      const at::Tensor mean = fused ? saved[1] : saved[1].view(shape);
+      const at::Tensor invstd = fused ? saved[2] : saved[2].view(shape);
+      for_each_micro_batch(ctx, p, dtype, [&](int64_t b, int64_t e, const at::Tensor& x) {
+        const at::Tensor dy = g.narrow(0, b, e - b);
+        if (fused) {
+          auto [s_dy, s_dy_xmu, unused_w, unused_b] =
+              at::batch_norm_backward_reduce(dy, x, mean, invstd, wf, /*input_g=*/true, false, false);
+          sum_dy += s_dy;
+          sum_dy_xmu += s_dy_xmu;
+        } else {
+          const at::Tensor dyf = dy.to(at::kFloat);
+          sum_dy += dyf.sum(dims);
+          sum_dy_xmu += (dyf * (x - mean)).sum(dims);
+        }
+      });
+      if (mask[0]) {
+        gx = at::empty_like(g);
+        if (fused) {
+          const at::Tensor count = at::full({1}, M, g.options().dtype(at::kInt));
+          for_each_micro_batch(ctx, p, dtype, [&](int64_t b, int64_t e, const at::Tensor& x) {
+            gx.narrow(0, b, e - b)
+                .copy_(at::batch_norm_backward_elemt(g.narrow(0, b, e - b), x, mean, invstd, wf, sum_dy, sum_dy_xmu,
+                                                     count));
+          });
+        } else {
+          const at::Tensor scale = w.defined() ? invstd * wf.view(shape) : invstd;
+          const at::Tensor mean_dy = (sum_dy / M).view(shape), proj = (sum_dy_xmu / M).view(shape) * invstd * invstd;
+          for_each_micro_batch(ctx, p, dtype, [&](int64_t b, int64_t e, const at::Tensor& x) {
+            gx.narrow(0, b, e - b).copy_((g.narrow(0, b, e - b) - mean_dy - (x - mean) * proj) * scale);
+          });
+        }
       }
     }
     const auto param_dtype = saved[0].numel() ? saved[0].scalar_type() : at::kFloat;
-    at::Tensor gw = mask[1] ? (sum_dy_xmu * saved[2]).to(param_dtype) : at::Tensor();
+    at::Tensor gw = mask[1] ? (sum_dy_xmu.to(at::kFloat) * saved[2]).to(param_dtype) : at::Tensor();
     at::Tensor gb = mask[2] ? sum_dy.to(param_dtype) : at::Tensor();
     return {gx, gw, gb, {}, {}, {}, {}, {}, {}, {}};
   }
