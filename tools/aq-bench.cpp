@@ -133,7 +133,18 @@ struct ModelArgs {
   std::vector<std::string> levels;
   std::string amp = "off";
   int64_t micro_batch_mb = aq::QuantConfig().micro_batch_bytes >> 20;
+  std::string channels_last = "auto";  // auto: on CUDA
 };
+
+// Channels-last input and convolution weights, as a user runs a CNN on a GPU.
+bool channels_last_on(const ModelArgs& a, const torch::Device& dev) {
+  return a.channels_last == "auto" ? dev.is_cuda() : aq::parse_bool(a.channels_last);
+}
+void to_channels_last(torch::nn::Module& model) {
+  torch::NoGradGuard g;
+  for (auto& p : model.parameters())
+    if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+}
 
 void add_model_options(CLI::App& sub, ModelArgs& m) {
   sub.add_option("--arch", m.arch, "Architecture (see aq-train --arch)")->capture_default_str();
@@ -146,6 +157,7 @@ void add_model_options(CLI::App& sub, ModelArgs& m) {
   sub.add_option("--micro-batch-mb", m.micro_batch_mb, "Restored input per backward micro-batch, MiB (L3.1, L4, L5)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  sub.add_option("--channels-last", m.channels_last, "auto (on CUDA), True or False")->capture_default_str();
 }
 
 // A subcommand over a model: the common options, the model's, and batch size
@@ -216,7 +228,9 @@ struct MemoryArgs : ModelArgs {
 int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
   const auto amp = aq::train::parse_amp(a.amp);
   const auto configs = exact_and_levels(a);
+  const bool cl = channels_last_on(a, dev);
   auto x = torch::randn({a.batch_size, a.channels, a.image_size, a.image_size});
+  if (cl) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
   auto y = torch::randint(a.classes, {a.batch_size}, torch::kLong);
   SideTsv ops(a.ops, "level\tseq\tpass\top\tbefore_MB\tpeak_MB\tafter_MB\n");
   std::FILE* ops_out = ops.get();
@@ -227,6 +241,7 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
     torch::manual_seed(0);
     auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
     model->to(dev);
+    if (cl) to_channels_last(*model);
     const auto m = aq::train::measure_step(*model, x, y, dev, amp, ops_out != nullptr);
     if (name == "exact") exact_act = m.activations, exact_peak = m.peak;
     if (ops_out) {
@@ -258,7 +273,6 @@ struct StepArgs : ModelArgs {
   int steps = 0;   // 0: 20 on CUDA, 3 on CPU
   int warmup = 3;
   int profile_steps = 3;
-  std::string channels_last = "auto";  // auto: on CUDA
   std::string profile, trace;
   StepArgs() { levels = {"L3"}; }
 };
@@ -436,7 +450,7 @@ void write_breakdown(std::FILE* f, const std::string& level, double step_ms, con
 // each step for adaptive levels), with ratios to exact from the same process.
 int bench_step(const StepArgs& a, const torch::Device& dev) {
   const auto amp = aq::train::parse_amp(a.amp);
-  const bool cl = a.channels_last == "auto" ? dev.is_cuda() : aq::parse_bool(a.channels_last);
+  const bool cl = channels_last_on(a, dev);
   const int steps = a.steps ? a.steps : (dev.is_cuda() ? 20 : 3);
   aq::train::install_cpu_memory_counter();
   if (dev.is_cuda()) at::globalContext().setBenchmarkCuDNN(true);
@@ -456,11 +470,7 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
     torch::manual_seed(0);
     auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
     model->to(dev);
-    if (cl) {
-      torch::NoGradGuard g;
-      for (auto& p : model->parameters())
-        if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
-    }
+    if (cl) to_channels_last(*model);
     model->train();
     aq::train::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
     const bool per_layer = aq::adaptive(cfg) && cfg.perlayer;
@@ -533,12 +543,14 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
   aq::train::install_cpu_memory_counter();
   const auto amp = aq::train::parse_amp(a.amp);
   const auto configs = exact_and_levels(a);
+  const bool cl = channels_last_on(a, dev);
   std::printf("device\tarch\timage\tamp\tlevel\tmax_batch\tratio\ttrials\n");
   int64_t exact_max = 0;
   for (const auto& [name, cfg] : configs) {
     torch::manual_seed(0);
     auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
     model->to(dev);
+    if (cl) to_channels_last(*model);
     model->train();
     aq::train::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
     const bool per_layer = aq::adaptive(cfg) && cfg.perlayer;
@@ -550,6 +562,7 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
       aq::train::reset_peak(dev);
       try {
         auto x = torch::randn({b, a.channels, a.image_size, a.image_size}, torch::TensorOptions().device(dev));
+        if (cl) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
         auto y = torch::randint(a.classes, {b}, torch::TensorOptions().dtype(torch::kLong).device(dev));
         opt.zero_grad();
         aq::set_batch_indices(torch::arange(b, torch::kLong));
@@ -648,7 +661,6 @@ int main(int argc, char** argv) {
   st->add_option("--steps", sa.steps, "Timed steps, median reported (0: 20 on CUDA, 3 on CPU)")
       ->check(CLI::NonNegativeNumber);
   st->add_option("--warmup", sa.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
-  st->add_option("--channels-last", sa.channels_last, "auto (on CUDA), True or False")->capture_default_str();
   st->add_option("--profile-steps", sa.profile_steps,
                  "Steps run under the profiler after the timed ones, for the breakdown columns (0: none)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
