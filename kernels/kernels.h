@@ -118,6 +118,21 @@ void batch_norm_input_grad_inplace_cuda(at::Tensor& x, const at::Tensor& dy, con
                                         const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& sum_dy,
                                         const at::Tensor& sum_dy_xmu, int64_t count);
 
+// Max pooling over the last two dims of a 4-d tensor (CUDA), with each
+// output's window-local index (kh kW + kw, a byte: windows of at most 256)
+// in place of LibTorch's int64 flat index.  The forward computes y as
+// max_pool2d_with_indices does (the first largest value in window order, a
+// NaN winning); y and local are allocated by the caller, in one layout (NCHW
+// or channels last), x in any.  The backward writes gx (allocated, any
+// layout) from gy and local (any layouts): the sum, in the accumulation type
+// and LibTorch's order, of the gradients of the windows whose index points at
+// each element.  Floating types.
+struct Pool2d {
+  int64_t kH, kW, sH, sW, pH, pW, dH, dW;
+};
+void max_pool2d_local_cuda(const at::Tensor& x, const Pool2d& p, at::Tensor& y, at::Tensor& local);
+void max_pool2d_local_backward_cuda(const at::Tensor& gy, const at::Tensor& local, const Pool2d& p, at::Tensor& gx);
+
 // Masks without a bool tensor in between.  x, g and out are flat (memory
 // order); packed holds bit i = (x[i] > 0) in pack_bits's 1-bit layout.
 // apply: out[i] = bit i ? g[i] * scale : 0 (scale == 1: g[i] unchanged).

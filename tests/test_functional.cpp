@@ -422,8 +422,33 @@ TEST_P(Ops, PoolingIsExact) {
                               grads([&] { return F::adaptive_avg_pool2d(x, {5, 4}); }, {x}, pad)[0], 1e-6, 1e-7));
 }
 
+// Ties (the first largest in window order wins), NaN (it wins), both layouts
+// and the half types: the same output and, where windows overlap, the same
+// gradient bits as LibTorch's max pool.
+TEST_P(Ops, MaxPoolMatchesLibTorchOnTiesAndNaN) {
+  for (auto fmt : {torch::MemoryFormat::Contiguous, torch::MemoryFormat::ChannelsLast})
+    for (auto dt : {torch::kFloat, torch::kBFloat16, torch::kDouble}) {
+      auto x = torch::randint(-3, 3, {4, 5, 23, 18}, opts(dt));
+      x[1][2][5][7] = std::numeric_limits<double>::quiet_NaN();
+      x = x.contiguous(fmt).requires_grad_();
+      for (const auto& [k, str, pad] : {std::tuple<int64_t, int64_t, int64_t>{3, 2, 1}, {3, 1, 1}, {2, 2, 0}}) {
+        auto exact = [&] { return torch::max_pool2d(x, {k, k}, {str, str}, {pad, pad}, {1, 1}, true); };
+        auto pool = [&] { return F::max_pool(x, {k, k}, {str, str}, {pad, pad}, {1, 1}, true, nullptr); };
+        const auto ye = exact(), yq = pool();
+        const std::string what = std::to_string(k) + "/" + std::to_string(str) + " " + c10::toString(dt);
+        EXPECT_TRUE(torch::allclose(yq, ye, 0, 0, /*equal_nan=*/true)) << what;
+        EXPECT_EQ(yq.suggest_memory_format(), ye.suggest_memory_format()) << what;
+        const auto probe = torch::randn(ye.sizes(), opts(dt));
+        const auto ge = grads(exact, {x}, probe), gq = grads(pool, {x}, probe);
+        EXPECT_TRUE(torch::equal(gq[0], ge[0])) << what;
+        EXPECT_TRUE(gq[0].is_contiguous(fmt)) << what;
+      }
+    }
+}
+
 // A batch of more than 2^22 output elements has its window indices converted
-// a slice of samples at a time; the gradient keeps the input's layout.  An
+// a slice of samples at a time (LibTorch's kernels, the CPU; CUDA's own
+// kernels take it whole); the gradient keeps the input's layout.  An
 // unbatched input pools as one sample.
 TEST_P(Ops, MaxPoolSlicesLargeBatchesAndKeepsTheLayout) {
   auto x = torch::randn({5, 2, 1200, 800}, opts()).contiguous(torch::MemoryFormat::ChannelsLast).requires_grad_();

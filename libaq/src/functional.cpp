@@ -758,11 +758,64 @@ void for_each_slice(const at::Tensor& t, F&& f) {
   for (int64_t b = 0; b < n; b += step) f(b, std::min(n, b + step) - b);
 }
 
+// The window-local max-pool indices, bit-packed in local's memory order (a
+// contiguous tensor), and the sizes to unpack them to.
+void save_pool_indices(AutogradContext* ctx, const at::Tensor& local, int64_t bits, const at::Tensor& y,
+                       LayerState* st) {
+  const at::Tensor packed = pack_bits(local, bits);
+  auto& s = ctx->saved_data;
+  s["packed"] = packed;
+  s["bits"] = bits;
+  s["local_sizes"] = local.sizes().vec();
+  if (st) {
+    st->saved_bytes = packed.nbytes();
+    st->sample_elements = y.dim() ? y.numel() / std::max<int64_t>(1, y.size(0)) : 1;
+  }
+}
+
+#if AQ_WITH_CUDA
+kernels::Pool2d pool2d(AutogradContext* ctx) {
+  const auto& s = ctx->saved_data;
+  const auto k = s.at("kernel").toIntVector(), st = s.at("stride").toIntVector(), p = s.at("padding").toIntVector(),
+             d = s.at("dilation").toIntVector();
+  return {k[0], k[1], st[0], st[1], p[0], p[1], d[0], d[1]};
+}
+#endif
+
 struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, std::vector<int64_t> kernel,
                             std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
                             bool ceil_mode, const LayerStatePtr& st) {
     const int64_t D = static_cast<int64_t>(kernel.size());
+    auto& s = ctx->saved_data;
+    s["kernel"] = kernel;
+    s["stride"] = stride;
+    s["padding"] = padding;
+    s["dilation"] = dilation;
+    s["x_sizes"] = x.sizes().vec();
+    s["ceil_mode"] = ceil_mode;
+    s["x_format"] = static_cast<int64_t>(x.suggest_memory_format());
+    s["local_last"] = false;
+#if AQ_WITH_CUDA
+    if (D == 2 && x.is_cuda() && x.dim() == 4 && kernel[0] * kernel[1] <= 256) {
+      // Our own kernel writes the window-local indices directly.  LibTorch's
+      // meta function checks the arguments and gives the output's shape.
+      const at::Tensor meta = at::empty_strided(x.sizes(), x.strides(), x.options().device(at::kMeta));
+      const at::Tensor ym = std::get<0>(at::max_pool2d_with_indices(meta, kernel, stride, padding, dilation, ceil_mode));
+      const auto format = x.suggest_memory_format();
+      at::Tensor y = at::empty(ym.sizes(), x.options().memory_format(format));
+      at::Tensor local = at::empty(ym.sizes(), x.options().dtype(at::kByte).memory_format(format));
+      const kernels::Pool2d p = pool2d(ctx);
+      kernels::max_pool2d_local_cuda(x, p, y, local);
+      s["in"] = std::vector<int64_t>{x.size(2), x.size(3)};
+      s["out"] = std::vector<int64_t>{y.size(2), y.size(3)};
+      // Packed in memory order: channels last as [N, H, W, C].
+      const bool last = format == at::MemoryFormat::ChannelsLast;
+      save_pool_indices(ctx, last ? local.permute({0, 2, 3, 1}) : local, index_bits(p.kH * p.kW), y, st.get());
+      s["local_last"] = last;
+      return y;
+    }
+#endif
     at::Tensor y, idx;
     if (D == 1)
       std::tie(y, idx) = at::max_pool1d_with_indices(x, kernel, stride, padding, dilation, ceil_mode);
@@ -783,24 +836,9 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
       local.copy_(g.to_local(idx));
     }
     idx = at::Tensor();
-    const at::Tensor packed = pack_bits(local, bits);
-    auto& s = ctx->saved_data;
-    s["packed"] = packed;
-    s["bits"] = bits;
-    s["kernel"] = kernel;
-    s["stride"] = stride;
-    s["padding"] = padding;
-    s["dilation"] = dilation;
     s["in"] = g.in;
     s["out"] = g.out;
-    s["x_sizes"] = x.sizes().vec();
-    s["y_sizes"] = y.sizes().vec();
-    s["ceil_mode"] = ceil_mode;
-    s["x_format"] = static_cast<int64_t>(x.suggest_memory_format());
-    if (st) {
-      st->saved_bytes = packed.nbytes();
-      st->sample_elements = y.dim() ? y.numel() / std::max<int64_t>(1, y.size(0)) : 1;
-    }
+    save_pool_indices(ctx, local, bits, y, st.get());
     return y;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -813,8 +851,16 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
     const auto format = static_cast<at::MemoryFormat>(s["x_format"].toInt());
     const at::Tensor& gy = grads[0];
     const int64_t bits = s["bits"].toInt();
-    const at::Tensor local =
-        unpack_bits(s["packed"].toTensor(), bits, s["y_sizes"].toIntVector(), bits <= 8 ? at::kByte : at::kInt);
+    const auto memory_sizes = s["local_sizes"].toIntVector();  // [N, H, W, C] when channels last
+    at::Tensor local = unpack_bits(s["packed"].toTensor(), bits, memory_sizes, bits <= 8 ? at::kByte : at::kInt);
+    if (s["local_last"].toBool()) local = local.permute({0, 3, 1, 2});
+#if AQ_WITH_CUDA
+    if (gy.is_cuda() && D == 2 && local.dim() == 4 && local.scalar_type() == at::kByte) {
+      at::Tensor gx = at::empty(x_sizes, gy.options().memory_format(format));
+      kernels::max_pool2d_local_backward_cuda(gy, local, pool2d(ctx), gx);
+      return {gx, {}, {}, {}, {}, {}, {}};
+    }
+#endif
     // LibTorch's own backward kernels scatter into the input's layout, from
     // flat indices into each input plane, a slice of samples at a time.
     // One dimension runs as two with a height of 1.
