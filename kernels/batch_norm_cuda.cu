@@ -14,17 +14,45 @@
 namespace aq::kernels {
 namespace {
 
-// ATen's batch_norm_backward_elemt: (dy - mean_dy - (x - mean) k1) k2, with
-// mean_dy = sum dy / M, k1 = invstd^2 sum dy (x - mean) / M, k2 = w invstd.
-struct Coef {
+// The per-channel float [C] vectors a pass reads (null where absent), and
+// the 1 / count of the backward's means.
+struct Args {
+  const float* p[5];
+  float norm;
+  bool last;  // channels innermost
+};
+
+// The forward, as LibTorch's training-mode kernels compute it, in their
+// order of operations: w (x - mean) invstd + b with channels innermost,
+// ((x - mean) invstd) w + b otherwise; p = {mean, invstd, w, b}.
+struct Forward {
+  static constexpr bool kDy = false;
+  float mean, is, w, b;
+  bool last;
+  Forward() = default;
+  __device__ Forward(const Args& a, int64_t c)
+      : mean(__ldg(a.p[0] + c)),
+        is(__ldg(a.p[1] + c)),
+        w(a.p[2] ? __ldg(a.p[2] + c) : 1.0f),
+        b(a.p[3] ? __ldg(a.p[3] + c) : 0.0f),
+        last(a.last) {}
+  __device__ float operator()(float, float x) const { return last ? w * (x - mean) * is + b : (x - mean) * is * w + b; }
+};
+
+// The input gradient, as LibTorch's batch_norm_backward_elemt computes it:
+// (dy - mean_dy - (x - mean) k1) k2, with mean_dy = sum dy / M, k1 =
+// invstd^2 sum dy (x - mean) / M, k2 = w invstd; p = {mean, invstd, w,
+// sum_dy, sum_dy_xmu}.
+struct InputGrad {
+  static constexpr bool kDy = true;
   float mean, mdy, k1, k2;
-  __device__ Coef(const float* mean_, const float* invstd, const float* w, const float* sum_dy,
-                  const float* sum_dy_xmu, float norm, int64_t c) {
-    const float is = __ldg(invstd + c);
-    mean = __ldg(mean_ + c);
-    mdy = __ldg(sum_dy + c) * norm;
-    k1 = is * is * __ldg(sum_dy_xmu + c) * norm;
-    k2 = w ? __ldg(w + c) * is : is;
+  InputGrad() = default;
+  __device__ InputGrad(const Args& a, int64_t c) {
+    const float is = __ldg(a.p[1] + c);
+    mean = __ldg(a.p[0] + c);
+    mdy = __ldg(a.p[3] + c) * a.norm;
+    k1 = is * is * __ldg(a.p[4] + c) * a.norm;
+    k2 = a.p[2] ? __ldg(a.p[2] + c) * is : is;
   }
   __device__ float operator()(float dy, float x) const { return (dy - mdy - (x - mean) * k1) * k2; }
 };
@@ -34,90 +62,106 @@ struct alignas(sizeof(scalar_t) * E) Vec {
   scalar_t v[E];
 };
 
-// Channels last (the channel is the innermost dimension): x and dy are rows
-// of C / E vectors of E channels.  The threads step through them a whole
-// number of rows at a time, so each thread keeps its E channels, and their
-// coefficients, from one step to the next.
-template <typename scalar_t, int E>
-__global__ void input_grad_last_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t n_vec,
-                                       int64_t c_vec, const float* __restrict__ mean, const float* __restrict__ invstd,
-                                       const float* __restrict__ w, const float* __restrict__ sum_dy,
-                                       const float* __restrict__ sum_dy_xmu, float norm) {
+// Channels last (the channel is the innermost dimension): x (and dy) are
+// rows of C / E vectors of E channels.  The threads step through them a
+// whole number of rows at a time, so each thread keeps its E channels, and
+// their coefficients, from one step to the next.  x is overwritten.
+template <typename Op, typename scalar_t, int E>
+__global__ void last_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t n_vec, int64_t c_vec,
+                            Args a) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x / c_vec * c_vec;
   if (tid >= step) return;
   const int64_t c0 = tid % c_vec * E;
-  float m[E], mdy[E], k1[E], k2[E];
+  Op k[E];
 #pragma unroll
-  for (int e = 0; e < E; ++e) {
-    const Coef k(mean, invstd, w, sum_dy, sum_dy_xmu, norm, c0 + e);
-    m[e] = k.mean, mdy[e] = k.mdy, k1[e] = k.k1, k2[e] = k.k2;
-  }
+  for (int e = 0; e < E; ++e) k[e] = Op(a, c0 + e);
   for (int64_t i = tid; i < n_vec; i += step) {
-    const Vec<scalar_t, E> g = reinterpret_cast<const Vec<scalar_t, E>*>(dy)[i];
+    Vec<scalar_t, E> g;
+    if constexpr (Op::kDy) g = reinterpret_cast<const Vec<scalar_t, E>*>(dy)[i];
     Vec<scalar_t, E> v = reinterpret_cast<const Vec<scalar_t, E>*>(x)[i];
 #pragma unroll
     for (int e = 0; e < E; ++e)
-      v.v[e] = static_cast<scalar_t>((static_cast<float>(g.v[e]) - mdy[e] - (static_cast<float>(v.v[e]) - m[e]) * k1[e]) * k2[e]);
+      v.v[e] = static_cast<scalar_t>(k[e](Op::kDy ? static_cast<float>(g.v[e]) : 0.0f, static_cast<float>(v.v[e])));
     reinterpret_cast<Vec<scalar_t, E>*>(x)[i] = v;
   }
 }
 
 // NCHW: planes (one sample's channel) of inner / E vectors sharing one
 // channel; blockIdx.y steps through the planes, blockIdx.x along each.
-template <typename scalar_t, int E>
-__global__ void input_grad_planes_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t planes,
-                                         int64_t C, int64_t inner_vec, const float* __restrict__ mean,
-                                         const float* __restrict__ invstd, const float* __restrict__ w,
-                                         const float* __restrict__ sum_dy, const float* __restrict__ sum_dy_xmu,
-                                         float norm) {
+template <typename Op, typename scalar_t, int E>
+__global__ void planes_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t planes, int64_t C,
+                              int64_t inner_vec, Args a) {
   for (int64_t p = blockIdx.y; p < planes; p += gridDim.y) {
-    const Coef k(mean, invstd, w, sum_dy, sum_dy_xmu, norm, p % C);
+    const Op k(a, p % C);
     auto* xp = reinterpret_cast<Vec<scalar_t, E>*>(x) + p * inner_vec;
     const auto* gp = reinterpret_cast<const Vec<scalar_t, E>*>(dy) + p * inner_vec;
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < inner_vec;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const Vec<scalar_t, E> g = gp[i];
+      Vec<scalar_t, E> g;
+      if constexpr (Op::kDy) g = gp[i];
       Vec<scalar_t, E> v = xp[i];
 #pragma unroll
-      for (int e = 0; e < E; ++e) v.v[e] = static_cast<scalar_t>(k(static_cast<float>(g.v[e]), static_cast<float>(v.v[e])));
+      for (int e = 0; e < E; ++e)
+        v.v[e] = static_cast<scalar_t>(k(Op::kDy ? static_cast<float>(g.v[e]) : 0.0f, static_cast<float>(v.v[e])));
       xp[i] = v;
     }
   }
 }
 
-template <typename scalar_t, int E>
-void launch(at::Tensor& x, const at::Tensor& dy, bool last, int64_t C, int64_t inner, const float* const* p,
-            float norm) {
+template <typename Op, typename scalar_t, int E>
+void launch(at::Tensor& x, const at::Tensor& dy, bool last, int64_t C, int64_t inner, const Args& a) {
   constexpr int threads = 256;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t most = sms * 16;  // blocks
   const auto stream = at::cuda::getCurrentCUDAStream();
+  scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* gp = Op::kDy ? dy.const_data_ptr<scalar_t>() : nullptr;
   if (last) {
     const int64_t n_vec = x.numel() / E, c_vec = C / E;
     // Enough threads for every channel vector at least once.
     const int64_t blocks = std::max((c_vec + threads - 1) / threads, std::min((n_vec + threads - 1) / threads, most));
-    input_grad_last_kernel<scalar_t, E><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), n_vec, c_vec, p[0], p[1], p[2], p[3], p[4], norm);
+    last_kernel<Op, scalar_t, E><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(xp, gp, n_vec, c_vec, a);
   } else {
     const int64_t inner_vec = inner / E, planes = x.numel() / inner;
     const int64_t bx = std::min<int64_t>((inner_vec + threads - 1) / threads, most);
     const int64_t by = std::min<int64_t>({planes, std::max<int64_t>(1, most / bx), 65535});
-    input_grad_planes_kernel<scalar_t, E><<<dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by)), threads, 0,
-                                            stream>>>(x.data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), planes,
-                                                      C, inner_vec, p[0], p[1], p[2], p[3], p[4], norm);
+    planes_kernel<Op, scalar_t, E><<<dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by)), threads, 0,
+                                     stream>>>(xp, gp, planes, C, inner_vec, a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t>
-void input_grad(at::Tensor& x, const at::Tensor& dy, bool last, int64_t C, int64_t inner, const float* const* p,
-                float norm) {
+template <typename Op, typename scalar_t>
+void dense(at::Tensor& x, const at::Tensor& dy, bool last, int64_t C, int64_t inner, const Args& a) {
   constexpr int V = 16 / sizeof(scalar_t);
   const bool aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(dy.const_data_ptr()) % 16 == 0;
-  if (aligned && inner % V == 0) return launch<scalar_t, V>(x, dy, last, C, inner, p, norm);
-  return launch<scalar_t, 1>(x, dy, last, C, inner, p, norm);
+                       (!Op::kDy || reinterpret_cast<uintptr_t>(dy.const_data_ptr()) % 16 == 0);
+  if (aligned && inner % V == 0) return launch<Op, scalar_t, V>(x, dy, last, C, inner, a);
+  return launch<Op, scalar_t, 1>(x, dy, last, C, inner, a);
+}
+
+// Where x is dense in one of the two layouts (and dy, if any, has x's
+// strides), the flat kernels over x in place; false otherwise.
+template <typename Op>
+bool run_dense(at::Tensor& x, const at::Tensor& dy, Args a) {
+  const int64_t C = x.size(1);
+  const int64_t inner = x.numel() / (x.size(0) * C);
+  if (Op::kDy && x.strides() != dy.strides()) return false;
+  const bool nchw = x.is_contiguous();
+  const bool last = !nchw && x.is_contiguous(x.dim() == 4   ? at::MemoryFormat::ChannelsLast
+                                             : x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
+                                                            : at::MemoryFormat::Contiguous);
+  if (!nchw && !last) return false;
+  const bool l = last || inner == 1;  // [N, C] or 1x1: channels are innermost in NCHW too
+  const int64_t in = l ? C : inner;
+  a.last = l;
+  switch (x.scalar_type()) {
+    case at::kFloat: dense<Op, float>(x, dy, l, C, in, a); return true;
+    case at::kHalf: dense<Op, at::Half>(x, dy, l, C, in, a); return true;
+    case at::kBFloat16: dense<Op, at::BFloat16>(x, dy, l, C, in, a); return true;
+    default: return false;
+  }
 }
 
 // Any other pair of layouts: a TensorIterator over x, dy and the [C] vectors
@@ -148,41 +192,33 @@ void batch_norm_input_grad_inplace_cuda(at::Tensor& x, const at::Tensor& dy, con
   TORCH_CHECK(x.dim() >= 2 && x.sizes() == dy.sizes() && x.scalar_type() == dy.scalar_type(),
               "aq: batch_norm_input_grad_inplace_cuda: x and dy differ");
   if (x.numel() == 0) return;
-  const int64_t C = x.size(1);
-  const auto f = [&](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
-  const std::array<at::Tensor, 5> v = {f(mean), f(invstd), weight.defined() ? f(weight) : at::Tensor(), f(sum_dy),
-                                       f(sum_dy_xmu)};
-  const float norm = 1.0f / static_cast<float>(count);
-  // Dense in one of the two layouts, the same for x and dy: the flat kernel.
-  const int64_t inner = x.numel() / (x.size(0) * C);
-  const bool same = x.strides() == dy.strides() && x.size(0) > 0;
-  const bool nchw = same && x.is_contiguous();
-  const bool last = same && !nchw &&
-                    x.is_contiguous(x.dim() == 4   ? at::MemoryFormat::ChannelsLast
-                                    : x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
-                                                   : at::MemoryFormat::Contiguous);
-  if (nchw || last) {
-    const float* p[5];
-    for (size_t i = 0; i < v.size(); ++i) p[i] = v[i].defined() ? v[i].const_data_ptr<float>() : nullptr;
-    const bool l = last || inner == 1;  // [N, C] or 1x1: channels are innermost in NCHW too
-    const int64_t in = l ? C : inner;
-    switch (x.scalar_type()) {
-      case at::kFloat: return input_grad<float>(x, dy, l, C, in, p, norm);
-      case at::kHalf: return input_grad<at::Half>(x, dy, l, C, in, p, norm);
-      case at::kBFloat16: return input_grad<at::BFloat16>(x, dy, l, C, in, p, norm);
-      default: break;
-    }
-  } else {
-    std::array<at::Tensor, 5> u = v;
-    if (!u[2].defined()) u[2] = at::ones_like(u[0]);
-    switch (x.scalar_type()) {
-      case at::kFloat: return input_grad_strided<float>(x, dy, u, norm);
-      case at::kHalf: return input_grad_strided<at::Half>(x, dy, u, norm);
-      case at::kBFloat16: return input_grad_strided<at::BFloat16>(x, dy, u, norm);
-      default: break;
-    }
+  const auto f = [&](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat).contiguous() : t; };
+  const std::array<at::Tensor, 5> v = {f(mean), f(invstd), f(weight), f(sum_dy), f(sum_dy_xmu)};
+  Args a{};
+  for (size_t i = 0; i < v.size(); ++i) a.p[i] = v[i].defined() ? v[i].const_data_ptr<float>() : nullptr;
+  a.norm = 1.0f / static_cast<float>(count);
+  if (run_dense<InputGrad>(x, dy, a)) return;
+  // Any other pair of layouts.
+  std::array<at::Tensor, 5> u = v;
+  if (!u[2].defined()) u[2] = at::ones_like(u[0]);
+  switch (x.scalar_type()) {
+    case at::kFloat: return input_grad_strided<float>(x, dy, u, a.norm);
+    case at::kHalf: return input_grad_strided<at::Half>(x, dy, u, a.norm);
+    case at::kBFloat16: return input_grad_strided<at::BFloat16>(x, dy, u, a.norm);
+    default: TORCH_CHECK(false, "aq: batch_norm_input_grad_inplace_cuda: fp32, fp16 or bf16, not ", x.scalar_type());
   }
-  TORCH_CHECK(false, "aq: batch_norm_input_grad_inplace_cuda: fp32, fp16 or bf16, not ", x.scalar_type());
+}
+
+bool batch_norm_forward_inplace_cuda(at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                                     const at::Tensor& weight, const at::Tensor& bias) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.dim() >= 2, "aq: batch_norm_forward_inplace_cuda: x needs a channel dimension");
+  if (x.numel() == 0) return true;
+  const auto f = [&](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat).contiguous() : t; };
+  const std::array<at::Tensor, 4> v = {f(mean), f(invstd), f(weight), f(bias)};
+  Args a{};
+  for (size_t i = 0; i < v.size(); ++i) a.p[i] = v[i].defined() ? v[i].const_data_ptr<float>() : nullptr;
+  return run_dense<Forward>(x, at::Tensor(), a);
 }
 
 }  // namespace aq::kernels

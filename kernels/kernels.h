@@ -118,6 +118,14 @@ void batch_norm_input_grad_inplace_cuda(at::Tensor& x, const at::Tensor& dy, con
                                         const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& sum_dy,
                                         const at::Tensor& sum_dy_xmu, int64_t count);
 
+// BatchNorm's training-mode output written over x, as LibTorch's
+// batch_norm_transform_input computes it: w (x - mean) invstd + b per
+// channel (dim 1; [C] tensors, weight and bias may be undefined).  x dense
+// in NCHW or channels last, fp32, fp16 or bf16; false (x untouched)
+// otherwise.
+bool batch_norm_forward_inplace_cuda(at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                                     const at::Tensor& weight, const at::Tensor& bias);
+
 // Max pooling over the last two dims of a 4-d tensor (CUDA), with each
 // output's window-local index (kh kW + kw, a byte: windows of at most 256)
 // in place of LibTorch's int64 flat index.  The forward computes y as
@@ -130,6 +138,9 @@ void batch_norm_input_grad_inplace_cuda(at::Tensor& x, const at::Tensor& dy, con
 struct Pool2d {
   int64_t kH, kW, sH, sW, pH, pW, dH, dW;
 };
+// For tensors whose element offsets all stay below 2^30 (pool_offsets_fit);
+// larger ones go through LibTorch's kernels.
+bool pool_offsets_fit(const at::Tensor& t);
 void max_pool2d_local_cuda(const at::Tensor& x, const Pool2d& p, at::Tensor& y, at::Tensor& local);
 void max_pool2d_local_backward_cuda(const at::Tensor& gy, const at::Tensor& local, const Pool2d& p, at::Tensor& gx);
 
