@@ -81,7 +81,9 @@ at::Tensor convolution(const at::Tensor& x, const at::Tensor& weight, const std:
 // updated in place as LibTorch's); saves x compressed plus the per-channel
 // mean and invstd.  overwrite_input: when x is compressed, the output is
 // written over x (its compressed copy is all backward needs) and x is
-// returned; only for an x nothing else reads afterwards.
+// returned; only for an x nothing else reads afterwards.  (On CUDA that
+// output comes from aq's own in-place kernel: LibTorch's values to the
+// last bit or so.)
 at::Tensor batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                       const at::Tensor& running_var, double momentum, double eps,
@@ -96,6 +98,8 @@ at::Tensor dropout(const at::Tensor& x, double p, const LayerStatePtr& state);
 // Max pooling over the last D = kernel.size() dimensions (1..3), any
 // kernel, stride, padding, dilation and ceil_mode; saves the argmax of each
 // window as a ceil(log2(window))-bit integer instead of 64-bit indices.
+// Exactly LibTorch's outputs and gradients (on CUDA, 2-d pools under 2^30
+// elements run aq's own kernels, which make and read those integers).
 at::Tensor max_pool(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, bool ceil_mode, const LayerStatePtr& state);
 
