@@ -1,8 +1,10 @@
-// BatchNorm's input gradient written over the restored input (CUDA).  The
-// backward of a compressed BatchNorm restores its input into a tensor of its
-// own; once the per-channel sums are taken, that tensor is read for the last
-// time by the elementwise pass, which can therefore write the input gradient
-// in its place: one tensor of the input's size fewer at BatchNorm's peak.
+// BatchNorm's elementwise passes written in place (CUDA).  The forward of a
+// BatchNorm whose input has no other reader writes its output over the
+// input once the compressed copy is taken; the backward of a compressed
+// BatchNorm restores its input into a tensor of its own, read for the last
+// time by the elementwise pass, which therefore writes the input gradient in
+// its place.  Each saves a tensor of the input's size at BatchNorm's peak.
+// The per-channel statistics come from LibTorch's own kernels.
 #include "kernels.h"
 
 #include <ATen/TensorIterator.h>
