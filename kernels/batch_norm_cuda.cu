@@ -10,8 +10,12 @@
 #include <ATen/TensorIterator.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/native/cuda/Loops.cuh>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/ones_like.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <cub/block/block_reduce.cuh>
 
 namespace aq::kernels {
 namespace {
@@ -64,28 +68,51 @@ struct alignas(sizeof(scalar_t) * E) Vec {
   scalar_t v[E];
 };
 
+constexpr int kThreads = 256;
+
 // Channels last (the channel is the innermost dimension): x (and dy) are
 // rows of C / E vectors of E channels.  The threads step through them a
 // whole number of rows at a time, so each thread keeps its E channels, and
 // their coefficients, from one step to the next.  x is overwritten.
+// With `partial`, blockIdx.y is a sample, n_vec counts that sample's
+// vectors, and each block also writes the sum of the squares of the values
+// it wrote to partial[sample * gridDim.x + blockIdx.x] (a fixed order of
+// operations: the same sums every run).
 template <typename Op, typename scalar_t, int E>
-__global__ void last_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t n_vec, int64_t c_vec,
-                            Args a) {
+__global__ void __launch_bounds__(kThreads)
+    last_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t n_vec, int64_t c_vec, Args a,
+                float* __restrict__ partial) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x / c_vec * c_vec;
-  if (tid >= step) return;
-  const int64_t c0 = tid % c_vec * E;
-  Op k[E];
+  const int64_t base = static_cast<int64_t>(blockIdx.y) * n_vec;
+  auto* xv = reinterpret_cast<Vec<scalar_t, E>*>(x) + base;
+  const auto* gv = reinterpret_cast<const Vec<scalar_t, E>*>(dy) + (Op::kDy ? base : 0);
+  float sq = 0.0f;
+  if (tid < step) {
+    const int64_t c0 = tid % c_vec * E;
+    Op k[E];
 #pragma unroll
-  for (int e = 0; e < E; ++e) k[e] = Op(a, c0 + e);
-  for (int64_t i = tid; i < n_vec; i += step) {
-    Vec<scalar_t, E> g;
-    if constexpr (Op::kDy) g = reinterpret_cast<const Vec<scalar_t, E>*>(dy)[i];
-    Vec<scalar_t, E> v = reinterpret_cast<const Vec<scalar_t, E>*>(x)[i];
+    for (int e = 0; e < E; ++e) k[e] = Op(a, c0 + e);
+    for (int64_t i = tid; i < n_vec; i += step) {
+      Vec<scalar_t, E> g;
+      if constexpr (Op::kDy) g = gv[i];
+      Vec<scalar_t, E> v = xv[i];
 #pragma unroll
-    for (int e = 0; e < E; ++e)
-      v.v[e] = static_cast<scalar_t>(k[e](Op::kDy ? static_cast<float>(g.v[e]) : 0.0f, static_cast<float>(v.v[e])));
-    reinterpret_cast<Vec<scalar_t, E>*>(x)[i] = v;
+      for (int e = 0; e < E; ++e) {
+        v.v[e] = static_cast<scalar_t>(k[e](Op::kDy ? static_cast<float>(g.v[e]) : 0.0f, static_cast<float>(v.v[e])));
+        if (partial) {
+          const float q = static_cast<float>(v.v[e]);
+          sq = fmaf(q, q, sq);
+        }
+      }
+      xv[i] = v;
+    }
+  }
+  if (partial) {
+    using Reduce = cub::BlockReduce<float, kThreads>;
+    __shared__ typename Reduce::TempStorage tmp;
+    const float total = Reduce(tmp).Sum(sq);
+    if (threadIdx.x == 0) partial[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = total;
   }
 }
 
@@ -112,41 +139,54 @@ __global__ void planes_kernel(scalar_t* __restrict__ x, const scalar_t* __restri
 }
 
 template <typename Op, typename scalar_t, int E>
-void launch(at::Tensor& x, const at::Tensor& dy, bool last, int64_t C, int64_t inner, const Args& a) {
-  constexpr int threads = 256;
+void launch(at::Tensor& x, const at::Tensor& dy, bool last, int64_t C, int64_t inner, const Args& a,
+            at::Tensor* sample_sq) {
+  constexpr int threads = kThreads;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t most = sms * 16;  // blocks
   const auto stream = at::cuda::getCurrentCUDAStream();
   scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* gp = Op::kDy ? dy.const_data_ptr<scalar_t>() : nullptr;
   if (last) {
-    const int64_t n_vec = x.numel() / E, c_vec = C / E;
+    const int64_t N = x.size(0);
+    const bool per_sample = sample_sq && N <= 65535;
+    const int64_t n_vec = x.numel() / E / (per_sample ? N : 1), c_vec = C / E;
     // Enough threads for every channel vector at least once.
-    const int64_t blocks = std::max((c_vec + threads - 1) / threads, std::min((n_vec + threads - 1) / threads, most));
-    last_kernel<Op, scalar_t, E><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(xp, gp, n_vec, c_vec, a);
-  } else {
-    const int64_t inner_vec = inner / E, planes = x.numel() / inner;
-    const int64_t bx = std::min<int64_t>((inner_vec + threads - 1) / threads, most);
-    const int64_t by = std::min<int64_t>({planes, std::max<int64_t>(1, most / bx), 65535});
-    planes_kernel<Op, scalar_t, E><<<dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by)), threads, 0,
-                                     stream>>>(xp, gp, planes, C, inner_vec, a);
+    const int64_t most_x = per_sample ? std::max<int64_t>(1, most / N) : most;
+    const int64_t blocks = std::max((c_vec + threads - 1) / threads, std::min((n_vec + threads - 1) / threads, most_x));
+    at::Tensor partial;
+    if (per_sample) partial = at::empty({N, blocks}, x.options().dtype(at::kFloat));
+    last_kernel<Op, scalar_t, E><<<dim3(static_cast<unsigned>(blocks), per_sample ? static_cast<unsigned>(N) : 1u),
+                                   threads, 0, stream>>>(xp, gp, n_vec, c_vec, a,
+                                                         per_sample ? partial.data_ptr<float>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (per_sample) *sample_sq = partial.sum(1);
+    return;
   }
+  const int64_t inner_vec = inner / E, planes = x.numel() / inner;
+  const int64_t bx = std::min<int64_t>((inner_vec + threads - 1) / threads, most);
+  const int64_t by = std::min<int64_t>({planes, std::max<int64_t>(1, most / bx), 65535});
+  planes_kernel<Op, scalar_t, E><<<dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by)), threads, 0, stream>>>(
+      xp, gp, planes, C, inner_vec, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename Op, typename scalar_t>
-void dense(at::Tensor& x, const at::Tensor& dy, bool last, int64_t C, int64_t inner, const Args& a) {
+void dense(at::Tensor& x, const at::Tensor& dy, bool last, int64_t C, int64_t inner, const Args& a,
+           at::Tensor* sample_sq) {
   constexpr int V = 16 / sizeof(scalar_t);
   const bool aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
                        (!Op::kDy || reinterpret_cast<uintptr_t>(dy.const_data_ptr()) % 16 == 0);
-  if (aligned && inner % V == 0) return launch<Op, scalar_t, V>(x, dy, last, C, inner, a);
-  return launch<Op, scalar_t, 1>(x, dy, last, C, inner, a);
+  if (aligned && inner % V == 0) return launch<Op, scalar_t, V>(x, dy, last, C, inner, a, sample_sq);
+  return launch<Op, scalar_t, 1>(x, dy, last, C, inner, a, sample_sq);
 }
 
 // Where x is dense in one of the two layouts (and dy, if any, has x's
-// strides), the flat kernels over x in place; false otherwise.
+// strides), the flat kernels over x in place; false otherwise.  sample_sq
+// (channels innermost only) receives the per-sample sums of squares of what
+// was written.
 template <typename Op>
-bool run_dense(at::Tensor& x, const at::Tensor& dy, Args a) {
+bool run_dense(at::Tensor& x, const at::Tensor& dy, Args a, at::Tensor* sample_sq = nullptr) {
   const int64_t C = x.size(1);
   const int64_t inner = x.numel() / (x.size(0) * C);
   if (Op::kDy && x.strides() != dy.strides()) return false;
@@ -159,9 +199,9 @@ bool run_dense(at::Tensor& x, const at::Tensor& dy, Args a) {
   const int64_t in = l ? C : inner;
   a.last = l;
   switch (x.scalar_type()) {
-    case at::kFloat: dense<Op, float>(x, dy, l, C, in, a); return true;
-    case at::kHalf: dense<Op, at::Half>(x, dy, l, C, in, a); return true;
-    case at::kBFloat16: dense<Op, at::BFloat16>(x, dy, l, C, in, a); return true;
+    case at::kFloat: dense<Op, float>(x, dy, l, C, in, a, sample_sq); return true;
+    case at::kHalf: dense<Op, at::Half>(x, dy, l, C, in, a, sample_sq); return true;
+    case at::kBFloat16: dense<Op, at::BFloat16>(x, dy, l, C, in, a, sample_sq); return true;
     default: return false;
   }
 }
@@ -189,7 +229,7 @@ void input_grad_strided(at::Tensor& x, const at::Tensor& dy, const std::array<at
 
 void batch_norm_input_grad_inplace_cuda(at::Tensor& x, const at::Tensor& dy, const at::Tensor& mean,
                                         const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& sum_dy,
-                                        const at::Tensor& sum_dy_xmu, int64_t count) {
+                                        const at::Tensor& sum_dy_xmu, int64_t count, at::Tensor* sample_sq) {
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.dim() >= 2 && x.sizes() == dy.sizes() && x.scalar_type() == dy.scalar_type(),
               "aq: batch_norm_input_grad_inplace_cuda: x and dy differ");
@@ -199,7 +239,7 @@ void batch_norm_input_grad_inplace_cuda(at::Tensor& x, const at::Tensor& dy, con
   Args a{};
   for (size_t i = 0; i < v.size(); ++i) a.p[i] = v[i].defined() ? v[i].const_data_ptr<float>() : nullptr;
   a.norm = 1.0f / static_cast<float>(count);
-  if (run_dense<InputGrad>(x, dy, a)) return;
+  if (run_dense<InputGrad>(x, dy, a, sample_sq)) return;
   // Any other pair of layouts.
   std::array<at::Tensor, 5> u = v;
   if (!u[2].defined()) u[2] = at::ones_like(u[0]);

@@ -753,17 +753,37 @@ void unpack_bits_cuda(const at::Tensor& packed, int bits, at::Tensor& codes) {
 // ---------------------------------------------------------------------------
 // Masks straight from the activation: a warp's ballot is the 32-element word;
 // applying reads a word per element (from cache) next to the gradient.
+// With y given, the same pass writes y = relu(x) (y may be x): ReLU and its
+// mask in one read.
 
 namespace {
 
+// LibTorch's relu (clamp_min(x, 0)): NaN stays, otherwise fmaxf(x, 0).
 template <typename scalar_t>
-__global__ void pack_positive_kernel(const scalar_t* __restrict__ x, int64_t n, uint32_t* __restrict__ out) {
+__device__ __forceinline__ scalar_t relu_of(scalar_t v) {
+  const float f = static_cast<float>(v);
+  return f != f ? v : static_cast<scalar_t>(fmaxf(f, 0.0f));
+}
+template <>
+__device__ __forceinline__ bool relu_of(bool v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ double relu_of(double v) {
+  return v != v ? v : fmax(v, 0.0);
+}
+
+template <typename scalar_t>
+__global__ void pack_positive_kernel(const scalar_t* x, int64_t n, uint32_t* __restrict__ out, scalar_t* y) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
        k < (n + 31) / 32; k += warps) {
     const int64_t i = k * 32 + lane;
-    const bool on = i < n && static_cast<float>(x[i]) > 0.0f;
+    scalar_t v{};
+    if (i < n) v = x[i];
+    const bool on = i < n && static_cast<float>(v) > 0.0f;
+    if (y && i < n) y[i] = relu_of(v);
     const uint32_t word = __ballot_sync(0xffffffffu, on);
     if (lane == 0) out[k] = word;
   }
@@ -773,8 +793,8 @@ __global__ void pack_positive_kernel(const scalar_t* __restrict__ x, int64_t n, 
 // [L E, L E + E) of a chunk of 32 E, and the lanes sharing a word OR their
 // bits together.  x is 16-byte aligned; n_chunks full chunks.
 template <typename scalar_t>
-__global__ void pack_positive_vec_kernel(const scalar_t* __restrict__ x, int64_t n_chunks,
-                                         uint32_t* __restrict__ out) {
+__global__ void pack_positive_vec_kernel(const scalar_t* x, int64_t n_chunks, uint32_t* __restrict__ out,
+                                         scalar_t* y) {
   constexpr int E = 16 / sizeof(scalar_t);  // 2..16, divides 32
   constexpr int kLanesPerWord = 32 / E;
   const int lane = threadIdx.x & 31;
@@ -787,6 +807,13 @@ __global__ void pack_positive_vec_kernel(const scalar_t* __restrict__ x, int64_t
     uint32_t bits = 0;
 #pragma unroll
     for (int i = 0; i < E; ++i) bits |= static_cast<uint32_t>(static_cast<float>(v[i]) > 0.0f) << i;
+    if (y) {
+#pragma unroll
+      for (int i = 0; i < E; ++i) v[i] = relu_of(v[i]);
+      uint4 w;
+      memcpy(&w, v, 16);
+      reinterpret_cast<uint4*>(y + k * 32 * E)[lane] = w;
+    }
     bits <<= (lane * E) & 31;
 #pragma unroll
     for (int o = 1; o < kLanesPerWord; o <<= 1) bits |= __shfl_xor_sync(0xffffffffu, bits, o);
@@ -820,24 +847,30 @@ __global__ void apply_mask_kernel(const scalar_t* __restrict__ g, const uint32_t
 
 }  // namespace
 
-void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed) {
+void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed, at::Tensor* relu_out) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.numel();
   if (n == 0) return;
+  TORCH_CHECK(!relu_out || (relu_out->numel() == n && relu_out->scalar_type() == x.scalar_type() &&
+                            relu_out->is_contiguous() && x.scalar_type() != at::kBool),
+              "aq: pack_positive_cuda: relu_out must be a flat floating tensor like x");
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "aq_pack_positive_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = relu_out ? relu_out->data_ptr<scalar_t>() : nullptr;
     uint32_t* out = reinterpret_cast<uint32_t*>(packed.data_ptr<uint8_t>());
     // Whole chunks of 32 16-byte vectors where aligned, the rest (a word-aligned tail) a word per warp.
     constexpr int64_t kChunk = 32 * (16 / sizeof(scalar_t));
-    const int64_t chunks = reinterpret_cast<uintptr_t>(xp) % 16 == 0 ? n / kChunk : 0;
+    const bool aligned = reinterpret_cast<uintptr_t>(xp) % 16 == 0 && reinterpret_cast<uintptr_t>(yp) % 16 == 0;
+    const int64_t chunks = aligned ? n / kChunk : 0;
     if (chunks > 0) {
-      pack_positive_vec_kernel<scalar_t><<<grid_for(chunks * 32, 256), 256, 0, stream>>>(xp, chunks, out);
+      pack_positive_vec_kernel<scalar_t><<<grid_for(chunks * 32, 256), 256, 0, stream>>>(xp, chunks, out, yp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const int64_t done = chunks * kChunk;
     if (done < n) {
-      pack_positive_kernel<scalar_t><<<grid_for(n - done, 256), 256, 0, stream>>>(xp + done, n - done, out + done / 32);
+      pack_positive_kernel<scalar_t><<<grid_for(n - done, 256), 256, 0, stream>>>(
+          xp + done, n - done, out + done / 32, yp ? yp + done : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -894,8 +927,9 @@ allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq
   } tmp;
   __shared__ unsigned int hist[256];
   __shared__ double shared_value;
-  __shared__ uint64_t prefix;
+  __shared__ uint64_t prefix, found;
   __shared__ int64_t rank;
+  __shared__ int single;
   const int t = threadIdx.x;
   const int64_t N = p.N;
   double c[kAllocPerThread];
@@ -955,35 +989,73 @@ allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq
 
   const int m = p.ibits - 1;  // candidates per sample: b = ibits .. 2
   auto key = [&](int j, int b) { return static_cast<uint64_t>(__double_as_longlong(__dmul_rn(c[j], p.dinv[b]))); };
+  const int rounds = static_cast<int>((N + kAllocThreads - 1) / kAllocThreads);  // the same for every thread
+  const int lane = t & 31;
   uint64_t K = 0;
   int64_t need = 0;
   if (p.removals > 0 && p.removals < m * N) {
-    if (t == 0) prefix = 0, rank = p.removals;
+    // Radix select of the removals-th smallest key, a byte at a time from
+    // the top.  A warp's lanes with keys in the same bucket add to its
+    // count once (a bucket can hold nearly every key); the bucket is found
+    // by a scan in one warp; once it holds a single key, that key is K.
+    if (t == 0) prefix = 0, rank = p.removals, single = 0;
     for (int shift = 56; shift >= 0; shift -= 8) {
       for (int d = t; d < 256; d += kAllocThreads) hist[d] = 0;
       __syncthreads();
       const uint64_t high = shift == 56 ? 0 : ~uint64_t(0) << (shift + 8);
       const uint64_t want = prefix & high;
-      for (int j = 0; j < kAllocPerThread; ++j) {
-        if (t + static_cast<int64_t>(j) * kAllocThreads >= N) break;
+      for (int j = 0; j < rounds; ++j) {
+        const bool valid = t + static_cast<int64_t>(j) * kAllocThreads < N;
         for (int b = p.ibits; b >= 2; --b) {
-          const uint64_t k = key(j, b);
-          if ((k & high) == want) atomicAdd(&hist[(k >> shift) & 255], 1u);
+          const uint64_t k = valid ? key(j, b) : 0;
+          const unsigned bucket = valid && (k & high) == want ? static_cast<unsigned>(k >> shift) & 255u : 256u;
+          const unsigned peers = __match_any_sync(0xffffffffu, bucket);
+          if (bucket < 256u && lane == __ffs(peers) - 1) atomicAdd(&hist[bucket], __popc(peers));
         }
       }
       __syncthreads();
-      if (t == 0) {
-        int64_t below = 0;
-        for (int d = 0; d < 256; ++d) {
-          if (below + hist[d] >= rank) {
-            prefix |= static_cast<uint64_t>(d) << shift;
-            rank -= below;
-            break;
+      if (t < 32) {  // lane L holds buckets 8L .. 8L + 7
+        unsigned cnt[8];
+        long long sum = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) cnt[i] = hist[8 * lane + i], sum += cnt[i];
+        long long incl = sum;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const long long v = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += v;
+        }
+        const long long r = rank;
+        const int first = __ffs(__ballot_sync(0xffffffffu, incl >= r)) - 1;
+        if (lane == first) {
+          long long below = incl - sum;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            if (below + cnt[i] >= r) {
+              prefix |= static_cast<uint64_t>(8 * lane + i) << shift;
+              rank = r - below;
+              single = cnt[i] == 1;
+              break;
+            }
+            below += cnt[i];
           }
-          below += hist[d];
         }
       }
       __syncthreads();
+      if (single) {  // the one key under the prefix found so far
+        const uint64_t fixed = ~uint64_t(0) << shift, pre = prefix;
+        for (int j = 0; j < rounds; ++j) {
+          if (t + static_cast<int64_t>(j) * kAllocThreads >= N) break;
+          for (int b = p.ibits; b >= 2; --b) {
+            const uint64_t k = key(j, b);
+            if ((k & fixed) == pre) found = k;
+          }
+        }
+        __syncthreads();
+        if (t == 0) prefix = found;
+        __syncthreads();
+        break;
+      }
     }
     K = prefix;
     need = rank;  // candidates equal to K still to remove

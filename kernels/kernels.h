@@ -113,10 +113,13 @@ void update_sample_stat_cuda(const at::Tensor& g, const at::Tensor& idx, at::Ten
 // per-channel tensors are [C]; sum_dy and sum_dy_xmu are the sums of dy and
 // dy (x - mean) over all but dim 1.  A flat vectorised kernel where x and dy
 // are both NCHW- or both channels-last-dense, any layouts otherwise; fp32,
-// fp16 or bf16.
+// fp16 or bf16.  With sample_sq, where the flat channels-innermost kernel
+// runs (channels last, or no spatial dims) and N <= 65535, *sample_sq
+// becomes float [N]: each sample's sum of the squares of the gradient
+// written, summed in a fixed order; elsewhere it is left undefined.
 void batch_norm_input_grad_inplace_cuda(at::Tensor& x, const at::Tensor& dy, const at::Tensor& mean,
                                         const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& sum_dy,
-                                        const at::Tensor& sum_dy_xmu, int64_t count);
+                                        const at::Tensor& sum_dy_xmu, int64_t count, at::Tensor* sample_sq = nullptr);
 
 // BatchNorm's training-mode output written over x, as LibTorch's
 // batch_norm_transform_input computes it: w (x - mean) invstd + b per
@@ -147,9 +150,11 @@ void max_pool2d_local_backward_cuda(const at::Tensor& gy, const at::Tensor& loca
 // Masks without a bool tensor in between.  x, g and out are flat (memory
 // order); packed holds bit i = (x[i] > 0) in pack_bits's 1-bit layout.
 // apply: out[i] = bit i ? g[i] * scale : 0 (scale == 1: g[i] unchanged).
+// With relu_out (flat, x's dtype, may be x itself), the CUDA pass also writes
+// relu_out[i] = relu(x[i]) as LibTorch computes it, from the same read.
 void pack_positive_cpu(const at::Tensor& x, at::Tensor& packed);
 void apply_mask_cpu(const at::Tensor& g, const at::Tensor& packed, double scale, at::Tensor& out);
-void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed);
+void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed, at::Tensor* relu_out = nullptr);
 void apply_mask_cuda(const at::Tensor& g, const at::Tensor& packed, double scale, at::Tensor& out);
 
 // ---------------------------------------------------------------------------

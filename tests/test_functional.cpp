@@ -1,5 +1,6 @@
 // Compressed ops against LibTorch's: identical forward, gradients close at
 // 8 bits and unbiased at 2 bits, exact masks; per device.
+#include "aq/compress.h"
 #include "aq/functional.h"
 #include "aq/train.h"
 #include "device_test.h"
@@ -7,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <functional>
 
 namespace {
@@ -243,6 +245,76 @@ TEST_P(Ops, BatchNormMatchesLibTorch) {
   auto kept = leaf.detach().clone();
   F::batch_norm(leaf, w, b, rm, rv, 0.1, 1e-5, bits(2), aq::make_layer_state(), true);
   EXPECT_TRUE(torch::equal(leaf, kept));
+}
+
+// A conv's gradient statistics are its output gradient's per-sample squared
+// norms, whether the BatchNorm after it summed them as it wrote that
+// gradient (CUDA, channels last) or the conv's backward reads them, and
+// also when the gradient the BatchNorm wrote is added to before the conv
+// receives it.
+TEST_P(Ops, GradientStatisticsThroughBatchNorm) {
+  auto ca = bits(2);
+  ca.ibits = 8;
+  ca.usegradient = false;
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    for (const bool last : {true, false}) {
+      for (const bool shared : {false, true}) {
+        auto x = torch::randn({6, 16, 10, 10}, opts().dtype(dtype));
+        if (last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+        auto w = (torch::randn({32, 16, 3, 3}, opts().dtype(dtype)) * 0.1).requires_grad_();
+        auto bw = torch::rand({32}, opts()).add_(0.5).requires_grad_();
+        auto bb = torch::randn({32}, opts()).requires_grad_();
+        auto rm = torch::zeros({32}, opts()), rv = torch::ones({32}, opts());
+        auto cst = aq::make_layer_state(), bst = aq::make_layer_state();
+        auto y = F::convolution(x, w, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1, ca, cst);
+        y.retain_grad();
+        auto z = F::batch_norm(y, bw, bb, rm, rv, 0.1, 1e-5, ca, bst);
+        auto loss = (z * torch::randn_like(z)).sum();
+        if (shared) loss = loss + (y * torch::randn_like(y)).sum();  // y's gradient: the BatchNorm's plus another
+        loss.backward();
+        ASSERT_TRUE(cst->grad_sq.defined());
+        const auto want = y.grad().reshape({6, -1}).to(torch::kFloat).pow(2).sum(1);
+        EXPECT_TRUE(torch::allclose(cst->grad_sq.cpu(), want.cpu(), 1e-4, 0))
+            << dtype << " last " << last << " shared " << shared << "\n" << cst->grad_sq << want;
+        EXPECT_NEAR(cst->grad_mean.item<double>(), want.mean().item<double>(), 1e-4 * want.mean().item<double>());
+      }
+    }
+  }
+}
+
+// ReLU and its mask in one pass: LibTorch's values bit for bit (NaN, -0.0,
+// infinities), either layout, sizes off the kernels' chunks, in place or not.
+TEST_P(Ops, ReluAndMaskMatchLibTorch) {
+  for (const auto dtype : {torch::kFloat, torch::kHalf, torch::kBFloat16, torch::kDouble}) {
+    for (const bool last : {false, true}) {
+      for (const auto& shape : std::vector<std::vector<int64_t>>{{4, 3, 9, 9}, {2, 64, 7, 7}, {1, 1, 1, 1}}) {
+        auto x = torch::randn(shape, opts().dtype(torch::kFloat)).to(dtype);
+        auto flat = x.view({-1});
+        if (flat.numel() >= 6) {
+          const double special[] = {NAN, -0.0, 0.0, INFINITY, -INFINITY, -1e-30};
+          for (int i = 0; i < 6; ++i) flat.narrow(0, i * (flat.numel() / 6), 1).fill_(special[i]);
+        }
+        if (last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+        const auto ref = torch::relu(x);
+        const auto same_bits = [&](const torch::Tensor& a) {
+          const auto ity = dtype == torch::kDouble ? torch::kLong : dtype == torch::kFloat ? torch::kInt : torch::kShort;
+          return a.strides() == x.strides() && torch::equal(a.contiguous().view(ity), ref.contiguous().view(ity));
+        };
+        const auto want = aq::pack_positive(ref);
+        auto [y, packed] = aq::relu_and_mask(x, false);
+        EXPECT_TRUE(same_bits(y)) << dtype << " last " << last;
+        EXPECT_TRUE(torch::equal(packed, want)) << dtype << " last " << last;
+        auto x2 = x.clone();
+        const auto v0 = x2._version();
+        auto [y2, packed2] = aq::relu_and_mask(x2, true);
+        EXPECT_EQ(y2.data_ptr(), x2.data_ptr());
+        EXPECT_GT(x2._version(), v0);
+        EXPECT_TRUE(same_bits(y2)) << dtype << " last " << last;
+        EXPECT_TRUE(torch::equal(packed2, want)) << dtype << " last " << last;
+      }
+    }
+  }
+  EXPECT_THROW(aq::relu_and_mask(torch::ones({3}, opts().dtype(torch::kInt)), false), std::invalid_argument);
 }
 
 TEST_P(Ops, ReluAndDropoutMasksAreExact) {

@@ -355,6 +355,28 @@ at::Tensor pack_positive(const at::Tensor& x) {
   return out;
 }
 
+std::pair<at::Tensor, at::Tensor> relu_and_mask(const at::Tensor& x, bool inplace) {
+  RECORD_FUNCTION("aq::relu", std::vector<c10::IValue>());
+  check_device(x, "input");
+  if (!x.is_floating_point()) fail("relu_and_mask: x must be floating");
+#if AQ_WITH_CUDA
+  if (x.is_cuda() && x.is_non_overlapping_and_dense()) {
+    at::Tensor y = inplace ? x : at::empty_like(x);
+    if (y.strides() == x.strides()) {
+      const at::Tensor flat = flat_in_memory_order(x);
+      at::Tensor out = at::empty({packed_bits_nbytes(flat.numel(), 1)}, x.options().dtype(at::kByte));
+      if (flat.numel() == 0) return {y, out};
+      at::Tensor y_flat = inplace ? flat : flat_in_memory_order(y);
+      kernels::pack_positive_cuda(flat, out, &y_flat);
+      if (inplace) x.unsafeGetTensorImpl()->bump_version();  // as relu_ would
+      return {y, out};
+    }
+  }
+#endif
+  at::Tensor y = inplace ? x.relu_() : x.relu();
+  return {y, pack_positive(y)};
+}
+
 at::Tensor apply_packed_mask(const at::Tensor& g, const at::Tensor& packed, at::IntArrayRef strides, double scale) {
   RECORD_FUNCTION("aq::mask", std::vector<c10::IValue>());
   check_device(g, "gradient");

@@ -419,18 +419,52 @@ void for_each_micro_batch(AutogradContext* ctx, const Packed& p, c10::ScalarType
   }
 }
 
+// A BatchNorm's input gradient whose per-sample squared norms its backward
+// kernel summed as it wrote it: the gradient the layer before (a conv or
+// linear layer producing the BatchNorm's input) receives next, whose
+// statistics then need no pass of their own.  The gradient is held weakly
+// (its TensorImpl cannot be reused while held) with its version, so a
+// gradient freed, replaced or changed in place since does not match.
+struct FusedGradSq {
+  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> grad;
+  int64_t version = 0;
+  at::Tensor sq;
+};
+thread_local FusedGradSq fused_grad_sq;
+
+void offer_grad_sq(const at::Tensor& g, at::Tensor sq) {
+  fused_grad_sq.grad.emplace(g.getIntrusivePtr());
+  fused_grad_sq.version = g._version();
+  fused_grad_sq.sq = std::move(sq);
+}
+
+// The squared norms offered for exactly this gradient, or undefined.
+at::Tensor take_grad_sq(const at::Tensor& g) {
+  FusedGradSq f = std::move(fused_grad_sq);
+  fused_grad_sq = FusedGradSq();
+  if (!f.grad || !f.sq.defined()) return at::Tensor();
+  const auto held = f.grad->lock();
+  if (!held.defined() || held.get() != g.unsafeGetTensorImpl() || g._version() != f.version ||
+      f.sq.dim() != 1 || g.dim() == 0 || f.sq.size(0) != g.size(0))
+    return at::Tensor();
+  return f.sq;
+}
+
 void record_grad(AutogradContext* ctx, const at::Tensor& g) {
   LayerStatePtr st = state_of(ctx);
   auto& s = ctx->saved_data;
   // Only adaptive layers (which saved "usegradient") keep gradient statistics.
+  at::Tensor fused = take_grad_sq(g);
   if (!st || !g.defined() || g.dim() == 0 || !s.count("usegradient")) return;
   RECORD_FUNCTION("aq::statistics", std::vector<c10::IValue>());
   // Per-sample squared norms over the other dimensions, in float, read in
-  // g's own layout (no copy).
+  // g's own layout (no copy), unless the BatchNorm after the layer summed
+  // them as it wrote g.
   std::vector<int64_t> dims(g.dim() - 1);
   std::iota(dims.begin(), dims.end(), 1);
-  st->grad_sq = dims.empty() ? g.to(at::kFloat).pow(2)
-                             : at::linalg_vector_norm(g, 2, dims, /*keepdim=*/false, at::kFloat).pow(2);
+  st->grad_sq = fused.defined() ? fused
+                : dims.empty()  ? g.to(at::kFloat).pow(2)
+                                : at::linalg_vector_norm(g, 2, dims, /*keepdim=*/false, at::kFloat).pow(2);
   update_gradient_stats(*st, s["usegradient"].toBool(), st->grad_sq,
                         s.count("indices") ? s["indices"].toTensor() : at::Tensor());
 }
@@ -622,8 +656,13 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
       std::tie(sum_dy, sum_dy_xmu, std::ignore, std::ignore) =
           at::batch_norm_backward_reduce(g, x, saved[1], saved[2], wf, /*input_g=*/true, false, false);
       if (mask[0]) {
-        kernels::batch_norm_input_grad_inplace_cuda(x, g, saved[1], saved[2], w, sum_dy, sum_dy_xmu, M);
+        // An adaptive BatchNorm's input most likely comes from an adaptive
+        // layer, whose gradient statistics the kernel can sum on the way.
+        at::Tensor sq;
+        kernels::batch_norm_input_grad_inplace_cuda(x, g, saved[1], saved[2], w, sum_dy, sum_dy_xmu, M,
+                                                    ctx->saved_data.count("usegradient") ? &sq : nullptr);
         gx = std::move(x);
+        if (sq.defined()) offer_grad_sq(gx, std::move(sq));
       }
 #endif
     } else {
@@ -672,10 +711,10 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
   }
 };
 
-// Saves the 1-bit mask (source > 0) in the source's memory order; backward
-// multiplies by it and a scale.
-void save_mask(AutogradContext* ctx, const at::Tensor& source, double scale, LayerState* st) {
-  const at::Tensor packed = pack_positive(source);
+// Saves the 1-bit mask (source > 0, as pack_positive or relu_and_mask packed
+// it) in the source's memory order; backward multiplies by it and a scale.
+void save_packed_mask(AutogradContext* ctx, const at::Tensor& source, const at::Tensor& packed, double scale,
+                      LayerState* st) {
   ctx->saved_data["mask"] = packed;
   ctx->saved_data["strides"] = memory_strides(source);
   ctx->saved_data["scale"] = scale;
@@ -684,6 +723,9 @@ void save_mask(AutogradContext* ctx, const at::Tensor& source, double scale, Lay
     st->sample_elements = source.dim() ? source.numel() / std::max<int64_t>(1, source.size(0)) : 1;
   }
 }
+void save_mask(AutogradContext* ctx, const at::Tensor& source, double scale, LayerState* st) {
+  save_packed_mask(ctx, source, pack_positive(source), scale, st);
+}
 at::Tensor apply_mask(AutogradContext* ctx, const at::Tensor& g) {
   auto& s = ctx->saved_data;
   return apply_packed_mask(g, s["mask"].toTensor(), s["strides"].toIntVector(), s["scale"].toDouble());
@@ -691,14 +733,10 @@ at::Tensor apply_mask(AutogradContext* ctx, const at::Tensor& g) {
 
 struct ReluFn : torch::autograd::Function<ReluFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, bool inplace, const LayerStatePtr& st) {
-    at::Tensor y = x;
-    if (inplace) {
-      y.relu_();
-      ctx->mark_dirty({x});
-    } else {
-      y = x.relu();
-    }
-    save_mask(ctx, y, 1.0, st.get());
+    // ReLU and its mask from one read of x (CUDA).
+    auto [y, packed] = relu_and_mask(x, inplace);
+    if (inplace) ctx->mark_dirty({x});
+    save_packed_mask(ctx, y, packed, 1.0, st.get());
     return y;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

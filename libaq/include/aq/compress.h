@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace aq {
@@ -94,6 +95,11 @@ at::Tensor unpack_mask(const at::Tensor& packed, at::IntArrayRef sizes);
 // stays channels_last; no bool tensor in between): bit i of pack_bits's
 // 1-bit layout is (element i in memory order > 0), for floating or bool x.
 at::Tensor pack_positive(const at::Tensor& x);
+// ReLU and its mask: {relu(x), pack_positive(relu(x))}, the values
+// LibTorch's relu gives (NaN stays NaN, its bit 0).  inplace: x itself is
+// overwritten and returned (its version bumped, as relu_ does).  On CUDA a
+// dense x is read once for both.
+std::pair<at::Tensor, at::Tensor> relu_and_mask(const at::Tensor& x, bool inplace);
 // The strides pack_positive ordered x's elements by (x's own when dense).
 std::vector<int64_t> memory_strides(const at::Tensor& x);
 // g * mask * scale, g of the masked tensor's shape, `strides` its
