@@ -225,6 +225,210 @@ void input_grad_strided(at::Tensor& x, const at::Tensor& dy, const std::array<at
   });
 }
 
+// ---------------------------------------------------------------------------
+// Training-mode statistics with channels innermost, from one read of x: the
+// per-channel mean and biased variance (LibTorch's Welford kernel for this
+// layout divides per element and ran at a quarter of the read's speed on
+// the H100 in bf16) and, optionally, each group's squared range for the
+// adaptive allocation (range_sq_of's per-group values, bit for bit), which
+// then needs no pass of its own.
+//
+// Threads (tx, ty): tx picks a vector of E channels (blockIdx.x blocks of
+// them), ty a row (blockIdx.y, then the whole grid's rows); a thread keeps
+// its channels from row to row.  Each thread sums x - s and (x - s)^2 from
+// a shift s (its first row's value: no cancellation for offset data), turns
+// them into a count, mean and M2, and the block merges its threads' (Chan's
+// pairwise update) in a fixed tree; a second kernel merges the blocks' in
+// order.  A warp reads 32 consecutive vectors, so with G = 32 E it reads
+// exactly one group per step.
+
+constexpr int kStatThreads = 512;
+
+template <typename T>
+__device__ __forceinline__ void merge_moments(T& n, T& mean, T& m2, T nb, T mb, T m2b) {
+  if (nb == T(0)) return;
+  if (n == T(0)) {
+    n = nb, mean = mb, m2 = m2b;
+    return;
+  }
+  const T tot = n + nb, delta = mb - mean, fb = nb / tot;
+  mean += delta * fb;
+  m2 += m2b + delta * delta * n * fb;
+  n = tot;
+}
+
+template <typename scalar_t, int E, bool kR2>
+__global__ void __launch_bounds__(kStatThreads)
+    stats_last_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t c_vec, float* __restrict__ part,
+                      float* __restrict__ r2) {
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * bx + tx;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * by;
+  const auto* xv = reinterpret_cast<const Vec<scalar_t, E>*>(x);
+  float shift[E], sum[E], sq[E];
+  int64_t r = static_cast<int64_t>(blockIdx.y) * by + ty;
+  if (r < rows) {
+    const Vec<scalar_t, E> v = xv[r * c_vec + cv];
+#pragma unroll
+    for (int e = 0; e < E; ++e) shift[e] = static_cast<float>(v.v[e]);
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) sum[e] = sq[e] = 0.0f;
+  int64_t count = 0;
+#pragma unroll 4
+  for (; r < rows; r += stride) {
+    const Vec<scalar_t, E> v = xv[r * c_vec + cv];
+    float lo = static_cast<float>(v.v[0]), hi = lo;
+    bool nan = false;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float f = static_cast<float>(v.v[e]);
+      const float d = f - shift[e];
+      sum[e] += d;
+      sq[e] = fmaf(d, d, sq[e]);
+      if (kR2) lo = fminf(lo, f), hi = fmaxf(hi, f), nan |= f != f;
+    }
+    ++count;
+    if (kR2) {  // the warp's 32 vectors are one group (whole warps take part: rows are whole groups)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+        hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+      }
+      // A NaN anywhere makes the range NaN, as the range pass's sticky
+      // min/max do; otherwise min and max are exact, whatever the order.
+      nan = __any_sync(0xffffffffu, nan);
+      if (((ty * bx + tx) & 31) == 0) {
+        const float d = nan ? __int_as_float(0x7fffffff) : __fsub_rn(hi, lo);
+        r2[(r * c_vec + cv) / 32] = __fmul_rn(d, d);
+      }
+    }
+  }
+  // Count, mean, M2 per channel, merged over ty in a fixed tree.
+  __shared__ float sh[kStatThreads * E * 2 + kStatThreads];
+  float* sm = sh;                             // [by][bx * E] means
+  float* s2 = sh + kStatThreads * E;          // [by][bx * E] M2
+  float* sn = sh + 2 * kStatThreads * E;      // [by] counts
+  const float n = static_cast<float>(count);
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int k = ty * bx * E + tx * E + e;
+    const float mean_d = count ? sum[e] / n : 0.0f;
+    sm[k] = count ? shift[e] + mean_d : 0.0f;
+    s2[k] = count ? fmaxf(sq[e] - sum[e] * mean_d, 0.0f) : 0.0f;
+  }
+  if (tx == 0) sn[ty] = n;
+  __syncthreads();
+  for (int half = by / 2; half > 0; half >>= 1) {
+    float na = 0, nb = 0;
+    if (ty < half) {
+      na = sn[ty], nb = sn[ty + half];
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int k = ty * bx * E + tx * E + e, kb = k + half * bx * E;
+        float cnt = na, mean = sm[k], m2 = s2[k];
+        merge_moments(cnt, mean, m2, nb, sm[kb], s2[kb]);
+        sm[k] = mean, s2[k] = m2;
+      }
+    }
+    __syncthreads();  // every tx has read sn[ty] before it changes
+    if (ty < half && tx == 0) sn[ty] = na + nb;
+    __syncthreads();
+  }
+  if (ty == 0) {
+    // part: [gridDim.y][2 C + 1]: means, M2s, count.
+    const int64_t C = c_vec * E;
+    float* p = part + static_cast<int64_t>(blockIdx.y) * (2 * C + 1);
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      p[cv * E + e] = sm[tx * E + e];
+      p[C + cv * E + e] = s2[tx * E + e];
+    }
+    if (blockIdx.x == 0 && tx == 0) p[2 * C] = sn[0];
+  }
+}
+
+// Merges the blocks' moments per channel, in a fixed order: lane ty of
+// channel tx takes blocks ty, ty + kLanes, ..., then the lanes merge in a
+// tree.  Writes mean, invstd = 1 / sqrt(var + eps) (biased var) and, where
+// given, the running statistics as LibTorch updates them (unbiased var,
+// momentum).
+constexpr int kFinalChannels = 32, kFinalLanes = 16;
+
+__global__ void __launch_bounds__(kFinalChannels* kFinalLanes)
+    stats_finalize_kernel(const float* __restrict__ part, int64_t parts, int64_t C, float eps, float momentum,
+                          float* __restrict__ mean, float* __restrict__ invstd, float* __restrict__ running_mean,
+                          float* __restrict__ running_var) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalChannels + tx;
+  float n = 0, mu = 0, m2 = 0;
+  if (c < C)
+    for (int64_t q = ty; q < parts; q += kFinalLanes) {
+      const float* p = part + q * (2 * C + 1);
+      merge_moments(n, mu, m2, p[2 * C], p[c], p[C + c]);
+    }
+  __shared__ float sh[3][kFinalLanes][kFinalChannels];
+  sh[0][ty][tx] = n, sh[1][ty][tx] = mu, sh[2][ty][tx] = m2;
+  __syncthreads();
+  for (int half = kFinalLanes / 2; half > 0; half >>= 1) {
+    if (ty < half) {
+      merge_moments(n, mu, m2, sh[0][ty + half][tx], sh[1][ty + half][tx], sh[2][ty + half][tx]);
+      sh[0][ty][tx] = n, sh[1][ty][tx] = mu, sh[2][ty][tx] = m2;
+    }
+    __syncthreads();
+  }
+  if (ty != 0 || c >= C) return;
+  const float var = n > 0 ? m2 / n : 0.0f;
+  mean[c] = mu;
+  invstd[c] = 1.0f / sqrtf(var + eps);
+  if (running_mean) {
+    const float bessel = n / (n - 1);
+    running_mean[c] = mu * momentum + (1 - momentum) * running_mean[c];
+    running_var[c] = var * bessel * momentum + (1 - momentum) * running_var[c];
+  }
+}
+
+template <typename scalar_t>
+bool stats_last(const at::Tensor& x, double momentum, double eps, at::Tensor& running_mean, at::Tensor& running_var,
+                at::Tensor& mean, at::Tensor& invstd, int64_t group_size, at::Tensor* r2) {
+  constexpr int E = 8;  // channels per thread: one 16-byte load of 16-bit values, two of floats
+  const int64_t C = x.size(1), N = x.size(0), rows = x.numel() / C;
+  if (C % E != 0 || reinterpret_cast<uintptr_t>(x.const_data_ptr()) % (E * sizeof(scalar_t)) != 0) return false;
+  const int64_t c_vec = C / E;
+  if (c_vec < 32 ? 32 % c_vec != 0 : c_vec % 32 != 0) return false;  // warps of whole rows or row pieces
+  const int bx = static_cast<int>(std::min<int64_t>(c_vec, 32)), by = kStatThreads / bx;
+  const int64_t gx = c_vec / bx;
+  if (gx > 65535) return false;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t gy = std::max<int64_t>(1, std::min<int64_t>({(rows + by - 1) / by, sms * 2 / gx, 65535}));
+  const int64_t D = x.numel() / N;
+  const bool with_r2 = r2 && group_size == 32 * E && D % group_size == 0;
+  const auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor part = at::empty({gy, 2 * C + 1}, fopts);
+  at::Tensor groups;
+  if (with_r2) groups = at::empty({N, D / group_size}, fopts);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), block(bx, by);
+  if (with_r2)
+    stats_last_kernel<scalar_t, E, true><<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), rows, c_vec,
+                                                                    part.data_ptr<float>(), groups.data_ptr<float>());
+  else
+    stats_last_kernel<scalar_t, E, false>
+        <<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), rows, c_vec, part.data_ptr<float>(), nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  mean = at::empty({C}, fopts);
+  invstd = at::empty({C}, fopts);
+  const bool running = running_mean.defined() && running_mean.numel() > 0;
+  stats_finalize_kernel<<<static_cast<unsigned>((C + kFinalChannels - 1) / kFinalChannels),
+                          dim3(kFinalChannels, kFinalLanes), 0, stream>>>(
+      part.const_data_ptr<float>(), gy, C, static_cast<float>(eps), static_cast<float>(momentum),
+      mean.data_ptr<float>(), invstd.data_ptr<float>(), running ? running_mean.data_ptr<float>() : nullptr,
+      running ? running_var.data_ptr<float>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (with_r2) *r2 = groups;
+  return true;
+}
+
 }  // namespace
 
 void batch_norm_input_grad_inplace_cuda(at::Tensor& x, const at::Tensor& dy, const at::Tensor& mean,
@@ -261,6 +465,30 @@ bool batch_norm_forward_inplace_cuda(at::Tensor& x, const at::Tensor& mean, cons
   Args a{};
   for (size_t i = 0; i < v.size(); ++i) a.p[i] = v[i].defined() ? v[i].const_data_ptr<float>() : nullptr;
   return run_dense<Forward>(x, at::Tensor(), a);
+}
+
+bool batch_norm_stats_cuda(const at::Tensor& x, double momentum, double eps, at::Tensor& running_mean,
+                           at::Tensor& running_var, at::Tensor& mean, at::Tensor& invstd, int64_t group_size,
+                           at::Tensor* r2) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.dim() < 2 || x.numel() == 0 || x.size(1) == 0) return false;
+  // Channels innermost: channels last, or no other dims than N and C.
+  const bool last = (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                    (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) ||
+                    (x.is_contiguous() && x.numel() == x.size(0) * x.size(1));
+  if (!last) return false;
+  const auto is_float = [](const at::Tensor& t) {
+    return !t.defined() || !t.numel() || (t.scalar_type() == at::kFloat && t.is_contiguous());
+  };
+  if (!is_float(running_mean) || !is_float(running_var) || running_mean.defined() != running_var.defined())
+    return false;
+  switch (x.scalar_type()) {
+    case at::kFloat: return stats_last<float>(x, momentum, eps, running_mean, running_var, mean, invstd, group_size, r2);
+    case at::kHalf: return stats_last<at::Half>(x, momentum, eps, running_mean, running_var, mean, invstd, group_size, r2);
+    case at::kBFloat16:
+      return stats_last<at::BFloat16>(x, momentum, eps, running_mean, running_var, mean, invstd, group_size, r2);
+    default: return false;
+  }
 }
 
 }  // namespace aq::kernels

@@ -794,7 +794,7 @@ __global__ void pack_positive_kernel(const scalar_t* x, int64_t n, uint32_t* __r
 // bits together.  x is 16-byte aligned; n_chunks full chunks.
 template <typename scalar_t>
 __global__ void pack_positive_vec_kernel(const scalar_t* x, int64_t n_chunks, uint32_t* __restrict__ out,
-                                         scalar_t* y) {
+                                         scalar_t* y, float* __restrict__ r2) {
   constexpr int E = 16 / sizeof(scalar_t);  // 2..16, divides 32
   constexpr int kLanesPerWord = 32 / E;
   const int lane = threadIdx.x & 31;
@@ -813,6 +813,25 @@ __global__ void pack_positive_vec_kernel(const scalar_t* x, int64_t n_chunks, ui
       uint4 w;
       memcpy(&w, v, 16);
       reinterpret_cast<uint4*>(y + k * 32 * E)[lane] = w;
+      if (r2) {  // the chunk is one group: its (max - min)^2, NaN if any NaN
+        float lo = static_cast<float>(v[0]), hi = lo;
+        bool nan = false;
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          const float f = static_cast<float>(v[i]);
+          lo = fminf(lo, f), hi = fmaxf(hi, f), nan |= f != f;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+          hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+        }
+        nan = __any_sync(0xffffffffu, nan);
+        if (lane == 0) {
+          const float d = nan ? __int_as_float(0x7fffffff) : __fsub_rn(hi, lo);
+          r2[k] = __fmul_rn(d, d);
+        }
+      }
     }
     bits <<= (lane * E) & 31;
 #pragma unroll
@@ -847,7 +866,8 @@ __global__ void apply_mask_kernel(const scalar_t* __restrict__ g, const uint32_t
 
 }  // namespace
 
-void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed, at::Tensor* relu_out) {
+void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed, at::Tensor* relu_out, int64_t group_size,
+                        float* r2) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.numel();
   if (n == 0) return;
@@ -863,8 +883,10 @@ void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed, at::Tensor* rel
     constexpr int64_t kChunk = 32 * (16 / sizeof(scalar_t));
     const bool aligned = reinterpret_cast<uintptr_t>(xp) % 16 == 0 && reinterpret_cast<uintptr_t>(yp) % 16 == 0;
     const int64_t chunks = aligned ? n / kChunk : 0;
+    TORCH_CHECK(!r2 || (yp && group_size == kChunk && chunks * kChunk == n),
+                "aq: pack_positive_cuda: group ranges need whole aligned chunks of ", kChunk, " elements");
     if (chunks > 0) {
-      pack_positive_vec_kernel<scalar_t><<<grid_for(chunks * 32, 256), 256, 0, stream>>>(xp, chunks, out, yp);
+      pack_positive_vec_kernel<scalar_t><<<grid_for(chunks * 32, 256), 256, 0, stream>>>(xp, chunks, out, yp, r2);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const int64_t done = chunks * kChunk;

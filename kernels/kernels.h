@@ -129,6 +129,19 @@ void batch_norm_input_grad_inplace_cuda(at::Tensor& x, const at::Tensor& dy, con
 bool batch_norm_forward_inplace_cuda(at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                                      const at::Tensor& weight, const at::Tensor& bias);
 
+// BatchNorm's training-mode statistics where channels are innermost
+// (channels last, or [N, C]; fp32, fp16 or bf16; C / 8 a power of two up to
+// 32 or a multiple of 32), from one read of x: mean and invstd =
+// 1 / sqrt(var + eps) ([C] float, biased var) and, where defined (float),
+// running_mean and running_var updated as LibTorch does (momentum, unbiased
+// var).  With r2, where group_size is 256 and divides each sample, *r2
+// becomes float [N, groups]: each group's (max - min)^2, NaN if it holds
+// one, as the range pass computes it.  false (nothing written) for any other
+// input.
+bool batch_norm_stats_cuda(const at::Tensor& x, double momentum, double eps, at::Tensor& running_mean,
+                           at::Tensor& running_var, at::Tensor& mean, at::Tensor& invstd, int64_t group_size,
+                           at::Tensor* r2);
+
 // Max pooling over the last two dims of a 4-d tensor (CUDA), with each
 // output's window-local index (kh kW + kw, a byte: windows of at most 256)
 // in place of LibTorch's int64 flat index.  The forward computes y as
@@ -151,10 +164,14 @@ void max_pool2d_local_backward_cuda(const at::Tensor& gy, const at::Tensor& loca
 // order); packed holds bit i = (x[i] > 0) in pack_bits's 1-bit layout.
 // apply: out[i] = bit i ? g[i] * scale : 0 (scale == 1: g[i] unchanged).
 // With relu_out (flat, x's dtype, may be x itself), the CUDA pass also writes
-// relu_out[i] = relu(x[i]) as LibTorch computes it, from the same read.
+// relu_out[i] = relu(x[i]) as LibTorch computes it, from the same read, and
+// with r2 too (group_size = 32 x 16 bytes' worth of elements, dividing
+// x.numel(), x and relu_out 16-byte aligned) r2[k] = (max - min)^2 of group
+// k of relu_out, NaN if it holds one: the range pass's values.
 void pack_positive_cpu(const at::Tensor& x, at::Tensor& packed);
 void apply_mask_cpu(const at::Tensor& g, const at::Tensor& packed, double scale, at::Tensor& out);
-void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed, at::Tensor* relu_out = nullptr);
+void pack_positive_cuda(const at::Tensor& x, at::Tensor& packed, at::Tensor* relu_out = nullptr,
+                        int64_t group_size = 0, float* r2 = nullptr);
 void apply_mask_cuda(const at::Tensor& g, const at::Tensor& packed, double scale, at::Tensor& out);
 
 // ---------------------------------------------------------------------------

@@ -247,6 +247,72 @@ TEST_P(Ops, BatchNormMatchesLibTorch) {
   EXPECT_TRUE(torch::equal(leaf, kept));
 }
 
+// BatchNorm written over its input (channels last, as training runs it):
+// output and running statistics as LibTorch's to within rounding, also for
+// data far from zero, and the group ranges the allocation reads exactly the
+// range pass's; for the channel counts and layouts the statistics kernel
+// takes and for those it leaves to LibTorch.
+TEST_P(Ops, BatchNormStatisticsAndGroupRanges) {
+  struct Case {
+    int64_t n, c, h;
+    torch::Dtype dtype;
+    int64_t group;
+  };
+  const std::vector<Case> cases = {{6, 64, 4, torch::kBFloat16, 256}, {3, 256, 7, torch::kBFloat16, 256},
+                                   {2, 2048, 2, torch::kBFloat16, 256}, {5, 64, 3, torch::kBFloat16, 256},
+                                   {4, 48, 4, torch::kBFloat16, 256},   {6, 64, 4, torch::kFloat, 128},
+                                   {6, 64, 4, torch::kFloat, 256},      {3, 2048, 2, torch::kFloat, 256},
+                                   {6, 128, 4, torch::kHalf, 256},      {1000, 64, 1, torch::kBFloat16, 256}};
+  for (const auto& k : cases) {
+    const std::string what = std::to_string(k.n) + "x" + std::to_string(k.c) + "x" + std::to_string(k.h) + " " +
+                             std::string(c10::toString(k.dtype)) + " G " + std::to_string(k.group);
+    auto x = (torch::randn({k.n, k.c, k.h, k.h}, opts()) * 0.5 + 30 * torch::rand({1, k.c, 1, 1}, opts()))
+                 .to(k.dtype)
+                 .contiguous(torch::MemoryFormat::ChannelsLast);
+    auto w = torch::rand({k.c}, opts()).add_(0.5), b = torch::randn({k.c}, opts());
+    auto rm = torch::randn({k.c}, opts()), rv = torch::rand({k.c}, opts()).add_(0.5);
+    auto rm_ref = rm.clone(), rv_ref = rv.clone();
+    const auto ref = torch::batch_norm(x, w, b, rm_ref, rv_ref, true, 0.1, 1e-5, false);
+    aq::QuantConfig c = bits(2);
+    c.ibits = 8;
+    c.usegradient = false;
+    c.group_size = k.group;
+    auto st = aq::make_layer_state();
+    auto leaf = x.clone().requires_grad_();
+    auto in = leaf * 1.0;  // not a leaf: overwritten
+    const auto y = F::batch_norm(in, w, b, rm, rv, 0.1, 1e-5, c, st, true);
+    EXPECT_EQ(y.data_ptr(), in.data_ptr()) << what;
+    const double tol = k.dtype == torch::kFloat ? 1e-4 : 0.05;
+    EXPECT_TRUE(torch::allclose(y.to(torch::kFloat), ref.to(torch::kFloat), tol, tol)) << what;
+    EXPECT_TRUE(torch::allclose(rm, rm_ref, 1e-5, 1e-5)) << what << "\n" << (rm - rm_ref).abs().max();
+    EXPECT_TRUE(torch::allclose(rv, rv_ref, 1e-4, 1e-5)) << what << "\n" << (rv - rv_ref).abs().max();
+    // The range pass's values, from x as it was.
+    const auto flat = x.permute({0, 2, 3, 1}).reshape({k.n, -1}).to(torch::kFloat);
+    const int64_t d = flat.size(1), full = d / k.group * k.group;
+    auto parts = flat.narrow(1, 0, full).view({k.n, -1, k.group});
+    auto r2 = (parts.amax(2) - parts.amin(2)).pow(2);
+    if (full < d) {
+      auto tail = flat.narrow(1, full, d - full);
+      r2 = torch::cat({r2, (tail.amax(1, true) - tail.amin(1, true)).pow(2)}, 1);
+    }
+    ASSERT_TRUE(st->range_sq.defined()) << what;
+    EXPECT_TRUE(torch::allclose(st->range_sq, r2.sum(1), 1e-6, 0)) << what;
+    // On CUDA both are the same sum of the same per-group values.
+    if (full == d && x.is_cuda()) EXPECT_TRUE(torch::equal(st->range_sq, r2.sum(1))) << what;
+  }
+  // A NaN makes its sample's ranges NaN, and only its sample's.
+  auto x = torch::randn({4, 64, 4, 4}, opts()).to(torch::kBFloat16).contiguous(torch::MemoryFormat::ChannelsLast);
+  x.select(0, 2).select(0, 5).select(0, 1).select(0, 3).fill_(NAN);
+  aq::QuantConfig c = bits(2);
+  c.ibits = 8;
+  auto st = aq::make_layer_state();
+  auto leaf = x.clone().requires_grad_();
+  F::batch_norm(leaf * 1.0, std::nullopt, std::nullopt, torch::Tensor(), torch::Tensor(), 0.1, 1e-5, c, st, true);
+  const auto r = st->range_sq.cpu();
+  EXPECT_TRUE(std::isnan(r[2].item<float>()));
+  EXPECT_TRUE(torch::isfinite(r.index({torch::tensor({0, 1, 3})})).all().item<bool>());
+}
+
 // A conv's gradient statistics are its output gradient's per-sample squared
 // norms, whether the BatchNorm after it summed them as it wrote that
 // gradient (CUDA, channels last) or the conv's backward reads them, and
@@ -315,6 +381,43 @@ TEST_P(Ops, ReluAndMaskMatchLibTorch) {
     }
   }
   EXPECT_THROW(aq::relu_and_mask(torch::ones({3}, opts().dtype(torch::kInt)), false), std::invalid_argument);
+
+  // The next layer's group ranges from the same pass (CUDA, groups of one
+  // warp's loads, whole groups per sample), equal to the range pass's;
+  // through the functional API a conv reading the output takes them.
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    const int64_t g = 32 * 16 / torch::elementSize(dtype);
+    auto x = torch::randn({3, 64, 8, 8}, opts()).to(dtype).contiguous(torch::MemoryFormat::ChannelsLast);
+    x.select(0, 1).select(0, 7).select(0, 2).select(0, 3).fill_(NAN);
+    torch::Tensor r2;
+    auto [y, packed] = aq::relu_and_mask(x, false, g, &r2);
+    const auto flat = y.permute({0, 2, 3, 1}).reshape({3, -1, g}).to(torch::kFloat);
+    const auto want = (flat.amax(2) - flat.amin(2)).pow(2);
+    if (x.is_cuda()) {
+      ASSERT_TRUE(r2.defined());
+      EXPECT_TRUE(torch::allclose(r2, want, 0, 0, /*equal_nan=*/true)) << dtype;
+    } else {
+      EXPECT_FALSE(r2.defined());
+    }
+    torch::Tensor none;
+    aq::relu_and_mask(x, false, g / 2, &none);  // not a warp's loads: none
+    EXPECT_FALSE(none.defined());
+
+    auto leaf = x.nan_to_num(0).requires_grad_();
+    auto h = leaf * 1.0;
+    auto c = bits(2);
+    c.ibits = 8;
+    c.group_size = g;
+    auto st = aq::make_layer_state();
+    auto w = torch::randn({8, 64, 1, 1}, opts().dtype(dtype)).contiguous(torch::MemoryFormat::ChannelsLast);
+    auto out = F::convolution(F::relu(h, true, nullptr, g), w, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+                              c, st);
+    const auto hf = h.detach().permute({0, 2, 3, 1}).reshape({3, -1, g}).to(torch::kFloat);
+    const auto sum = (hf.amax(2) - hf.amin(2)).pow(2).sum(1);
+    ASSERT_TRUE(st->range_sq.defined());
+    if (x.is_cuda()) EXPECT_TRUE(torch::equal(st->range_sq, sum)) << dtype;
+    EXPECT_TRUE(torch::allclose(st->range_sq, sum, 1e-6, 0)) << dtype;
+  }
 }
 
 TEST_P(Ops, ReluAndDropoutMasksAreExact) {

@@ -2,6 +2,7 @@
 
 #include "aq/allocate.h"
 #include "aq/modules.h"
+#include "offer.h"
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
@@ -18,6 +19,15 @@
 #include <optional>
 
 namespace aq {
+
+TensorOffer& grad_sq_offer() {
+  thread_local TensorOffer offer;
+  return offer;
+}
+TensorOffer& group_range_offer() {
+  thread_local TensorOffer offer;
+  return offer;
+}
 
 // A deferred allocation's result on its way to the host: every unit's bits
 // (int32, pinned when copied from a device), owner layer after owner layer,
@@ -73,6 +83,14 @@ at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
   const at::Tensor v = samples_in_memory_order(x);
   const int64_t n = v.size(0), d = v.size(1), g = c.group_size;
   if (d == 0) return at::zeros({n}, v.options().dtype(at::kFloat));
+  if (c.pergroup) {  // the group ranges a kernel that read x anyway (BatchNorm's statistics) worked out
+    const at::Tensor r2 = group_range_offer().take(x, g);
+    if (r2.defined() && r2.dim() == 2 && r2.size(0) == n && r2.size(1) == (d + g - 1) / g) {
+      at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
+      at::sum_out(out, r2, {1});  // the same sum as the range pass's
+      return out;
+    }
+  }
 #if AQ_WITH_CUDA
   if (x.is_cuda() && c.pergroup) {  // one kernel instead of a min/max pass and five small ops
     at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));

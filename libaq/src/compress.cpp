@@ -355,7 +355,8 @@ at::Tensor pack_positive(const at::Tensor& x) {
   return out;
 }
 
-std::pair<at::Tensor, at::Tensor> relu_and_mask(const at::Tensor& x, bool inplace) {
+std::pair<at::Tensor, at::Tensor> relu_and_mask(const at::Tensor& x, bool inplace, int64_t group_size,
+                                                at::Tensor* group_r2) {
   RECORD_FUNCTION("aq::relu", std::vector<c10::IValue>());
   check_device(x, "input");
   if (!x.is_floating_point()) fail("relu_and_mask: x must be floating");
@@ -367,12 +368,22 @@ std::pair<at::Tensor, at::Tensor> relu_and_mask(const at::Tensor& x, bool inplac
       at::Tensor out = at::empty({packed_bits_nbytes(flat.numel(), 1)}, x.options().dtype(at::kByte));
       if (flat.numel() == 0) return {y, out};
       at::Tensor y_flat = inplace ? flat : flat_in_memory_order(y);
-      kernels::pack_positive_cuda(flat, out, &y_flat);
+      // Group ranges where a warp's 32 16-byte loads are one group and
+      // samples are whole groups.
+      const int64_t n = x.dim() ? x.size(0) : 1, d = n ? flat.numel() / n : 0;
+      const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
+      at::Tensor r2;
+      if (group_r2 && x.scalar_type() != at::kDouble && group_size == 32 * (16 / x.element_size()) &&
+          d % group_size == 0 && aligned(flat) && aligned(y_flat))
+        r2 = at::empty({n, d / group_size}, x.options().dtype(at::kFloat));
+      kernels::pack_positive_cuda(flat, out, &y_flat, group_size, r2.defined() ? r2.data_ptr<float>() : nullptr);
+      if (group_r2) *group_r2 = r2;
       if (inplace) x.unsafeGetTensorImpl()->bump_version();  // as relu_ would
       return {y, out};
     }
   }
 #endif
+  if (group_r2) *group_r2 = at::Tensor();
   at::Tensor y = inplace ? x.relu_() : x.relu();
   return {y, pack_positive(y)};
 }

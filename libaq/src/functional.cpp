@@ -5,6 +5,7 @@
 
 #include "aq/adaptive.h"
 #include "aq/log.h"
+#include "offer.h"
 
 #include "aq_config.h"
 #include "kernels.h"
@@ -419,42 +420,12 @@ void for_each_micro_batch(AutogradContext* ctx, const Packed& p, c10::ScalarType
   }
 }
 
-// A BatchNorm's input gradient whose per-sample squared norms its backward
-// kernel summed as it wrote it: the gradient the layer before (a conv or
-// linear layer producing the BatchNorm's input) receives next, whose
-// statistics then need no pass of their own.  The gradient is held weakly
-// (its TensorImpl cannot be reused while held) with its version, so a
-// gradient freed, replaced or changed in place since does not match.
-struct FusedGradSq {
-  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> grad;
-  int64_t version = 0;
-  at::Tensor sq;
-};
-thread_local FusedGradSq fused_grad_sq;
-
-void offer_grad_sq(const at::Tensor& g, at::Tensor sq) {
-  fused_grad_sq.grad.emplace(g.getIntrusivePtr());
-  fused_grad_sq.version = g._version();
-  fused_grad_sq.sq = std::move(sq);
-}
-
-// The squared norms offered for exactly this gradient, or undefined.
-at::Tensor take_grad_sq(const at::Tensor& g) {
-  FusedGradSq f = std::move(fused_grad_sq);
-  fused_grad_sq = FusedGradSq();
-  if (!f.grad || !f.sq.defined()) return at::Tensor();
-  const auto held = f.grad->lock();
-  if (!held.defined() || held.get() != g.unsafeGetTensorImpl() || g._version() != f.version ||
-      f.sq.dim() != 1 || g.dim() == 0 || f.sq.size(0) != g.size(0))
-    return at::Tensor();
-  return f.sq;
-}
-
 void record_grad(AutogradContext* ctx, const at::Tensor& g) {
   LayerStatePtr st = state_of(ctx);
   auto& s = ctx->saved_data;
   // Only adaptive layers (which saved "usegradient") keep gradient statistics.
-  at::Tensor fused = take_grad_sq(g);
+  at::Tensor fused = grad_sq_offer().take(g);
+  if (fused.defined() && (fused.dim() != 1 || g.dim() == 0 || fused.size(0) != g.size(0))) fused = at::Tensor();
   if (!st || !g.defined() || g.dim() == 0 || !s.count("usegradient")) return;
   RECORD_FUNCTION("aq::statistics", std::vector<c10::IValue>());
   // Per-sample squared norms over the other dimensions, in float, read in
@@ -579,27 +550,38 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
     if (st) st->batch_norm = true, st->in_channels = x.size(1);
     at::Tensor y, mean, invstd;
     if (overwrite) {
-      // Compressed first, then normalised in place by the same kernels
-      // (their statistics pass reads x before the output pass writes it).
-      save_compressed(ctx, x, *c, st.get());
+      // Statistics and the compressed copy first, then normalised in place.
       bool done = false;
 #if AQ_WITH_CUDA
-      // On CUDA, LibTorch's statistics pass (it updates the running
-      // statistics too), then our own kernel in place: LibTorch's in-place
-      // transform ran at two thirds of its out-of-place speed (H100).
+      // On CUDA, the statistics (and the running statistics), then our own
+      // kernel in place: LibTorch's in-place transform ran at two thirds of
+      // its out-of-place speed (H100).  With channels innermost the
+      // statistics come from our kernel, which also hands the allocation
+      // its group ranges; elsewhere from LibTorch's.
       const auto is_float = [](const at::Tensor& t) { return !t.numel() || t.scalar_type() == at::kFloat; };
       if (x.is_cuda() && x.scalar_type() != at::kDouble && is_float(w) && is_float(b) && is_float(running_mean) &&
           is_float(running_var) && (x.is_contiguous() || x.is_contiguous(x.suggest_memory_format()))) {
-        at::Tensor var;
-        std::tie(mean, var) = at::batch_norm_update_stats(x, present(running_mean), present(running_var), momentum);
-        invstd = var.add_(eps).rsqrt_();
+        at::Tensor r2, rm = present(running_mean), rv = present(running_var);
+        const bool ranges = st && !st->bits.defined() && adaptive(*c) && c->pergroup;
+        if (kernels::batch_norm_stats_cuda(x, momentum, eps, rm, rv, mean, invstd, c->group_size,
+                                           ranges ? &r2 : nullptr)) {
+          if (r2.defined()) group_range_offer().offer(x, std::move(r2), c->group_size);
+        } else {
+          at::Tensor var;
+          std::tie(mean, var) = at::batch_norm_update_stats(x, rm, rv, momentum);
+          invstd = var.add_(eps).rsqrt_();
+        }
+        save_compressed(ctx, x, *c, st.get());
         at::Tensor out = x;
         done = kernels::batch_norm_forward_inplace_cuda(out, mean, invstd, present(w), present(b));
         TORCH_CHECK(done, "aq: BatchNorm: a dense input the in-place kernel refused");
       }
 #endif
       if (!done) {
-        // The statistics' dtype LibTorch's own call would give them.
+        save_compressed(ctx, x, *c, st.get());
+        // LibTorch's kernels (their statistics pass reads x before the
+        // output pass writes it), with the statistics' dtype its own call
+        // would give them.
         const auto acc = x.is_cuda() ? at::toAccumulateType(x.scalar_type(), x.device().type())
                                      : (w.numel() ? w : x).scalar_type();
         mean = at::empty({0}, x.options().dtype(acc));
@@ -662,7 +644,7 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
         kernels::batch_norm_input_grad_inplace_cuda(x, g, saved[1], saved[2], w, sum_dy, sum_dy_xmu, M,
                                                     ctx->saved_data.count("usegradient") ? &sq : nullptr);
         gx = std::move(x);
-        if (sq.defined()) offer_grad_sq(gx, std::move(sq));
+        if (sq.defined()) grad_sq_offer().offer(gx, std::move(sq));
       }
 #endif
     } else {
@@ -732,15 +714,17 @@ at::Tensor apply_mask(AutogradContext* ctx, const at::Tensor& g) {
 }
 
 struct ReluFn : torch::autograd::Function<ReluFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, bool inplace, const LayerStatePtr& st) {
-    // ReLU and its mask from one read of x (CUDA).
-    auto [y, packed] = relu_and_mask(x, inplace);
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, bool inplace, const LayerStatePtr& st,
+                            int64_t group_size, at::Tensor* group_r2) {
+    // ReLU and its mask (and the next layer's group ranges) from one read
+    // of x (CUDA).
+    auto [y, packed] = relu_and_mask(x, inplace, group_size, group_size > 0 ? group_r2 : nullptr);
     if (inplace) ctx->mark_dirty({x});
     save_packed_mask(ctx, y, packed, 1.0, st.get());
     return y;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {apply_mask(ctx, grads[0]), {}, {}};
+    return {apply_mask(ctx, grads[0]), {}, {}, {}, {}};
   }
 };
 
@@ -1042,9 +1026,13 @@ at::Tensor batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weig
                             placeholder(running_var, x), momentum, eps, &config, state, overwrite);
 }
 
-at::Tensor relu(const at::Tensor& x, bool inplace, const LayerStatePtr& state) {
+at::Tensor relu(const at::Tensor& x, bool inplace, const LayerStatePtr& state, int64_t group_size) {
   if (!at::GradMode::is_enabled() || !x.requires_grad()) return inplace ? x.relu_() : x.relu();
-  return ReluFn::apply(x, inplace, state);
+  at::Tensor r2;
+  at::Tensor y = ReluFn::apply(x, inplace, state, group_size, &r2);
+  // For the next layer's allocation, if it reads y next (as it is now).
+  if (r2.defined()) group_range_offer().offer(y, std::move(r2), group_size);
+  return y;
 }
 
 at::Tensor dropout(const at::Tensor& x, double p, const LayerStatePtr& state) {

@@ -1,5 +1,7 @@
 #include "aq/modules.h"
 
+#include "aq/adaptive.h"
+
 #include <torch/nn/functional/padding.h>
 
 namespace aq {
@@ -76,7 +78,9 @@ torch::Tensor QBatchNormImpl<D, Twin>::forward(const torch::Tensor& input) {
 
 torch::Tensor QReLUImpl::forward(torch::Tensor input) {
   if (!is_training() || config().scope == Scope::kNone) return ReLUImpl::forward(std::move(input));
-  return functional::relu(input, options.inplace(), state());
+  // The layer after a ReLU (a conv, mostly) shares its configuration.
+  const QuantConfig& c = config();
+  return functional::relu(input, options.inplace(), state(), adaptive(c) && c.pergroup ? c.group_size : 0);
 }
 
 torch::Tensor QDropoutImpl::forward(torch::Tensor input) {

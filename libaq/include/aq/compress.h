@@ -98,8 +98,13 @@ at::Tensor pack_positive(const at::Tensor& x);
 // ReLU and its mask: {relu(x), pack_positive(relu(x))}, the values
 // LibTorch's relu gives (NaN stays NaN, its bit 0).  inplace: x itself is
 // overwritten and returned (its version bumped, as relu_ does).  On CUDA a
-// dense x is read once for both.
-std::pair<at::Tensor, at::Tensor> relu_and_mask(const at::Tensor& x, bool inplace);
+// dense x is read once for both.  With group_r2, it becomes, where that
+// same pass could work it out (CUDA; group_size = 32 x 16 bytes' worth of
+// elements, whole groups per sample), float [N, groups]: each group's
+// (max - min)^2 of relu(x) in memory order, NaN if it holds one; undefined
+// elsewhere.
+std::pair<at::Tensor, at::Tensor> relu_and_mask(const at::Tensor& x, bool inplace, int64_t group_size = 0,
+                                                at::Tensor* group_r2 = nullptr);
 // The strides pack_positive ordered x's elements by (x's own when dense).
 std::vector<int64_t> memory_strides(const at::Tensor& x);
 // g * mask * scale, g of the masked tensor's shape, `strides` its

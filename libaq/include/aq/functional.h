@@ -90,7 +90,10 @@ at::Tensor batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weig
                       const QuantConfig& config, const LayerStatePtr& state, bool overwrite_input = false);
 
 // max(x, 0); saves a 1-bit mask.  inplace: x is overwritten and returned.
-at::Tensor relu(const at::Tensor& x, bool inplace, const LayerStatePtr& state);
+// group_size > 0: the next layer compresses the output adaptively with
+// groups of that size, and on CUDA the same pass may work out their ranges
+// for it.
+at::Tensor relu(const at::Tensor& x, bool inplace, const LayerStatePtr& state, int64_t group_size = 0);
 
 // Inverted dropout with probability p in [0, 1]; saves a 1-bit mask.
 at::Tensor dropout(const at::Tensor& x, double p, const LayerStatePtr& state);
