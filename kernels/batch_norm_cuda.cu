@@ -4,7 +4,11 @@
 // BatchNorm restores its input into a tensor of its own, read for the last
 // time by the elementwise pass, which therefore writes the input gradient in
 // its place.  Each saves a tensor of the input's size at BatchNorm's peak.
-// The per-channel statistics come from LibTorch's own kernels.
+// On the way, the backward's pass can sum each sample's squared input
+// gradient (the conv before it records those), and the forward's statistics,
+// with channels innermost, come from a kernel of ours that also works out
+// the input's group ranges for the allocation; the backward's per-channel
+// sums, and the statistics in other layouts, come from LibTorch's kernels.
 #include "kernels.h"
 
 #include <ATen/TensorIterator.h>
@@ -230,8 +234,8 @@ void input_grad_strided(at::Tensor& x, const at::Tensor& dy, const std::array<at
 // per-channel mean and biased variance (LibTorch's Welford kernel for this
 // layout divides per element and ran at a quarter of the read's speed on
 // the H100 in bf16) and, optionally, each group's squared range for the
-// adaptive allocation (range_sq_of's per-group values, bit for bit), which
-// then needs no pass of its own.
+// adaptive allocation (the range pass's per-group values), which then
+// needs no pass of its own.
 //
 // Threads (tx, ty): tx picks a vector of E channels (blockIdx.x blocks of
 // them), ty a row (blockIdx.y, then the whole grid's rows); a thread keeps
