@@ -530,13 +530,17 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
 
 struct MaxBatchArgs : ModelArgs {
   int64_t start = 16, limit_mb = 0;
+  int steps = 3;  // adaptive levels: the third runs on the budgets the first set (they apply a step late)
   MaxBatchArgs() { levels = {"L3", "L5"}; }
 };
 
-// Largest batch whose training step (forward, backward, SGD step) fits: the
-// exact model and each level; doubling from --start, then bisection.  On
-// CUDA "fits" means no out-of-memory error (and, with --limit-mb, a peak
-// within the limit); on the CPU the limit is required.
+// Largest batch whose training steps (forward, backward, SGD step) fit: the
+// exact model and each level; doubling from --start, then bisection.  Each
+// trial starts from a fresh model and runs --steps steps, so that what it
+// finds does not depend on the trials before it (adaptive levels move bits
+// between layers after every step, which moves the peak).  On CUDA "fits"
+// means no out-of-memory error (and, with --limit-mb, a peak within the
+// limit); on the CPU the limit is required.
 int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
   if (!dev.is_cuda() && a.limit_mb <= 0)
     throw std::invalid_argument("max-batch on the CPU needs --limit-mb (host memory is no device budget)");
@@ -547,12 +551,6 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
   std::printf("device\tarch\timage\tamp\tlevel\tmax_batch\tratio\ttrials\n");
   int64_t exact_max = 0;
   for (const auto& [name, cfg] : configs) {
-    torch::manual_seed(0);
-    auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
-    model->to(dev);
-    if (cl) to_channels_last(*model);
-    model->train();
-    aq::train::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
     const bool per_layer = aq::adaptive(cfg) && cfg.perlayer;
     int trials = 0;
     auto fits = [&](int64_t b) {
@@ -561,20 +559,28 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
       const int64_t base = aq::train::memory(dev).allocated;
       aq::train::reset_peak(dev);
       try {
+        torch::manual_seed(0);
+        auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
+        model->to(dev);
+        if (cl) to_channels_last(*model);
+        model->train();
+        aq::train::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
         auto x = torch::randn({b, a.channels, a.image_size, a.image_size}, torch::TensorOptions().device(dev));
         if (cl) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
         auto y = torch::randint(a.classes, {b}, torch::TensorOptions().dtype(torch::kLong).device(dev));
-        opt.zero_grad();
         aq::set_batch_indices(torch::arange(b, torch::kLong));
-        torch::Tensor logits;
-        {
-          aq::train::AutocastScope ac(dev, amp);
-          logits = model->forward(x);
+        for (int i = 0; i < a.steps; ++i) {
+          opt.zero_grad();
+          torch::Tensor logits;
+          {
+            aq::train::AutocastScope ac(dev, amp);
+            logits = model->forward(x);
+          }
+          torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y).backward();
+          opt.step();
+          if (per_layer) aq::adapt_layers(*model, /*defer=*/true);
+          sync(dev);
         }
-        torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y).backward();
-        opt.step();
-        if (per_layer) aq::adapt_layers(*model, /*defer=*/true);
-        sync(dev);
       } catch (const c10::OutOfMemoryError&) {
         ok = false;
       } catch (const c10::Error& e) {
@@ -585,7 +591,6 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
         ok = false;
       }
       if (ok && a.limit_mb > 0) ok = aq::train::memory(dev).peak - base <= a.limit_mb * 1048576;
-      opt.zero_grad();
       aq::set_batch_indices(torch::Tensor());
 #if AQ_WITH_CUDA
       if (dev.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
@@ -673,6 +678,9 @@ int main(int argc, char** argv) {
   mx->add_option("--start", mb.start, "First batch tried (then doubled)")->check(CLI::PositiveNumber)->capture_default_str();
   mx->add_option("--limit-mb", mb.limit_mb, "Also require the step's peak within this many MiB (required on the CPU)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
+  mx->add_option("--steps", mb.steps,
+                 "Training steps per trial, each trial from a fresh model; a batch fits when all of them do")
+      ->check(CLI::PositiveNumber)->capture_default_str();
   return aq::cli::run(app, argc, argv, [&] {
     const auto dev = aq::cli::apply_common(common);
     if (k->parsed()) return bench_kernels(ka, dev);
