@@ -154,9 +154,6 @@ bool batch_norm_stats_cuda(const at::Tensor& x, double momentum, double eps, at:
 struct Pool2d {
   int64_t kH, kW, sH, sW, pH, pW, dH, dW;
 };
-// For tensors whose element offsets all stay below 2^30 (pool_offsets_fit);
-// larger ones go through LibTorch's kernels.
-bool pool_offsets_fit(const at::Tensor& t);
 void max_pool2d_local_cuda(const at::Tensor& x, const Pool2d& p, at::Tensor& y, at::Tensor& local);
 void max_pool2d_local_backward_cuda(const at::Tensor& gy, const at::Tensor& local, const Pool2d& p, at::Tensor& gx);
 

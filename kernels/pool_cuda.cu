@@ -15,8 +15,8 @@ namespace {
 
 // A 4-d tensor's sizes and strides, and the order its memory runs in:
 // (n, h, w, c) for channels last, (n, c, h, w) otherwise.
-// In index_t (32-bit: integer division is what these kernels spend most of
-// their time on).
+// In index_t: 32-bit where every offset stays below 2^30 (integer division
+// is what these kernels spend most of their time on), 64-bit otherwise.
 template <typename index_t>
 struct Dims {
   index_t n, c, h, w;
@@ -133,19 +133,21 @@ bool channels_last(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-}  // namespace
-
+// Whether the 32-bit index math holds every offset of t (with room to spare).
 bool pool_offsets_fit(const at::Tensor& t) {
   int64_t last = 0;
   for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
   return last < (int64_t{1} << 30) && t.numel() < (int64_t{1} << 30);
 }
 
+}  // namespace
+
 void max_pool2d_local_cuda(const at::Tensor& x, const Pool2d& p, at::Tensor& y, at::Tensor& local) {
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.dim() == 4 && y.dim() == 4 && local.sizes() == y.sizes() && local.scalar_type() == at::kByte &&
-                  p.kH * p.kW <= 256 && pool_offsets_fit(x) && pool_offsets_fit(y) && pool_offsets_fit(local),
+                  p.kH * p.kW <= 256,
               "aq: max_pool2d_local_cuda: 4-d input, byte indices, a window of at most 256");
+  const bool fit = pool_offsets_fit(x) && pool_offsets_fit(y) && pool_offsets_fit(local);
   const int64_t n = y.numel();
   if (n == 0) return;
   const bool last = channels_last(y);
@@ -157,7 +159,10 @@ void max_pool2d_local_cuda(const at::Tensor& x, const Pool2d& p, at::Tensor& y, 
           x.const_data_ptr<scalar_t>(), dims_of<index_t>(x), y.data_ptr<scalar_t>(), dims_of<index_t>(y),
           local.data_ptr<uint8_t>(), dims_of<index_t>(local), P<index_t>(p), last, static_cast<index_t>(n));
     };
-    launch(int32_t{0});
+    if (fit)
+      launch(int32_t{0});
+    else
+      launch(int64_t{0});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -165,9 +170,9 @@ void max_pool2d_local_cuda(const at::Tensor& x, const Pool2d& p, at::Tensor& y, 
 void max_pool2d_local_backward_cuda(const at::Tensor& gy, const at::Tensor& local, const Pool2d& p, at::Tensor& gx) {
   const c10::cuda::CUDAGuard guard(gy.device());
   TORCH_CHECK(gy.dim() == 4 && gx.dim() == 4 && local.sizes() == gy.sizes() && local.scalar_type() == at::kByte &&
-                  gx.scalar_type() == gy.scalar_type() && pool_offsets_fit(gx) && pool_offsets_fit(gy) &&
-                  pool_offsets_fit(local),
+                  gx.scalar_type() == gy.scalar_type(),
               "aq: max_pool2d_local_backward_cuda: 4-d gradients of one dtype, byte indices of gy's shape");
+  const bool fit = pool_offsets_fit(gx) && pool_offsets_fit(gy) && pool_offsets_fit(local);
   const int64_t n = gx.numel();
   if (n == 0) return;
   const bool last = channels_last(gx);
@@ -181,7 +186,10 @@ void max_pool2d_local_backward_cuda(const at::Tensor& gy, const at::Tensor& loca
               dims_of<index_t>(local), gx.data_ptr<scalar_t>(), dims_of<index_t>(gx), P<index_t>(p), last,
               static_cast<index_t>(n));
     };
-    launch(int32_t{0});
+    if (fit)
+      launch(int32_t{0});
+    else
+      launch(int64_t{0});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

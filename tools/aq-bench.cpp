@@ -549,6 +549,9 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
   const auto configs = exact_and_levels(a);
   const bool cl = channels_last_on(a, dev);
   std::printf("device\tarch\timage\tamp\tlevel\tmax_batch\tratio\ttrials\n");
+  // The device's allocator must exist before the first trial reads its
+  // statistics (a trial builds its model only after).
+  if (dev.is_cuda()) torch::empty({1}, torch::TensorOptions().device(dev));
   int64_t exact_max = 0;
   for (const auto& [name, cfg] : configs) {
     const bool per_layer = aq::adaptive(cfg) && cfg.perlayer;

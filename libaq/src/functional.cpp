@@ -838,12 +838,9 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
     s["x_format"] = static_cast<int64_t>(x.suggest_memory_format());
     s["local_last"] = false;
 #if AQ_WITH_CUDA
-    if (D == 2 && x.is_cuda() && x.dim() == 4 && kernel[0] * kernel[1] <= 256 && kernels::pool_offsets_fit(x)) {
+    if (D == 2 && x.is_cuda() && x.dim() == 4 && kernel[0] * kernel[1] <= 256) {
       // Our own kernel writes the window-local indices directly.  LibTorch's
       // meta function checks the arguments and gives the output's shape.
-      // (Above 2^30 elements, LibTorch's path: our kernels with 64-bit
-      // offsets lowered the fp32 ResNet-50 L3 max batch from 5030 to 3902
-      // on the H100, for a reason not found.)
       const at::Tensor meta = at::empty_strided(x.sizes(), x.strides(), x.options().device(at::kMeta));
       const at::Tensor ym = std::get<0>(at::max_pool2d_with_indices(meta, kernel, stride, padding, dilation, ceil_mode));
       const auto format = x.suggest_memory_format();
@@ -899,9 +896,7 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
     at::Tensor local = unpack_bits(s["packed"].toTensor(), bits, memory_sizes, bits <= 8 ? at::kByte : at::kInt);
     if (s["local_last"].toBool()) local = local.permute({0, 3, 1, 2});
 #if AQ_WITH_CUDA
-    if (gy.is_cuda() && D == 2 && local.dim() == 4 && local.scalar_type() == at::kByte &&
-        kernels::pool_offsets_fit(gy) && kernels::pool_offsets_fit(local) &&
-        c10::multiply_integers(x_sizes) < (int64_t{1} << 30)) {
+    if (gy.is_cuda() && D == 2 && local.dim() == 4 && local.scalar_type() == at::kByte) {
       at::Tensor gx = at::empty(x_sizes, gy.options().memory_format(format));
       kernels::max_pool2d_local_backward_cuda(gy, local, pool2d(ctx), gx);
       return {gx, {}, {}, {}, {}, {}, {}};
