@@ -83,7 +83,7 @@ at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
   const at::Tensor v = samples_in_memory_order(x);
   const int64_t n = v.size(0), d = v.size(1), g = c.group_size;
   if (d == 0) return at::zeros({n}, v.options().dtype(at::kFloat));
-  if (c.pergroup) {  // the group ranges a kernel that read x anyway (BatchNorm's statistics) worked out
+  if (c.pergroup) {  // the group ranges a kernel that read x anyway (BatchNorm's statistics, ReLU) worked out
     const at::Tensor r2 = group_range_offer().take(x, g);
     if (r2.defined() && r2.dim() == 2 && r2.size(0) == n && r2.size(1) == (d + g - 1) / g) {
       at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));

@@ -423,9 +423,11 @@ void for_each_micro_batch(AutogradContext* ctx, const Packed& p, c10::ScalarType
 void record_grad(AutogradContext* ctx, const at::Tensor& g) {
   LayerStatePtr st = state_of(ctx);
   auto& s = ctx->saved_data;
-  // Only adaptive layers (which saved "usegradient") keep gradient statistics.
+  // Squared norms a BatchNorm after this layer offered for g (taken either
+  // way: an offer is for the next reader only).
   at::Tensor fused = grad_sq_offer().take(g);
   if (fused.defined() && (fused.dim() != 1 || g.dim() == 0 || fused.size(0) != g.size(0))) fused = at::Tensor();
+  // Only adaptive layers (which saved "usegradient") keep gradient statistics.
   if (!st || !g.defined() || g.dim() == 0 || !s.count("usegradient")) return;
   RECORD_FUNCTION("aq::statistics", std::vector<c10::IValue>());
   // Per-sample squared norms over the other dimensions, in float, read in
