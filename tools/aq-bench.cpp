@@ -678,12 +678,15 @@ int main(int argc, char** argv) {
   MaxBatchArgs mb;
   auto* mx = add_model_subcommand(app, "max-batch", "Largest batch whose training step fits: exact model and each level",
                                   common, mb);
-  mx->add_option("--start", mb.start, "First batch tried (then doubled)")->check(CLI::PositiveNumber)->capture_default_str();
+  mx->add_option("--start", mb.start, "First batch tried (then doubled)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 22))
+      ->capture_default_str();
   mx->add_option("--limit-mb", mb.limit_mb, "Also require the step's peak within this many MiB (required on the CPU)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
   mx->add_option("--steps", mb.steps,
                  "Training steps per trial, each trial from a fresh model; a batch fits when all of them do")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
   return aq::cli::run(app, argc, argv, [&] {
     const auto dev = aq::cli::apply_common(common);
     if (k->parsed()) return bench_kernels(ka, dev);

@@ -71,6 +71,8 @@ check "max-batch: L3 fits over 2x the exact batch in the same memory" '[ -n "$(a
 cat "$tmp/out" >&2
 "$BENCH" max-batch --device cpu --arch preact_resnet20 >/dev/null 2>"$tmp/err"; rc=$?
 check "max-batch on the CPU without --limit-mb: exit 2" '[ $rc -eq 2 ] && grep -q "limit-mb" "$tmp/err"'
+"$BENCH" max-batch --device cpu --arch preact_resnet20 --limit-mb 48 --steps 0 >/dev/null 2>"$tmp/err"; rc=$?
+check "max-batch --steps 0: exit 2, one line naming --steps" '[ $rc -eq 2 ] && grep -q -- "--steps" "$tmp/err"'
 # The man page documents exactly the options --help shows.
 if [ -n "$MAN" ]; then
   opts_help=$({ "$BENCH" --help; "$BENCH" kernels --help; "$BENCH" memory --help; "$BENCH" step --help; "$BENCH" max-batch --help; } | grep -oE -- '--[a-z][a-z0-9-]+' | sort -u)
