@@ -148,14 +148,14 @@ void to_channels_last(torch::nn::Module& model) {
 
 void add_model_options(CLI::App& sub, ModelArgs& m) {
   sub.add_option("--arch", m.arch, "Architecture (see aq-train --arch)")->capture_default_str();
-  sub.add_option("--image-size", m.image_size, "Image side")->check(CLI::PositiveNumber)->capture_default_str();
-  sub.add_option("--channels", m.channels, "Input channels")->check(CLI::PositiveNumber)->capture_default_str();
-  sub.add_option("--classes", m.classes, "Classes")->check(CLI::PositiveNumber)->capture_default_str();
+  sub.add_option("--image-size", m.image_size, "Image side")->check(aq::cli::Positive)->capture_default_str();
+  sub.add_option("--channels", m.channels, "Input channels")->check(aq::cli::Positive)->capture_default_str();
+  sub.add_option("--classes", m.classes, "Classes")->check(aq::cli::Positive)->capture_default_str();
   sub.add_option("--levels", m.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
       ->delimiter(',')->capture_default_str();
   sub.add_option("--amp", m.amp, "Autocast: off, bf16 or fp16")->capture_default_str();
   sub.add_option("--micro-batch-mb", m.micro_batch_mb, "Restored input per backward micro-batch, MiB (L3.1, L4, L5)")
-      ->check(CLI::PositiveNumber)
+      ->check(aq::cli::Positive)
       ->capture_default_str();
   sub.add_option("--channels-last", m.channels_last, "auto (on CUDA), True or False")->capture_default_str();
 }
@@ -168,7 +168,7 @@ CLI::App* add_model_subcommand(CLI::App& app, const std::string& name, const std
   aq::cli::add_common(*sub, common);
   add_model_options(*sub, m);
   if (batch_size)
-    sub->add_option("-b,--batch-size", *batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
+    sub->add_option("-b,--batch-size", *batch_size, "Batch size")->check(aq::cli::Positive)->capture_default_str();
   return sub;
 }
 
@@ -654,9 +654,9 @@ int main(int argc, char** argv) {
   k->add_option("--dtypes", ka.dtypes, "Input dtypes: fp32, bf16, fp16")->delimiter(',')->capture_default_str();
   k->add_option("--bits", ka.bits, "Bits per element, 1..8")->delimiter(',')->check(CLI::Range(1, 8))->capture_default_str();
   k->add_option("--group-size", ka.group_size, "Elements per quantization group (power of two, 32 .. 2^20)")->capture_default_str();
-  k->add_option("--samples", ka.samples, "Samples (first dimension) of the input")->check(CLI::PositiveNumber)->capture_default_str();
-  k->add_option("--reps", ka.reps, "Timed batches, median reported (0: 5 on CUDA, 3 on CPU)")->check(CLI::NonNegativeNumber);
-  k->add_option("--inner", ka.inner, "Calls per timed batch (0: 10 on CUDA, 1 on CPU)")->check(CLI::NonNegativeNumber);
+  k->add_option("--samples", ka.samples, "Samples (first dimension) of the input")->check(aq::cli::Positive)->capture_default_str();
+  k->add_option("--reps", ka.reps, "Timed batches, median reported (0: 5 on CUDA, 3 on CPU)")->check(aq::cli::NonNegative);
+  k->add_option("--inner", ka.inner, "Calls per timed batch (0: 10 on CUDA, 1 on CPU)")->check(aq::cli::NonNegative);
   MemoryArgs ma;
   auto* mem = add_model_subcommand(app, "memory", "Activation and peak memory of a training step: exact model and each level",
                                    common, ma, &ma.batch_size);
@@ -667,11 +667,11 @@ int main(int argc, char** argv) {
   auto* st = add_model_subcommand(app, "step", "Training-step time and memory: exact model and each level, same process",
                                   common, sa, &sa.batch_size);
   st->add_option("--steps", sa.steps, "Timed steps, median reported (0: 20 on CUDA, 3 on CPU)")
-      ->check(CLI::NonNegativeNumber);
-  st->add_option("--warmup", sa.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(aq::cli::NonNegative);
+  st->add_option("--warmup", sa.warmup, "Untimed steps first")->check(aq::cli::NonNegative)->capture_default_str();
   st->add_option("--profile-steps", sa.profile_steps,
                  "Steps run under the profiler after the timed ones, for the breakdown columns (0: none)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(aq::cli::NonNegative)->capture_default_str();
   st->add_option("--profile", sa.profile, "Write the per-scope and per-kernel breakdown as TSV to FILE (-: stderr)");
   st->add_option("--trace", sa.trace, "Write each level's profiler trace (Chrome JSON) into this folder")
       ->check(CLI::ExistingDirectory);
@@ -682,7 +682,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 22))
       ->capture_default_str();
   mx->add_option("--limit-mb", mb.limit_mb, "Also require the step's peak within this many MiB (required on the CPU)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(aq::cli::NonNegative)->capture_default_str();
   mx->add_option("--steps", mb.steps,
                  "Training steps per trial, each trial from a fresh model; a batch fits when all of them do")
       ->check(CLI::Range(1, 1000))

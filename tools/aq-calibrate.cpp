@@ -16,12 +16,12 @@ int main(int argc, char** argv) {
   app.add_option("data_dir", o.data_dir, "Dataset folder (default: the dataset's default location)");
   app.add_option("--resume", o.resume, "Checkpoint to calibrate (default: a freshly initialised --arch)");
   app.add_option("-o,--output", o.output, "Calibration file to write (HDF5) for aq-train --calibration");
-  app.add_option("-K,--batches", o.batches, "Batches")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("-K,--batches", o.batches, "Batches")->check(aq::cli::Positive)->capture_default_str();
   app.add_option("--dataset", o.dataset, "Dataset when no checkpoint is given")->capture_default_str();
   app.add_option("--arch", o.arch, "Architecture when no checkpoint is given")->capture_default_str();
   app.add_option("--num-classes", o.num_classes, "Classes (0: the dataset's)");
   app.add_option("-j,--workers", o.workers, "Data loading threads")->capture_default_str();
-  app.add_option("-b,--batch-size", o.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("-b,--batch-size", o.batch_size, "Batch size")->check(aq::cli::Positive)->capture_default_str();
   app.add_option("--image-size", o.image_size, "Image side for imagenet and synthetic data");
   aq::QuantOptions quant(app);
   aq::cli::add_common(app, common);

@@ -24,13 +24,13 @@ int main(int argc, char** argv) {
   app.add_option("checkpoints", files, "HDF5 checkpoints written by aq-train ('-': standard input)")->required();
   app.add_option("--dataset", dataset, "Override the checkpoint's dataset");
   app.add_option("--data", data_dir, "Dataset folder (default: the dataset's default location)");
-  app.add_option("-b,--batch-size", batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("-j,--workers", workers, "Data loading threads")->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("-b,--batch-size", batch_size, "Batch size")->check(aq::cli::Positive)->capture_default_str();
+  app.add_option("-j,--workers", workers, "Data loading threads")->check(aq::cli::NonNegative)->capture_default_str();
   app.add_option("--amp", amp, "Autocast: off, bf16 or fp16")->capture_default_str();
   app.add_option("--max-batches", max_batches, "Evaluate the first N batches only (0: all)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(aq::cli::NonNegative)->capture_default_str();
   app.add_option("--image-size", image_size, "Image side for imagenet/synthetic (0: the checkpoint's)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(aq::cli::NonNegative);
   aq::cli::add_common(app, common);
   return aq::cli::run(app, argc, argv, [&]() -> int {
     const auto dev = aq::cli::apply_common(common);

@@ -30,32 +30,32 @@ int main(int argc, char** argv) {
   app.add_option("--arch", o.arch, "preact_resnet20/32/44/56/110/164/1001, resnet18/34/50/101/152")
       ->capture_default_str()->group(g);
   app.add_option("--num-classes", o.num_classes, "Classes (0: the dataset's; --dataset cifar10 --num-classes 100 reads CIFAR-100)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str()->group(g);
+      ->check(aq::cli::NonNegative)->capture_default_str()->group(g);
   app.add_option("-j,--workers", o.workers, "Data loading threads (0: in the training thread)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str()->group(g);
+      ->check(aq::cli::NonNegative)->capture_default_str()->group(g);
   app.add_option("--image-size", o.image_size, "Image side for imagenet and synthetic data")
-      ->check(CLI::PositiveNumber)->capture_default_str()->group(g);
+      ->check(aq::cli::Positive)->capture_default_str()->group(g);
   app.add_option("--val-batches", o.val_batches, "Evaluate on the first N test batches (0: all)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str()->group(g);
+      ->check(aq::cli::NonNegative)->capture_default_str()->group(g);
   aq::QuantOptions quant(app);
   const std::string t = "Training";
-  app.add_option("--epochs", o.epochs, "Epochs")->check(CLI::PositiveNumber)->capture_default_str()->group(t);
-  app.add_option("-b,--batch-size", o.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str()->group(t);
-  app.add_option("--lr", o.lr, "Peak learning rate")->check(CLI::NonNegativeNumber)->capture_default_str()->group(t);
+  app.add_option("--epochs", o.epochs, "Epochs")->check(aq::cli::Positive)->capture_default_str()->group(t);
+  app.add_option("-b,--batch-size", o.batch_size, "Batch size")->check(aq::cli::Positive)->capture_default_str()->group(t);
+  app.add_option("--lr", o.lr, "Peak learning rate")->check(aq::cli::NonNegative)->capture_default_str()->group(t);
   app.add_option("--lr-schedule", schedule, "onecycle, cosine, step or constant")->capture_default_str()->group(t);
   app.add_option("--warmup", o.warmup, "Epochs of linear warm-up (cosine, step, constant)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str()->group(t);
+      ->check(aq::cli::NonNegative)->capture_default_str()->group(t);
   app.add_option("--milestones", o.milestones, "Step schedule: epochs where the lr drops 10x (default: 50%, 75%)")
       ->delimiter(',')->group(t);
   app.add_option("--momentum", o.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0))->capture_default_str()->group(t);
   app.add_option("--nesterov", nesterov, "Nesterov momentum (True/False)")->capture_default_str()->group(t);
   app.add_option("--weight-decay,--wd", o.weight_decay, "Weight decay")
-      ->check(CLI::NonNegativeNumber)->capture_default_str()->group(t);
+      ->check(aq::cli::NonNegative)->capture_default_str()->group(t);
   app.add_option("--label-smoothing", o.label_smoothing, "Label smoothing")
       ->check(CLI::Range(0.0, 1.0))->capture_default_str()->group(t);
   app.add_option("--amp", amp, "Autocast: off, bf16 or fp16 (fp16 with dynamic loss scaling)")->capture_default_str()->group(t);
   app.add_option("--max-steps", o.max_steps, "Stop after this many optimizer steps in all, with a checkpoint (0: no limit)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str()->group(t);
+      ->check(aq::cli::NonNegative)->capture_default_str()->group(t);
   const std::string r = "Run";
   app.add_option("--workspace", o.workspace, "Folder for checkpoints (created if missing)")->capture_default_str()->group(r);
   app.add_option("--resume", o.resume, "Continue from this checkpoint")->group(r);

@@ -27,7 +27,7 @@ int main(int argc, char** argv) {
   app.add_option("--resume2", resume2, "The seed's second checkpoint; must be the same as --resume");
   app.add_option("--configs", configs,
                  "Configurations to compare: a file with one per line, or a ';'-separated list (default: the -c flags)");
-  app.add_option("-K,--batches", o.options.batches, "Batches")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("-K,--batches", o.options.batches, "Batches")->check(aq::cli::Positive)->capture_default_str();
   app.add_option("-S,--samples", o.options.samples, "Quantized gradients per batch (>= 2)")
       ->check(CLI::Range(int64_t(2), int64_t(1000)))->capture_default_str();
   app.add_option("-o,--output", o.output, "Also write the figures to this HDF5 file");
@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
   app.add_option("--arch", o.arch, "Architecture when no checkpoint is given")->capture_default_str()->group(d);
   app.add_option("--num-classes", o.num_classes, "Classes (0: the dataset's)")->group(d);
   app.add_option("-j,--workers", o.workers, "Data loading threads")->capture_default_str()->group(d);
-  app.add_option("-b,--batch-size", o.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str()->group(d);
+  app.add_option("-b,--batch-size", o.batch_size, "Batch size")->check(aq::cli::Positive)->capture_default_str()->group(d);
   app.add_option("--image-size", o.image_size, "Image side for imagenet and synthetic data")->group(d);
   app.add_option("--epochs", epochs, "Accepted and ignored (seed command lines)")->group(d);
   app.add_option("--weight-decay,--wd", weight_decay, "Accepted and ignored (seed command lines)")->group(d);

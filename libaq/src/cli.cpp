@@ -7,6 +7,7 @@
 #include <torch/cuda.h>
 #include <torch/utils.h>
 
+#include <cmath>
 #include <filesystem>
 #include <iostream>
 #include <new>
@@ -26,12 +27,29 @@ spdlog::logger& log() {
 
 namespace cli {
 
+namespace {
+CLI::Validator number_at_least(bool strict) {
+  return CLI::Validator(
+      [strict](std::string& text) -> std::string {
+        double v = 0;
+        if (!CLI::detail::lexical_cast(text, v)) return "must be a number, not " + text;
+        if (std::isnan(v) || (strict ? v <= 0 : v < 0))
+          return std::string("must be ") + (strict ? "positive" : "zero or more") + ", not " + text;
+        return std::string();
+      },
+      strict ? "POSITIVE" : "NONNEGATIVE");
+}
+}  // namespace
+
+const CLI::Validator Positive = number_at_least(true);
+const CLI::Validator NonNegative = number_at_least(false);
+
 void add_common(CLI::App& app, Common& c) {
   app.add_option("--device", c.device, "Device: auto, cpu, cuda or cuda:N (auto: cuda if a GPU is visible)")
       ->capture_default_str()
       ->group("Common options");
   app.add_option("--threads", c.threads, "CPU threads for LibTorch (0: its default)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(NonNegative)
       ->capture_default_str()
       ->group("Common options");
   app.add_option_function<uint64_t>(

@@ -26,6 +26,10 @@ check "--help exits 0 on stdout" '[ $rc -eq 0 ] && grep -q "Usage: aq-train" "$t
 check "unknown flag exits 2" '[ $rc -eq 2 ] && grep -q "^aq-train: " "$tmp/err" && [ ! -s "$tmp/out" ]'
 "$TRAIN" --cabits=9 >/dev/null 2>"$tmp/err"; rc=$?
 check "--cabits=9 exits 2" '[ $rc -eq 2 ] && grep -q "cabits" "$tmp/err"'
+"$TRAIN" --epochs -1 >/dev/null 2>"$tmp/err"; rc=$?
+check "--epochs -1: exit 2, a readable message" '[ $rc -eq 2 ] && grep -qx "aq-train: --epochs: must be positive, not -1" "$tmp/err"'
+"$TRAIN" --lr=-0.5 >/dev/null 2>"$tmp/err"; rc=$?
+check "--lr=-0.5: exit 2" '[ $rc -eq 2 ] && grep -q "^aq-train: --lr: must be zero or more, not -0.5" "$tmp/err"'
 "$TRAIN" --arch resnet19 --workspace "$tmp/w0" "$FMNIST" >/dev/null 2>"$tmp/err"; rc=$?
 check "unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
 "$TRAIN" -c qsyncbn >/dev/null 2>"$tmp/err"; rc=$?

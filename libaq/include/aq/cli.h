@@ -24,6 +24,12 @@ struct Common {
   bool seed_given = false;
 };
 
+// CLI11's PositiveNumber and NonNegativeNumber (same names in --help),
+// with errors that read "--epochs: must be positive, not -1" instead of
+// CLI11's range message, which spells out DBL_MAX in full.
+extern const CLI::Validator Positive;
+extern const CLI::Validator NonNegative;
+
 // Adds --device, --threads, --seed, -v and -q to `app` (or a subcommand).
 void add_common(CLI::App& app, Common& common);
 
