@@ -146,6 +146,17 @@ void to_channels_last(torch::nn::Module& model) {
     if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
 }
 
+// The model every subcommand measures for one configuration: built from
+// seed 0, on dev, channels last where asked, in training mode.
+aq::models::ModelPtr bench_model(const ModelArgs& a, const aq::QuantConfig& cfg, const torch::Device& dev, bool cl) {
+  torch::manual_seed(0);
+  auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
+  model->to(dev);
+  if (cl) to_channels_last(*model);
+  model->train();
+  return model;
+}
+
 void add_model_options(CLI::App& sub, ModelArgs& m) {
   sub.add_option("--arch", m.arch, "Architecture (see aq-train --arch)")->capture_default_str();
   sub.add_option("--image-size", m.image_size, "Image side")->check(aq::cli::Positive)->capture_default_str();
@@ -238,10 +249,7 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
   double exact_act = 0, exact_peak = 0;
   const double MB = 1048576.0;
   for (const auto& [name, cfg] : configs) {
-    torch::manual_seed(0);
-    auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
-    model->to(dev);
-    if (cl) to_channels_last(*model);
+    auto model = bench_model(a, cfg, dev, cl);
     const auto m = aq::train::measure_step(*model, x, y, dev, amp, ops_out != nullptr);
     if (name == "exact") exact_act = m.activations, exact_peak = m.peak;
     if (ops_out) {
@@ -467,11 +475,7 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
   double exact_ips = 0, exact_act = 0, exact_peak = 0;
   const double MB = 1048576.0;
   for (const auto& [name, cfg] : configs) {
-    torch::manual_seed(0);
-    auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
-    model->to(dev);
-    if (cl) to_channels_last(*model);
-    model->train();
+    auto model = bench_model(a, cfg, dev, cl);
     aq::train::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
     const bool per_layer = aq::adaptive(cfg) && cfg.perlayer;
     int64_t act = 0;
@@ -562,11 +566,7 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
       const int64_t base = aq::train::memory(dev).allocated;
       aq::train::reset_peak(dev);
       try {
-        torch::manual_seed(0);
-        auto model = aq::models::build(a.arch, a.channels, a.classes, cfg);
-        model->to(dev);
-        if (cl) to_channels_last(*model);
-        model->train();
+        auto model = bench_model(a, cfg, dev, cl);
         aq::train::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
         auto x = torch::randn({b, a.channels, a.image_size, a.image_size}, torch::TensorOptions().device(dev));
         if (cl) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
