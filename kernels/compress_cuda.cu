@@ -841,10 +841,12 @@ __global__ void pack_positive_vec_kernel(const scalar_t* x, int64_t n_chunks, ui
 }
 
 // E consecutive elements per thread (16 bytes when aligned; E divides 32, so
-// they share one mask word).
+// they share one mask word).  g and out may be the same memory (a backward
+// writing over its incoming gradient): each element is read, then written,
+// by the same thread.
 template <typename scalar_t, int E>
-__global__ void apply_mask_kernel(const scalar_t* __restrict__ g, const uint32_t* __restrict__ mask, int64_t n,
-                                  at::opmath_type<scalar_t> scale, bool scaled, scalar_t* __restrict__ out) {
+__global__ void apply_mask_kernel(const scalar_t* g, const uint32_t* __restrict__ mask, int64_t n,
+                                  at::opmath_type<scalar_t> scale, bool scaled, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   struct alignas(sizeof(scalar_t) * E) Vec {
     scalar_t v[E];

@@ -449,6 +449,51 @@ TEST_P(Ops, ReluAndDropoutMasksAreExact) {
   EXPECT_THROW(F::dropout(xd, 1.5, nullptr), std::invalid_argument);
 }
 
+// Passes x through and doubles its gradient into a tensor of its own,
+// whose address it keeps: where the gradient goes from there.
+struct Spy : torch::autograd::Function<Spy> {
+  static inline const void* grad_ptr = nullptr;
+  static torch::Tensor forward(torch::autograd::AutogradContext*, const torch::Tensor& x) { return x.clone(); }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grads) {
+    auto g = grads[0] * 2;
+    grad_ptr = g.data_ptr();
+    return {g};
+  }
+};
+
+// ReLU's and dropout's backward write over their incoming gradient where
+// nothing else holds it (one tensor of the activation's size fewer), and
+// leave it alone where something does: an addition's two inputs share
+// one, and a gradient the caller passes to backward() is the caller's.
+TEST_P(Ops, MaskBackwardWritesOverTheGradientOnlyWhereItIsUnshared) {
+  auto x = torch::randn({4, 3, 8, 8}, opts()).requires_grad_();
+  auto probe = torch::randn({4, 3, 8, 8}, opts());
+  const auto mask = (x.detach() > 0).to(torch::kFloat);
+  Spy::apply(F::relu(x, false, nullptr)).mul(probe).sum().backward();
+  EXPECT_EQ(x.grad().data_ptr(), Spy::grad_ptr) << "the gradient was copied, not overwritten";
+  EXPECT_TRUE(torch::equal(x.grad(), probe * 2 * mask));
+  auto xd = torch::randn({64, 100}, opts()).requires_grad_();
+  auto yd = F::dropout(xd, 0.5, nullptr);
+  const auto keep = (yd.detach() != 0).to(torch::kFloat);
+  Spy::apply(yd).sum().backward();
+  EXPECT_EQ(xd.grad().data_ptr(), Spy::grad_ptr);
+  EXPECT_TRUE(torch::equal(xd.grad(), keep * 4));
+
+  // One gradient for both inputs of an addition.
+  auto x1 = torch::randn({5, 40}, opts()).requires_grad_(), x2 = torch::randn({5, 40}, opts()).requires_grad_();
+  auto p = torch::randn({5, 40}, opts());
+  (F::relu(x1, false, nullptr) + F::relu(x2, false, nullptr)).mul(p).sum().backward();
+  EXPECT_TRUE(torch::equal(x1.grad(), p * (x1.detach() > 0)));
+  EXPECT_TRUE(torch::equal(x2.grad(), p * (x2.detach() > 0)));
+  // The caller's gradient.
+  auto x3 = torch::randn({5, 40}, opts()).requires_grad_();
+  const auto g = torch::randn({5, 40}, opts()), g0 = g.clone();
+  F::relu(x3, false, nullptr).backward(g);
+  EXPECT_TRUE(torch::equal(g, g0)) << "the caller's gradient was overwritten";
+  EXPECT_TRUE(torch::equal(x3.grad(), g * (x3.detach() > 0)));
+}
+
 TEST_P(Ops, MicroBatchedBackwardGivesTheSameGradients) {
   // Nearest rounding: the same codes with and without micro-batches.
   auto c = bits(4);

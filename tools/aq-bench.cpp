@@ -228,6 +228,29 @@ std::vector<std::pair<std::string, aq::QuantConfig>> exact_and_levels(const Mode
   return configs;
 }
 
+// Runs f and says whether it fit in device memory: false when it ran out
+// (LibTorch's error, or cuBLAS's and cuDNN's own allocation failures, which
+// they report as errors of their own), with the error's first line logged.
+// The device's cached blocks are given back either way.
+bool fits_in_memory(const torch::Device& dev, const std::function<void()>& f) {
+  bool ok = true;
+  std::string why;
+  try {
+    f();
+  } catch (const c10::OutOfMemoryError& e) {
+    ok = false, why = e.what();
+  } catch (const c10::Error& e) {
+    why = e.what();
+    if (why.find("ALLOC_FAILED") == std::string::npos) throw;
+    ok = false;
+  }
+  if (!ok) aq::log().debug("out of memory: {}", why.substr(0, why.find('\n')));
+#if AQ_WITH_CUDA
+  if (dev.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
+  return ok;
+}
+
 struct MemoryArgs : ModelArgs {
   int64_t batch_size = 32;
   std::string ops;  // per-operation memory TSV (-: stderr)
@@ -249,8 +272,20 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
   double exact_act = 0, exact_peak = 0;
   const double MB = 1048576.0;
   for (const auto& [name, cfg] : configs) {
-    auto model = bench_model(a, cfg, dev, cl);
-    const auto m = aq::train::measure_step(*model, x, y, dev, amp, ops_out != nullptr);
+    aq::train::StepMemory m;
+    if (!fits_in_memory(dev, [&] {
+          auto model = bench_model(a, cfg, dev, cl);
+          m = aq::train::measure_step(*model, x, y, dev, amp, ops_out != nullptr);
+        })) {
+      // The levels are still measured: a batch too large for the exact
+      // model is what they are for.
+      aq::log().warn("{}: batch {} does not fit in device memory", name, a.batch_size);
+      std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\tNA\tNA\tNA\tNA\tNA\tNA\n", dev.str().c_str(), a.arch.c_str(),
+                  static_cast<long long>(a.batch_size), static_cast<long long>(a.image_size), a.amp.c_str(),
+                  name.c_str());
+      std::fflush(stdout);
+      continue;
+    }
     if (name == "exact") exact_act = m.activations, exact_peak = m.peak;
     if (ops_out) {
       size_t top = 0;
@@ -266,10 +301,13 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
                        m.ops[top].peak / MB, m.ops[top].name, m.ops[top].backward ? "backward" : "forward", top,
                        m.ops[top].before / MB);
     }
-    std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f\n", dev.str().c_str(), a.arch.c_str(),
+    const auto ratio = [](double exact, double v) {
+      return exact > 0 ? fmt::format("{:.2f}", exact / std::max<double>(1, v)) : std::string("NA");
+    };
+    std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\t%.2f\t%.2f\t%.2f\t%s\t%s\t%.1f\n", dev.str().c_str(), a.arch.c_str(),
                 static_cast<long long>(a.batch_size), static_cast<long long>(a.image_size), a.amp.c_str(), name.c_str(),
-                m.activations / MB, m.peak / MB, m.aq_saved / MB, exact_act / std::max<double>(1, m.activations),
-                exact_peak / std::max<double>(1, m.peak), m.seconds * 1e3);
+                m.activations / MB, m.peak / MB, m.aq_saved / MB, ratio(exact_act, m.activations).c_str(),
+                ratio(exact_peak, m.peak).c_str(), m.seconds * 1e3);
     std::fflush(stdout);
   }
   ops.finish();
@@ -533,7 +571,7 @@ int bench_step(const StepArgs& a, const torch::Device& dev) {
 }
 
 struct MaxBatchArgs : ModelArgs {
-  int64_t start = 16, limit_mb = 0;
+  int64_t start = 16, limit_mb = 0, resolution = 1;
   int steps = 3;  // adaptive levels: the third runs on the budgets the first set (they apply a step late)
   MaxBatchArgs() { levels = {"L3", "L5"}; }
 };
@@ -562,10 +600,9 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
     int trials = 0;
     auto fits = [&](int64_t b) {
       ++trials;
-      bool ok = true;
       const int64_t base = aq::train::memory(dev).allocated;
       aq::train::reset_peak(dev);
-      try {
+      bool ok = fits_in_memory(dev, [&] {
         auto model = bench_model(a, cfg, dev, cl);
         aq::train::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
         auto x = torch::randn({b, a.channels, a.image_size, a.image_size}, torch::TensorOptions().device(dev));
@@ -584,20 +621,9 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
           if (per_layer) aq::adapt_layers(*model, /*defer=*/true);
           sync(dev);
         }
-      } catch (const c10::OutOfMemoryError&) {
-        ok = false;
-      } catch (const c10::Error& e) {
-        // cuBLAS and cuDNN report their own allocation failures as errors
-        // of their own, not as LibTorch's out-of-memory error.
-        const std::string what = e.what();
-        if (what.find("ALLOC_FAILED") == std::string::npos) throw;
-        ok = false;
-      }
+      });
       if (ok && a.limit_mb > 0) ok = aq::train::memory(dev).peak - base <= a.limit_mb * 1048576;
       aq::set_batch_indices(torch::Tensor());
-#if AQ_WITH_CUDA
-      if (dev.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
-#endif
       aq::log().debug("{} batch {}: {}", name, b, ok ? "fits" : "does not fit");
       return ok;
     };
@@ -625,7 +651,7 @@ int bench_max_batch(const MaxBatchArgs& a, const torch::Device& dev) {
           hi = b;
         }
     }
-    while (lo > 0 && hi > lo + 1) {
+    while (lo > 0 && hi - lo > a.resolution) {
       const int64_t mid = lo + (hi - lo) / 2;
       if (fits(mid)) lo = mid;
       else hi = mid;
@@ -686,6 +712,10 @@ int main(int argc, char** argv) {
   mx->add_option("--steps", mb.steps,
                  "Training steps per trial, each trial from a fresh model; a batch fits when all of them do")
       ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  mx->add_option("--resolution", mb.resolution,
+                 "Stop bisecting once the largest batch that fits and the smallest that does not are this close")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 22))
       ->capture_default_str();
   return aq::cli::run(app, argc, argv, [&] {
     const auto dev = aq::cli::apply_common(common);

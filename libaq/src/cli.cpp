@@ -1,6 +1,7 @@
 #include "aq/cli.h"
 
 #include "aq/log.h"
+#include "aq/train.h"
 
 #include <c10/util/Exception.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -68,10 +69,9 @@ c10::Device apply_common(const Common& c) {
                                     : spdlog::level::info);
   if (c.threads > 0) torch::set_num_threads(c.threads);
   if (c.seed_given) torch::manual_seed(c.seed);
-  if (c.device == "auto") return torch::cuda::is_available() ? c10::Device("cuda") : c10::Device("cpu");
   c10::Device d("cpu");
   try {
-    d = c10::Device(c.device);
+    d = c.device == "auto" ? c10::Device(torch::cuda::is_available() ? "cuda" : "cpu") : c10::Device(c.device);
   } catch (const c10::Error&) {
     throw std::invalid_argument("unknown device '" + c.device + "' (use auto, cpu, cuda or cuda:N)");
   }
@@ -80,6 +80,7 @@ c10::Device apply_common(const Common& c) {
     if (d.has_index() && d.index() >= static_cast<int>(torch::cuda::device_count()))
       throw std::runtime_error("--device " + c.device + ": only " + std::to_string(torch::cuda::device_count()) +
                                " CUDA device(s)");
+    log().debug("CUDA allocator: expandable segments {}", train::use_expandable_segments() ? "on" : "off");
   } else if (!d.is_cpu()) {
     throw std::invalid_argument("unsupported device '" + c.device + "'");
   }

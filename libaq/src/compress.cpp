@@ -388,7 +388,8 @@ std::pair<at::Tensor, at::Tensor> relu_and_mask(const at::Tensor& x, bool inplac
   return {y, pack_positive(y)};
 }
 
-at::Tensor apply_packed_mask(const at::Tensor& g, const at::Tensor& packed, at::IntArrayRef strides, double scale) {
+at::Tensor apply_packed_mask(const at::Tensor& g, const at::Tensor& packed, at::IntArrayRef strides, double scale,
+                             bool overwrite) {
   RECORD_FUNCTION("aq::mask", std::vector<c10::IValue>());
   check_device(g, "gradient");
   if (!g.is_floating_point()) fail("apply_packed_mask: the gradient must be floating");
@@ -399,10 +400,12 @@ at::Tensor apply_packed_mask(const at::Tensor& g, const at::Tensor& packed, at::
   // The gradient in the mask's memory order (a copy only when it has another
   // layout), and the result in that order too.
   at::Tensor src = g;
-  if (!g.is_non_overlapping_and_dense() || g.strides() != strides)
-    src = at::empty_strided(g.sizes(), strides, g.options()).copy_(g);
-  at::Tensor out = at::empty_strided(g.sizes(), strides, g.options());
+  const bool in_order = g.is_non_overlapping_and_dense() && g.strides() == strides;
+  if (!in_order) src = at::empty_strided(g.sizes(), strides, g.options()).copy_(g);
+  // The kernels read each element before they write it, so in place is safe.
+  at::Tensor out = overwrite || !in_order ? src : at::empty_strided(g.sizes(), strides, g.options());
   if (g.numel() == 0) return out;
+  if (out.is_same(g)) out.unsafeGetTensorImpl()->bump_version();  // changed in place, as far as anyone can tell
   const at::Tensor in_flat = flat_in_memory_order(src);
   at::Tensor out_flat = out.as_strided({out.numel()}, {1});
 #if AQ_WITH_CUDA

@@ -57,6 +57,16 @@ at::Tensor placeholder(const at::Tensor& t, const at::Tensor& like) {
 }
 at::Tensor present(const at::Tensor& t) { return t.numel() ? t : at::Tensor(); }
 
+// Whether a backward may write its result over its incoming gradient g,
+// which it takes by reference from autograd's list (a function taking the
+// list by value holds a second reference): nothing else holds g's tensor or
+// its memory (an addition's backward hands the same gradient to both its
+// inputs, a retained gradient keeps it) and no graph is built through it.
+bool writable_grad(const at::Tensor& g) {
+  return g.defined() && g.use_count() == 1 && g.has_storage() && !g.is_view() && g.storage().use_count() == 1 &&
+         !g.requires_grad() && g.is_non_overlapping_and_dense();
+}
+
 void put_state(AutogradContext* ctx, const LayerStatePtr& st) {
   if (st) ctx->saved_data["state"] = c10::IValue::make_capsule(st);
 }
@@ -604,7 +614,7 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
     ctx->saved_data["eps"] = eps;
     return y;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const at::Tensor& g = grads[0];
     const auto saved = ctx->get_saved_variables();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
@@ -671,7 +681,9 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
         }
       });
       if (mask[0]) {
-        gx = at::empty_like(g);
+        // Each slice of the input gradient is written once its slice of g
+        // has been read for the last time, so it may go over g.
+        gx = writable_grad(g) ? g : at::empty_like(g);
         if (fused) {
           const at::Tensor count = at::full({1}, M, g.options().dtype(at::kInt));
           for_each_micro_batch(ctx, p, dtype, [&](int64_t b, int64_t e, const at::Tensor& x) {
@@ -710,9 +722,13 @@ void save_packed_mask(AutogradContext* ctx, const at::Tensor& source, const at::
 void save_mask(AutogradContext* ctx, const at::Tensor& source, double scale, LayerState* st) {
   save_packed_mask(ctx, source, pack_positive(source), scale, st);
 }
+// The incoming gradient times the saved mask, written over the gradient
+// where nothing else holds it (one tensor of the activation's size fewer at
+// the backward's peak).
 at::Tensor apply_mask(AutogradContext* ctx, const at::Tensor& g) {
   auto& s = ctx->saved_data;
-  return apply_packed_mask(g, s["mask"].toTensor(), s["strides"].toIntVector(), s["scale"].toDouble());
+  return apply_packed_mask(g, s["mask"].toTensor(), s["strides"].toIntVector(), s["scale"].toDouble(),
+                           writable_grad(g));
 }
 
 struct ReluFn : torch::autograd::Function<ReluFn> {
@@ -725,7 +741,7 @@ struct ReluFn : torch::autograd::Function<ReluFn> {
     save_packed_mask(ctx, y, packed, 1.0, st.get());
     return y;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     return {apply_mask(ctx, grads[0]), {}, {}, {}, {}};
   }
 };
@@ -742,7 +758,7 @@ struct DropoutFn : torch::autograd::Function<DropoutFn> {
     save_mask(ctx, keep, dropout_scale(p), st.get());
     return x * keep * dropout_scale(p);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     return {apply_mask(ctx, grads[0]), {}, {}};
   }
 };

@@ -8,6 +8,7 @@
 
 #include <ATen/autocast_mode.h>
 #include <ATen/record_function.h>
+#include <c10/core/AllocatorConfig.h>
 #include <c10/core/CPUAllocator.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/optim/sgd.h>
@@ -210,6 +211,22 @@ void reset_peak(const c10::Device& d) {
   }
 #endif
   if (cpu_counter && d.is_cpu()) cpu_counter->reset_peak();
+}
+
+bool use_expandable_segments() {
+  for (const char* name : {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"}) {
+    const char* v = std::getenv(name);
+    if (v && std::string_view(v).find("expandable_segments") != std::string_view::npos)
+      return c10::CachingAllocator::AcceleratorAllocatorConfig::use_expandable_segments();
+  }
+  // The whole setting is parsed again (keys not in it go back to their
+  // defaults), so the environment's own keys go with it.
+  std::string conf;
+  for (const char* name : {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"})
+    if (const char* v = std::getenv(name); v && *v && conf.empty()) conf = v;
+  c10::CachingAllocator::setAllocatorSettings(conf.empty() ? "expandable_segments:True"
+                                                           : conf + ",expandable_segments:True");
+  return c10::CachingAllocator::AcceleratorAllocatorConfig::use_expandable_segments();
 }
 
 namespace {

@@ -73,6 +73,8 @@ cat "$tmp/out" >&2
 check "max-batch on the CPU without --limit-mb: exit 2" '[ $rc -eq 2 ] && grep -q "limit-mb" "$tmp/err"'
 "$BENCH" max-batch --device cpu --arch preact_resnet20 --limit-mb 48 --steps 0 >/dev/null 2>"$tmp/err"; rc=$?
 check "max-batch --steps 0: exit 2, one line naming --steps" '[ $rc -eq 2 ] && grep -q -- "--steps" "$tmp/err"'
+"$BENCH" max-batch --device cpu --arch preact_resnet20 --limit-mb 48 --resolution 0 >/dev/null 2>"$tmp/err"; rc=$?
+check "max-batch --resolution 0: exit 2, one line naming --resolution" '[ $rc -eq 2 ] && [ $(wc -l <"$tmp/err") -le 2 ] && grep -q -- "--resolution" "$tmp/err"'
 # The man page documents exactly the options --help shows.
 if [ -n "$MAN" ]; then
   opts_help=$({ "$BENCH" --help; "$BENCH" kernels --help; "$BENCH" memory --help; "$BENCH" step --help; "$BENCH" max-batch --help; } | grep -oE -- '--[a-z][a-z0-9-]+' | sort -u)

@@ -109,9 +109,11 @@ std::pair<at::Tensor, at::Tensor> relu_and_mask(const at::Tensor& x, bool inplac
 std::vector<int64_t> memory_strides(const at::Tensor& x);
 // g * mask * scale, g of the masked tensor's shape, `strides` its
 // memory_strides: the result has those strides (g is copied into them first
-// when it has another layout).
+// when it has another layout).  With overwrite, g itself is written and
+// returned where it already has those strides (the caller must be g's only
+// user: a backward's incoming gradient that nothing else holds).
 at::Tensor apply_packed_mask(const at::Tensor& g, const at::Tensor& packed, at::IntArrayRef strides,
-                             double scale = 1.0);
+                             double scale = 1.0, bool overwrite = false);
 // Bits needed for an argmax inside a window of `window` elements (>= 1).
 int64_t index_bits(int64_t window);
 

@@ -126,6 +126,19 @@ void install_cpu_memory_counter();
 Memory memory(const c10::Device& device);
 void reset_peak(const c10::Device& device);
 
+// Has LibTorch's CUDA caching allocator grow its segments in place
+// (expandable_segments), unless PYTORCH_CUDA_ALLOC_CONF or
+// PYTORCH_ALLOC_CONF already set that key (their other keys are kept).  At
+// large batches, compressed activations and the activation-size tensors of
+// backward are allocated and freed in turn, and fixed segments end up with
+// gigabytes reserved in pieces too small for the next large tensor
+// (H100, ResNet-50 fp32 at L3: the largest batch that trains goes from 4619
+// to 5471; the exact model's stays at 966).  The tools call it for a CUDA
+// device; a library user may too, before or after CUDA's first use (it
+// applies to segments made from then on).  Returns whether expandable
+// segments are on.
+bool use_expandable_segments();
+
 // Where a step's memory goes: each outermost operator, aq scope or
 // autograd node (forward and backward, in the order they ran) with the
 // memory allocated before it, the allocator's peak while it ran and what it
