@@ -294,18 +294,8 @@ __global__ void __launch_bounds__(kStatThreads)
     }
     ++count;
     if (kR2) {  // the warp's 32 vectors are one group (whole warps take part: rows are whole groups)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-        hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
-      }
-      // A NaN anywhere makes the range NaN, as the range pass's sticky
-      // min/max do; otherwise min and max are exact, whatever the order.
-      nan = __any_sync(0xffffffffu, nan);
-      if (((ty * bx + tx) & 31) == 0) {
-        const float d = nan ? __int_as_float(0x7fffffff) : __fsub_rn(hi, lo);
-        r2[(r * c_vec + cv) / 32] = __fmul_rn(d, d);
-      }
+      const float range_sq = warp_group_range_sq(lo, hi, nan);
+      if (((ty * bx + tx) & 31) == 0) r2[(r * c_vec + cv) / 32] = range_sq;
     }
   }
   // Count, mean, M2 per channel, merged over ty in a fixed tree.

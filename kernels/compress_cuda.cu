@@ -821,16 +821,8 @@ __global__ void pack_positive_vec_kernel(const scalar_t* x, int64_t n_chunks, ui
           const float f = static_cast<float>(v[i]);
           lo = fminf(lo, f), hi = fmaxf(hi, f), nan |= f != f;
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-          lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-          hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
-        }
-        nan = __any_sync(0xffffffffu, nan);
-        if (lane == 0) {
-          const float d = nan ? __int_as_float(0x7fffffff) : __fsub_rn(hi, lo);
-          r2[k] = __fmul_rn(d, d);
-        }
+        const float range_sq = warp_group_range_sq(lo, hi, nan);
+        if (lane == 0) r2[k] = range_sq;
       }
     }
     bits <<= (lane * E) & 31;

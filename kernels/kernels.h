@@ -194,6 +194,25 @@ AQ_HD bool is_finite(float f) { return (float_bits(f) & 0x7f800000u) != 0x7f8000
 AQ_HD float nan_min(float a, float b) { return (a != a || a < b) ? a : b; }
 AQ_HD float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 
+#if defined(__CUDACC__)
+// A group held by a whole warp, each lane with its part's min, max and
+// whether it saw a NaN: the group's (max - min)^2 on every lane, NaN if any
+// lane saw one, as the range pass's sticky min/max give it (min and max are
+// exact in any order, so the shuffles' order does not matter).  The passes
+// that offer group ranges on their way (ReLU, BatchNorm statistics) use it,
+// so that their values are the range pass's.
+__device__ __forceinline__ float warp_group_range_sq(float lo, float hi, bool nan) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  nan = __any_sync(0xffffffffu, nan);
+  const float d = nan ? __int_as_float(0x7fffffff) : __fsub_rn(hi, lo);
+  return __fmul_rn(d, d);
+}
+#endif
+
 // bf16 storage of a group's range: mn rounds toward -inf and mx toward +inf,
 // so the stored range still covers every element and rounding stays
 // unbiased.  A finite value never becomes infinite: past bf16's largest
