@@ -298,7 +298,9 @@ TEST_P(Ops, BatchNormStatisticsAndGroupRanges) {
     ASSERT_TRUE(st->range_sq.defined()) << what;
     EXPECT_TRUE(torch::allclose(st->range_sq, r2.sum(1), 1e-6, 0)) << what;
     // On CUDA both are the same sum of the same per-group values.
-    if (full == d && x.is_cuda()) EXPECT_TRUE(torch::equal(st->range_sq, r2.sum(1))) << what;
+    if (full == d && x.is_cuda()) {
+      EXPECT_TRUE(torch::equal(st->range_sq, r2.sum(1))) << what;
+    }
   }
   // A NaN makes its sample's ranges NaN, and only its sample's.
   auto x = torch::randn({4, 64, 4, 4}, opts()).to(torch::kBFloat16).contiguous(torch::MemoryFormat::ChannelsLast);
@@ -415,7 +417,9 @@ TEST_P(Ops, ReluAndMaskMatchLibTorch) {
     const auto hf = h.detach().permute({0, 2, 3, 1}).reshape({3, -1, g}).to(torch::kFloat);
     const auto sum = (hf.amax(2) - hf.amin(2)).pow(2).sum(1);
     ASSERT_TRUE(st->range_sq.defined());
-    if (x.is_cuda()) EXPECT_TRUE(torch::equal(st->range_sq, sum)) << dtype;
+    if (x.is_cuda()) {
+      EXPECT_TRUE(torch::equal(st->range_sq, sum)) << dtype;
+    }
     EXPECT_TRUE(torch::allclose(st->range_sq, sum, 1e-6, 0)) << dtype;
   }
 }
@@ -625,8 +629,9 @@ TEST_P(Ops, BatchNormInputGradientOverTheRestoredInput) {
       aq::train::reset_peak(dev());
       loss.backward();
       const int64_t peak = aq::train::memory(dev()).peak - base;
-      if (unit >= (1 << 20))  // small ones are rounded up to the allocator's blocks
+      if (unit >= (1 << 20)) {  // small ones are rounded up to the allocator's blocks
         EXPECT_LT(peak, unit * 5 / 2) << "backward held " << double(peak) / unit << " inputs' worth, " << what;
+      }
     }
 }
 
