@@ -272,6 +272,10 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
   double exact_act = 0, exact_peak = 0;
   const double MB = 1048576.0;
   for (const auto& [name, cfg] : configs) {
+    // The line's first columns, printed with its figures once the step ran
+    // (logs on stderr may come in between).
+    const std::string what =
+        fmt::format("{}\t{}\t{}\t{}\t{}\t{}", dev.str(), a.arch, a.batch_size, a.image_size, a.amp, name);
     aq::train::StepMemory m;
     if (!fits_in_memory(dev, [&] {
           auto model = bench_model(a, cfg, dev, cl);
@@ -280,9 +284,7 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
       // The levels are still measured: a batch too large for the exact
       // model is what they are for.
       aq::log().warn("{}: batch {} does not fit in device memory", name, a.batch_size);
-      std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\tNA\tNA\tNA\tNA\tNA\tNA\n", dev.str().c_str(), a.arch.c_str(),
-                  static_cast<long long>(a.batch_size), static_cast<long long>(a.image_size), a.amp.c_str(),
-                  name.c_str());
+      std::printf("%s\tNA\tNA\tNA\tNA\tNA\tNA\n", what.c_str());
       std::fflush(stdout);
       continue;
     }
@@ -304,10 +306,9 @@ int bench_memory(const MemoryArgs& a, const torch::Device& dev) {
     const auto ratio = [](double exact, double v) {
       return exact > 0 ? fmt::format("{:.2f}", exact / std::max<double>(1, v)) : std::string("NA");
     };
-    std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\t%.2f\t%.2f\t%.2f\t%s\t%s\t%.1f\n", dev.str().c_str(), a.arch.c_str(),
-                static_cast<long long>(a.batch_size), static_cast<long long>(a.image_size), a.amp.c_str(), name.c_str(),
-                m.activations / MB, m.peak / MB, m.aq_saved / MB, ratio(exact_act, m.activations).c_str(),
-                ratio(exact_peak, m.peak).c_str(), m.seconds * 1e3);
+    std::printf("%s\t%.2f\t%.2f\t%.2f\t%s\t%s\t%.1f\n", what.c_str(), m.activations / MB, m.peak / MB,
+                m.aq_saved / MB, ratio(exact_act, m.activations).c_str(), ratio(exact_peak, m.peak).c_str(),
+                m.seconds * 1e3);
     std::fflush(stdout);
   }
   ops.finish();

@@ -214,16 +214,16 @@ void reset_peak(const c10::Device& d) {
 }
 
 bool use_expandable_segments() {
-  for (const char* name : {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"}) {
-    const char* v = std::getenv(name);
-    if (v && std::string_view(v).find("expandable_segments") != std::string_view::npos)
-      return c10::CachingAllocator::AcceleratorAllocatorConfig::use_expandable_segments();
-  }
   // The whole setting is parsed again (keys not in it go back to their
   // defaults), so the environment's own keys go with it.
   std::string conf;
-  for (const char* name : {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"})
-    if (const char* v = std::getenv(name); v && *v && conf.empty()) conf = v;
+  for (const char* name : {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"}) {
+    const char* v = std::getenv(name);
+    if (!v || !*v) continue;
+    if (std::string_view(v).find("expandable_segments") != std::string_view::npos)  // the environment decides
+      return c10::CachingAllocator::AcceleratorAllocatorConfig::use_expandable_segments();
+    if (conf.empty()) conf = v;
+  }
   c10::CachingAllocator::setAllocatorSettings(conf.empty() ? "expandable_segments:True"
                                                            : conf + ",expandable_segments:True");
   return c10::CachingAllocator::AcceleratorAllocatorConfig::use_expandable_segments();
