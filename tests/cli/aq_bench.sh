@@ -65,7 +65,7 @@ check "step --profile: scope, host and kernel rows per level" \
    grep -q "^L3	scope	aq::compress	" "$tmp/prof" && grep -q "^L3	scope	aq::allocate	" "$tmp/prof" &&
    grep -q "^exact	all	device	" "$tmp/prof" && grep -q "^L3	kernel	" "$tmp/prof"'
 cat "$tmp/out" >&2
-"$BENCH" max-batch --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 --levels L3 --limit-mb 48 --start 8 -q >"$tmp/out" 2>"$tmp/err"; rc=$?
+"$BENCH" max-batch --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 --levels L3 --limit-mb 48 --start 8 --steps 1 --resolution 4 -q >"$tmp/out" 2>"$tmp/err"; rc=$?
 check "max-batch: exits 0, exact and L3" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/out") -eq 3 ] && head -1 "$tmp/out" | grep -qx "device	arch	image	amp	level	max_batch	ratio	trials"'
 check "max-batch: L3 fits over 2x the exact batch in the same memory" '[ -n "$(awk -F"\t" "\$5==\"L3\" && \$7 >= 2" "$tmp/out")" ]'
 cat "$tmp/out" >&2
