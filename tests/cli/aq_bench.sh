@@ -52,6 +52,7 @@ cat "$tmp/out" >&2
 check "memory: unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
 "$BENCH" step --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L3 --steps 2 --warmup 1 -q \
   --profile "$tmp/prof" >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "step -q: nothing on stderr (not even the profiler library's)" '[ ! -s "$tmp/err" ]'
 check "step: exits 0, header and 2 rows" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/out") -eq 3 ] && head -1 "$tmp/out" | grep -q "^device	arch	batch	image	amp	level	median_ms	img_per_s"'
 check "step: exact ratio 1, L3 holds >= 8x less" '[ -n "$(awk -F"\t" "\$6==\"exact\" && \$11==1.000" "$tmp/out")" ] && [ -n "$(awk -F"\t" "\$6==\"L3\" && \$12 >= 8 && \$8 > 0" "$tmp/out")" ]'
 # The profiled breakdown: the exact model spends nothing in aq scopes, L3
