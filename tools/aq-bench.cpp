@@ -92,15 +92,21 @@ int bench_kernels(const KernelArgs& a, const torch::Device& dev) {
   const int inner = a.inner ? a.inner : (dev.is_cuda() ? 10 : 1);
   aq::CompressOptions o;
   o.group_size = a.group_size;
+  // Every size and dtype is checked before the first line: a usage error
+  // leaves stdout empty.
+  for (const auto& size : a.sizes)
+    for (const auto& dts : a.dtypes) {
+      const int64_t numel = parse_size(size) / torch::elementSize(parse_dtype(dts));
+      const int64_t n = std::min<int64_t>(a.samples, numel);
+      if (n < 1 || numel % n) throw std::invalid_argument("size " + size + " does not split into " + std::to_string(a.samples) + " samples");
+    }
   std::printf("device\tdtype\tinput_bytes\tbits\top\tmedian_ms\tGB_per_s\tcopy_GB_per_s\tratio_to_copy\tpacked_bytes\n");
   for (const auto& size : a.sizes) {
     const int64_t bytes = parse_size(size);
     for (const auto& dts : a.dtypes) {
       const auto dt = parse_dtype(dts);
-      const int64_t esize = torch::elementSize(dt);
-      const int64_t numel = bytes / esize;
+      const int64_t numel = bytes / torch::elementSize(dt);
       const int64_t n = std::min<int64_t>(a.samples, numel);
-      if (n < 1 || numel % n) throw std::invalid_argument("size " + size + " does not split into " + std::to_string(a.samples) + " samples");
       aq::log().info("{} {} on {}: {} x {}", size, dts, dev.str(), n, numel / n);
       auto x = torch::randn({n, numel / n}, torch::TensorOptions().dtype(dt).device(dev));
       auto y = torch::empty_like(x);

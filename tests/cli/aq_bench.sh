@@ -19,6 +19,10 @@ check "unknown flag: message and hint on stderr" 'grep -q "^aq-bench: " "$tmp/er
 check "no subcommand exits 2" '[ $rc -eq 2 ]'
 "$BENCH" kernels --sizes 12Q >/dev/null 2>"$tmp/err"; rc=$?
 check "bad size exits 2" '[ $rc -eq 2 ] && grep -q "bad size unit" "$tmp/err"'
+"$BENCH" kernels --device cpu --sizes 64K,0 >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "a bad second size: exit 2, one line, nothing measured or printed" '[ $rc -eq 2 ] && grep -q "size must be positive" "$tmp/err" && [ ! -s "$tmp/out" ]'
+"$BENCH" kernels --device cpu --sizes 64K --dtypes fp32,fp64 >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "a bad second dtype: exit 2, nothing on stdout" '[ $rc -eq 2 ] && grep -q "unknown dtype" "$tmp/err" && [ ! -s "$tmp/out" ]'
 "$BENCH" kernels --bits 9 >/dev/null 2>"$tmp/err"; rc=$?
 check "bits 9 exits 2" '[ $rc -eq 2 ]'
 "$BENCH" kernels --dtypes fp64 --sizes 64K >/dev/null 2>"$tmp/err"; rc=$?
