@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -584,20 +585,40 @@ struct Partial {  // of the current epoch, kept across a mid-epoch checkpoint
 
 // mkdir -p with POSIX calls: LibTorch exports its own copies of some
 // std::filesystem functions, which the dynamic linker may bind instead.
-void make_folders(const std::string& path) {
-  std::string prefix;
+// With create false nothing is made: it only checks, before the slow part of
+// setup (datasets, checkpoints), what creating would meet: a prefix that is
+// not a folder, a missing folder whose parent takes no new entries, or an
+// existing workspace that takes no files.
+void make_folders(const std::string& path, bool create = true) {
+  std::string parent = !path.empty() && path[0] == '/' ? "/" : ".";
   size_t pos = 0;
   while (pos != std::string::npos) {
     pos = path.find('/', pos + 1);
-    prefix = path.substr(0, pos);
+    const std::string prefix = path.substr(0, pos);
     if (prefix.empty()) continue;
     struct stat st {};
     if (::stat(prefix.c_str(), &st) == 0) {
       if (!S_ISDIR(st.st_mode)) throw std::runtime_error("--workspace " + path + ": " + prefix + " is not a folder");
-    } else if (::mkdir(prefix.c_str(), 0777) != 0 && errno != EEXIST) {
+    } else if (create ? ::mkdir(prefix.c_str(), 0777) != 0 && errno != EEXIST
+                      : errno != ENOENT || ::access(parent.c_str(), W_OK | X_OK) != 0) {
       throw std::runtime_error("--workspace " + path + ": cannot create " + prefix + ": " + std::strerror(errno));
+    } else if (!create) {
+      return;  // the rest will be made inside it
     }
+    parent = prefix;
   }
+  const std::string dir = path.empty() ? "." : path;
+  if (!create && ::access(dir.c_str(), W_OK | X_OK) != 0)
+    throw std::runtime_error("--workspace " + path + ": cannot write there: " + std::strerror(errno));
+}
+
+// Checkpoints are first written at the end of an epoch: a workspace that
+// takes no files (a read-only file system, even for root) fails now instead.
+void check_writable(const std::string& workspace, const std::string& probe) {
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+  if (fd < 0) throw std::runtime_error("--workspace " + workspace + ": cannot write there: " + std::strerror(errno));
+  ::close(fd);
+  ::unlink(probe.c_str());
 }
 
 class Trainer {
@@ -779,6 +800,7 @@ void Trainer::print_row(const std::vector<double>& r) {
 }
 
 int Trainer::run() {
+  if (!o_.evaluate) make_folders(o_.workspace, false);
   setup();
   if (o_.evaluate) {
     auto r = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
@@ -789,6 +811,7 @@ int Trainer::run() {
   }
   SignalScope signals;  // before the workspace appears: scripts wait for it
   make_folders(o_.workspace);
+  check_writable(o_.workspace, in_workspace(".aq-write-test." + std::to_string(::getpid())));
   const int64_t per_epoch = train_loader_->batches_per_epoch();
   if (per_epoch == 0) throw std::runtime_error(dataset_ + ": no training batch (dataset smaller than --batch-size with drop_last)");
   const int64_t total = per_epoch * o_.epochs;

@@ -118,6 +118,8 @@ check "... and the checkpoint is untouched" 'cmp -s "$tmp/q/checkpoint.h5" "$tmp
 : >"$tmp/file"
 "$TRAIN" "${common[@]}" --max-steps 1 --workspace "$tmp/file" >/dev/null 2>"$tmp/err"; rc=$?
 check "workspace that is a file: exit 1" '[ $rc -eq 1 ] && grep -q "not a folder" "$tmp/err"'
+"$TRAIN" --seed 7 --epochs 1 -b 64 --max-steps 1 "$FMNIST" --workspace "$tmp/file/ws" >/dev/null 2>"$tmp/err"; rc=$?
+check "workspace under a file: exit 1 before the dataset is read (one line)" '[ $rc -eq 1 ] && grep -q "file is not a folder" "$tmp/err" && [ $(wc -l <"$tmp/err") -eq 1 ]'
 
 # --- aq-variance: the seed's table on the 120-step checkpoint, clear-cut parts -------
 cat >"$tmp/configs.txt" <<'EOF'
