@@ -92,41 +92,44 @@ int bench_kernels(const KernelArgs& a, const torch::Device& dev) {
   const int inner = a.inner ? a.inner : (dev.is_cuda() ? 10 : 1);
   aq::CompressOptions o;
   o.group_size = a.group_size;
-  // Every size and dtype is checked before the first line: a usage error
+  // Every size and dtype is parsed before the first line: a usage error
   // leaves stdout empty.
+  struct Case {
+    std::string size, dts;
+    int64_t bytes;
+    torch::Dtype dt;
+    int64_t n, numel;
+  };
+  std::vector<Case> cases;
   for (const auto& size : a.sizes)
     for (const auto& dts : a.dtypes) {
-      const int64_t numel = parse_size(size) / torch::elementSize(parse_dtype(dts));
-      const int64_t n = std::min<int64_t>(a.samples, numel);
-      if (n < 1 || numel % n) throw std::invalid_argument("size " + size + " does not split into " + std::to_string(a.samples) + " samples");
+      Case c{size, dts, parse_size(size), parse_dtype(dts), 0, 0};
+      c.numel = c.bytes / torch::elementSize(c.dt);
+      c.n = std::min<int64_t>(a.samples, c.numel);
+      if (c.n < 1 || c.numel % c.n) throw std::invalid_argument("size " + size + " does not split into " + std::to_string(a.samples) + " samples");
+      cases.push_back(c);
     }
   std::printf("device\tdtype\tinput_bytes\tbits\top\tmedian_ms\tGB_per_s\tcopy_GB_per_s\tratio_to_copy\tpacked_bytes\n");
-  for (const auto& size : a.sizes) {
-    const int64_t bytes = parse_size(size);
-    for (const auto& dts : a.dtypes) {
-      const auto dt = parse_dtype(dts);
-      const int64_t numel = bytes / torch::elementSize(dt);
-      const int64_t n = std::min<int64_t>(a.samples, numel);
-      aq::log().info("{} {} on {}: {} x {}", size, dts, dev.str(), n, numel / n);
-      auto x = torch::randn({n, numel / n}, torch::TensorOptions().dtype(dt).device(dev));
-      auto y = torch::empty_like(x);
-      // The device's own copy: bytes read + written per second.
-      const double tc = time_it(dev, reps, inner, [&] { y.copy_(x); });
-      const double copy_rate = 2.0 * bytes / tc;
-      y.reset();
-      for (int b : a.bits) {
-        aq::Packed p = aq::quantize(x, b, o);
-        const double tq = time_it(dev, reps, inner, [&] { p = aq::quantize(x, b, o); });
-        torch::Tensor back;
-        const double td = time_it(dev, reps, inner, [&] { back = aq::dequantize(p); });
-        for (auto [op, t] : {std::pair{"compress", tq}, std::pair{"decompress", td}}) {
-          const double rate = bytes / t;
-          std::printf("%s\t%s\t%lld\t%d\t%s\t%.4f\t%.3f\t%.3f\t%.4f\t%lld\n", dev.str().c_str(), dts.c_str(),
-                      static_cast<long long>(bytes), b, op, t * 1e3, rate / 1e9, copy_rate / 1e9, rate / copy_rate,
-                      static_cast<long long>(p.nbytes()));
-        }
-        std::fflush(stdout);
+  for (const Case& c : cases) {
+    aq::log().info("{} {} on {}: {} x {}", c.size, c.dts, dev.str(), c.n, c.numel / c.n);
+    auto x = torch::randn({c.n, c.numel / c.n}, torch::TensorOptions().dtype(c.dt).device(dev));
+    auto y = torch::empty_like(x);
+    // The device's own copy: bytes read + written per second.
+    const double tc = time_it(dev, reps, inner, [&] { y.copy_(x); });
+    const double copy_rate = 2.0 * c.bytes / tc;
+    y.reset();
+    for (int b : a.bits) {
+      aq::Packed p = aq::quantize(x, b, o);
+      const double tq = time_it(dev, reps, inner, [&] { p = aq::quantize(x, b, o); });
+      torch::Tensor back;
+      const double td = time_it(dev, reps, inner, [&] { back = aq::dequantize(p); });
+      for (auto [op, t] : {std::pair{"compress", tq}, std::pair{"decompress", td}}) {
+        const double rate = c.bytes / t;
+        std::printf("%s\t%s\t%lld\t%d\t%s\t%.4f\t%.3f\t%.3f\t%.4f\t%lld\n", dev.str().c_str(), c.dts.c_str(),
+                    static_cast<long long>(c.bytes), b, op, t * 1e3, rate / 1e9, copy_rate / 1e9, rate / copy_rate,
+                    static_cast<long long>(p.nbytes()));
       }
+      std::fflush(stdout);
     }
   }
   return aq::cli::kOk;

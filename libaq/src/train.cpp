@@ -597,13 +597,16 @@ void make_folders(const std::string& path, bool create = true) {
     const std::string prefix = path.substr(0, pos);
     if (prefix.empty()) continue;
     struct stat st {};
+    const auto cannot_create = [&] {
+      return std::runtime_error("--workspace " + path + ": cannot create " + prefix + ": " + std::strerror(errno));
+    };
     if (::stat(prefix.c_str(), &st) == 0) {
       if (!S_ISDIR(st.st_mode)) throw std::runtime_error("--workspace " + path + ": " + prefix + " is not a folder");
-    } else if (create ? ::mkdir(prefix.c_str(), 0777) != 0 && errno != EEXIST
-                      : errno != ENOENT || ::access(parent.c_str(), W_OK | X_OK) != 0) {
-      throw std::runtime_error("--workspace " + path + ": cannot create " + prefix + ": " + std::strerror(errno));
-    } else if (!create) {
-      return;  // the rest will be made inside it
+    } else if (!create) {  // the rest would be made inside parent
+      if (errno != ENOENT || ::access(parent.c_str(), W_OK | X_OK) != 0) throw cannot_create();
+      return;
+    } else if (::mkdir(prefix.c_str(), 0777) != 0 && errno != EEXIST) {
+      throw cannot_create();
     }
     parent = prefix;
   }
