@@ -367,7 +367,8 @@ TEST_F(CheckpointLayout, MatchesTheManPage) {
   EXPECT_EQ(H5Tget_cset(t), H5T_CSET_UTF8);
   H5Tclose(t);
   H5Aclose(a);
-  for (const char* g : {"/meta", "/counters", "/scalars", "/model/parameters", "/model/buffers", "/optimizer", "/rng"})
+  for (const char* g :
+       {"/meta", "/counters", "/scalars", "/model/parameters", "/model/buffers", "/optimizer", "/adaptive", "/rng"})
     EXPECT_GT(H5Lexists(f, g, H5P_DEFAULT), 0) << g;
   EXPECT_GT(H5Aexists_by_name(f, "/meta", "arch", H5P_DEFAULT), 0);
 
@@ -529,6 +530,30 @@ TEST_F(CheckpointLoad, MissingGroupsAreEmpty) {
   Checkpoint r = load(path("bare.h5"));
   EXPECT_TRUE(r.meta.empty() && r.counters.empty() && r.scalars.empty() && r.parameters.empty() && r.buffers.empty() &&
               r.optimizer.empty() && r.rng.empty() && r.metric_columns.empty() && r.metric_rows.empty());
+}
+
+TEST_F(CheckpointLoad, AdaptiveStateOfFilesWithoutTheAdaptiveGroup) {
+  // Files written before /adaptive existed kept adaptive precision's state
+  // in /optimizer beside the momentum buffers.
+  Checkpoint c = small_checkpoint();
+  c.optimizer = {{"conv.weight.momentum_buffer", torch::ones({2})},
+                 {"conv.aq_budget", torch::scalar_tensor(2.5, torch::kDouble)},
+                 {"conv.aq_sample_stat", torch::full({4}, -1.0f)}};
+  save(path("old.h5"), c);
+  hid_t f = H5Fopen(path("old.h5").c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  ASSERT_GE(H5Ldelete(f, "/adaptive", H5P_DEFAULT), 0);
+  ASSERT_GE(H5Fclose(f), 0);
+  const Checkpoint r = load(path("old.h5"));
+  ASSERT_EQ(r.optimizer.size(), 1u);
+  EXPECT_EQ(r.optimizer[0].first, "conv.weight.momentum_buffer");
+  ASSERT_EQ(r.adaptive.size(), 2u);
+  EXPECT_EQ(r.adaptive[0].first, "conv.aq_budget");
+  EXPECT_EQ(r.adaptive[1].first, "conv.aq_sample_stat");
+  EXPECT_TRUE(r.adaptive[1].second.equal(torch::full({4}, -1.0f)));
+  // A file with the group keeps what /optimizer holds as it is.
+  save(path("new.h5"), c);
+  EXPECT_EQ(load(path("new.h5")).optimizer.size(), 3u);
 }
 
 TEST_F(CheckpointLoad, UnknownOrMismatchedDtypeIsCorrupt) {

@@ -1,4 +1,5 @@
-// The quantization configuration: the seed's command lines, levels, errors.
+// The quantization configuration: ActNN's command lines, levels, errors.
+#include "aq/cli.h"
 #include "aq/config.h"
 
 #include <CLI/CLI.hpp>
@@ -13,7 +14,7 @@ namespace {
 
 aq::QuantConfig parse(const std::string& line) {
   CLI::App app{"test"};
-  aq::QuantOptions q(app);
+  aq::cli::QuantOptions q(app);
   std::vector<std::string> args;
   std::istringstream in(line);
   for (std::string w; in >> w;) args.push_back(w);

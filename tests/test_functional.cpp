@@ -2,7 +2,7 @@
 // 8 bits and unbiased at 2 bits, exact masks; per device.
 #include "aq/compress.h"
 #include "aq/functional.h"
-#include "aq/train.h"
+#include "aq/memory.h"
 #include "device_test.h"
 
 #include <gtest/gtest.h>
@@ -625,10 +625,10 @@ TEST_P(Ops, BatchNormInputGradientOverTheRestoredInput) {
       // The backward's peak: the output gradient and the restored input.
       x.mutable_grad() = torch::Tensor();
       auto loss = (bn(c) * probe).sum();
-      const int64_t base = aq::train::memory(dev()).allocated;
-      aq::train::reset_peak(dev());
+      const int64_t base = aq::memory(dev()).allocated;
+      aq::reset_peak(dev());
       loss.backward();
-      const int64_t peak = aq::train::memory(dev()).peak - base;
+      const int64_t peak = aq::memory(dev()).peak - base;
       if (unit >= (1 << 20)) {  // small ones are rounded up to the allocator's blocks
         EXPECT_LT(peak, unit * 5 / 2) << "backward held " << double(peak) / unit << " inputs' worth, " << what;
       }

@@ -4,7 +4,9 @@
 #include "aq/adaptive.h"
 #include "aq/models.h"
 #include "aq/modules.h"
-#include "aq/train.h"
+#include "aq/evaluate.h"
+#include "aq/memory.h"
+#include "aq/optim.h"
 #include "device_test.h"
 
 #include <gtest/gtest.h>
@@ -85,7 +87,7 @@ TEST_P(Models, ShapesOnEveryFamily) {
 // gradients agree; at 2 bits the memory the step holds for backward, as
 // the allocator counts it, is far smaller.
 TEST_P(Models, ConfigDecidesWhatIsCompressed) {
-  aq::train::install_cpu_memory_counter();
+  aq::install_cpu_memory_counter();
   torch::manual_seed(1);
   auto exact_cfg = aq::QuantConfig::for_level(aq::Level::L3);
   exact_cfg.scope = aq::Scope::kNone;
@@ -114,9 +116,9 @@ TEST_P(Models, ConfigDecidesWhatIsCompressed) {
     aq::QModule(*q, cfg);
     q->zero_grad();
     auto xin = torch::randn({32, 1, 28, 28}, dev());
-    const int64_t before = aq::train::memory(dev()).allocated;
+    const int64_t before = aq::memory(dev()).allocated;
     auto y = q->forward(xin);
-    const int64_t bytes = aq::train::memory(dev()).allocated - before;
+    const int64_t bytes = aq::memory(dev()).allocated - before;
     y.sum().backward();
     return bytes;
   };
@@ -131,7 +133,7 @@ TEST_P(Models, ConfigDecidesWhatIsCompressed) {
 // micro-batches (CPU); either way the gradients are L3's for the same
 // random numbers, and on CUDA the forward pass leaves far less on the device.
 TEST_P(Models, SwappingKeepsTheGradients) {
-  aq::train::install_cpu_memory_counter();
+  aq::install_cpu_memory_counter();
   torch::manual_seed(3);
   auto model = aq::models::build("preact_resnet20", 3, 10, aq::QuantConfig::for_level(aq::Level::L3));
   model->to(dev());
@@ -140,9 +142,9 @@ TEST_P(Models, SwappingKeepsTheGradients) {
     aq::QModule(*model, aq::QuantConfig::for_level(level));
     model->zero_grad();
     torch::manual_seed(11);  // CPU and CUDA generators: the same random rounding
-    const int64_t before = aq::train::memory(dev()).allocated;
+    const int64_t before = aq::memory(dev()).allocated;
     auto y = model->forward(x);
-    if (held) *held = aq::train::memory(dev()).allocated - before;
+    if (held) *held = aq::memory(dev()).allocated - before;
     y.pow(2).sum().backward();
     std::vector<torch::Tensor> g;
     for (const auto& p : model->parameters()) g.push_back(p.grad().clone());
@@ -209,9 +211,9 @@ TEST(ModelsAdaptive, SavedStatisticsAllocateTheSameBits) {
   const std::string path = "/tmp/aq-test-adaptive-" + std::to_string(::getpid()) + ".h5";
   aq::ckpt::Checkpoint c;
   c.meta["kind"] = "aq-calibration";
-  c.optimizer = aq::adaptive_state(*a);
+  c.adaptive = aq::adaptive_state(*a);
   aq::ckpt::save(path, c);
-  aq::load_adaptive_state(*b, aq::ckpt::load(path).optimizer);
+  aq::load_adaptive_state(*b, aq::ckpt::load(path).adaptive);
   std::remove(path.c_str());
   aq::set_batch_indices(idx);
   torch::manual_seed(5);

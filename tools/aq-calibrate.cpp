@@ -2,33 +2,34 @@
 // adaptive configuration, collects what adaptive precision needs (group
 // ranges, per-sample gradient statistics, sensitivities), solves the
 // allocation and writes it for `aq-train --calibration`.  TSV on stdout:
-// layer, elements, sensitivity, bits, budget.  See aq-calibrate(1).
+// layer, elements, sensitivity, bits, budget, shares.  See aq-calibrate(1).
+#include "aq/calibrate.h"
 #include "aq/cli.h"
-#include "aq/config.h"
-#include "aq/variance.h"
+
+#include <cstdio>
 
 int main(int argc, char** argv) {
   CLI::App app{"aq-calibrate: adaptive-precision statistics and bit allocation from K batches; TSV on stdout",
                "aq-calibrate"};
   app.set_version_flag("--version", AQ_VERSION_STRING);
-  aq::cli::Common common;
+  aq::cli::OptionTable table(app, aq::cli::kCalibrate);
   aq::calibrate::RunOptions o;
-  app.add_option("data_dir", o.data_dir, "Dataset folder (default: the dataset's default location)");
-  app.add_option("--resume", o.resume, "Checkpoint to calibrate (default: a freshly initialised --arch)");
   app.add_option("-o,--output", o.output, "Calibration file to write (HDF5) for aq-train --calibration");
   app.add_option("-K,--batches", o.batches, "Batches")->check(aq::cli::Positive)->capture_default_str();
-  app.add_option("--dataset", o.dataset, "Dataset when no checkpoint is given")->capture_default_str();
-  app.add_option("--arch", o.arch, "Architecture when no checkpoint is given")->capture_default_str();
-  app.add_option("--num-classes", o.num_classes, "Classes (0: the dataset's)");
-  app.add_option("-j,--workers", o.workers, "Data loading threads")->capture_default_str();
-  app.add_option("-b,--batch-size", o.batch_size, "Batch size")->check(aq::cli::Positive)->capture_default_str();
-  app.add_option("--image-size", o.image_size, "Image side for imagenet and synthetic data");
-  aq::QuantOptions quant(app);
-  aq::cli::add_common(app, common);
   return aq::cli::run(app, argc, argv, [&]() -> int {
-    o.device = aq::cli::apply_common(common);
-    o.seed = common.seed_given ? common.seed : 0;
-    o.config = quant.resolve();
-    return aq::calibrate::run(o);
+    const auto& v = table.values;
+    o.device = table.apply_common();
+    o.seed = v.seed_given ? v.seed : 0;
+    o.data = v.data;
+    o.arch = v.arch;
+    o.resume = v.resume;
+    o.amp = table.amp();
+    o.config = table.quant();
+    const auto layers = aq::calibrate::run(o);
+    std::printf("layer\telements\tsensitivity\tbits\tbudget\tshares\n");
+    for (const auto& l : layers)
+      std::printf("%s\t%lld\t%.6g\t%.3f\t%.3f\t%s\n", l.name.c_str(), static_cast<long long>(l.elements),
+                  l.sensitivity, l.bits, l.budget, l.shares.empty() ? "-" : l.shares.c_str());
+    return aq::cli::kOk;
   });
 }

@@ -3,8 +3,7 @@
 #include "aq/checkpoint.h"
 #include "aq/cli.h"
 #include "aq/data.h"
-#include "aq/log.h"
-#include "aq/train.h"
+#include "aq/evaluate.h"
 
 #include <algorithm>
 #include <iostream>
@@ -16,25 +15,20 @@
 int main(int argc, char** argv) {
   CLI::App app{"aq-eval: evaluate aq checkpoints on the test split; TSV on stdout", "aq-eval"};
   app.set_version_flag("--version", AQ_VERSION_STRING);
-  aq::cli::Common common;
+  aq::cli::Values defaults;
+  defaults.data.dataset = "";  // the checkpoint's
+  aq::cli::OptionTable table(app, aq::cli::kEval, defaults);
   std::vector<std::string> files;
-  std::string dataset, data_dir, amp = "off";
-  int64_t batch_size = 256, max_batches = 0, image_size = 0;
-  int workers = 0;
+  int64_t max_batches = 0;
   app.add_option("checkpoints", files, "HDF5 checkpoints written by aq-train ('-': standard input)")->required();
-  app.add_option("--dataset", dataset, "Override the checkpoint's dataset");
-  app.add_option("--data", data_dir, "Dataset folder (default: the dataset's default location)");
-  app.add_option("-b,--batch-size", batch_size, "Batch size")->check(aq::cli::Positive)->capture_default_str();
-  app.add_option("-j,--workers", workers, "Data loading threads")->check(aq::cli::NonNegative)->capture_default_str();
-  app.add_option("--amp", amp, "Autocast: off, bf16 or fp16")->capture_default_str();
   app.add_option("--max-batches", max_batches, "Evaluate the first N batches only (0: all)")
       ->check(aq::cli::NonNegative)->capture_default_str();
-  app.add_option("--image-size", image_size, "Image side for imagenet/synthetic (0: the checkpoint's)")
-      ->check(aq::cli::NonNegative);
-  aq::cli::add_common(app, common);
   return aq::cli::run(app, argc, argv, [&]() -> int {
-    const auto dev = aq::cli::apply_common(common);
-    const auto a = aq::train::parse_amp(amp);
+    const auto dev = table.apply_common();
+    const auto a = table.amp();
+    const auto& v = table.values;
+    const std::string& dataset = v.data.dataset;
+    const bool image_size_given = app.count("--image-size") > 0;
     if (std::count(files.begin(), files.end(), "-") > 1)
       throw std::invalid_argument("standard input ('-') can be read only once");
     aq::QuantConfig exact;
@@ -51,19 +45,19 @@ int main(int argc, char** argv) {
         const std::string ds = dataset.empty() ? c.meta.at("dataset") : dataset;
         aq::data::OpenOptions oo;
         auto sz = c.counters.find("image_size");
-        oo.image_size = image_size ? image_size : sz != c.counters.end() ? sz->second : 224;
+        oo.image_size = image_size_given ? v.data.image_size : sz != c.counters.end() ? sz->second : 224;
         oo.synthetic_classes = c.counters.at("num_classes");
         const std::string key = ds + "\n" + std::to_string(oo.image_size) + "\n" + std::to_string(oo.synthetic_classes);
-        if (!sets.count(key)) sets[key] = aq::data::open(ds, data_dir, aq::data::Split::kTest, oo);
+        if (!sets.count(key)) sets[key] = aq::data::open(ds, v.data.data_dir, aq::data::Split::kTest, oo);
         const auto& info = sets[key]->info();
         if (info.num_classes != c.counters.at("num_classes") || info.channels != c.counters.at("in_channels"))
           throw std::runtime_error(f + ": model has " + std::to_string(c.counters.at("num_classes")) + " classes and " +
                                    std::to_string(c.counters.at("in_channels")) + " input channels, " + ds + " " +
                                    std::to_string(info.num_classes) + " and " + std::to_string(info.channels));
         aq::data::LoaderOptions lo;
-        lo.batch_size = batch_size;
+        lo.batch_size = v.data.batch_size;
         lo.shuffle = lo.augment = false;
-        lo.workers = workers;
+        lo.workers = v.data.workers;
         lo.pin_memory = dev.is_cuda();
         aq::data::Loader loader(sets[key], lo);
         const auto r = aq::train::evaluate(*model, loader, dev, a, max_batches);

@@ -1,14 +1,17 @@
-// Adaptive precision (ALGORITHM.md 5): bits per sample inside a layer, chosen
-// in each forward from the sample's group ranges and gradient statistics,
-// and bits per layer, reallocated once per step after backward.
+// Adaptive precision across a model (docs/design.md §5): bits per layer,
+// reallocated once per step after backward, and the adaptive state that
+// checkpoints keep.  The bits of each sample inside a layer are chosen in
+// its forward (aq/sample_bits.h).
 //
-// A training loop tells aq which dataset samples the batch holds
-// (set_batch_indices) before the forward, and calls adapt_layers(model)
-// after the backward when the configuration is per-layer.
+// A training loop (aq::train::Step does it) tells aq which dataset samples
+// the batch holds (set_batch_indices) before the forward, and calls
+// adapt_layers(model) after the backward when the configuration is
+// per-layer.
 #pragma once
 
 #include "aq/config.h"
-#include "aq/functional.h"
+#include "aq/layer_state.h"
+#include "aq/sample_bits.h"
 
 #include <torch/nn/module.h>
 
@@ -17,39 +20,6 @@
 #include <vector>
 
 namespace aq {
-
-// The dataset indices of the samples of the next forward passes in this
-// thread (CPU int64 [N]); an undefined tensor: unknown (usegradient then
-// falls back to batch means).
-void set_batch_indices(const at::Tensor& indices);
-const at::Tensor& batch_indices();
-
-// True when a configuration reallocates bits at all.
-inline bool adaptive(const QuantConfig& c) { return c.compresses() && c.ibits > c.cabits; }
-
-// Per-sample sensitivities C_n of a layer for its input's range_sq (float
-// [N], ||R_n||^2) and `elements` per sample, with the layer's current
-// gradient statistic for `indices` (undefined: batch mean): double [N] on
-// range_sq's device (no wait for the device), or copied to the host.
-at::Tensor sensitivity_tensor(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
-                              int64_t elements, const at::Tensor& indices);
-std::vector<double> sensitivities(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
-                                  int64_t elements, const at::Tensor& indices);
-
-// Per-sample bits for a forward: the layer's budget (its per-layer share, or
-// cabits) times N, allocated from ibits by sensitivity on x's device, with
-// nothing read back to the host.  Returns int32 [N] on x's device, records
-// it in st.last_bits (with st.range_sq, st.sample_elements and st.indices)
-// and, when `total` is given, stores their sum there (known on the host: the
-// budget fixes it).  On CUDA (up to 4096 samples) it is one kernel, which
-// also gives each sample's first packed word in *word_offset (else that is
-// left undefined).
-at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x, int64_t* total = nullptr,
-                       at::Tensor* word_offset = nullptr);
-
-// After backward: updates the gradient statistics from grad_sq ([N]) of
-// the samples at `indices` (or the batch mean).
-void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& grad_sq, const at::Tensor& indices);
 
 // Per-layer reallocation across the model's adaptive conv/linear layers
 // (perlayer): units are (layer, sample) weighted by elements per sample,

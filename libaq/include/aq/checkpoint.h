@@ -34,6 +34,7 @@ struct Checkpoint {
   Tensors parameters;                         // /model/parameters/<name>
   Tensors buffers;                            // /model/buffers/<name>
   Tensors optimizer;                          // /optimizer/<key>
+  Tensors adaptive;                           // /adaptive/<key>: adaptive precision's state
   Tensors rng;                                // /rng/<key> (uint8 states)
   std::vector<std::string> metric_columns;    // /metrics: float64 [rows, columns]
   std::vector<std::vector<double>> metric_rows;

@@ -1,28 +1,29 @@
-// What every aq tool shares: the common options (device, threads, seed,
-// verbosity), logging to stderr, and the one place where errors turn into a
-// message and an exit status.
+// What every aq tool shares: one table of the options several tools take
+// (common, data, model, training, run and quantization options), so that
+// each is spelt, checked, described and defaulted the same way everywhere;
+// logging to stderr; and the one place where errors turn into a message and
+// an exit status.
 //
 // Exit status, for every tool: 0 success, 1 runtime failure (bad input file,
 // out of memory, ...), 2 usage error (unknown option, bad value).
 #pragma once
 
+#include "aq/config.h"
+#include "aq/data.h"
+#include "aq/step.h"
+#include "aq/variance.h"
+
 #include <CLI/CLI.hpp>
 #include <c10/core/Device.h>
 
+#include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 namespace aq::cli {
 
 enum Exit : int { kOk = 0, kRuntime = 1, kUsage = 2 };
-
-struct Common {
-  std::string device = "auto";  // auto: cuda if a GPU is visible, else cpu
-  int threads = 0;              // 0: LibTorch's default
-  int verbosity = 0;            // -v raises, -q lowers
-  uint64_t seed = 0;
-  bool seed_given = false;
-};
 
 // CLI11's PositiveNumber and NonNegativeNumber (same names in --help),
 // with errors that read "--epochs: must be positive, not -1" instead of
@@ -30,12 +31,96 @@ struct Common {
 extern const CLI::Validator Positive;
 extern const CLI::Validator NonNegative;
 
-// Adds --device, --threads, --seed, -v and -q to `app` (or a subcommand).
-void add_common(CLI::App& app, Common& common);
+// The tools, as the option table knows them.
+enum Tool : unsigned {
+  kTrain = 1u << 0,
+  kEval = 1u << 1,
+  kVariance = 1u << 2,
+  kCalibrate = 1u << 3,
+  kBench = 1u << 4,
+};
 
-// Applies the common options: log level, threads, seed.  Returns the device
-// (throws std::invalid_argument for an unknown or unavailable one).
-c10::Device apply_common(const Common& common);
+// The quantization options in ActNN's spelling (-c, --ca, --cabits, --ibits,
+// --pergroup, --perlayer, --usegradient) plus aq's (--level, --group-size,
+// --range-dtype, --rounding).  After parsing, `resolve()` gives the
+// configuration: the level's defaults with every flag given on the command
+// line applied.
+class QuantOptions {
+ public:
+  // ignored: accepted (ActNN's command lines) and not used.
+  explicit QuantOptions(CLI::App& app, bool ignored = false);
+  QuantConfig resolve() const;
+
+ private:
+  CLI::App& app_;
+  std::string scope_ = "quantize", level_ = "L3", ca_, cabits_, ibits_, pergroup_, perlayer_,
+              usegradient_, group_size_, range_dtype_, rounding_;
+};
+
+// Configurations from text: one per line (or separated by ';'), in ActNN's
+// spelling ("-c quantize --ca=True --cabits=2 ..."); blank lines and '#'
+// comments are skipped.  Throws std::invalid_argument naming a bad line.
+std::vector<QuantConfig> parse_configs(const std::string& text);
+
+// Every option that more than one tool takes, with its value after parsing.
+struct Values {
+  // Common (every tool).
+  std::string device = "auto";  // auto: cuda if a GPU is visible, else cpu
+  int threads = 0;              // 0: LibTorch's default
+  int verbosity = 0;            // -v raises, -q lowers
+  uint64_t seed = 0;
+  bool seed_given = false;
+  // Data and model.
+  data::DataOptions data;
+  std::string arch = "preact_resnet20";
+  std::string amp = "off";
+  // Training (aq-train; ActNN's data configuration, accepted by the others).
+  int64_t epochs = 20;
+  double lr = 0.1, momentum = 0.9, weight_decay = 1e-4, label_smoothing = 0.0;
+  // Run.
+  std::string workspace = ".", resume, resume2;
+  bool gather_checkpoints = false, evaluate = false, training_only = false;
+};
+
+// Adds to `app` every shared option `tool` uses, each with its one name,
+// check, help text and default (a tool may change a default in `values`
+// before constructing the table); and, for the tools that take ActNN's
+// command lines (aq-train, aq-eval, aq-variance, aq-calibrate), every
+// option of ActNN's main.py that the tool does not use, accepted and
+// ignored, so that the whole "<data config> <quantize config>" string works
+// with each of them.
+class OptionTable {
+ public:
+  OptionTable(CLI::App& app, unsigned tool, Values defaults = {});
+  OptionTable(const OptionTable&) = delete;
+  OptionTable& operator=(const OptionTable&) = delete;
+
+  Values values;
+  // After parsing: the log level, threads and seed applied; the device
+  // (throws std::invalid_argument for an unknown or unavailable one).
+  c10::Device apply_common() const;
+  QuantConfig quant() const;  // the tool must take the quantization options
+  train::Amp amp() const;
+
+ private:
+  template <typename T>
+  CLI::Option* add(unsigned users, bool actnn, const std::string& names, T& value, const std::string& help,
+                   const std::string& group, const CLI::Validator* check = nullptr);
+  CLI::Option* flag(unsigned users, bool actnn, const std::string& names, bool& value, const std::string& help,
+                    const std::string& group);
+  bool ignores_actnn() const;
+
+  CLI::App& app_;
+  unsigned tool_;
+  std::unique_ptr<QuantOptions> quant_;
+  std::string ignored_;  // what ignored options write into
+  bool ignored_flag_ = false;
+};
+
+// aq-variance's TSV on stdout (config, layer, overall_var, bias, sample_var;
+// a "total" row per configuration), as aq-variance and aq-train
+// --evaluate --training-only print it.
+void print(const variance::Report& report);
 
 // Parses argv, runs body, and maps what it throws to one line on stderr
 // prefixed with the tool's name, and to the exit status above.

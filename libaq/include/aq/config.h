@@ -1,7 +1,7 @@
-// The quantization configuration: what is compressed and how, in the seed's
-// terms (ALGORITHM.md 5-6), shared by the library and every tool.
+// The quantization configuration: what is compressed and how, in ActNN's
+// terms (docs/design.md §5-6), shared by the library and every tool.
 //
-// Command lines use the seed's spelling, e.g.
+// Command lines use ActNN's spelling, e.g.
 //   -c quantize --ca=True --cabits=2 --ibits=8 --pergroup=True --perlayer=True --usegradient=False
 // and the optimisation levels L0..L5 (--level L3.1); a level sets defaults,
 // flags given explicitly override them.
@@ -11,10 +11,6 @@
 
 #include <cstdint>
 #include <string>
-
-namespace CLI {
-class App;
-}
 
 namespace aq {
 
@@ -60,6 +56,9 @@ struct QuantConfig {
   std::string to_flags() const;
 };
 
+// True when a configuration reallocates bits at all (adaptive precision).
+inline bool adaptive(const QuantConfig& c) { return c.compresses() && c.ibits > c.cabits; }
+
 // "L3", "l3", "3", "L3.1", "3.1": throws std::invalid_argument otherwise.
 Level parse_level(const std::string& s);
 std::string to_string(Level level);
@@ -69,19 +68,10 @@ std::string to_string(Scope scope);
 // True/False as the seed writes them; also true/false, 1/0, yes/no, on/off.
 bool parse_bool(const std::string& s);
 
-// Adds the quantization options (-c, --level, --ca, --cabits, --ibits,
-// --pergroup, --perlayer, --usegradient, --group-size, --range-dtype,
-// --rounding) to a tool.  After parsing, `resolve()` gives the configuration:
-// the level's defaults with every flag given on the command line applied.
-class QuantOptions {
- public:
-  explicit QuantOptions(CLI::App& app);
-  QuantConfig resolve() const;
-
- private:
-  CLI::App& app_;
-  std::string scope_ = "quantize", level_ = "L3", ca_, cabits_, ibits_, pergroup_, perlayer_,
-              usegradient_, group_size_, range_dtype_, rounding_;
-};
+// The configuration's values as the tools spell them; each throws
+// std::invalid_argument naming the flag.
+int parse_int(const std::string& flag, const std::string& s);
+c10::ScalarType parse_range_dtype(const std::string& s);  // bf16, fp32
+bool parse_rounding(const std::string& s);                 // stochastic: true, nearest: false
 
 }  // namespace aq

@@ -66,8 +66,24 @@ std::shared_ptr<const Dataset> open(const std::string& name, const std::string& 
 // the others have none ("").
 std::string default_root(const std::string& name);
 
+// The dataset a name means with a class count: ActNN's command lines run
+// CIFAR-100 as "--dataset cifar10 --num-classes 100" (and CIFAR-10 the
+// other way round); other names are returned as they are.
+std::string resolve_name(const std::string& dataset, int64_t num_classes);
+
 // The dataset names open() knows, canonical spelling.
 const std::vector<std::string>& names();
+
+// What the dataset, the loader and the model are built from by the tools (aq-train,
+// aq-variance, aq-calibrate).
+struct DataOptions {
+  std::string dataset = "fashion-mnist";
+  std::string data_dir;          // empty: default_root(dataset)
+  int64_t num_classes = 0;       // 0: the dataset's
+  int workers = 0;               // -j
+  int64_t image_size = 224;      // imagenet, synthetic
+  int64_t batch_size = 128;
+};
 
 struct Batch {
   torch::Tensor images;   // float [B, C, H, W], normalised

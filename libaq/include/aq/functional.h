@@ -1,10 +1,11 @@
 // Activation-compressed ops: the forward result is exactly LibTorch's; what
-// autograd keeps for backward is a compressed copy (ALGORITHM.md 4), and
+// autograd keeps for backward is a compressed copy (docs/design.md §4), and
 // backward runs LibTorch's own backward ops on the restored tensor.
 #pragma once
 
 #include "aq/compress.h"
 #include "aq/config.h"
+#include "aq/layer_state.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/ivalue.h>
@@ -13,57 +14,6 @@
 #include <optional>
 
 namespace aq {
-
-struct PendingBudgets;  // aq/adaptive.h
-
-// What one layer's compression reads and records, for the adaptive scheme
-// and for memory accounting.  Shared between a module and its autograd nodes
-// (an intrusive pointer, so that autograd contexts can hold it).
-struct LayerState : torch::CustomClassHolder {
-  // Per-sample bits (int, [N], 1..8) for the next forward, set by hand;
-  // undefined: adaptive allocation when ibits > cabits (aq/adaptive.h), else
-  // the configuration's uniform `cabits`.
-  at::Tensor bits;
-  // Adaptive layers only (ibits > cabits), of the last compressed input: per
-  // sample, the sum over its groups of (mx - mn)^2, i.e. ||R_n||^2 (float
-  // [N], on the input's device).
-  at::Tensor range_sq;
-  // Adaptive layers only, of the last backward: per sample, ||dL/dy_n||^2 of
-  // the output gradient.
-  at::Tensor grad_sq;
-  // Elements per sample of the last compressed input.
-  int64_t sample_elements = 0;
-  // Bytes the last forward kept for backward (compressed data, bounds, masks,
-  // BatchNorm statistics).
-  int64_t saved_bytes = 0;
-
-  // Adaptive precision (ALGORITHM.md 5; aq/adaptive.h), used when the
-  // configuration has ibits > cabits.  Filled by the layer's forward:
-  int64_t kernel_area = 1, conv_groups = 1, in_channels = 1;  // conv/linear geometry
-  bool batch_norm = false;   // BatchNorm: no gradient term in the sensitivity
-  at::Tensor indices;        // dataset indices of the last forward's samples (CPU int64 [N])
-  at::Tensor last_bits;      // per-sample bits the last forward chose (int32 [N], on its device)
-  // Average bits for the next forward (0: cabits); set by adapt_layers().
-  double budget = 0;
-  // The budget a deferred adapt_layers() computed and has not applied yet
-  // (its host copy, shared by the model's layers, and this layer's entry).
-  std::shared_ptr<PendingBudgets> pending;
-  size_t pending_unit = 0;
-  // Sharing (a tensor saved by several layers is compressed once): the
-  // layer whose copy this one used in its last forward (null: its own), and
-  // the layers that used this one's; their sensitivities add to this
-  // layer's when its bits are allocated.
-  // (shared_from identifies the owner and is never dereferenced; sharers
-  // are weak: a layer may outlive the model of a layer that shared with it.)
-  const LayerState* shared_from = nullptr;
-  std::vector<c10::weak_intrusive_ptr<LayerState>> sharers;
-  // Gradient statistics: per dataset index, the running average of
-  // ||dL/dy_n||^2 (usegradient; -1: not seen yet), or the batch mean of the
-  // last backward (float, 0-d; !usegradient).  On the layer's device.
-  at::Tensor sample_stat, grad_mean;
-};
-using LayerStatePtr = c10::intrusive_ptr<LayerState>;
-inline LayerStatePtr make_layer_state() { return c10::make_intrusive<LayerState>(); }
 
 namespace functional {
 

@@ -3,7 +3,7 @@
 // the restored input.
 #include "aq/functional.h"
 
-#include "aq/adaptive.h"
+#include "aq/sample_bits.h"
 #include "aq/log.h"
 #include "offer.h"
 

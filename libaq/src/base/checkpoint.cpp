@@ -191,6 +191,7 @@ const TensorGroup kTensorGroups[] = {
     {"/model/parameters", &Checkpoint::parameters},
     {"/model/buffers", &Checkpoint::buffers},
     {"/optimizer", &Checkpoint::optimizer},
+    {"/adaptive", &Checkpoint::adaptive},
     {"/rng", &Checkpoint::rng},
 };
 
@@ -657,6 +658,13 @@ Checkpoint read_checkpoint(hid_t file, uint64_t file_size) {
     for (const auto& k : attr_names(*g))
       c.scalars[k] = read_number<double>(*g, k, H5T_NATIVE_DOUBLE, true, "/scalars attribute " + k);
   for (const auto& tg : kTensorGroups) read_tensors(file, tg.path, c.*tg.member, file_size);
+  if (!has_link(file, "adaptive")) {
+    // Files written before /adaptive kept the adaptive state in /optimizer.
+    Tensors optimizer;
+    for (auto& [name, t] : c.optimizer)
+      (name.find(".aq_") != std::string::npos ? c.adaptive : optimizer).emplace_back(name, std::move(t));
+    c.optimizer = std::move(optimizer);
+  }
 
   if (has_link(file, "metrics")) {
     Hid ds(H5Dopen2(file, "metrics", H5P_DEFAULT), H5Dclose, "cannot open /metrics");

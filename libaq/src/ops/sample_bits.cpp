@@ -1,7 +1,7 @@
-#include "aq/adaptive.h"
+#include "aq/sample_bits.h"
 
 #include "aq/allocate.h"
-#include "aq/modules.h"
+#include "aq/compress.h"
 #include "offer.h"
 
 #include <ATen/ATen.h>
@@ -29,32 +29,6 @@ TensorOffer& group_range_offer() {
   return offer;
 }
 
-// A deferred allocation's result on its way to the host: every unit's bits
-// (int32, pinned when copied from a device), owner layer after owner layer,
-// and how many each has; read once, on first use.
-struct PendingBudgets {
-  at::Tensor host_bits;
-  std::vector<int64_t> count;         // per owner layer
-  std::optional<c10::Event> done;     // the device-to-host copy (device tensors only)
-  std::optional<c10::Stream> stream;  // its stream
-  std::vector<double> means;          // per owner layer, once read (or from a checkpoint)
-
-  double mean(size_t unit) {
-    if (means.empty()) {
-      // Normally finished a step ago; if not, wait through the stream (which
-      // LibTorch's sync debug mode counts).
-      if (done && !done->query()) stream->synchronize();
-      const int32_t* b = host_bits.const_data_ptr<int32_t>();
-      means.resize(count.size());
-      for (size_t i = 0; i < count.size(); ++i) {
-        int64_t sum = 0;
-        for (int64_t k = 0; k < count[i]; ++k) sum += *b++;
-        means[i] = count[i] ? static_cast<double>(sum) / static_cast<double>(count[i]) : 0.0;
-      }
-    }
-    return means[unit];
-  }
-};
 
 namespace {
 thread_local at::Tensor current_indices;
@@ -294,164 +268,6 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
   const at::Tensor old = st.sample_stat.index({idx});
   st.sample_stat.index_put_({idx}, at::where(old >= 0, 0.5 * old + 0.5 * g, g));
   st.grad_mean = g.mean().detach();
-}
-
-namespace {
-
-struct Adaptive {
-  std::string name;
-  QLayer* layer;
-};
-std::vector<Adaptive> adaptive_layers(torch::nn::Module& model, bool perlayer_only) {
-  std::vector<Adaptive> out;
-  for (const auto& item : model.named_modules()) {
-    auto* q = dynamic_cast<QLayer*>(item.value().get());
-    if (!q || !adaptive(q->config())) continue;
-    const LayerState& st = *q->state();
-    if (!st.last_bits.defined() || !st.range_sq.defined()) continue;
-    if (perlayer_only && (st.batch_norm || !q->config().perlayer)) continue;
-    out.push_back({item.key(), q});
-  }
-  return out;
-}
-
-}  // namespace
-
-void apply_pending_budgets(torch::nn::Module& model) {
-  for (const auto& m : model.modules(/*include_self=*/true)) {
-    auto* q = dynamic_cast<QLayer*>(m.get());
-    if (!q || !q->state()->pending) continue;
-    LayerState& st = *q->state();
-    st.budget = st.pending->mean(st.pending_unit);
-    st.pending.reset();
-  }
-}
-
-int64_t adapt_layers(torch::nn::Module& model, bool defer) {
-  RECORD_FUNCTION("aq::allocate", std::vector<c10::IValue>());
-  if (defer) apply_pending_budgets(model);  // the previous call's: its copy is done by now
-  const auto layers = adaptive_layers(model, /*perlayer_only=*/true);
-  if (layers.empty()) return 0;
-  // Units (layer, sample) on the device; the allocation runs there too, and
-  // only the units' bits come back.
-  std::vector<at::Tensor> cost, weight;
-  auto pending = std::make_shared<PendingBudgets>();
-  std::map<const LayerState*, size_t> unit_of;  // owner layer -> its entry in cost
-  double budget = 0;
-  int ibits = 8;
-  for (const auto& l : layers) {
-    const LayerState& st = *l.layer->state();
-    if (st.shared_from) continue;  // below: its sensitivity joins its owner's
-    const QuantConfig& c = l.layer->config();
-    unit_of[&st] = cost.size();
-    cost.push_back(sensitivity_tensor(st, c, st.range_sq, st.sample_elements, st.indices));
-    const int64_t n = cost.back().size(0);
-    weight.push_back(at::full({n}, std::max<int64_t>(1, st.sample_elements),
-                              cost.back().options().dtype(at::kLong)));
-    pending->count.push_back(n);
-    budget += static_cast<double>(c.cabits) * static_cast<double>(st.sample_elements) * static_cast<double>(n);
-    ibits = c.ibits;
-  }
-  // A layer that used another's compressed copy holds no bits of its own:
-  // what its gradient loses to them adds to the owner's units.
-  for (const auto& l : layers) {
-    const LayerState& st = *l.layer->state();
-    if (!st.shared_from) continue;
-    const auto it = unit_of.find(st.shared_from);
-    if (it == unit_of.end() || cost[it->second].size(0) != st.range_sq.size(0)) continue;
-    cost[it->second] = cost[it->second] +
-                       sensitivity_tensor(st, l.layer->config(), st.range_sq, st.sample_elements, st.indices);
-  }
-  if (cost.empty()) return 0;
-  const at::Tensor bits = allocate_bits_tensor(at::cat(cost), at::cat(weight),
-                                               static_cast<int64_t>(std::floor(budget)), ibits);
-  if (bits.is_cpu()) {
-    pending->host_bits = bits;
-  } else {
-    pending->host_bits = at::empty(bits.sizes(), bits.options().device(at::kCPU).pinned_memory(true));
-    pending->host_bits.copy_(bits, /*non_blocking=*/true);
-    const c10::impl::VirtualGuardImpl impl(bits.device().type());
-    pending->stream = impl.getStream(bits.device());
-    pending->done.emplace(bits.device().type());
-    pending->done->record(*pending->stream);
-  }
-  for (const auto& l : layers) {
-    LayerState& st = *l.layer->state();
-    const auto it = unit_of.find(st.shared_from ? st.shared_from : &st);
-    if (it == unit_of.end()) continue;
-    st.pending = pending;
-    st.pending_unit = it->second;
-  }
-  if (!defer) apply_pending_budgets(model);
-  return static_cast<int64_t>(layers.size());
-}
-
-std::vector<LayerBits> layer_bits(torch::nn::Module& model) {
-  std::vector<LayerBits> out;
-  const auto layers = adaptive_layers(model, /*perlayer_only=*/false);
-  std::map<const LayerState*, std::string> name_of;
-  for (const auto& l : layers) name_of[l.layer->state().get()] = l.name;
-  for (const auto& l : layers) {
-    const LayerState& st = *l.layer->state();
-    const auto cn = sensitivities(st, l.layer->config(), st.range_sq, st.sample_elements, st.indices);
-    LayerBits b;
-    b.name = l.name;
-    b.elements = st.sample_elements;
-    for (double v : cn) b.sensitivity += v / static_cast<double>(cn.size());
-    b.bits = st.last_bits.to(at::kDouble).mean().item<double>();
-    b.budget = st.budget > 0 ? st.budget : l.layer->config().cabits;
-    if (st.shared_from) {
-      const auto it = name_of.find(st.shared_from);
-      b.shares = it != name_of.end() ? it->second : std::string("?");
-    }
-    out.push_back(b);
-  }
-  return out;
-}
-
-std::vector<std::pair<std::string, at::Tensor>> adaptive_state(torch::nn::Module& model) {
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  for (const auto& item : model.named_modules()) {
-    auto* q = dynamic_cast<QLayer*>(item.value().get());
-    if (!q) continue;
-    const LayerState& st = *q->state();
-    if (st.budget > 0) out.emplace_back(item.key() + ".aq_budget", at::scalar_tensor(st.budget, at::kDouble));
-    if (st.pending)
-      out.emplace_back(item.key() + ".aq_budget_next", at::scalar_tensor(st.pending->mean(st.pending_unit), at::kDouble));
-    if (st.sample_stat.defined()) out.emplace_back(item.key() + ".aq_sample_stat", st.sample_stat.cpu());
-    if (st.grad_mean.defined()) out.emplace_back(item.key() + ".aq_grad_mean", st.grad_mean.cpu());
-  }
-  return out;
-}
-
-void load_adaptive_state(torch::nn::Module& model, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
-  std::map<std::string, QLayer*> layers;
-  for (const auto& item : model.named_modules())
-    if (auto* q = dynamic_cast<QLayer*>(item.value().get())) layers[item.key()] = q;
-  at::Device dev = at::kCPU;
-  for (const auto& p : model.parameters()) {
-    dev = p.device();
-    break;
-  }
-  for (const auto& [key, t] : tensors) {
-    const auto dot = key.rfind(".aq_");
-    if (dot == std::string::npos) continue;
-    auto it = layers.find(key.substr(0, dot));
-    if (it == layers.end()) continue;
-    LayerState& st = *it->second->state();
-    const std::string what = key.substr(dot + 4);
-    if (what == "budget") {
-      st.budget = t.item<double>();
-    } else if (what == "budget_next") {
-      st.pending = std::make_shared<PendingBudgets>();
-      st.pending->means = {t.item<double>()};
-      st.pending_unit = 0;
-    } else if (what == "sample_stat") {
-      st.sample_stat = t.to(dev, at::kFloat);
-    } else if (what == "grad_mean") {
-      st.grad_mean = t.to(dev, at::kFloat);
-    }
-  }
 }
 
 }  // namespace aq

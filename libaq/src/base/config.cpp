@@ -1,7 +1,5 @@
 #include "aq/config.h"
 
-#include <CLI/CLI.hpp>
-
 #include <algorithm>
 #include <cctype>
 #include <stdexcept>
@@ -14,18 +12,6 @@ namespace {
 std::string lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
   return s;
-}
-
-int parse_int(const std::string& flag, const std::string& s) {
-  size_t pos = 0;
-  int v = 0;
-  try {
-    v = std::stoi(s, &pos);
-  } catch (const std::exception&) {
-    pos = 0;
-  }
-  if (pos == 0 || pos != s.size()) bad(flag + ": '" + s + "' is not an integer");
-  return v;
 }
 
 const char* tf(bool b) { return b ? "True" : "False"; }
@@ -143,54 +129,29 @@ std::string QuantConfig::to_flags() const {
   return s;
 }
 
-QuantOptions::QuantOptions(CLI::App& app) : app_(app) {
-  const char* g = "Quantization (the seed's flags; a level sets defaults, given flags override)";
-  app.add_option("-c,--qconfig", scope_, "Model configuration: fanin, quantize, qlinear, qsyncbn")
-      ->capture_default_str()
-      ->group(g);
-  app.add_option("--level", level_, "Optimisation level: L0, L1, L2, L3, L3.1, L4, L5")->capture_default_str()->group(g);
-  app.add_option("--ca", ca_, "Compress saved activations: True/False (level default)")->group(g);
-  app.add_option("--cabits", cabits_, "Average bits per activation element, 1..8 (level default)")->group(g);
-  app.add_option("--ibits", ibits_, "Initial bits before reallocation, cabits..8 (level default)")->group(g);
-  app.add_option("--pergroup", pergroup_, "Per-group ranges: True/False (default True)")->group(g);
-  app.add_option("--perlayer", perlayer_, "Reallocate bits across layers: True/False (level default)")->group(g);
-  app.add_option("--usegradient", usegradient_, "Per-sample gradient statistics: True/False (default True)")->group(g);
-  app.add_option("--group-size", group_size_, "Elements per quantization group (default 256)")->group(g);
-  app.add_option("--range-dtype", range_dtype_, "Storage of group ranges: bf16 or fp32 (default bf16)")->group(g);
-  app.add_option("--rounding", rounding_, "stochastic (default) or nearest (biased; for experiments)")->group(g);
+int parse_int(const std::string& flag, const std::string& s) {
+  size_t pos = 0;
+  int v = 0;
+  try {
+    v = std::stoi(s, &pos);
+  } catch (const std::exception&) {
+    pos = 0;
+  }
+  if (pos == 0 || pos != s.size()) bad(flag + ": '" + s + "' is not an integer");
+  return v;
 }
 
-QuantConfig QuantOptions::resolve() const {
-  QuantConfig c = QuantConfig::for_level(parse_level(level_));
-  c.scope = parse_scope(scope_);
-  auto given = [&](const char* name) { return app_.get_option(name)->count() > 0; };
-  try {
-    if (given("--ca")) c.ca = parse_bool(ca_);
-    if (given("--pergroup")) c.pergroup = parse_bool(pergroup_);
-    if (given("--perlayer")) c.perlayer = parse_bool(perlayer_);
-    if (given("--usegradient")) c.usegradient = parse_bool(usegradient_);
-  } catch (const std::invalid_argument& e) {
-    bad(std::string("quantization flag: ") + e.what());
-  }
-  if (given("--cabits")) c.cabits = parse_int("--cabits", cabits_);
-  if (given("--ibits")) c.ibits = parse_int("--ibits", ibits_);
-  if (given("--group-size")) c.group_size = parse_int("--group-size", group_size_);
-  if (given("--range-dtype")) {
-    const std::string r = lower(range_dtype_);
-    if (r == "bf16" || r == "bfloat16")
-      c.range_dtype = c10::kBFloat16;
-    else if (r == "fp32" || r == "float32")
-      c.range_dtype = c10::kFloat;
-    else
-      bad("--range-dtype must be bf16 or fp32, not '" + range_dtype_ + "'");
-  }
-  if (given("--rounding")) {
-    const std::string r = lower(rounding_);
-    if (r != "stochastic" && r != "nearest") bad("--rounding must be stochastic or nearest, not '" + rounding_ + "'");
-    c.stochastic = r == "stochastic";
-  }
-  c.validate();
-  return c;
+c10::ScalarType parse_range_dtype(const std::string& s) {
+  const std::string r = lower(s);
+  if (r == "bf16" || r == "bfloat16") return c10::kBFloat16;
+  if (r == "fp32" || r == "float32") return c10::kFloat;
+  bad("--range-dtype must be bf16 or fp32, not '" + s + "'");
+}
+
+bool parse_rounding(const std::string& s) {
+  const std::string r = lower(s);
+  if (r != "stochastic" && r != "nearest") bad("--rounding must be stochastic or nearest, not '" + s + "'");
+  return r == "stochastic";
 }
 
 }  // namespace aq

@@ -1,6 +1,5 @@
 #include "aq/modules.h"
 
-#include "aq/adaptive.h"
 
 #include <torch/nn/functional/padding.h>
 

@@ -2,7 +2,7 @@
 // Sequential with Q twins that share the original tensors.
 #include "aq/log.h"
 #include "aq/modules.h"
-#include "aq/train.h"
+#include "aq/memory.h"
 
 #include <c10/core/AllocatorConfig.h>
 
@@ -158,10 +158,10 @@ bool in_scope(const torch::nn::Module& m, Scope scope) {
 // L5's defragmentation is LibTorch's own: expandable segments in the CUDA
 // caching allocator (a process-wide setting, for segments allocated from
 // now on; the tools turn it on for every level, see
-// train::use_expandable_segments).
+// aq::use_expandable_segments).
 void apply_level_extras(const QuantConfig& c) {
   if (c.defrag && !c10::CachingAllocator::AcceleratorAllocatorConfig::use_expandable_segments() &&
-      !train::use_expandable_segments())
+      !use_expandable_segments())
     log().warn("{}: the environment's allocator settings keep expandable segments off: no defragmentation",
                to_string(c.level));
 }

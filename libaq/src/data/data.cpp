@@ -734,6 +734,12 @@ std::string canonical(const std::string& name) {
 
 }  // namespace
 
+std::string resolve_name(const std::string& dataset, int64_t num_classes) {
+  if ((dataset == "cifar10" || dataset == "cifar100") && num_classes == 100) return "cifar100";
+  if (dataset == "cifar100" && num_classes == 10) return "cifar10";
+  return dataset;
+}
+
 const std::vector<std::string>& names() {
   static const std::vector<std::string> all = {"fashion-mnist", "mnist",    "cifar10",
                                                "cifar100",      "imagenet", "synthetic"};

@@ -1,0 +1,38 @@
+// aq-calibrate: the statistics of adaptive precision (group ranges,
+// per-sample gradient statistics, sensitivities) collected over K batches of
+// training data forward and backward, and the allocation they give, so that
+// training can start from them instead of an arbitrary first step.
+#pragma once
+
+#include "aq/adaptive.h"
+#include "aq/config.h"
+#include "aq/data.h"
+#include "aq/models.h"
+#include "aq/step.h"
+
+#include <c10/core/Device.h>
+
+#include <string>
+#include <vector>
+
+namespace aq::calibrate {
+
+struct RunOptions {
+  data::DataOptions data;
+  std::string arch = "preact_resnet20", resume, output;
+  int64_t batches = 10;
+  QuantConfig config;
+  train::Amp amp = train::Amp::kOff;
+  c10::Device device{c10::kCPU};
+  uint64_t seed = 0;
+};
+// Each adaptive layer's figures after K batches; the HDF5 file `output`
+// (aq-checkpoint(5), "Calibration files") when it is set.
+std::vector<LayerBits> run(const RunOptions& options);
+
+// Loads a calibration file's statistics and budgets into the model's aq
+// layers (aq-train --calibration).  Throws std::runtime_error naming the
+// file if it is not a calibration file or is for another architecture.
+void load(models::Model& model, const std::string& path, const std::string& arch);
+
+}  // namespace aq::calibrate

@@ -1,0 +1,36 @@
+// Evaluation on a test split, and models from checkpoints.
+#pragma once
+
+#include "aq/checkpoint.h"
+#include "aq/config.h"
+#include "aq/data.h"
+#include "aq/models.h"
+#include "aq/step.h"
+
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <string>
+
+namespace aq::train {
+
+struct EvalResult {
+  double loss = 0, top1 = 0, top5 = 0;  // mean loss, accuracies in percent
+  int64_t images = 0;
+};
+// Evaluates `model` (eval mode, no gradients, the step's autocast) on the
+// loader's epoch 0; `max_batches` 0: all.
+EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Device& device, Amp amp,
+                    int64_t max_batches = 0);
+
+// The model a checkpoint describes (arch, in_channels, num_classes from its
+// metadata), with its parameters and buffers, converted by `config`.
+// Throws std::runtime_error naming `source` and what does not match.
+models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::string& source,
+                                       const QuantConfig& config);
+
+// Copies a checkpoint's parameters and buffers into `model`: every name
+// must be present with the same shape, and no name may be left over.
+void load_state(models::Model& model, const ckpt::Checkpoint& c, const std::string& source);
+
+}  // namespace aq::train

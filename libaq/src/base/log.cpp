@@ -1,0 +1,17 @@
+#include "aq/log.h"
+
+#include <spdlog/sinks/stdout_color_sinks.h>
+
+namespace aq {
+
+spdlog::logger& log() {
+  static std::shared_ptr<spdlog::logger> logger = [] {
+    auto l = spdlog::stderr_color_mt("aq");
+    l->set_pattern("%n: %^%l%$: %v");
+    l->set_level(spdlog::level::info);
+    return l;
+  }();
+  return *logger;
+}
+
+}  // namespace aq

@@ -1,0 +1,99 @@
+#include "aq/evaluate.h"
+
+#include "aq/step.h"
+#include "fields.h"
+
+#include <torch/nn/functional/loss.h>
+#include <torch/torch.h>
+
+#include <set>
+#include <stdexcept>
+
+namespace aq::train {
+
+using detail::counter;
+using detail::meta;
+using detail::shape;
+
+namespace {
+
+void copy_named(const torch::OrderedDict<std::string, torch::Tensor>& into, const ckpt::Tensors& from,
+                const std::string& kind, const std::string& source) {
+  torch::NoGradGuard no_grad;
+  std::set<std::string> seen;
+  for (const auto& [name, t] : from) {
+    const torch::Tensor* dst = into.find(name);
+    if (!dst) throw std::runtime_error(source + ": " + kind + " '" + name + "' is not in the model");
+    if (!dst->sizes().equals(t.sizes()))
+      throw std::runtime_error(source + ": " + kind + " '" + name + "' has shape " + shape(t) + ", the model's " +
+                               shape(*dst));
+    const_cast<torch::Tensor*>(dst)->copy_(t);
+    seen.insert(name);
+  }
+  for (const auto& item : into)
+    if (!seen.count(item.key()))
+      throw std::runtime_error(source + ": checkpoint lacks the model's " + kind + " '" + item.key() + "'");
+}
+
+}  // namespace
+
+void load_state(models::Model& model, const ckpt::Checkpoint& c, const std::string& source) {
+  copy_named(model.named_parameters(), c.parameters, "parameter", source);
+  copy_named(model.named_buffers(), c.buffers, "buffer", source);
+}
+
+models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::string& source,
+                                       const QuantConfig& config) {
+  const std::string arch = meta(c, "arch", source);
+  models::ModelPtr m;
+  try {
+    m = models::build(arch, counter(c, "in_channels", source), counter(c, "num_classes", source), config);
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(source + ": " + e.what());
+  }
+  load_state(*m, c, source);
+  return m;
+}
+
+EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Device& device, Amp amp,
+                    int64_t max_batches) {
+  const bool was_training = model.is_training();
+  model.eval();
+  torch::NoGradGuard no_grad;
+  auto loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+  auto top1 = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(device));
+  auto top5 = top1.clone();
+  int64_t images = 0, batches = 0;
+  loader.start(0);
+  while (auto b = loader.next()) {
+    if (max_batches > 0 && batches++ >= max_batches) break;
+    auto x = b->images.to(device, /*non_blocking=*/true);
+    auto y = b->labels.to(device, /*non_blocking=*/true);
+    torch::Tensor logits;
+    {
+      AutocastScope ac(device, amp);
+      logits = model.forward(x);
+    }
+    logits = logits.to(torch::kFloat);
+    loss_sum += torch::nn::functional::cross_entropy(
+                    logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+                    .to(torch::kDouble);
+    const int64_t k = std::min<int64_t>(5, logits.size(1));
+    auto topk = std::get<1>(logits.topk(k, 1));
+    auto hit = topk.eq(y.unsqueeze(1));
+    top1 += hit.select(1, 0).sum();
+    top5 += hit.any(1).sum();
+    images += y.size(0);
+  }
+  model.train(was_training);
+  EvalResult r;
+  r.images = images;
+  if (images) {
+    r.loss = loss_sum.item<double>() / images;
+    r.top1 = 100.0 * top1.item<int64_t>() / images;
+    r.top5 = 100.0 * top5.item<int64_t>() / images;
+  }
+  return r;
+}
+
+}  // namespace aq::train

@@ -1,0 +1,348 @@
+#include "aq/train.h"
+
+#include "aq/adaptive.h"
+#include "aq/calibrate.h"
+#include "aq/log.h"
+#include "aq/memory.h"
+#include "aq_config.h"
+#include "fields.h"
+#include "run_control.h"
+
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <stdexcept>
+
+namespace aq::train {
+
+namespace {
+
+using detail::counter;
+using detail::meta;
+using detail::shape;
+
+std::string now_iso() {
+  char buf[32];
+  std::time_t t = std::time(nullptr);
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
+
+struct Partial {  // of the current epoch, kept across a mid-epoch checkpoint
+  double loss_sum = 0, correct = 0, seen = 0, act_sum = 0, act_n = 0;
+};
+
+class Trainer {
+ public:
+  Trainer(const Options& o, const Observer& obs) : o_(o), obs_(obs), dev_(o.device) {}
+  int run();
+
+ private:
+  void setup();
+  void restore(const ckpt::Checkpoint& c);
+  void save(int64_t epoch, int64_t batch, const Partial& part, bool gather);
+  std::string in_workspace(const std::string& name) const {
+    return o_.workspace.empty() || o_.workspace.back() == '/' ? o_.workspace + name : o_.workspace + "/" + name;
+  }
+
+  const Options& o_;
+  const Observer& obs_;
+  c10::Device dev_;
+  std::string dataset_;
+  uint64_t seed_ = 0;
+  std::shared_ptr<const data::Dataset> train_set_, test_set_;
+  models::ModelPtr model_;
+  std::unique_ptr<SGD> opt_;
+  std::unique_ptr<data::Loader> train_loader_, test_loader_;
+  int64_t epoch_ = 0, step_ = 0, batch_ = 0;
+  Partial partial_;
+  std::vector<std::vector<double>> history_;
+  std::optional<ckpt::Checkpoint> resumed_;
+  double lr_ = 0;
+};
+
+void Trainer::setup() {
+  if (!o_.resume.empty()) resumed_ = ckpt::load(o_.resume);
+  dataset_ = data::resolve_name(o_.data.dataset, o_.data.num_classes);
+  if (resumed_) {
+    const std::string src = o_.resume;
+    if (meta(*resumed_, "arch", src) != o_.arch)
+      throw std::runtime_error(src + ": checkpoint is a " + meta(*resumed_, "arch", src) + ", --arch says " + o_.arch);
+    if (meta(*resumed_, "dataset", src) != dataset_)
+      throw std::runtime_error(src + ": checkpoint was trained on " + meta(*resumed_, "dataset", src) +
+                               ", --dataset says " + dataset_);
+    const uint64_t s = static_cast<uint64_t>(counter(*resumed_, "seed", src));
+    if (o_.seed_given && s != o_.seed)
+      log().warn("--seed {} ignored: resuming the run of seed {} from {}", o_.seed, s, src);
+    seed_ = s;
+  } else {
+    seed_ = o_.seed_given ? o_.seed : (static_cast<uint64_t>(std::random_device{}()) << 20) ^ std::random_device{}();
+  }
+  torch::manual_seed(seed_);
+  data::OpenOptions oo;
+  oo.image_size = o_.data.image_size;
+  if (o_.data.num_classes > 0) oo.synthetic_classes = o_.data.num_classes;
+  train_set_ = data::open(dataset_, o_.data.data_dir, data::Split::kTrain, oo);
+  test_set_ = data::open(dataset_, o_.data.data_dir, data::Split::kTest, oo);
+  const auto& info = train_set_->info();
+  if (o_.data.num_classes > 0 && o_.data.num_classes != info.num_classes)
+    throw std::invalid_argument("--num-classes " + std::to_string(o_.data.num_classes) + " but " + dataset_ + " has " +
+                                std::to_string(info.num_classes) + " classes");
+  model_ = models::build(o_.arch, info.channels, info.num_classes, o_.quant);
+  model_->to(dev_);
+  auto so = torch::optim::SGDOptions(o_.lr).momentum(o_.momentum).weight_decay(o_.weight_decay);
+  so.nesterov(o_.nesterov && o_.momentum > 0);
+  opt_ = std::make_unique<SGD>(model_->parameters(), so);
+  data::LoaderOptions lo;
+  lo.batch_size = o_.data.batch_size;
+  lo.workers = o_.data.workers;
+  lo.seed = seed_;
+  lo.pin_memory = dev_.is_cuda();
+  train_loader_ = std::make_unique<data::Loader>(train_set_, lo);
+  lo.shuffle = lo.augment = false;
+  test_loader_ = std::make_unique<data::Loader>(test_set_, lo);
+  if (resumed_) restore(*resumed_);
+  if (!o_.calibration.empty()) {
+    if (resumed_) {
+      log().warn("--calibration {} ignored: the --resume checkpoint has the run's own statistics", o_.calibration);
+    } else {
+      calibrate::load(*model_, o_.calibration, o_.arch);
+      log().info("adaptive statistics and per-layer budgets from {}", o_.calibration);
+    }
+  }
+  log().info("{} on {} ({} train / {} test images, {}x{}x{}, {} classes), {} on {}, seed {}", o_.arch, dataset_,
+             train_set_->size(), test_set_->size(), info.channels, info.height, info.width, info.num_classes,
+             o_.quant.to_flags(), dev_.str(), seed_);
+}
+
+void Trainer::restore(const ckpt::Checkpoint& c) {
+  const std::string& src = o_.resume;
+  load_state(*model_, c, src);
+  // Momentum buffers, by parameter name.
+  std::map<std::string, torch::Tensor> bufs(c.optimizer.begin(), c.optimizer.end());
+  auto& state = opt_->state();
+  for (const auto& p : model_->named_parameters()) {
+    auto it = bufs.find(p.key() + ".momentum_buffer");
+    if (it == bufs.end()) continue;
+    if (!it->second.sizes().equals(p.value().sizes()))
+      throw std::runtime_error(src + ": momentum buffer of '" + p.key() + "' has shape " + shape(it->second));
+    auto st = std::make_unique<torch::optim::SGDParamState>();
+    st->momentum_buffer(it->second.to(p.value().options()));
+    state[p.value().unsafeGetTensorImpl()] = std::move(st);
+  }
+  load_adaptive_state(*model_, c.adaptive);
+  for (const auto& [key, t] : c.rng) {
+    if (key != "cpu" && !(key == "cuda" && dev_.is_cuda())) continue;
+    at::Generator g = at::globalContext().defaultGenerator(key == "cpu" ? c10::Device(c10::kCPU) : dev_);
+    std::lock_guard<std::mutex> lock(g.mutex());
+    try {
+      g.set_state(t);
+    } catch (const c10::Error&) {
+      throw std::runtime_error(src + ": bad '" + key + "' generator state");
+    }
+  }
+  epoch_ = counter(c, "epoch", src);
+  step_ = counter(c, "step", src);
+  batch_ = counter(c, "batch", src);
+  auto scalar = [&](const char* k) {
+    auto it = c.scalars.find(k);
+    return it == c.scalars.end() ? 0.0 : it->second;
+  };
+  partial_ = {scalar("partial_loss_sum"), scalar("partial_correct"), scalar("partial_seen"), scalar("partial_act_sum"),
+              scalar("partial_act_n")};
+  history_ = c.metric_rows;
+  log().info("resuming from {}: epoch {}, batch {}, step {}", src, epoch_ + 1, batch_, step_);
+}
+
+void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gather) {
+  ckpt::Checkpoint c;
+  const auto& info = train_set_->info();
+  c.meta = {{"arch", o_.arch},
+            {"dataset", dataset_},
+            {"config", o_.quant.to_flags()},
+            {"command", o_.command},
+            {"aq_version", AQ_VERSION},
+            {"torch_version", std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                                  std::to_string(TORCH_VERSION_PATCH)},
+            {"created", now_iso()},
+            {"optimizer", o_.nesterov ? "sgd-nesterov" : "sgd"},
+            {"schedule", to_string(o_.schedule)},
+            {"amp", to_string(o_.amp)}};
+  c.counters = {{"epoch", epoch},
+                {"step", step_},
+                {"batch", batch},
+                {"num_classes", info.num_classes},
+                {"in_channels", info.channels},
+                {"image_size", info.height},
+                {"seed", static_cast<int64_t>(seed_)},
+                {"batch_size", o_.data.batch_size},
+                {"epochs", o_.epochs}};
+  c.scalars = {{"lr", lr_},
+               {"momentum", o_.momentum},
+               {"weight_decay", o_.weight_decay},
+               {"label_smoothing", o_.label_smoothing},
+               {"partial_loss_sum", part.loss_sum},
+               {"partial_correct", part.correct},
+               {"partial_seen", part.seen},
+               {"partial_act_sum", part.act_sum},
+               {"partial_act_n", part.act_n}};
+  for (const auto& p : model_->named_parameters()) c.parameters.emplace_back(p.key(), p.value().detach());
+  for (const auto& b : model_->named_buffers()) c.buffers.emplace_back(b.key(), b.value());
+  auto& state = opt_->state();
+  for (const auto& p : model_->named_parameters()) {
+    auto it = state.find(p.value().unsafeGetTensorImpl());
+    if (it == state.end()) continue;
+    const auto& buf = static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer();
+    if (buf.defined()) c.optimizer.emplace_back(p.key() + ".momentum_buffer", buf);
+  }
+  c.adaptive = adaptive_state(*model_);
+  c.rng.emplace_back("cpu", at::globalContext().defaultGenerator(c10::kCPU).get_state());
+  if (dev_.is_cuda()) c.rng.emplace_back("cuda", at::globalContext().defaultGenerator(dev_).get_state());
+  c.metric_columns = EpochRow::columns();
+  c.metric_rows = history_;
+  ckpt::save(in_workspace("checkpoint.h5"), c);
+  if (gather) ckpt::save(in_workspace("checkpoint-" + std::to_string(epoch) + ".h5"), c);
+}
+
+int Trainer::run() {
+  if (!o_.evaluate) detail::make_folders(o_.workspace, false);
+  setup();
+  if (o_.evaluate) {
+    const auto r = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
+    if (obs_.evaluated) obs_.evaluated(o_.resume.empty() ? "(initial)" : o_.resume, r);
+    return 0;
+  }
+  detail::SignalScope signals;  // before the workspace appears: scripts wait for it
+  detail::make_folders(o_.workspace);
+  detail::check_writable(o_.workspace, in_workspace(".aq-write-test." + std::to_string(::getpid())));
+  const int64_t per_epoch = train_loader_->batches_per_epoch();
+  if (per_epoch == 0) throw std::runtime_error(dataset_ + ": no training batch (dataset smaller than --batch-size with drop_last)");
+  const int64_t total = per_epoch * o_.epochs;
+  if (epoch_ >= o_.epochs) {
+    log().info("{} has already trained {} of --epochs {}: nothing to do", o_.resume, epoch_, o_.epochs);
+    return 0;
+  }
+  if (o_.max_steps > 0 && step_ >= o_.max_steps) {
+    log().info("{} is already at step {} of --max-steps {}: nothing to do", o_.resume, step_, o_.max_steps);
+    return 0;
+  }
+  if (obs_.training) obs_.training();
+  detail::Progress bar{o_.progress && isatty(STDERR_FILENO) && log().level() <= spdlog::level::info};
+  StepOptions so;
+  so.amp = o_.amp;
+  so.label_smoothing = o_.label_smoothing;
+  so.quant = o_.quant;
+  Step train_step(*model_, dev_, so);
+  LrSchedule schedule{o_.schedule, o_.lr, o_.warmup, o_.milestones, o_.epochs};
+  const auto& signal = detail::signal_flag();
+  for (; epoch_ < o_.epochs; ++epoch_) {
+    model_->train();
+    train_loader_->start(epoch_, batch_);
+    reset_peak(dev_);
+    Partial part = partial_;
+    partial_ = {};
+    auto loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(dev_));
+    auto correct = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(dev_));
+    int64_t seen_now = 0;
+    bool stop = false;
+    const auto t0 = std::chrono::steady_clock::now();
+    while (auto b = train_loader_->next()) {
+      lr_ = schedule.at(step_, total, per_epoch);
+      for (auto& g : opt_->param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr_);
+      const StepResult r = train_step(b->images, b->labels, b->indices, opt_.get());
+      part.act_sum += static_cast<double>(r.activations);
+      part.act_n += 1;
+      const auto& y = r.labels;
+      loss_sum += r.loss.to(torch::kDouble) * y.size(0);
+      correct += r.logits.argmax(1).eq(y).sum();
+      seen_now += y.size(0);
+      ++step_;
+      ++batch_;
+      if (bar.due(batch_, per_epoch)) {
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const double seen = part.seen + seen_now;
+        bar.show(epoch_, o_.epochs, batch_, per_epoch, (part.loss_sum + loss_sum.item<double>()) / seen,
+                 100.0 * (part.correct + correct.item<int64_t>()) / seen, seen_now / std::max(secs, 1e-9));
+      }
+      if (signal.load() || (o_.max_steps > 0 && step_ >= o_.max_steps)) {
+        stop = true;
+        break;
+      }
+    }
+    if (dev_.is_cuda()) torch::cuda::synchronize(dev_.index());
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    bar.end();
+    part.loss_sum += loss_sum.item<double>();
+    part.correct += static_cast<double>(correct.item<int64_t>());
+    part.seen += static_cast<double>(seen_now);
+    const int sig = signal.load();
+    if (sig) {
+      save(epoch_, batch_, part, false);
+      log().warn("stopped by signal {} at epoch {}, batch {}: checkpoint written to {}; continue with --resume",
+                 sig, epoch_ + 1, batch_, in_workspace("checkpoint.h5"));
+      return 128 + sig;
+    }
+    const auto peak = memory(dev_).peak;
+    const auto val = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
+    const bool mid_epoch = stop && batch_ < per_epoch;
+    EpochRow row;
+    row.epoch = epoch_ + 1;
+    row.step = step_;
+    row.lr = lr_;
+    row.train_loss = part.seen ? part.loss_sum / part.seen : NAN;
+    row.train_acc = part.seen ? 100.0 * part.correct / part.seen : NAN;
+    row.val_loss = val.loss;
+    row.val_top1 = val.top1;
+    row.val_top5 = val.top5;
+    row.img_per_s = seen_now / std::max(secs, 1e-9);
+    row.act_mb = part.act_n ? part.act_sum / part.act_n / 1048576.0 : 0.0;
+    row.peak_mb = peak / 1048576.0;
+    history_.push_back(row.values());
+    if (obs_.epoch) obs_.epoch(row);
+    if (mid_epoch) {
+      save(epoch_, batch_, part, false);
+      log().info("--max-steps {} reached at epoch {}, batch {}: checkpoint written", o_.max_steps, epoch_ + 1,
+                 batch_);
+      return 0;
+    }
+    batch_ = 0;
+    save(epoch_ + 1, 0, {}, o_.gather_checkpoints);
+    log().info("epoch {}/{}: train loss {:.4f}, val top-1 {:.2f}%", epoch_ + 1, o_.epochs, row.train_loss, val.top1);
+    if (stop) {
+      ++epoch_;
+      break;
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+const std::vector<std::string>& EpochRow::columns() {
+  static const std::vector<std::string> c = {"epoch",    "step",     "lr",        "train_loss", "train_acc", "val_loss",
+                                             "val_top1", "val_top5", "img_per_s", "act_mb",     "peak_mb"};
+  return c;
+}
+
+std::vector<double> EpochRow::values() const {
+  return {double(epoch), double(step), lr,        train_loss, train_acc, val_loss,
+          val_top1,      val_top5,     img_per_s, act_mb,     peak_mb};
+}
+
+int run(const Options& o, const Observer& observer) {
+  install_cpu_memory_counter();
+  Trainer t(o, observer);
+  return t.run();
+}
+
+}  // namespace aq::train
