@@ -1,4 +1,4 @@
-// The seed's "Using the library", in C++: build a model from aq's layers (or
+// ActNN's "Using the library", in C++: build a model from aq's layers (or
 // convert a torch::nn::Sequential), turn compression on with QModule, and
 // train as usual.  Prints one TSV line per step: step, loss, bytes the
 // layers kept for backward.

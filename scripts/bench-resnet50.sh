@@ -7,8 +7,7 @@
 #   scripts/bench-resnet50.sh [BUILD_DIR] [OUT_DIR]
 # Prints the tables; OUT_DIR (default results/bench) keeps them as TSV with
 # the per-scope profile of each step table and the per-operation memory of
-# an fp32 step.  Took ~8 minutes on an H100 while max-batch ran one step per
-# trial; it now runs three, so expect more (not timed end to end since).
+# an fp32 step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-build}/tools

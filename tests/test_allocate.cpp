@@ -1,4 +1,4 @@
-// Tests for the greedy bit allocation (aq/allocate.h, ALGORITHM.md 5).
+// Tests for the greedy bit allocation (aq/allocate.h, docs/design.md §5).
 #include "aq/allocate.h"
 #include "aq/adaptive.h"
 
@@ -94,7 +94,7 @@ int64_t sum_wb(const std::vector<int64_t>& w, const std::vector<int>& b) {
   return s;
 }
 
-// The greedy exactly as ALGORITHM.md 5 states it: a std::priority_queue min-heap on
+// The greedy exactly as docs/design.md §5 states it: a std::priority_queue min-heap on
 // (cost increase per unit weight, unit index), popped until the budget holds.  The
 // library must return the same bits (it uses an equivalent selection for speed).
 std::vector<int> reference_greedy(const std::vector<double>& c, const std::vector<int64_t>& w,

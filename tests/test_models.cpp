@@ -1,4 +1,4 @@
-// The seed's architectures: layouts and names (torchvision's for the
+// ActNN's architectures: layouts and names (torchvision's for the
 // ImageNet-style nets), shapes, what -c changes, the memory they hold, and
 // loading a state into them.
 #include "aq/adaptive.h"

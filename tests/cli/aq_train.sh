@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # aq-train and aq-eval from the shell: usage errors, a short real training on
 # Fashion-MNIST (2-bit and exact, same seed), resume after --max-steps and
-# after SIGTERM, the seed's CIFAR-10/100 command lines on generated CIFAR-format
+# after SIGTERM, ActNN's CIFAR-10/100 command lines on generated CIFAR-format
 # files, and aq-eval on good, piped and broken checkpoints.
 #   aq_train.sh AQ_TRAIN AQ_EVAL AQ_VARIANCE AQ_CALIBRATE [their four man pages]
 set -u
@@ -121,9 +121,9 @@ check "workspace that is a file: exit 1" '[ $rc -eq 1 ] && grep -q "not a folder
 "$TRAIN" --seed 7 --epochs 1 -b 64 --max-steps 1 "$FMNIST" --workspace "$tmp/file/ws" >/dev/null 2>"$tmp/err"; rc=$?
 check "workspace under a file: exit 1 before the dataset is read (one line)" '[ $rc -eq 1 ] && grep -q "file is not a folder" "$tmp/err" && [ $(wc -l <"$tmp/err") -eq 1 ]'
 
-# --- aq-variance: the seed's table on the 120-step checkpoint, clear-cut parts -------
+# --- aq-variance: ActNN's table on the 120-step checkpoint, clear-cut parts -------
 cat >"$tmp/configs.txt" <<'EOF'
-# the seed's CIFAR-10 configurations, then exact, then uniform 4 and 8 bits per group
+# ActNN's CIFAR-10 configurations, then exact, then uniform 4 and 8 bits per group
 -c quantize --ca=True --cabits=4 --ibits=4 --pergroup=False --perlayer=False
 -c quantize --ca=True --cabits=2 --ibits=2 --pergroup=False --perlayer=False
 -c quantize --ca=True --cabits=2 --ibits=2 --pergroup=True --perlayer=False
@@ -171,7 +171,7 @@ check "synthetic resnet18, bf16, L4: runs" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/sy
 "$EVAL" -q "$tmp/syn/checkpoint.h5" >"$tmp/syn.eval"; rc=$?
 check "aq-eval on the synthetic checkpoint" '[ $rc -eq 0 ] && [ "$(tail -1 "$tmp/syn.eval" | cut -f5)" = 1000 ]'
 
-# --- the seed's CIFAR command lines, on generated CIFAR-format files -----------------
+# --- ActNN's CIFAR command lines, on generated CIFAR-format files -----------------
 python3 - "$tmp" <<'EOF'
 import os, random, sys
 root = sys.argv[1]
@@ -194,18 +194,18 @@ EOF
 data10="--dataset cifar10 --arch preact_resnet56 --epochs 200 --num-classes 10 -j 0 --weight-decay 1e-4 --batch-size 128 --label-smoothing 0"
 data100="--dataset cifar10 --arch preact_resnet56 --epochs 200 --num-classes 100 -j 0 --weight-decay 1e-4 --batch-size 128 --label-smoothing 0"
 quant="-c quantize --ca=True --cabits=2 --ibits=8 --pergroup=True --perlayer=True --usegradient=False"
-# The seed's lines, unchanged, with --max-steps appended to keep the test short.
+# ActNN's lines, unchanged, with --max-steps appended to keep the test short.
 "$TRAIN" $data10 $quant --workspace "$tmp/c10" --gather-checkpoints "$tmp/cifar10" --max-steps 2 -q >"$tmp/c10.tsv" 2>"$tmp/err"; rc=$?
-check "seed's CIFAR-10 line runs" '[ $rc -eq 0 ] && [ -s "$tmp/c10/checkpoint-1.h5" ] && [ -s "$tmp/c10/checkpoint-2.h5" ] && [ $(wc -l <"$tmp/c10.tsv") -eq 3 ]'
+check "ActNN's CIFAR-10 line runs" '[ $rc -eq 0 ] && [ -s "$tmp/c10/checkpoint-1.h5" ] && [ -s "$tmp/c10/checkpoint-2.h5" ] && [ $(wc -l <"$tmp/c10.tsv") -eq 3 ]'
 cat "$tmp/err" >&2
 "$TRAIN" $data100 $quant --workspace "$tmp/c100" --gather-checkpoints "$tmp/cifar100" --max-steps 1 -q >"$tmp/c100.tsv" 2>"$tmp/err"; rc=$?
-check "seed's CIFAR-100 line runs (--dataset cifar10 --num-classes 100)" '[ $rc -eq 0 ] && [ -s "$tmp/c100/checkpoint-1.h5" ]'
+check "ActNN's CIFAR-100 line runs (--dataset cifar10 --num-classes 100)" '[ $rc -eq 0 ] && [ -s "$tmp/c100/checkpoint-1.h5" ]'
 cat "$tmp/err" >&2
 "$EVAL" --data "$tmp/cifar10" -q "$tmp"/c10/checkpoint-*.h5 >"$tmp/c10e.tsv"; rc=$?
 check "aq-eval on every gathered checkpoint" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/c10e.tsv") -eq 3 ] && [ "$(tail -1 "$tmp/c10e.tsv" | cut -f5)" = 8 ]'
 test10="$data10 $quant --workspace $tmp/tmp --evaluate --training-only --resume $tmp/c10/checkpoint-2.h5 --resume2 $tmp/c10/checkpoint-2.h5"
 "$VAR" $test10 "$tmp/cifar10" -q >"$tmp/v10.tsv" 2>"$tmp/err"; rc=$?
-check "seed's testing line with aq-variance" '[ $rc -eq 0 ] && grep -q "	total	" "$tmp/v10.tsv" && [ ! -e "$tmp/tmp" ]'
+check "ActNN's testing line with aq-variance" '[ $rc -eq 0 ] && grep -q "	total	" "$tmp/v10.tsv" && [ ! -e "$tmp/tmp" ]'
 cat "$tmp/err" >&2
 "$TRAIN" $test10 "$tmp/cifar10" -q >"$tmp/t10.tsv" 2>"$tmp/err"; rc=$?
 check "... and with aq-train --evaluate --training-only" '[ $rc -eq 0 ] && grep -q "	total	" "$tmp/t10.tsv"'

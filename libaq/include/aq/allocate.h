@@ -1,4 +1,4 @@
-// Bit allocation for adaptive precision (ALGORITHM.md 5): given the
+// Bit allocation for adaptive precision (docs/design.md §5): given the
 // sensitivity C_i and weight w_i (elements) of each unit (a sample of a
 // layer), choose bits b_i in 1..8 that minimise
 //     sum_i C_i / (2^b_i - 1)^2     subject to  sum_i w_i b_i <= budget,

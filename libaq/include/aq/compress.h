@@ -1,5 +1,5 @@
 // The activation-compression engine: per-group stochastic quantization and
-// bit packing of the tensors a layer saves for backward (ALGORITHM.md 2-3).
+// bit packing of the tensors a layer saves for backward (docs/design.md §2-3).
 //
 // A tensor of N samples is viewed as [N, D] in memory order (a dense tensor
 // whose first dimension is outermost keeps its layout: channels_last works

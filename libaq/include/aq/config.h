@@ -14,10 +14,10 @@
 
 namespace aq {
 
-// Optimisation levels of the original (ALGORITHM.md 6).
+// Optimisation levels of the original (docs/design.md §6).
 enum class Level { L0, L1, L2, L3, L3_1, L4, L5 };
 
-// Which layers a model conversion touches (the seed's -c).
+// Which layers a model conversion touches (ActNN's -c).
 enum class Scope {
   kNone,      // fanin: the exact model, Kaiming fan-in initialisation
   kAll,       // quantize: every supported layer
@@ -52,7 +52,7 @@ struct QuantConfig {
   // True when conversions should compress anything at all.
   bool compresses() const { return scope != Scope::kNone && ca && level != Level::L0; }
 
-  // The seed's spelling: "-c quantize --ca=True --cabits=2 ...", plus --level.
+  // ActNN's spelling: "-c quantize --ca=True --cabits=2 ...", plus --level.
   std::string to_flags() const;
 };
 
@@ -65,7 +65,7 @@ std::string to_string(Level level);
 // fanin, quantize, qlinear, qsyncbn.
 Scope parse_scope(const std::string& s);
 std::string to_string(Scope scope);
-// True/False as the seed writes them; also true/false, 1/0, yes/no, on/off.
+// True/False as ActNN writes them; also true/false, 1/0, yes/no, on/off.
 bool parse_bool(const std::string& s);
 
 // The configuration's values as the tools spell them; each throws

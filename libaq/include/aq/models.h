@@ -1,4 +1,4 @@
-// The seed's architectures, built from aq's layers so that the quantization
+// ActNN's architectures, built from aq's layers so that the quantization
 // configuration (QModule) decides what is compressed:
 //   preact_resnet20/32/44/56/110 (basic blocks), preact_resnet164/1001
 //   (bottlenecks): CIFAR-style pre-activation ResNets (3x3 stem, three stages
@@ -29,7 +29,7 @@ using ModelPtr = std::shared_ptr<Model>;
 
 // Builds `arch` (see architectures()); throws std::invalid_argument for an
 // unknown name or bad channel/class counts.  Convolutions get Kaiming
-// normal fan-in initialisation (the seed's `-c fanin` scheme), BatchNorm
+// normal fan-in initialisation (ActNN's `-c fanin` scheme), BatchNorm
 // weight 1 and bias 0; the last BatchNorm of each residual branch of the
 // ImageNet-style nets starts at 1 as well (no zero-init trick).
 ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes);

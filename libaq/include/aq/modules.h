@@ -195,7 +195,7 @@ class QUpsampleImpl : public torch::nn::UpsampleImpl, public QLayer {
 };
 TORCH_MODULE(QUpsample);
 
-// QModule, the seed's model conversion, as far as C++ allows.  LibTorch's
+// QModule, ActNN's model conversion, as far as C++ allows.  LibTorch's
 // forward methods are not virtual and a user module calls its children
 // through typed members, so no layer of an arbitrary module tree can be
 // swapped for another type behind its owner's back.  Instead:

@@ -1,4 +1,4 @@
-// Greedy bit allocation (ALGORITHM.md 5); see aq/allocate.h for the contract.
+// Greedy bit allocation (docs/design.md §5); see aq/allocate.h for the contract.
 #include "aq/allocate.h"
 
 #include <ATen/ATen.h>
@@ -84,7 +84,7 @@ inline double removal_key(double c, int b, int64_t w) {
 // is exactly the list of all candidate removals (unit i, b -> b-1 for b = ibits..2)
 // sorted by (key, index, b descending), cut at the first prefix whose weight covers the
 // excess.  Two equivalent implementations:
-//  - remove_by_heap: the min-heap (std::priority_queue) of ALGORITHM.md 5; O(n) memory
+//  - remove_by_heap: the min-heap (std::priority_queue) of docs/design.md §5; O(n) memory
 //    but O(removals * log n) latency-bound heap steps.
 //  - remove_by_selection: a weighted quickselect over all n * (ibits - 1) candidates;
 //    several times faster, but needs 16 bytes per candidate.

@@ -1,4 +1,4 @@
-// Autograd functions that keep compressed activations (ALGORITHM.md 4).
+// Autograd functions that keep compressed activations (docs/design.md §4).
 // Forward calls LibTorch's own op; backward calls LibTorch's backward op on
 // the restored input.
 #include "aq/functional.h"
@@ -566,8 +566,8 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
       bool done = false;
 #if AQ_WITH_CUDA
       // On CUDA, the statistics (and the running statistics), then our own
-      // kernel in place: LibTorch's in-place transform ran at two thirds of
-      // its out-of-place speed (H100).  With channels innermost the
+      // kernel in place, which keeps the out-of-place transform's speed
+      // (LibTorch's in-place one does not).  With channels innermost the
       // statistics come from our kernel, which also hands the allocation
       // its group ranges; elsewhere from LibTorch's.
       const auto is_float = [](const at::Tensor& t) { return !t.numel() || t.scalar_type() == at::kFloat; };
