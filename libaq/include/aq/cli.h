@@ -31,13 +31,14 @@ enum Exit : int { kOk = 0, kRuntime = 1, kUsage = 2 };
 extern const CLI::Validator Positive;
 extern const CLI::Validator NonNegative;
 
-// The tools, as the option table knows them.
+// The tools, as the option table knows them (0: the common options only).
 enum Tool : unsigned {
   kTrain = 1u << 0,
   kEval = 1u << 1,
   kVariance = 1u << 2,
   kCalibrate = 1u << 3,
-  kBench = 1u << 4,
+  kBench = 1u << 4,          // aq-bench memory and step
+  kBenchMaxBatch = 1u << 5,  // aq-bench max-batch: searches for the batch size, takes none
 };
 
 // The quantization options in ActNN's spelling (-c, --ca, --cabits, --ibits,

@@ -108,12 +108,13 @@ std::vector<QuantConfig> parse_configs(const std::string& text) {
   return out;
 }
 
-
 OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
     : values(std::move(defaults)), app_(app), tool_(tool) {
   Values& v = values;
   constexpr unsigned kMeasure = kVariance | kCalibrate;
   constexpr unsigned kModel = kTrain | kMeasure;  // build a model from data or a checkpoint
+  constexpr unsigned kBenchAll = kBench | kBenchMaxBatch;  // a model on synthetic batches
+  const bool bench = tool_ & kBenchAll;
   const std::string d = "Data and model", t = "Training", r = "Run", c = "Common options";
   // Data and model.
   if (tool_ & kModel)
@@ -123,16 +124,20 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
       tool_ & kEval ? "Dataset (default: the checkpoint's)"
                     : "fashion-mnist, mnist, cifar10, cifar100, imagenet or synthetic",
       d);
-  add(kModel | kBench, true, "--arch", v.arch, "preact_resnet20/32/44/56/110/164/1001, resnet18/34/50/101/152", d);
-  add(kModel | kBench, true, tool_ & kBench ? "--num-classes,--classes" : "--num-classes", v.data.num_classes,
-      "Classes (0: the dataset's; --dataset cifar10 --num-classes 100 reads CIFAR-100)", d, &NonNegative);
+  add(kModel | kBenchAll, true, "--arch", v.arch, "preact_resnet20/32/44/56/110/164/1001, resnet18/34/50/101/152",
+      d);
+  if (bench)  // no dataset to take the class count from
+    add(kBenchAll, false, "--num-classes,--classes", v.data.num_classes, "Classes", d, &Positive);
+  else
+    add(kModel, true, "--num-classes", v.data.num_classes,
+        "Classes (0: the dataset's; --dataset cifar10 --num-classes 100 reads CIFAR-100)", d, &NonNegative);
   add(kModel | kEval, true, "-j,--workers", v.data.workers, "Data loading threads (0: in the calling thread)", d,
       &NonNegative);
   add(kModel | kEval | kBench, true, "-b,--batch-size", v.data.batch_size, "Batch size", d, &Positive);
-  add(kModel | kEval | kBench, false, "--image-size", v.data.image_size, "Image side for imagenet and synthetic data",
-      d, &Positive);
-  add(kModel | kEval | kBench, false, "--amp", v.amp, "Autocast: off, bf16 or fp16 (fp16 with dynamic loss scaling)",
-      d);
+  add(kModel | kEval | kBenchAll, false, "--image-size", v.data.image_size,
+      bench ? "Image side" : "Image side for imagenet and synthetic data", d, &Positive);
+  add(kModel | kEval | kBenchAll, false, "--amp", v.amp,
+      "Autocast: off, bf16 or fp16 (fp16 with dynamic loss scaling)", d);
   // ActNN's training configuration.
   add(kTrain, true, "--epochs", v.epochs, "Epochs", t, &Positive);
   add(kTrain, true, "--lr", v.lr, "Peak learning rate", t, &NonNegative);
