@@ -8,7 +8,8 @@
 #include "offer.h"
 
 #include "aq_config.h"
-#include "kernels.h"
+#include "batch_norm.h"
+#include "pool.h"
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -564,19 +565,20 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
     if (overwrite) {
       // Statistics and the compressed copy first, then normalised in place.
       bool done = false;
-#if AQ_WITH_CUDA
       // On CUDA, the statistics (and the running statistics), then our own
       // kernel in place: LibTorch's in-place transform ran at two thirds of
       // its out-of-place speed (H100).  With channels innermost the
       // statistics come from our kernel, which also hands the allocation
       // its group ranges; elsewhere from LibTorch's.
       const auto is_float = [](const at::Tensor& t) { return !t.numel() || t.scalar_type() == at::kFloat; };
-      if (x.is_cuda() && x.scalar_type() != at::kDouble && is_float(w) && is_float(b) && is_float(running_mean) &&
+      const c10::DeviceType dt = x.device().type();
+      if (kernels::batch_norm_stats.has(dt) && kernels::batch_norm_forward_inplace.has(dt) &&
+          x.scalar_type() != at::kDouble && is_float(w) && is_float(b) && is_float(running_mean) &&
           is_float(running_var) && (x.is_contiguous() || x.is_contiguous(x.suggest_memory_format()))) {
         at::Tensor r2, rm = present(running_mean), rv = present(running_var);
         const bool ranges = st && !st->bits.defined() && adaptive(*c) && c->pergroup;
-        if (kernels::batch_norm_stats_cuda(x, momentum, eps, rm, rv, mean, invstd, c->group_size,
-                                           ranges ? &r2 : nullptr)) {
+        if (kernels::batch_norm_stats(dt, x, momentum, eps, rm, rv, mean, invstd, c->group_size,
+                                      ranges ? &r2 : nullptr)) {
           if (r2.defined()) group_range_offer().offer(x, std::move(r2), c->group_size);
         } else {
           at::Tensor var;
@@ -585,10 +587,9 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
         }
         save_compressed(ctx, x, *c, st.get());
         at::Tensor out = x;
-        done = kernels::batch_norm_forward_inplace_cuda(out, mean, invstd, present(w), present(b));
+        done = kernels::batch_norm_forward_inplace(dt, out, mean, invstd, present(w), present(b));
         TORCH_CHECK(done, "aq: BatchNorm: a dense input the in-place kernel refused");
       }
-#endif
       if (!done) {
         save_compressed(ctx, x, *c, st.get());
         // LibTorch's kernels (their statistics pass reads x before the
@@ -645,7 +646,6 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
     const at::Tensor wf = w.defined() ? w.to(saved[1].scalar_type()) : w;
     at::Tensor gx, sum_dy, sum_dy_xmu;
     if (chunk == 0) {  // fused: CUDA
-#if AQ_WITH_CUDA
       at::Tensor x = dequantize(p).to(dtype);
       std::tie(sum_dy, sum_dy_xmu, std::ignore, std::ignore) =
           at::batch_norm_backward_reduce(g, x, saved[1], saved[2], wf, /*input_g=*/true, false, false);
@@ -653,12 +653,11 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
         // An adaptive BatchNorm's input most likely comes from an adaptive
         // layer, whose gradient statistics the kernel can sum on the way.
         at::Tensor sq;
-        kernels::batch_norm_input_grad_inplace_cuda(x, g, saved[1], saved[2], w, sum_dy, sum_dy_xmu, M,
-                                                    ctx->saved_data.count("usegradient") ? &sq : nullptr);
+        kernels::batch_norm_input_grad_inplace(g.device().type(), x, g, saved[1], saved[2], w, sum_dy, sum_dy_xmu, M,
+                                               ctx->saved_data.count("usegradient") ? &sq : nullptr);
         gx = std::move(x);
         if (sq.defined()) grad_sq_offer().offer(gx, std::move(sq));
       }
-#endif
     } else {
       std::vector<int64_t> dims = {0}, shape(g.dim(), 1);
       for (int64_t d = 2; d < g.dim(); ++d) dims.push_back(d);
@@ -832,14 +831,12 @@ void save_pool_indices(AutogradContext* ctx, const at::Tensor& local, int64_t bi
   }
 }
 
-#if AQ_WITH_CUDA
 kernels::Pool2d pool2d(AutogradContext* ctx) {
   const auto& s = ctx->saved_data;
   const auto k = s.at("kernel").toIntVector(), st = s.at("stride").toIntVector(), p = s.at("padding").toIntVector(),
              d = s.at("dilation").toIntVector();
   return {k[0], k[1], st[0], st[1], p[0], p[1], d[0], d[1]};
 }
-#endif
 
 struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, std::vector<int64_t> kernel,
@@ -855,8 +852,7 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
     s["ceil_mode"] = ceil_mode;
     s["x_format"] = static_cast<int64_t>(x.suggest_memory_format());
     s["local_last"] = false;
-#if AQ_WITH_CUDA
-    if (D == 2 && x.is_cuda() && x.dim() == 4 && kernel[0] * kernel[1] <= 256) {
+    if (D == 2 && kernels::max_pool2d_local.has(x.device().type()) && x.dim() == 4 && kernel[0] * kernel[1] <= 256) {
       // Our own kernel writes the window-local indices directly.  LibTorch's
       // meta function checks the arguments and gives the output's shape.
       const at::Tensor meta = at::empty_strided(x.sizes(), x.strides(), x.options().device(at::kMeta));
@@ -865,7 +861,7 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
       at::Tensor y = at::empty(ym.sizes(), x.options().memory_format(format));
       at::Tensor local = at::empty(ym.sizes(), x.options().dtype(at::kByte).memory_format(format));
       const kernels::Pool2d p = pool2d(ctx);
-      kernels::max_pool2d_local_cuda(x, p, y, local);
+      kernels::max_pool2d_local(x.device().type(), x, p, y, local);
       s["in"] = std::vector<int64_t>{x.size(2), x.size(3)};
       s["out"] = std::vector<int64_t>{y.size(2), y.size(3)};
       // Packed in memory order: channels last as [N, H, W, C].
@@ -874,7 +870,6 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
       s["local_last"] = last;
       return y;
     }
-#endif
     at::Tensor y, idx;
     if (D == 1)
       std::tie(y, idx) = at::max_pool1d_with_indices(x, kernel, stride, padding, dilation, ceil_mode);
@@ -913,13 +908,12 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
     const auto memory_sizes = s["local_sizes"].toIntVector();  // [N, H, W, C] when channels last
     at::Tensor local = unpack_bits(s["packed"].toTensor(), bits, memory_sizes, bits <= 8 ? at::kByte : at::kInt);
     if (s["local_last"].toBool()) local = local.permute({0, 3, 1, 2});
-#if AQ_WITH_CUDA
-    if (gy.is_cuda() && D == 2 && local.dim() == 4 && local.scalar_type() == at::kByte) {
+    if (kernels::max_pool2d_local_backward.has(gy.device().type()) && D == 2 && local.dim() == 4 &&
+        local.scalar_type() == at::kByte) {
       at::Tensor gx = at::empty(x_sizes, gy.options().memory_format(format));
-      kernels::max_pool2d_local_backward_cuda(gy, local, pool2d(ctx), gx);
+      kernels::max_pool2d_local_backward(gy.device().type(), gy, local, pool2d(ctx), gx);
       return {gx, {}, {}, {}, {}, {}, {}};
     }
-#endif
     // LibTorch's own backward kernels scatter into the input's layout, from
     // flat indices into each input plane, a slice of samples at a time.
     // One dimension runs as two with a height of 1.
