@@ -1,15 +1,12 @@
-// BatchNorm's elementwise passes written in place (CUDA).  The forward of a
-// BatchNorm whose input has no other reader writes its output over the
-// input once the compressed copy is taken; the backward of a compressed
-// BatchNorm restores its input into a tensor of its own, read for the last
-// time by the elementwise pass, which therefore writes the input gradient in
-// its place.  Each saves a tensor of the input's size at BatchNorm's peak.
-// On the way, the backward's pass can sum each sample's squared input
-// gradient (the conv before it records those), and the forward's statistics,
-// with channels innermost, come from a kernel of ours that also works out
-// the input's group ranges for the allocation; the backward's per-channel
-// sums, and the statistics in other layouts, come from LibTorch's kernels.
-#include "kernels.h"
+// CUDA BatchNorm passes (see batch_norm.h).  On the way, the backward's
+// pass can sum each sample's squared input gradient (the conv before it
+// records those), and the forward's statistics, with channels innermost,
+// come from a kernel of ours that also works out the input's group ranges
+// for the allocation; the backward's per-channel sums, and the statistics in
+// other layouts, come from LibTorch's kernels.
+#include "batch_norm.h"
+
+#include "cuda_common.cuh"
 
 #include <ATen/TensorIterator.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -232,10 +229,9 @@ void input_grad_strided(at::Tensor& x, const at::Tensor& dy, const std::array<at
 // ---------------------------------------------------------------------------
 // Training-mode statistics with channels innermost, from one read of x: the
 // per-channel mean and biased variance (LibTorch's Welford kernel for this
-// layout divides per element and ran at a quarter of the read's speed on
-// the H100 in bf16) and, optionally, each group's squared range for the
-// adaptive allocation (the range pass's per-group values), which then
-// needs no pass of its own.
+// layout divides per element, which keeps it well below the read's speed)
+// and, optionally, each group's squared range for the adaptive allocation
+// (the range pass's per-group values), which then needs no pass of its own.
 //
 // Threads (tx, ty): tx picks a vector of E channels (blockIdx.x blocks of
 // them), ty a row (blockIdx.y, then the whole grid's rows); a thread keeps
@@ -423,8 +419,6 @@ bool stats_last(const at::Tensor& x, double momentum, double eps, at::Tensor& ru
   return true;
 }
 
-}  // namespace
-
 void batch_norm_input_grad_inplace_cuda(at::Tensor& x, const at::Tensor& dy, const at::Tensor& mean,
                                         const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& sum_dy,
                                         const at::Tensor& sum_dy_xmu, int64_t count, at::Tensor* sample_sq) {
@@ -484,5 +478,11 @@ bool batch_norm_stats_cuda(const at::Tensor& x, double momentum, double eps, at:
     default: return false;
   }
 }
+
+}  // namespace
+
+AQ_REGISTER_KERNEL(batch_norm_input_grad_inplace, c10::kCUDA, batch_norm_input_grad_inplace_cuda);
+AQ_REGISTER_KERNEL(batch_norm_forward_inplace, c10::kCUDA, batch_norm_forward_inplace_cuda);
+AQ_REGISTER_KERNEL(batch_norm_stats, c10::kCUDA, batch_norm_stats_cuda);
 
 }  // namespace aq::kernels

@@ -1,9 +1,7 @@
-// Max pooling with window-local indices (CUDA).  LibTorch's max pool saves
-// an int64 flat index per output; a compressed model keeps each output's
-// position inside its window instead (kh kW + kw, one byte for windows of up
-// to 256), and these kernels produce and consume that index directly: no
-// int64 tensor in the forward, no conversion back in the backward.
-#include "kernels.h"
+// CUDA max pooling with window-local indices (see pool.h).
+#include "pool.h"
+
+#include "cuda_common.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -124,11 +122,6 @@ __global__ void max_pool_local_backward_kernel(const scalar_t* __restrict__ gy, 
   }
 }
 
-int blocks_for(int64_t n, int threads) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, sms * 32)));
-}
-
 bool channels_last(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
@@ -139,8 +132,6 @@ bool pool_offsets_fit(const at::Tensor& t) {
   for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
   return last < (int64_t{1} << 30) && t.numel() < (int64_t{1} << 30);
 }
-
-}  // namespace
 
 void max_pool2d_local_cuda(const at::Tensor& x, const Pool2d& p, at::Tensor& y, at::Tensor& local) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -155,7 +146,7 @@ void max_pool2d_local_cuda(const at::Tensor& x, const Pool2d& p, at::Tensor& y, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "aq_max_pool2d_local", [&] {
     const auto launch = [&](auto zero) {
       using index_t = decltype(zero);
-      max_pool_local_kernel<scalar_t, index_t><<<blocks_for(n, threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      max_pool_local_kernel<scalar_t, index_t><<<grid_for(n, threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
           x.const_data_ptr<scalar_t>(), dims_of<index_t>(x), y.data_ptr<scalar_t>(), dims_of<index_t>(y),
           local.data_ptr<uint8_t>(), dims_of<index_t>(local), P<index_t>(p), last, static_cast<index_t>(n));
     };
@@ -181,7 +172,7 @@ void max_pool2d_local_backward_cuda(const at::Tensor& gy, const at::Tensor& loca
     const auto launch = [&](auto zero) {
       using index_t = decltype(zero);
       max_pool_local_backward_kernel<scalar_t, index_t>
-          <<<blocks_for(n, threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          <<<grid_for(n, threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
               gy.const_data_ptr<scalar_t>(), dims_of<index_t>(gy), local.const_data_ptr<uint8_t>(),
               dims_of<index_t>(local), gx.data_ptr<scalar_t>(), dims_of<index_t>(gx), P<index_t>(p), last,
               static_cast<index_t>(n));
@@ -193,5 +184,10 @@ void max_pool2d_local_backward_cuda(const at::Tensor& gy, const at::Tensor& loca
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+}  // namespace
+
+AQ_REGISTER_KERNEL(max_pool2d_local, c10::kCUDA, max_pool2d_local_cuda);
+AQ_REGISTER_KERNEL(max_pool2d_local_backward, c10::kCUDA, max_pool2d_local_backward_cuda);
 
 }  // namespace aq::kernels

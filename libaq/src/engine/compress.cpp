@@ -1,9 +1,11 @@
 // Front end of the compression engine: argument checks, layout, allocation,
-// random seeds, and dispatch to the CPU or CUDA kernels.
+// random seeds; the kernels (kernels/quantize.h, pack.h, masks.h) compute.
 #include "aq/compress.h"
 
 #include "aq_config.h"
-#include "kernels.h"
+#include "masks.h"
+#include "pack.h"
+#include "quantize.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Functions.h>
@@ -166,13 +168,7 @@ Packed quantize_impl(const at::Tensor& x, int64_t bits, at::Tensor sample_bits, 
     plan.seed = gen.get<at::CPUGeneratorImpl>()->random64();
     plan.offset = 0;
   }
-#if AQ_WITH_CUDA
-  if (x.is_cuda()) {
-    kernels::quantize_cuda(plan, src, p.bits, p.word_offset, global_range, p.data, p.mn, p.mx);
-    return p;
-  }
-#endif
-  kernels::quantize_cpu(plan, src, p.bits, p.word_offset, global_range, p.data, p.mn, p.mx);
+  kernels::quantize(dev.type(), plan, src, p.bits, p.word_offset, global_range, p.data, p.mn, p.mx);
   return p;
 }
 
@@ -264,13 +260,7 @@ at::Tensor dequantize(const Packed& p) {
   if (plan.bits == 0 && (!p.bits.defined() || !p.word_offset.defined() ||
                          p.bits.device() != dev || p.word_offset.device() != dev))
     fail("dequantize: per-sample bits or word offsets missing");
-#if AQ_WITH_CUDA
-  if (dev.is_cuda()) {
-    kernels::dequantize_cuda(plan, p.data, p.mn, p.mx, p.bits, p.word_offset, out);
-    return out;
-  }
-#endif
-  kernels::dequantize_cpu(plan, p.data, p.mn, p.mx, p.bits, p.word_offset, out);
+  kernels::dequantize(dev.type(), plan, p.data, p.mn, p.mx, p.bits, p.word_offset, out);
   return out;
 }
 
@@ -284,13 +274,7 @@ at::Tensor pack_bits(const at::Tensor& codes, int64_t bits) {
   at::Tensor c = codes.contiguous();
   at::Tensor out = at::empty({packed_bits_nbytes(c.numel(), bits)}, c.options().dtype(at::kByte));
   if (c.numel() == 0) return out;
-#if AQ_WITH_CUDA
-  if (c.is_cuda()) {
-    kernels::pack_bits_cuda(c, static_cast<int>(bits), out);
-    return out;
-  }
-#endif
-  kernels::pack_bits_cpu(c, static_cast<int>(bits), out);
+  kernels::pack_bits(c.device().type(), c, static_cast<int>(bits), out);
   return out;
 }
 
@@ -304,13 +288,7 @@ at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, at::IntArrayRef s
     fail("unpack_bits: packed tensor does not hold " + std::to_string(out.numel()) + " codes of " +
          std::to_string(bits) + " bits");
   if (out.numel() == 0) return out;
-#if AQ_WITH_CUDA
-  if (packed.is_cuda()) {
-    kernels::unpack_bits_cuda(packed, static_cast<int>(bits), out);
-    return out;
-  }
-#endif
-  kernels::unpack_bits_cpu(packed, static_cast<int>(bits), out);
+  kernels::unpack_bits(packed.device().type(), packed, static_cast<int>(bits), out);
   return out;
 }
 
@@ -345,13 +323,7 @@ at::Tensor pack_positive(const at::Tensor& x) {
   const at::Tensor flat = flat_in_memory_order(x);
   at::Tensor out = at::empty({packed_bits_nbytes(flat.numel(), 1)}, x.options().dtype(at::kByte));
   if (flat.numel() == 0) return out;
-#if AQ_WITH_CUDA
-  if (x.is_cuda()) {
-    kernels::pack_positive_cuda(flat, out);
-    return out;
-  }
-#endif
-  kernels::pack_positive_cpu(flat, out);
+  kernels::pack_positive(x.device().type(), flat, out);
   return out;
 }
 
@@ -360,8 +332,7 @@ std::pair<at::Tensor, at::Tensor> relu_and_mask(const at::Tensor& x, bool inplac
   RECORD_FUNCTION("aq::relu", std::vector<c10::IValue>());
   check_device(x, "input");
   if (!x.is_floating_point()) fail("relu_and_mask: x must be floating");
-#if AQ_WITH_CUDA
-  if (x.is_cuda() && x.is_non_overlapping_and_dense()) {
+  if (kernels::relu_pack_positive.has(x.device().type()) && x.is_non_overlapping_and_dense()) {
     at::Tensor y = inplace ? x : at::empty_like(x);
     if (y.strides() == x.strides()) {
       const at::Tensor flat = flat_in_memory_order(x);
@@ -376,13 +347,13 @@ std::pair<at::Tensor, at::Tensor> relu_and_mask(const at::Tensor& x, bool inplac
       if (group_r2 && x.scalar_type() != at::kDouble && group_size == 32 * (16 / x.element_size()) &&
           d % group_size == 0 && aligned(flat) && aligned(y_flat))
         r2 = at::empty({n, d / group_size}, x.options().dtype(at::kFloat));
-      kernels::pack_positive_cuda(flat, out, &y_flat, group_size, r2.defined() ? r2.data_ptr<float>() : nullptr);
+      kernels::relu_pack_positive(x.device().type(), flat, out, y_flat, group_size,
+                                  r2.defined() ? r2.data_ptr<float>() : nullptr);
       if (group_r2) *group_r2 = r2;
       if (inplace) x.unsafeGetTensorImpl()->bump_version();  // as relu_ would
       return {y, out};
     }
   }
-#endif
   if (group_r2) *group_r2 = at::Tensor();
   at::Tensor y = inplace ? x.relu_() : x.relu();
   return {y, pack_positive(y)};
@@ -408,13 +379,7 @@ at::Tensor apply_packed_mask(const at::Tensor& g, const at::Tensor& packed, at::
   if (out.is_same(g)) out.unsafeGetTensorImpl()->bump_version();  // changed in place, as far as anyone can tell
   const at::Tensor in_flat = flat_in_memory_order(src);
   at::Tensor out_flat = out.as_strided({out.numel()}, {1});
-#if AQ_WITH_CUDA
-  if (g.is_cuda()) {
-    kernels::apply_mask_cuda(in_flat, packed, scale, out_flat);
-    return out;
-  }
-#endif
-  kernels::apply_mask_cpu(in_flat, packed, scale, out_flat);
+  kernels::apply_mask(g.device().type(), in_flat, packed, scale, out_flat);
   return out;
 }
 

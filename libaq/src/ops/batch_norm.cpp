@@ -4,7 +4,7 @@
 
 #include "aq/sample_bits.h"
 #include "aq_config.h"
-#include "kernels.h"
+#include "batch_norm.h"
 #include "offer.h"
 #include "saved.h"
 
@@ -28,19 +28,20 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
     if (overwrite) {
       // Statistics and the compressed copy first, then normalised in place.
       bool done = false;
-#if AQ_WITH_CUDA
       // On CUDA, the statistics (and the running statistics), then our own
       // kernel in place, which keeps the out-of-place transform's speed
       // (LibTorch's in-place one does not).  With channels innermost the
       // statistics come from our kernel, which also hands the allocation
       // its group ranges; elsewhere from LibTorch's.
       const auto is_float = [](const at::Tensor& t) { return !t.numel() || t.scalar_type() == at::kFloat; };
-      if (x.is_cuda() && x.scalar_type() != at::kDouble && is_float(w) && is_float(b) && is_float(running_mean) &&
+      const c10::DeviceType dt = x.device().type();
+      if (kernels::batch_norm_stats.has(dt) && kernels::batch_norm_forward_inplace.has(dt) &&
+          x.scalar_type() != at::kDouble && is_float(w) && is_float(b) && is_float(running_mean) &&
           is_float(running_var) && (x.is_contiguous() || x.is_contiguous(x.suggest_memory_format()))) {
         at::Tensor r2, rm = present(running_mean), rv = present(running_var);
         const bool ranges = st && !st->bits.defined() && adaptive(*c) && c->pergroup;
-        if (kernels::batch_norm_stats_cuda(x, momentum, eps, rm, rv, mean, invstd, c->group_size,
-                                           ranges ? &r2 : nullptr)) {
+        if (kernels::batch_norm_stats(dt, x, momentum, eps, rm, rv, mean, invstd, c->group_size,
+                                      ranges ? &r2 : nullptr)) {
           if (r2.defined()) group_range_offer().offer(x, std::move(r2), c->group_size);
         } else {
           at::Tensor var;
@@ -49,10 +50,9 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
         }
         save_compressed(ctx, x, *c, st.get());
         at::Tensor out = x;
-        done = kernels::batch_norm_forward_inplace_cuda(out, mean, invstd, present(w), present(b));
+        done = kernels::batch_norm_forward_inplace(dt, out, mean, invstd, present(w), present(b));
         TORCH_CHECK(done, "aq: BatchNorm: a dense input the in-place kernel refused");
       }
-#endif
       if (!done) {
         save_compressed(ctx, x, *c, st.get());
         // LibTorch's kernels (their statistics pass reads x before the
@@ -109,7 +109,6 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
     const at::Tensor wf = w.defined() ? w.to(saved[1].scalar_type()) : w;
     at::Tensor gx, sum_dy, sum_dy_xmu;
     if (chunk == 0) {  // fused: CUDA
-#if AQ_WITH_CUDA
       at::Tensor x = dequantize(p).to(dtype);
       std::tie(sum_dy, sum_dy_xmu, std::ignore, std::ignore) =
           at::batch_norm_backward_reduce(g, x, saved[1], saved[2], wf, /*input_g=*/true, false, false);
@@ -117,12 +116,11 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
         // An adaptive BatchNorm's input most likely comes from an adaptive
         // layer, whose gradient statistics the kernel can sum on the way.
         at::Tensor sq;
-        kernels::batch_norm_input_grad_inplace_cuda(x, g, saved[1], saved[2], w, sum_dy, sum_dy_xmu, M,
-                                                    ctx->saved_data.count("usegradient") ? &sq : nullptr);
+        kernels::batch_norm_input_grad_inplace(g.device().type(), x, g, saved[1], saved[2], w, sum_dy, sum_dy_xmu, M,
+                                               ctx->saved_data.count("usegradient") ? &sq : nullptr);
         gx = std::move(x);
         if (sq.defined()) grad_sq_offer().offer(gx, std::move(sq));
       }
-#endif
     } else {
       std::vector<int64_t> dims = {0}, shape(g.dim(), 1);
       for (int64_t d = 2; d < g.dim(); ++d) dims.push_back(d);

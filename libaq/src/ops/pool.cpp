@@ -3,7 +3,7 @@
 #include "aq/functional.h"
 
 #include "aq_config.h"
-#include "kernels.h"
+#include "pool.h"
 #include "saved.h"
 
 #include <ATen/ATen.h>
@@ -85,14 +85,12 @@ void save_pool_indices(AutogradContext* ctx, const at::Tensor& local, int64_t bi
   }
 }
 
-#if AQ_WITH_CUDA
 kernels::Pool2d pool2d(AutogradContext* ctx) {
   const auto& s = ctx->saved_data;
   const auto k = s.at("kernel").toIntVector(), st = s.at("stride").toIntVector(), p = s.at("padding").toIntVector(),
              d = s.at("dilation").toIntVector();
   return {k[0], k[1], st[0], st[1], p[0], p[1], d[0], d[1]};
 }
-#endif
 
 struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, std::vector<int64_t> kernel,
@@ -108,8 +106,7 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
     s["ceil_mode"] = ceil_mode;
     s["x_format"] = static_cast<int64_t>(x.suggest_memory_format());
     s["local_last"] = false;
-#if AQ_WITH_CUDA
-    if (D == 2 && x.is_cuda() && x.dim() == 4 && kernel[0] * kernel[1] <= 256) {
+    if (D == 2 && kernels::max_pool2d_local.has(x.device().type()) && x.dim() == 4 && kernel[0] * kernel[1] <= 256) {
       // Our own kernel writes the window-local indices directly.  LibTorch's
       // meta function checks the arguments and gives the output's shape.
       const at::Tensor meta = at::empty_strided(x.sizes(), x.strides(), x.options().device(at::kMeta));
@@ -118,7 +115,7 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
       at::Tensor y = at::empty(ym.sizes(), x.options().memory_format(format));
       at::Tensor local = at::empty(ym.sizes(), x.options().dtype(at::kByte).memory_format(format));
       const kernels::Pool2d p = pool2d(ctx);
-      kernels::max_pool2d_local_cuda(x, p, y, local);
+      kernels::max_pool2d_local(x.device().type(), x, p, y, local);
       s["in"] = std::vector<int64_t>{x.size(2), x.size(3)};
       s["out"] = std::vector<int64_t>{y.size(2), y.size(3)};
       // Packed in memory order: channels last as [N, H, W, C].
@@ -127,7 +124,6 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
       s["local_last"] = last;
       return y;
     }
-#endif
     at::Tensor y, idx;
     if (D == 1)
       std::tie(y, idx) = at::max_pool1d_with_indices(x, kernel, stride, padding, dilation, ceil_mode);
@@ -166,13 +162,12 @@ struct MaxPoolFn : torch::autograd::Function<MaxPoolFn> {
     const auto memory_sizes = s["local_sizes"].toIntVector();  // [N, H, W, C] when channels last
     at::Tensor local = unpack_bits(s["packed"].toTensor(), bits, memory_sizes, bits <= 8 ? at::kByte : at::kInt);
     if (s["local_last"].toBool()) local = local.permute({0, 3, 1, 2});
-#if AQ_WITH_CUDA
-    if (gy.is_cuda() && D == 2 && local.dim() == 4 && local.scalar_type() == at::kByte) {
+    if (kernels::max_pool2d_local_backward.has(gy.device().type()) && D == 2 && local.dim() == 4 &&
+        local.scalar_type() == at::kByte) {
       at::Tensor gx = at::empty(x_sizes, gy.options().memory_format(format));
-      kernels::max_pool2d_local_backward_cuda(gy, local, pool2d(ctx), gx);
+      kernels::max_pool2d_local_backward(gy.device().type(), gy, local, pool2d(ctx), gx);
       return {gx, {}, {}, {}, {}, {}, {}};
     }
-#endif
     // LibTorch's own backward kernels scatter into the input's layout, from
     // flat indices into each input plane, a slice of samples at a time.
     // One dimension runs as two with a height of 1.

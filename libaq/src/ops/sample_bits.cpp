@@ -10,7 +10,9 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include "aq_config.h"
-#include "kernels.h"
+#include "allocation.h"
+#include "ranges.h"
+#include "statistics.h"
 
 #include <algorithm>
 #include <cmath>
@@ -65,16 +67,10 @@ at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
       return out;
     }
   }
-#if AQ_WITH_CUDA
-  if (x.is_cuda() && c.pergroup) {  // one kernel instead of a min/max pass and five small ops
+  if (c.pergroup && kernels::range_sq.has(x.device().type()) && v.is_contiguous()) {
+    // One pass, no temporaries: one kernel instead of a min/max pass and five small ops.
     at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
-    kernels::range_sq_cuda(v, n, d, g, out);
-    return out;
-  }
-#endif
-  if (x.is_cpu() && c.pergroup && v.is_contiguous()) {  // one pass, no temporaries
-    at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
-    kernels::range_sq_cpu(v, n, d, g, out);
+    kernels::range_sq(x.device().type(), v, n, d, g, out);
     return out;
   }
   auto range_sq = [](const at::Tensor& t, int64_t dim) {
@@ -121,7 +117,6 @@ int statistic_mode(const LayerState& st, const QuantConfig& c, const at::Tensor&
 }
 }  // namespace
 
-#if AQ_WITH_CUDA
 namespace {
 // The fused CUDA kernel's view of a layer (and the tensors it reads).
 struct FusedInputs {
@@ -152,20 +147,18 @@ FusedInputs fused_inputs(const LayerState& st, const QuantConfig& c, const at::T
   return f;
 }
 }  // namespace
-#endif
 
 at::Tensor sensitivity_tensor(const LayerState& st, const QuantConfig& c, const at::Tensor& range_sq,
                               int64_t elements, const at::Tensor& indices) {
   const int64_t n = range_sq.size(0);
-#if AQ_WITH_CUDA
-  if (range_sq.is_cuda() && n <= kernels::kAllocMaxSamples) {  // one launch instead of ~20
+  const c10::DeviceType dt = range_sq.device().type();
+  if (kernels::allocate_per_sample.has(dt) && n <= kernels::kAllocMaxSamples) {  // one launch instead of ~20
     FusedInputs f = fused_inputs(st, c, range_sq, elements, indices);
     at::Tensor cost = at::empty({n}, range_sq.options().dtype(at::kDouble)), unused;
-    kernels::allocate_per_sample_cuda(f.plan, f.range_sq, f.grad_mean, f.sample_stat, f.indices, unused, unused,
-                                      &cost);
+    kernels::allocate_per_sample(dt, f.plan, f.range_sq, f.grad_mean, f.sample_stat, f.indices, unused, unused, &cost,
+                                 at::Tensor());
     return cost;
   }
-#endif
   at::Tensor s = at::ones({n}, range_sq.options());
   const int mode = statistic_mode(st, c, indices, n);
   if (!st.batch_norm) {
@@ -216,21 +209,19 @@ at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x
     const at::Tensor e = sensitivity_tensor(*other, c, st.range_sq, elements, st.indices);
     extra = extra.defined() ? extra + e : e;
   }
-#if AQ_WITH_CUDA
   // On CUDA, sensitivities, allocation and word offsets in one launch (the
   // same bits as below: the tensor ops cost ~70 launches per layer).
-  if (x.is_cuda() && n <= kernels::kAllocMaxSamples) {
+  if (kernels::allocate_per_sample.has(x.device().type()) && n <= kernels::kAllocMaxSamples) {
     FusedInputs f = fused_inputs(st, c, st.range_sq, elements, st.indices);
     f.plan.removals = static_cast<int64_t>(c.ibits) * n - target;
     at::Tensor bits = at::empty({n}, x.options().dtype(at::kInt));
     at::Tensor offsets = at::empty({n}, x.options().dtype(at::kLong));
-    kernels::allocate_per_sample_cuda(f.plan, f.range_sq, f.grad_mean, f.sample_stat, f.indices, bits, offsets,
-                                      nullptr, extra);
+    kernels::allocate_per_sample(x.device().type(), f.plan, f.range_sq, f.grad_mean, f.sample_stat, f.indices, bits,
+                                 offsets, nullptr, extra);
     st.last_bits = bits;
     if (word_offset) *word_offset = offsets;
     return bits;
   }
-#endif
   at::Tensor cn = sensitivity_tensor(st, c, st.range_sq, elements, st.indices);
   if (extra.defined()) cn = cn + extra;
   st.last_bits = allocate_bits_tensor(cn, at::Tensor(), target, c.ibits);
@@ -256,15 +247,14 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
     st.sample_stat = grown;
   }
   const at::Tensor idx = indices_on(indices, g.device());
-#if AQ_WITH_CUDA
-  if (g.is_cuda() && g.numel() <= kernels::kAllocMaxSamples && st.sample_stat.scalar_type() == at::kFloat &&
+  if (kernels::update_sample_stat.has(g.device().type()) && g.numel() <= kernels::kAllocMaxSamples &&
+      st.sample_stat.scalar_type() == at::kFloat &&
       st.sample_stat.is_contiguous() && lowest.item<int64_t>() >= 0) {  // one launch instead of ~10
     at::Tensor mean = at::empty({}, g.options());
-    kernels::update_sample_stat_cuda(g.contiguous(), idx.contiguous(), st.sample_stat, mean);
+    kernels::update_sample_stat(g.device().type(), g.contiguous(), idx.contiguous(), st.sample_stat, mean);
     st.grad_mean = mean;
     return;
   }
-#endif
   const at::Tensor old = st.sample_stat.index({idx});
   st.sample_stat.index_put_({idx}, at::where(old >= 0, 0.5 * old + 0.5 * g, g));
   st.grad_mean = g.mean().detach();

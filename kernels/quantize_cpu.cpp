@@ -1,8 +1,6 @@
-// CPU implementation of the compression kernels (see kernels.h).  One task
-// per group: range, rounding and packing happen in one pass over the group.
-#include "kernels.h"
-
-#include <ATen/OpMathType.h>
+// CPU quantize and dequantize (see quantize.h).  One task per group: range,
+// rounding and packing happen in one pass over the group.
+#include "quantize.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -163,8 +161,6 @@ void dequantize_impl(const Plan& p, const uint32_t* packed, const void* mn, cons
   });
 }
 
-}  // namespace
-
 void quantize_cpu(const Plan& p, const at::Tensor& x, const at::Tensor& sample_bits,
                   const at::Tensor& word_offset, const at::Tensor& global_range,
                   at::Tensor& packed, at::Tensor& mn, at::Tensor& mx) {
@@ -192,137 +188,9 @@ void dequantize_cpu(const Plan& p, const at::Tensor& packed, const at::Tensor& m
   });
 }
 
-// Bit streams of small integer codes: chunk k of 32 codes fills words
-// [k*bits, (k+1)*bits), code i of the chunk at bit i*bits (LSB first).
-void pack_bits_cpu(const at::Tensor& codes, int bits, at::Tensor& packed) {
-  const int64_t n = codes.numel(), chunks = (n + 31) / 32;
-  uint32_t* out = reinterpret_cast<uint32_t*>(packed.data_ptr<uint8_t>());
-  const uint64_t mask = (1u << bits) - 1u;
-  AT_DISPATCH_INTEGRAL_TYPES_AND(at::kBool, codes.scalar_type(), "aq_pack_bits_cpu", [&] {
-    const scalar_t* c = codes.const_data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        uint32_t* w = out + k * bits;
-        uint64_t acc = 0;
-        int nacc = 0;
-        for (int64_t i = k * 32; i < k * 32 + 32; ++i) {
-          uint64_t q = i < n ? (static_cast<uint64_t>(c[i]) & mask) : 0;
-          acc |= q << nacc;
-          nacc += bits;
-          if (nacc >= 32) {
-            *w++ = static_cast<uint32_t>(acc);
-            acc >>= 32;
-            nacc -= 32;
-          }
-        }
-      }
-    });
-  });
-}
+}  // namespace
 
-void unpack_bits_cpu(const at::Tensor& packed, int bits, at::Tensor& codes) {
-  const int64_t n = codes.numel();
-  const uint32_t* in = reinterpret_cast<const uint32_t*>(packed.const_data_ptr<uint8_t>());
-  const uint64_t mask = (1u << bits) - 1u;
-  AT_DISPATCH_INTEGRAL_TYPES_AND(at::kBool, codes.scalar_type(), "aq_unpack_bits_cpu", [&] {
-    scalar_t* c = codes.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 65536, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t bit = i * bits;
-        uint64_t w = in[bit >> 5];
-        if ((bit & 31) + bits > 32) w |= static_cast<uint64_t>(in[(bit >> 5) + 1]) << 32;
-        c[i] = static_cast<scalar_t>((w >> (bit & 31)) & mask);
-      }
-    });
-  });
-}
-
-void pack_positive_cpu(const at::Tensor& x, at::Tensor& packed) {
-  const int64_t n = x.numel(), words = (n + 31) / 32;
-  uint32_t* out = reinterpret_cast<uint32_t*>(packed.data_ptr<uint8_t>());
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "aq_pack_positive_cpu", [&] {
-    const scalar_t* v = x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, words, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const scalar_t* vk = v + k * 32;
-        uint32_t w = 0;
-        if (k * 32 + 32 <= n) {  // a full word: a fixed trip count the compiler unrolls
-          for (int i = 0; i < 32; ++i) w |= static_cast<uint32_t>(static_cast<float>(vk[i]) > 0.0f) << i;
-        } else {
-          for (int64_t i = 0; i < n - k * 32; ++i) w |= static_cast<uint32_t>(static_cast<float>(vk[i]) > 0.0f) << i;
-        }
-        out[k] = w;
-      }
-    });
-  });
-}
-
-void range_sq_cpu(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Tensor& out) {
-  float* o = out.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "aq_range_sq_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, D)), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* xs = xp + n * D;
-        float acc = 0.0f;
-        for (int64_t d0 = 0; d0 < D; d0 += G) {
-          const int64_t dv = std::min(d0 + G, D);
-          // Eight independent lanes, which the compiler vectorises; min and
-          // max are exact, so their order does not matter (NaN propagates).
-          constexpr int L = 8;
-          float lo8[L], hi8[L];
-          for (int j = 0; j < L; ++j) lo8[j] = std::numeric_limits<float>::infinity(), hi8[j] = -lo8[j];
-          int64_t d = d0;
-          for (; d + L <= dv; d += L)
-            for (int j = 0; j < L; ++j) {
-              const float v = static_cast<float>(xs[d + j]);
-              lo8[j] = nan_min(lo8[j], v);
-              hi8[j] = nan_max(hi8[j], v);
-            }
-          for (; d < dv; ++d) {
-            const float v = static_cast<float>(xs[d]);
-            lo8[0] = nan_min(lo8[0], v);
-            hi8[0] = nan_max(hi8[0], v);
-          }
-          float lo = lo8[0], hi = hi8[0];
-          for (int j = 1; j < L; ++j) lo = nan_min(lo, lo8[j]), hi = nan_max(hi, hi8[j]);
-          const float r = hi - lo;
-          acc += r * r;
-        }
-        o[n] = acc;
-      }
-    });
-  });
-}
-
-void apply_mask_cpu(const at::Tensor& g, const at::Tensor& packed, double scale, at::Tensor& out) {
-  const int64_t n = g.numel();
-  const uint32_t* m = reinterpret_cast<const uint32_t*>(packed.const_data_ptr<uint8_t>());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "aq_apply_mask_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = g.const_data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const acc_t s = static_cast<acc_t>(scale);
-    const bool unit = scale == 1.0;
-    // A word of the mask at a time: 32 elements with constant shifts.
-    at::parallel_for(0, (n + 31) / 32, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const uint32_t w = m[k];
-        const scalar_t* ik = in + k * 32;
-        scalar_t* ok = o + k * 32;
-        const int64_t cnt = std::min<int64_t>(32, n - k * 32);
-        auto one = [&](int64_t j) {
-          const bool on = (w >> j) & 1u;
-          ok[j] = !on ? scalar_t(0) : unit ? ik[j] : static_cast<scalar_t>(static_cast<acc_t>(ik[j]) * s);
-        };
-        if (cnt == 32) {
-          _Pragma("GCC unroll 32") for (int j = 0; j < 32; ++j) one(j);
-        } else {
-          for (int64_t j = 0; j < cnt; ++j) one(j);
-        }
-      }
-    });
-  });
-}
+AQ_REGISTER_KERNEL(quantize, c10::kCPU, quantize_cpu);
+AQ_REGISTER_KERNEL(dequantize, c10::kCPU, dequantize_cpu);
 
 }  // namespace aq::kernels
