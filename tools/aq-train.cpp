@@ -50,6 +50,12 @@ int main(int argc, char** argv) {
     o.schedule = aq::train::parse_schedule(schedule);
     o.nesterov = aq::parse_bool(nesterov);
     o.progress = v.verbosity >= 0;
+    for (const char* name : {"--batch-size", "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
+                             "--lr-schedule", "--warmup", "--milestones", "--nesterov", "--amp"})
+      if (app.count(name)) o.given.insert(name);
+    for (const char* name : {"--qconfig", "--level", "--ca", "--cabits", "--ibits", "--pergroup", "--perlayer",
+                             "--usegradient", "--group-size", "--range-dtype", "--rounding"})
+      if (app.count(name)) o.given.insert("quantization");
     if (v.training_only) {  // ActNN's gradient-variance mode: aq-variance's measurement
       if (!o.evaluate) throw std::invalid_argument("--training-only goes with --evaluate");
       if (!v.resume2.empty() && v.resume2 != o.resume)

@@ -100,6 +100,26 @@ check "SIGTERM: exit 143 with a checkpoint" '[ $rc -eq 143 ] && [ -s "$tmp/s/che
 "$TRAIN" "${small[@]}" --max-steps 45 --resume "$tmp/s/checkpoint.h5" --workspace "$tmp/s" >"$tmp/s2.tsv" 2>&1; rc=$?
 check "SIGTERM: resumed" '[ $rc -eq 0 ] && [ "$(col step "$tmp/s2.tsv")" = 45 ]'
 
+# --- --resume continues the checkpoint's run, not the command line's defaults ---------
+# (batch size, quantization, schedule and learning rate all non-default here)
+own=(--seed 5 --epochs 2 -b 16 --lr 0.05 --lr-schedule cosine --cabits=3 --label-smoothing 0.1)
+base=(--val-batches 2 -q --device cpu "$FMNIST")
+"$TRAIN" "${own[@]}" "${base[@]}" --max-steps 12 --workspace "$tmp/o1" >/dev/null 2>&1
+"$TRAIN" "${own[@]}" "${base[@]}" --max-steps 6 --workspace "$tmp/o2" >/dev/null 2>&1
+cp "$tmp/o2/checkpoint.h5" "$tmp/o2.keep"
+"$TRAIN" "${base[@]}" -b 64 --max-steps 12 --resume "$tmp/o2/checkpoint.h5" --workspace "$tmp/o2" >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with another --batch-size: exit 2, one line naming both values and the file" \
+  '[ $rc -eq 2 ] && head -1 "$tmp/err" | grep -q "^aq-train: --batch-size 64 conflicts with .*o2/checkpoint.h5, whose run has 16" && cmp -s "$tmp/o2.keep" "$tmp/o2/checkpoint.h5"'
+"$TRAIN" "${base[@]}" --cabits=2 --max-steps 12 --resume "$tmp/o2/checkpoint.h5" --workspace "$tmp/o2" >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with other quantization flags: exit 2" '[ $rc -eq 2 ] && grep -q "quantization flags" "$tmp/err"'
+"$TRAIN" "${base[@]}" --max-steps 12 --resume "$tmp/o2/checkpoint.h5" --workspace "$tmp/o2" >/dev/null 2>&1; rc=$?
+"$EVAL" --device cpu --data "$FMNIST" --max-batches 4 -q "$tmp/o1/checkpoint.h5" | tail -1 | cut -f2- >"$tmp/o1.eval"
+"$EVAL" --device cpu --data "$FMNIST" --max-batches 4 -q "$tmp/o2/checkpoint.h5" | tail -1 | cut -f2- >"$tmp/o2.eval"
+check "resume without the flags: the checkpoint's settings, the uninterrupted result" \
+  '[ $rc -eq 0 ] && [ -s "$tmp/o1.eval" ] && cmp -s "$tmp/o1.eval" "$tmp/o2.eval"'
+"$TRAIN" "${base[@]}" --epochs 3 --max-steps 13 --resume "$tmp/o2/checkpoint.h5" --workspace "$tmp/o2" -v >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with another --epochs: runs, says so" '[ $rc -eq 0 ] && grep -q "epochs in .* now ends after epoch 3" "$tmp/err"'
+
 # --- aq-eval: files, stdin, broken and foreign files --------------------------------
 "$EVAL" --data "$FMNIST" --max-batches 2 -q "$tmp/q/checkpoint.h5" "$tmp/e/checkpoint.h5" >"$tmp/ev.tsv"; rc=$?
 check "aq-eval: two files, header + 2 rows" '[ $rc -eq 0 ] && head -1 "$tmp/ev.tsv" | grep -qx "file	loss	top1	top5	images" && [ $(wc -l <"$tmp/ev.tsv") -eq 3 ]'

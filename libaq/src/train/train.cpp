@@ -21,6 +21,8 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <iomanip>
+#include <sstream>
 #include <stdexcept>
 
 namespace aq::train {
@@ -36,6 +38,17 @@ std::string now_iso() {
   std::time_t t = std::time(nullptr);
   std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
   return buf;
+}
+
+// Milestones as checkpoints keep them: comma-separated, every digit kept.
+std::string list_text(const std::vector<double>& v) {
+  std::string out;
+  for (double m : v) {
+    std::ostringstream s;
+    s << std::setprecision(17) << m;
+    out += (out.empty() ? "" : ",") + s.str();
+  }
+  return out;
 }
 
 struct Partial {  // of the current epoch, kept across a mid-epoch checkpoint
@@ -55,7 +68,9 @@ class Trainer {
     return o_.workspace.empty() || o_.workspace.back() == '/' ? o_.workspace + name : o_.workspace + "/" + name;
   }
 
-  const Options& o_;
+  void adopt_settings(const ckpt::Checkpoint& c);
+
+  Options o_;  // with --resume, the checkpoint's settings
   const Observer& obs_;
   c10::Device dev_;
   std::string dataset_;
@@ -85,6 +100,7 @@ void Trainer::setup() {
     if (o_.seed_given && s != o_.seed)
       log().warn("--seed {} ignored: resuming the run of seed {} from {}", o_.seed, s, src);
     seed_ = s;
+    if (!o_.evaluate) adopt_settings(*resumed_);
   } else {
     seed_ = o_.seed_given ? o_.seed : (static_cast<uint64_t>(std::random_device{}()) << 20) ^ std::random_device{}();
   }
@@ -125,6 +141,91 @@ void Trainer::setup() {
              o_.quant.to_flags(), dev_.str(), seed_);
 }
 
+// A resumed run is the run that wrote the checkpoint: its batch size (the
+// position within an epoch counts its batches), configuration, epochs and
+// optimisation settings, whatever the command line's defaults are.
+void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
+  const std::string& src = o_.resume;
+  auto given = [&](const char* name) { return o_.given.count(name) > 0; };
+  auto conflict = [&](const std::string& option, const std::string& mine, const std::string& theirs) {
+    throw std::invalid_argument(option + " " + mine + " conflicts with " + src + ", whose run has " + theirs +
+                                ": a resumed run keeps its checkpoint's settings (leave the option out)");
+  };
+  auto num = [](double v) {
+    std::ostringstream s;
+    s << v;
+    return s.str();
+  };
+  auto counter_setting = [&](const char* key, const char* option, int64_t& value) {
+    const auto it = c.counters.find(key);
+    if (it == c.counters.end()) return;
+    if (it->second < 1) throw std::runtime_error(src + ": counter " + key + " is " + std::to_string(it->second));
+    if (given(option) && value != it->second) conflict(option, std::to_string(value), std::to_string(it->second));
+    value = it->second;
+  };
+  auto scalar_setting = [&](const char* key, const char* option, double& value) {
+    const auto it = c.scalars.find(key);
+    if (it == c.scalars.end()) return;
+    if (!std::isfinite(it->second) || it->second < 0)
+      throw std::runtime_error(src + ": scalar " + key + " is " + num(it->second));
+    if (given(option) && value != it->second) conflict(option, num(value), num(it->second));
+    value = it->second;
+  };
+  auto meta_setting = [&](const char* key, const char* option, const std::string& mine,
+                          const std::function<void(const std::string&)>& set) {
+    const auto it = c.meta.find(key);
+    if (it == c.meta.end()) return;
+    if (given(option) && mine != it->second)
+      conflict(std::string(option) == "quantization" ? "quantization flags" : option, mine, it->second);
+    try {
+      set(it->second);
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error(src + ": /meta " + key + " '" + it->second + "': " + e.what());
+    }
+  };
+  counter_setting("batch_size", "--batch-size", o_.data.batch_size);
+  const int64_t epochs = o_.epochs;
+  const auto e = c.counters.find("epochs");
+  if (e != c.counters.end()) {
+    if (e->second < 1) throw std::runtime_error(src + ": counter epochs is " + std::to_string(e->second));
+    if (given("--epochs") && epochs != e->second)
+      log().info("--epochs {}: the run of {} epochs in {} now ends after epoch {} (its learning-rate schedule with it)",
+                 epochs, e->second, src, epochs);
+    else
+      o_.epochs = e->second;
+  }
+  scalar_setting("peak_lr", "--lr", o_.lr);
+  scalar_setting("momentum", "--momentum", o_.momentum);
+  scalar_setting("weight_decay", "--weight-decay", o_.weight_decay);
+  scalar_setting("label_smoothing", "--label-smoothing", o_.label_smoothing);
+  scalar_setting("warmup", "--warmup", o_.warmup);
+  meta_setting("config", "quantization", o_.quant.to_flags(),
+               [&](const std::string& v) { o_.quant = QuantConfig::from_flags(v); });
+  meta_setting("optimizer", "--nesterov", o_.nesterov ? "sgd-nesterov" : "sgd", [&](const std::string& v) {
+    if (v != "sgd" && v != "sgd-nesterov") throw std::invalid_argument("unknown optimizer");
+    o_.nesterov = v == "sgd-nesterov";
+  });
+  meta_setting("schedule", "--lr-schedule", to_string(o_.schedule),
+               [&](const std::string& v) { o_.schedule = parse_schedule(v); });
+  meta_setting("amp", "--amp", to_string(o_.amp), [&](const std::string& v) { o_.amp = parse_amp(v); });
+  meta_setting("milestones", "--milestones", list_text(o_.milestones), [&](const std::string& v) {
+    o_.milestones.clear();
+    std::istringstream in(v);
+    std::string item;
+    while (std::getline(in, item, ',')) {
+      size_t pos = 0;
+      double m = 0;
+      try {
+        m = std::stod(item, &pos);
+      } catch (const std::exception&) {
+        pos = 0;
+      }
+      if (pos == 0 || pos != item.size() || !std::isfinite(m)) throw std::invalid_argument("not a number list");
+      o_.milestones.push_back(m);
+    }
+  });
+}
+
 void Trainer::restore(const ckpt::Checkpoint& c) {
   const std::string& src = o_.resume;
   load_state(*model_, c, src);
@@ -154,6 +255,11 @@ void Trainer::restore(const ckpt::Checkpoint& c) {
   epoch_ = counter(c, "epoch", src);
   step_ = counter(c, "step", src);
   batch_ = counter(c, "batch", src);
+  const int64_t per_epoch = train_loader_->batches_per_epoch();
+  if (epoch_ < 0 || step_ < 0 || batch_ < 0 || batch_ > per_epoch)
+    throw std::runtime_error(src + ": counters epoch " + std::to_string(epoch_) + ", step " + std::to_string(step_) +
+                             ", batch " + std::to_string(batch_) + " do not fit a run of " +
+                             std::to_string(per_epoch) + " batches an epoch");
   auto scalar = [&](const char* k) {
     auto it = c.scalars.find(k);
     return it == c.scalars.end() ? 0.0 : it->second;
@@ -187,7 +293,10 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
                 {"seed", static_cast<int64_t>(seed_)},
                 {"batch_size", o_.data.batch_size},
                 {"epochs", o_.epochs}};
+  c.meta["milestones"] = list_text(o_.milestones);
   c.scalars = {{"lr", lr_},
+               {"peak_lr", o_.lr},
+               {"warmup", o_.warmup},
                {"momentum", o_.momentum},
                {"weight_decay", o_.weight_decay},
                {"label_smoothing", o_.label_smoothing},
