@@ -11,7 +11,10 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <cstdlib>
 #include <cstring>
@@ -602,6 +605,54 @@ TEST_F(CheckpointLoad, StandardInput) {
     EXPECT_EQ(e.rfind("standard input: cannot read (", 0), 0u) << e;
   }
   EXPECT_GE(::fcntl(0, F_GETFD), 0);  // restored
+}
+
+// A damaged length in the global heap that holds the variable-length
+// strings (/meta, column names) made HDF5 read far past it and crash.
+TEST_F(CheckpointLoad, DamagedStringHeapIsAnErrorNotACrash) {
+  save(path("a.h5"), small_checkpoint());
+  std::string bytes = read_bytes(path("a.h5"));
+  const size_t heap = bytes.find("GCOL");
+  ASSERT_NE(heap, std::string::npos);
+  for (size_t at : {heap + 28, heap + 27, heap + 15}) {  // the first object's length, the collection's size
+    std::string bad = bytes;
+    bad[at] = static_cast<char>(bad[at] ^ 0xff);
+    write_bytes(path("bad.h5"), bad);
+    testing::internal::CaptureStderr();
+    const std::string e = error_of([&] { load(path("bad.h5")); });
+    testing::internal::GetCapturedStderr();
+    EXPECT_EQ(e.rfind(path("bad.h5") + ": truncated or corrupt HDF5 file", 0), 0u) << e;
+    EXPECT_EQ(e.find('\n'), std::string::npos);
+    EXPECT_EQ(open_hdf5_objects(), 0);
+  }
+}
+
+// A stream that never ends and holds no HDF5 file is given up on early; one
+// that goes on after its file is read up to the file's end.
+TEST_F(CheckpointLoad, EndlessStreamsAreReadBoundedly) {
+  expect_load_error("/dev/zero", "/dev/zero: not an HDF5 file (no signature in its first MiB)");
+  Checkpoint c = small_checkpoint();
+  save(path("a.h5"), c);
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const std::string bytes = read_bytes(path("a.h5")) + std::string(1 << 16, '\0');
+  const pid_t child = ::fork();
+  if (child == 0) {  // writes the file, then zeros until the reader goes
+    ::close(fds[0]);
+    ::signal(SIGPIPE, SIG_DFL);
+    if (::write(fds[1], bytes.data(), bytes.size()) < 0) ::_exit(0);
+    const std::string zeros(1 << 16, '\0');
+    while (::write(fds[1], zeros.data(), zeros.size()) > 0) {
+    }
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  const std::string dev = "/dev/fd/" + std::to_string(fds[0]);
+  Checkpoint r = load(dev);
+  ::close(fds[0]);
+  ::waitpid(child, nullptr, 0);
+  EXPECT_EQ(r.meta, c.meta);
+  expect_same_list(r.parameters, c.parameters);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -377,15 +378,97 @@ bool find_signature(uint64_t size, ReadAt read_at) {
   return false;
 }
 
+// A stream without an HDF5 signature where one could be by now is not read
+// to its end (/dev/zero would never end).
+constexpr uint64_t kSignatureSearch = uint64_t{1} << 20;
+
+uint64_t little_endian(const unsigned char* p, int bytes) {
+  uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i) v = v << 8 | p[i];
+  return v;
+}
+
+// Where the HDF5 file that starts (with its signature) at `sig` ends, from
+// its superblock, if the bytes read so far tell (0: not yet).
+uint64_t declared_end(const std::vector<char>& b, uint64_t sig) {
+  const auto* p = reinterpret_cast<const unsigned char*>(b.data()) + sig;
+  const uint64_t have = b.size() - sig;
+  if (have < 9) return 0;
+  const int version = p[8];
+  if (version >= 2) {  // signature, version, offset and length sizes, flags, base, extension, end of file
+    if (have < 12) return 0;
+    const int o = p[9];
+    if (o != 4 && o != 8) return 0;
+    if (have < 12 + 3 * uint64_t(o)) return 0;
+    return sig + little_endian(p + 12 + 2 * o, o);
+  }
+  const uint64_t fixed = version == 1 ? 28 : 24;  // v0/v1: ..., base, free space, end of file
+  if (have < 14) return 0;
+  const int o = p[13];
+  if (o != 4 && o != 8) return 0;
+  if (have < fixed + 3 * uint64_t(o)) return 0;
+  return sig + little_endian(p + fixed + 2 * o, o);
+}
+
+// Reads a stream up to the end its HDF5 superblock declares (or the stream's
+// end, if sooner); gives up on one with no signature in its first MiB.
 std::vector<char> read_all(int fd) {
   std::vector<char> out;
   char buf[1 << 16];
+  std::optional<uint64_t> sig;  // where the signature is, once found
+  uint64_t next_sig = 0, end = 0;
   for (;;) {
     ssize_t n = ::read(fd, buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) throw Problem("cannot read (" + errno_text() + ")");
     if (n == 0) return out;
     out.insert(out.end(), buf, buf + n);
+    while (!sig && next_sig + 8 <= out.size()) {
+      if (has_signature(out.data() + next_sig)) sig = next_sig;
+      else next_sig = next_sig ? next_sig * 2 : 512;
+    }
+    if (!sig && out.size() >= kSignatureSearch) throw Problem("not an HDF5 file (no signature in its first MiB)");
+    if (sig && !end) end = declared_end(out, *sig);
+    if (end && out.size() >= end) {
+      out.resize(end);
+      return out;
+    }
+  }
+}
+
+// HDF5 (1.10) copies a variable-length string out of its global heap
+// collection by the length the collection records, unchecked: a damaged
+// length reads far past the collection and crashes.  Every collection
+// ("GCOL", version 1, three zero bytes, its size) is walked first: each
+// object must fit in the collection.  ReadAt(offset, n, buffer) reads n
+// bytes; false past the end.
+template <typename ReadAt>
+void check_global_heaps(uint64_t size, ReadAt read_at) {
+  constexpr uint64_t kChunk = 1 << 20;
+  std::vector<unsigned char> buf(kChunk + 16);
+  for (uint64_t at = 0; at < size; at += kChunk) {
+    const uint64_t n = std::min<uint64_t>(kChunk + 16, size - at);
+    if (!read_at(at, n, buf.data())) throw Corrupt("cannot read");
+    const uint64_t last = std::min<uint64_t>(kChunk, n >= 16 ? n - 15 : 0);
+    for (uint64_t i = 0; i < last; ++i) {
+      const unsigned char* h = buf.data() + i;
+      if (h[0] != 'G' || h[1] != 'C' || h[2] != 'O' || h[3] != 'L' || h[4] != 1 || h[5] || h[6] || h[7]) continue;
+      const uint64_t start = at + i, coll = little_endian(h + 8, 8);
+      const std::string where = "global heap at byte " + std::to_string(start);
+      if (coll > size - start) continue;  // past the file's end: HDF5 reports the file truncated
+      if (coll < 4096) throw Corrupt(where + " has size " + std::to_string(coll));
+      std::vector<unsigned char> c(coll);
+      if (!read_at(start, coll, c.data())) throw Corrupt("cannot read " + where);
+      for (uint64_t o = 16; o + 16 <= coll;) {
+        const uint64_t index = little_endian(&c[o], 2), len = little_endian(&c[o + 8], 8);
+        if (index == 0) {  // the free space, its header included, to the end
+          if (len > coll - o) throw Corrupt(where + ": its free space is larger than it");
+          break;
+        }
+        if (len > coll - o - 16) throw Corrupt(where + ": object " + std::to_string(index) + " is longer than it");
+        o += 16 + (len + 7) / 8 * 8;
+      }
+    }
   }
 }
 
@@ -730,6 +813,32 @@ Checkpoint load(const std::string& path) {
   try {
     Source src = open_source(path);
     const uint64_t size = src.size;
+    if (src.in_memory) {
+      check_global_heaps(size, [&](uint64_t off, uint64_t n, unsigned char* out) {
+        if (off + n > src.image.size()) return false;
+        std::memcpy(out, src.image.data() + off, n);
+        return true;
+      });
+    } else {
+      const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) throw Problem("cannot open (" + errno_text() + ")");
+      try {
+        check_global_heaps(size, [fd](uint64_t off, uint64_t n, unsigned char* out) {
+          uint64_t done = 0;
+          while (done < n) {
+            const ssize_t r = ::pread(fd, out + done, n - done, static_cast<off_t>(off + done));
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) return false;
+            done += static_cast<uint64_t>(r);
+          }
+          return true;
+        });
+      } catch (...) {
+        ::close(fd);
+        throw;
+      }
+      ::close(fd);
+    }
     Hid file = open_file(path, src);
     return read_checkpoint(file, size);
   } catch (const Problem& e) {
