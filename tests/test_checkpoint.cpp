@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <sys/stat.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -653,6 +654,45 @@ TEST_F(CheckpointLoad, EndlessStreamsAreReadBoundedly) {
   ::waitpid(child, nullptr, 0);
   EXPECT_EQ(r.meta, c.meta);
   expect_same_list(r.parameters, c.parameters);
+}
+
+// A write that fails half-way (a full disk; here a file size limit) is one
+// line naming the system's reason, leaves no file, and the process exits
+// cleanly afterwards (HDF5 crashed at exit closing the failed file again).
+TEST_F(CheckpointSave, FailedWriteIsOneLineAndExitIsClean) {
+  Checkpoint c = small_checkpoint();
+  c.parameters.emplace_back("fc.weight", torch::randn({512, 512}));
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::close(fds[0]);
+    ::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit lim {};
+    lim.rlim_cur = lim.rlim_max = 64 << 10;
+    ::setrlimit(RLIMIT_FSIZE, &lim);
+    std::string msg = "no error";
+    try {
+      save(path("a.h5"), c);
+    } catch (const std::runtime_error& e) {
+      msg = e.what();
+    }
+    if (::write(fds[1], msg.data(), msg.size()) < 0) ::_exit(3);
+    ::close(fds[1]);
+    std::exit(0);  // runs HDF5's clean-up at exit, if any
+  }
+  ::close(fds[1]);
+  std::string msg;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) msg.append(buf, static_cast<size_t>(n));
+  ::close(fds[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
+  EXPECT_EQ(msg.rfind("cannot write checkpoint " + path("a.h5") + ": ", 0), 0u) << msg;
+  EXPECT_NE(msg.find("File too large"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+  EXPECT_TRUE(entries().empty());
 }
 
 }  // namespace

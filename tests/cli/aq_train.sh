@@ -30,6 +30,12 @@ check "--cabits=9 exits 2" '[ $rc -eq 2 ] && grep -q "cabits" "$tmp/err"'
 check "--epochs -1: exit 2, a readable message" '[ $rc -eq 2 ] && grep -qx "aq-train: --epochs: must be positive, not -1" "$tmp/err"'
 "$TRAIN" --lr=-0.5 >/dev/null 2>"$tmp/err"; rc=$?
 check "--lr=-0.5: exit 2" '[ $rc -eq 2 ] && grep -q "^aq-train: --lr: must be zero or more, not -0.5" "$tmp/err"'
+"$TRAIN" --threads 100000 >/dev/null 2>"$tmp/err"; rc=$?
+check "--threads 100000: exit 2, no threads made" '[ $rc -eq 2 ] && grep -qx "aq-train: --threads: must be at most 1024, not 100000" "$tmp/err"'
+"$TRAIN" --workers 20000 >/dev/null 2>"$tmp/err"; rc=$?
+check "--workers 20000: exit 2" '[ $rc -eq 2 ] && grep -qx "aq-train: --workers: must be at most 1024, not 20000" "$tmp/err"'
+"$EVAL" -j 20000 x.h5 >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-eval -j 20000: exit 2" '[ $rc -eq 2 ] && grep -q "at most 1024" "$tmp/err"'
 "$TRAIN" --arch resnet19 --workspace "$tmp/w0" "$FMNIST" >/dev/null 2>"$tmp/err"; rc=$?
 check "unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
 "$TRAIN" -c qsyncbn >/dev/null 2>"$tmp/err"; rc=$?

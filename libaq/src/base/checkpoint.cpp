@@ -30,6 +30,9 @@ namespace {
 // The innermost message on HDF5's error stack: where the failure was first
 // detected, which for I/O failures carries the errno text.  It must be read
 // before the next HDF5 call, which clears the stack.
+// I/O failures read "file write failed: time = ..., filename = ..., errno =
+// 28, error message = 'No space left on device', ..." over several lines:
+// only the operation and the system's message are kept.
 std::string h5_reason() {
   std::string out;
   H5Ewalk2(
@@ -39,8 +42,27 @@ std::string h5_reason() {
         return 0;
       },
       &out);
+  const std::string key = "error message = '";
+  const size_t m = out.find(key);
+  if (m != std::string::npos) {
+    const size_t end = out.find('\'', m + key.size());
+    const size_t colon = out.find(':');
+    out = (colon != std::string::npos && colon < m ? out.substr(0, colon) + ": " : std::string()) +
+          out.substr(m + key.size(), end == std::string::npos ? std::string::npos : end - m - key.size());
+  }
+  for (char& ch : out)
+    if (ch == '\n' || ch == '\r') ch = ' ';
   return out;
 }
+
+// A file whose write failed (a full disk) stays half-closed in HDF5, which
+// crashes closing it again when it cleans up at exit.  The process's exit
+// frees everything anyway: no clean-up at exit.  (It must precede every
+// other HDF5 call, hence a static initialiser of the library.)
+const bool kNoCleanupAtExit = [] {
+  H5dont_atexit();
+  return true;
+}();
 
 // An HDF5 call failed.
 struct H5Error : std::runtime_error {

@@ -39,6 +39,18 @@ const CLI::Validator NonNegative = number_at_least(false);
 
 namespace {
 const CLI::Validator Fraction = CLI::Range(0.0, 1.0);
+// Thread counts: beyond this a count is a typo, and creating that many
+// threads exhausts the process's limits before any work is done.
+constexpr int kMaxThreads = 1024;
+const CLI::Validator ThreadCount(
+    [](std::string& text) -> std::string {
+      double v = 0;
+      if (!CLI::detail::lexical_cast(text, v)) return "must be a number, not " + text;
+      if (std::isnan(v) || v < 0) return "must be zero or more, not " + text;
+      if (v > kMaxThreads) return "must be at most " + std::to_string(kMaxThreads) + ", not " + text;
+      return std::string();
+    },
+    "0.." + std::to_string(kMaxThreads));
 }  // namespace
 
 QuantOptions::QuantOptions(CLI::App& app, bool ignored) : app_(app) {
@@ -132,7 +144,7 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
     add(kModel, true, "--num-classes", v.data.num_classes,
         "Classes (0: the dataset's; --dataset cifar10 --num-classes 100 reads CIFAR-100)", d, &NonNegative);
   add(kModel | kEval, true, "-j,--workers", v.data.workers, "Data loading threads (0: in the calling thread)", d,
-      &NonNegative);
+      &ThreadCount);
   add(kModel | kEval | kBench, true, "-b,--batch-size", v.data.batch_size, "Batch size", d, &Positive);
   add(kModel | kEval | kBenchAll, false, "--image-size", v.data.image_size,
       bench ? "Image side" : "Image side for imagenet and synthetic data", d, &Positive);
@@ -159,7 +171,7 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
       ->capture_default_str()
       ->group(c);
   app.add_option("--threads", v.threads, "CPU threads for LibTorch (0: its default)")
-      ->check(NonNegative)
+      ->check(ThreadCount)
       ->capture_default_str()
       ->group(c);
   app.add_option_function<uint64_t>(
