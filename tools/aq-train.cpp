@@ -76,13 +76,13 @@ int main(int argc, char** argv) {
       const auto& c = aq::train::EpochRow::columns();
       for (size_t i = 0; i < c.size(); ++i) std::printf("%s%s", i ? "\t" : "", c[i].c_str());
       std::printf("\n");
-      std::fflush(stdout);
+      aq::cli::flush_stdout();
     };
     obs.epoch = [](const aq::train::EpochRow& e) {
       std::printf("%lld\t%lld\t%.6g\t%.4f\t%.2f\t%.4f\t%.2f\t%.2f\t%.1f\t%.2f\t%.2f\n", static_cast<long long>(e.epoch),
                   static_cast<long long>(e.step), e.lr, e.train_loss, e.train_acc, e.val_loss, e.val_top1, e.val_top5,
                   e.img_per_s, e.act_mb, e.peak_mb);
-      std::fflush(stdout);
+      aq::cli::flush_stdout();
     };
     obs.evaluated = [](const std::string& file, const aq::train::EvalResult& e) {
       std::printf("file\tloss\ttop1\ttop5\timages\n%s\t%.6f\t%.2f\t%.2f\t%lld\n", file.c_str(), e.loss, e.top1, e.top5,

@@ -238,4 +238,13 @@ check "... and with aq-train --evaluate --training-only" '[ $rc -eq 0 ] && grep 
 cat "$tmp/err" >&2
 "$EVAL" --data "$tmp/cifar10" --dataset cifar10 -q "$tmp/c100/checkpoint-1.h5" >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-eval: 100-class model on 10-class data is refused" '[ $rc -eq 1 ] && grep -q "classes" "$tmp/err"'
+# --- standard output closed or full: the checkpoint is kept, exit 1 -----------------
+"$TRAIN" --dataset cifar10 --epochs 2 -b 16 --val-batches 1 -q --workspace "$tmp/pipe" "$tmp/cifar10" 2>"$tmp/err" | head -1 >/dev/null
+rc=${PIPESTATUS[0]}
+check "aq-train | head -1: exit 1 after writing the epoch's checkpoint, says so" \
+  '[ $rc -eq 1 ] && [ -s "$tmp/pipe/checkpoint.h5" ] && grep -q "standard output: Broken pipe (the checkpoint of epoch 1 is written" "$tmp/err" && [ $(wc -l <"$tmp/err") -eq 1 ]'
+"$EVAL" --data "$tmp/cifar10" -q "$tmp/pipe/checkpoint.h5" >/dev/full 2>"$tmp/err"; rc=$?
+check "aq-eval > /dev/full: exit 1, one line" '[ $rc -eq 1 ] && grep -qx "aq-eval: cannot write to standard output: No space left on device" "$tmp/err"'
+"$TRAIN" --dataset cifar10 --epochs 1 -b 16 -q --workspace "$tmp/full" "$tmp/cifar10" >/dev/full 2>"$tmp/err"; rc=$?
+check "aq-train > /dev/full: exit 1 before training" '[ $rc -eq 1 ] && grep -q "No space left on device" "$tmp/err" && [ ! -e "$tmp/full/checkpoint.h5" ]'
 exit $fail

@@ -7,7 +7,10 @@
 #include <torch/cuda.h>
 #include <torch/utils.h>
 
+#include <cerrno>
 #include <cmath>
+#include <csignal>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -262,8 +265,7 @@ std::string first_line(const char* what) {
 
 }  // namespace
 
-int run(CLI::App& app, int argc, char** argv, const std::function<int()>& body) {
-  const std::string name = std::filesystem::path(argv[0]).filename().string();
+static int run_body(CLI::App& app, int argc, char** argv, const std::function<int()>& body, const std::string& name) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -291,6 +293,28 @@ int run(CLI::App& app, int argc, char** argv, const std::function<int()>& body) 
     std::cerr << name << ": " << first_line(e.what()) << "\n";
   }
   return kRuntime;
+}
+
+void flush_stdout() {
+  errno = 0;
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+    const int err = errno ? errno : EIO;
+    throw std::runtime_error(std::string("cannot write to standard output: ") + std::strerror(err));
+  }
+}
+
+int run(CLI::App& app, int argc, char** argv, const std::function<int()>& body) {
+  const std::string name = std::filesystem::path(argv[0]).filename().string();
+  std::signal(SIGPIPE, SIG_IGN);
+  const int status = run_body(app, argc, argv, body, name);
+  if (status != kOk) return status;  // its one line is out; a write error may be it
+  try {
+    flush_stdout();
+  } catch (const std::runtime_error& e) {
+    std::cerr << name << ": " << e.what() << "\n";
+    return kRuntime;
+  }
+  return status;
 }
 
 }  // namespace cli

@@ -417,15 +417,25 @@ int Trainer::run() {
     row.act_mb = part.act_n ? part.act_sum / part.act_n / 1048576.0 : 0.0;
     row.peak_mb = peak / 1048576.0;
     history_.push_back(row.values());
-    if (obs_.epoch) obs_.epoch(row);
+    // The checkpoint first: an observer that fails (its output closed) must
+    // not cost the epoch.
     if (mid_epoch) {
       save(epoch_, batch_, part, false);
+      if (obs_.epoch) obs_.epoch(row);
       log().info("--max-steps {} reached at epoch {}, batch {}: checkpoint written", o_.max_steps, epoch_ + 1,
                  batch_);
       return 0;
     }
     batch_ = 0;
     save(epoch_ + 1, 0, {}, o_.gather_checkpoints);
+    if (obs_.epoch) {
+      try {
+        obs_.epoch(row);
+      } catch (const std::exception& e) {
+        throw std::runtime_error(std::string(e.what()) + " (the checkpoint of epoch " + std::to_string(epoch_ + 1) +
+                                 " is written: continue with --resume)");
+      }
+    }
     log().info("epoch {}/{}: train loss {:.4f}, val top-1 {:.2f}%", epoch_ + 1, o_.epochs, row.train_loss, val.top1);
     if (stop) {
       ++epoch_;
