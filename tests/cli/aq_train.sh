@@ -238,6 +238,17 @@ check "... and with aq-train --evaluate --training-only" '[ $rc -eq 0 ] && grep 
 cat "$tmp/err" >&2
 "$EVAL" --data "$tmp/cifar10" --dataset cifar10 -q "$tmp/c100/checkpoint-1.h5" >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-eval: 100-class model on 10-class data is refused" '[ $rc -eq 1 ] && grep -q "classes" "$tmp/err"'
+# --- one writer per workspace: a second run is refused; a dead holder blocks nothing ---
+"$TRAIN" --dataset cifar10 --epochs 1000 -b 8 --val-batches 1 -q --workspace "$tmp/lock" "$tmp/cifar10" >/dev/null 2>&1 &
+holder=$!
+for _ in $(seq 1 150); do [ -s "$tmp/lock/.aq-train.lock" ] && break; sleep 0.2; done
+"$TRAIN" --dataset cifar10 --epochs 1 -b 8 -q --workspace "$tmp/lock" "$tmp/cifar10" >/dev/null 2>"$tmp/err"; rc=$?
+check "second run on a workspace: exit 1 naming the holder's PID" \
+  '[ $rc -eq 1 ] && grep -q "is in use by another aq-train (PID $holder," "$tmp/err" && [ $(wc -l <"$tmp/err") -eq 1 ]'
+kill -KILL $holder; wait $holder 2>/dev/null
+"$TRAIN" --dataset cifar10 --epochs 1 -b 8 --val-batches 1 -q --workspace "$tmp/lock" "$tmp/cifar10" >/dev/null 2>"$tmp/err"; rc=$?
+check "the lock file of a killed run blocks nothing" '[ $rc -eq 0 ] && [ -e "$tmp/lock/.aq-train.lock" ]'
+
 # --- standard output closed or full: the checkpoint is kept, exit 1 -----------------
 "$TRAIN" --dataset cifar10 --epochs 2 -b 16 --val-batches 1 -q --workspace "$tmp/pipe" "$tmp/cifar10" 2>"$tmp/err" | head -1 >/dev/null
 rc=${PIPESTATUS[0]}

@@ -1,6 +1,7 @@
 #include "run_control.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -68,6 +69,38 @@ void check_writable(const std::string& workspace, const std::string& probe) {
   if (fd < 0) throw std::runtime_error("--workspace " + workspace + ": cannot write there: " + std::strerror(errno));
   ::close(fd);
   ::unlink(probe.c_str());
+}
+
+WorkspaceLock::WorkspaceLock(const std::string& workspace, const std::string& file) {
+  fd_ = ::open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (fd_ < 0)
+    throw std::runtime_error("--workspace " + workspace + ": cannot create " + file + ": " + std::strerror(errno));
+  while (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EINTR) continue;
+    const int err = errno;
+    std::string holder;
+    char buf[32] = {};
+    const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
+    if (n > 0) holder = std::string(buf, static_cast<size_t>(n)).substr(0, std::string(buf).find('\n'));
+    ::close(fd_);
+    fd_ = -1;
+    if (err == EWOULDBLOCK)
+      throw std::runtime_error("--workspace " + workspace + " is in use by another aq-train (PID " +
+                               (holder.empty() ? std::string("unknown") : holder) + ", holding " + file +
+                               "): two runs would overwrite each other's checkpoints");
+    throw std::runtime_error("--workspace " + workspace + ": cannot lock " + file + ": " + std::strerror(err));
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    const int err = errno;
+    ::close(fd_);
+    fd_ = -1;
+    throw std::runtime_error("--workspace " + workspace + ": cannot write " + file + ": " + std::strerror(err));
+  }
+}
+
+WorkspaceLock::~WorkspaceLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the lock; the file stays (removing it would race the next run)
 }
 
 bool Progress::due(int64_t batch, int64_t batches) {

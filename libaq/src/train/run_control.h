@@ -37,6 +37,22 @@ void make_folders(const std::string& path, bool create = true);
 // instead.  `probe` is a file name to create and remove there.
 void check_writable(const std::string& workspace, const std::string& probe);
 
+// One writer per workspace: an exclusive flock() on <workspace>/.aq-train.lock,
+// held while the object lives, with the holder's PID written in the file.
+// The kernel releases it when the holder dies, so a lock file left by a
+// killed run blocks nothing.  Throws std::runtime_error naming the holder's
+// PID when another process holds it.
+class WorkspaceLock {
+ public:
+  WorkspaceLock(const std::string& workspace, const std::string& file);
+  ~WorkspaceLock();
+  WorkspaceLock(const WorkspaceLock&) = delete;
+  WorkspaceLock& operator=(const WorkspaceLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
 // A progress line on stderr, redrawn at most every 250 ms.
 struct Progress {
   bool on;

@@ -334,6 +334,7 @@ int Trainer::run() {
   detail::SignalScope signals;  // before the workspace appears: scripts wait for it
   detail::make_folders(o_.workspace);
   detail::check_writable(o_.workspace, in_workspace(".aq-write-test." + std::to_string(::getpid())));
+  const detail::WorkspaceLock lock(o_.workspace, in_workspace(".aq-train.lock"));
   const int64_t per_epoch = train_loader_->batches_per_epoch();
   if (per_epoch == 0) throw std::runtime_error(dataset_ + ": no training batch (dataset smaller than --batch-size with drop_last)");
   const int64_t total = per_epoch * o_.epochs;
