@@ -238,6 +238,28 @@ check "... and with aq-train --evaluate --training-only" '[ $rc -eq 0 ] && grep 
 cat "$tmp/err" >&2
 "$EVAL" --data "$tmp/cifar10" --dataset cifar10 -q "$tmp/c100/checkpoint-1.h5" >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-eval: 100-class model on 10-class data is refused" '[ $rc -eq 1 ] && grep -q "classes" "$tmp/err"'
+# --- a stop signal during evaluation: prompt, with the last step's checkpoint -------
+# (a test split of 20000 images takes seconds to evaluate on the CPU)
+mkdir -p "$tmp/bigtest"
+python3 - "$tmp/bigtest" <<'EOF'
+import os, struct, sys
+def split(prefix, n):
+    d = os.path.join(sys.argv[1], prefix)
+    open(d + "-images-idx3-ubyte", "wb").write(struct.pack(">IIII", 0x803, n, 28, 28) + os.urandom(n * 784))
+    open(d + "-labels-idx1-ubyte", "wb").write(struct.pack(">II", 0x801, n) + bytes(b % 10 for b in os.urandom(n)))
+split("train", 32)
+split("t10k", 20000)
+EOF
+"$TRAIN" --threads 1 --seed 1 --epochs 1 -b 16 --device cpu --workspace "$tmp/sigeval" "$tmp/bigtest" >/dev/null 2>"$tmp/err" &
+pid=$!
+for _ in $(seq 1 150); do [ -s "$tmp/sigeval/.aq-train.lock" ] && break; sleep 0.2; done
+sleep 3  # the 2 training steps are done: evaluating
+t0=$(date +%s%N); kill -TERM $pid; wait $pid; rc=$?; t1=$(date +%s%N)
+check "SIGTERM during evaluation: exit 143 within 3 s, checkpoint of step 2" \
+  '[ $rc -eq 143 ] && [ $(( (t1 - t0) / 1000000 )) -lt 3000 ] && grep -q "stopped by signal 15 at epoch 1, batch 2" "$tmp/err" && [ -s "$tmp/sigeval/checkpoint.h5" ]'
+"$TRAIN" --threads 1 --val-batches 2 --device cpu -q --resume "$tmp/sigeval/checkpoint.h5" --workspace "$tmp/sigeval" "$tmp/bigtest" >"$tmp/sigeval.tsv" 2>&1; rc=$?
+check "... and the resumed run evaluates and ends the epoch" '[ $rc -eq 0 ] && [ "$(col step "$tmp/sigeval.tsv")" = 2 ]'
+
 # --- one writer per workspace: a second run is refused; a dead holder blocks nothing ---
 "$TRAIN" --dataset cifar10 --epochs 1000 -b 8 --val-batches 1 -q --workspace "$tmp/lock" "$tmp/cifar10" >/dev/null 2>&1 &
 holder=$!

@@ -56,7 +56,7 @@ models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::str
 }
 
 EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Device& device, Amp amp,
-                    int64_t max_batches) {
+                    int64_t max_batches, const std::function<bool()>& stop) {
   const bool was_training = model.is_training();
   model.eval();
   torch::NoGradGuard no_grad;
@@ -65,8 +65,13 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
   auto top5 = top1.clone();
   int64_t images = 0, batches = 0;
   loader.start(0);
+  bool stopped = false;
   while (auto b = loader.next()) {
     if (max_batches > 0 && batches++ >= max_batches) break;
+    if (stop && stop()) {
+      stopped = true;
+      break;
+    }
     auto x = b->images.to(device, /*non_blocking=*/true);
     auto y = b->labels.to(device, /*non_blocking=*/true);
     torch::Tensor logits;
@@ -88,6 +93,7 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
   model.train(was_training);
   EvalResult r;
   r.images = images;
+  r.stopped = stopped;
   if (images) {
     r.loss = loss_sum.item<double>() / images;
     r.top1 = 100.0 * top1.item<int64_t>() / images;

@@ -355,7 +355,13 @@ int Trainer::run() {
   Step train_step(*model_, dev_, so);
   LrSchedule schedule{o_.schedule, o_.lr, o_.warmup, o_.milestones, o_.epochs};
   const auto& signal = detail::signal_flag();
+  bool saved_epoch = false;  // this process wrote the checkpoint of the last finished step
   for (; epoch_ < o_.epochs; ++epoch_) {
+    if (const int sig = signal.load(); sig && saved_epoch) {
+      log().warn("stopped by signal {} after epoch {}: its checkpoint is {}; continue with --resume", sig, epoch_,
+                 in_workspace("checkpoint.h5"));
+      return 128 + sig;
+    }
     model_->train();
     train_loader_->start(epoch_, batch_);
     reset_peak(dev_);
@@ -395,15 +401,20 @@ int Trainer::run() {
     part.loss_sum += loss_sum.item<double>();
     part.correct += static_cast<double>(correct.item<int64_t>());
     part.seen += static_cast<double>(seen_now);
-    const int sig = signal.load();
-    if (sig) {
+    // On a signal, the checkpoint of the last finished step: before the
+    // evaluation, or as soon as one comes during it (a large test set takes
+    // longer than a cluster's grace period).
+    const auto stop_by_signal = [&](int sig) {
       save(epoch_, batch_, part, false);
       log().warn("stopped by signal {} at epoch {}, batch {}: checkpoint written to {}; continue with --resume",
                  sig, epoch_ + 1, batch_, in_workspace("checkpoint.h5"));
       return 128 + sig;
-    }
+    };
+    if (const int sig = signal.load()) return stop_by_signal(sig);
     const auto peak = memory(dev_).peak;
-    const auto val = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
+    const auto val = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches,
+                              [&] { return signal.load() != 0; });
+    if (val.stopped) return stop_by_signal(signal.load());
     const bool mid_epoch = stop && batch_ < per_epoch;
     EpochRow row;
     row.epoch = epoch_ + 1;
@@ -429,6 +440,7 @@ int Trainer::run() {
     }
     batch_ = 0;
     save(epoch_ + 1, 0, {}, o_.gather_checkpoints);
+    saved_epoch = true;
     if (obs_.epoch) {
       try {
         obs_.epoch(row);
