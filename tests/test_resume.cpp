@@ -174,3 +174,52 @@ TEST_F(ResumeAt, EveryStepAdaptiveL3_1) { ResumeAt::every_step(aq::Level::L3_1, 
 TEST_F(ResumeAt, EveryStepExact) { ResumeAt::every_step(aq::Level::L3, true, 11, "exact"); }
 
 }  // namespace
+
+namespace {
+
+// What a resumed run refuses in a checkpoint: one runtime error (exit 1, not
+// a usage error) that names the file.
+std::string resume_error(aq::train::Options o) {
+  try {
+    aq::train::run(o, {});
+  } catch (const std::invalid_argument& e) {
+    return std::string("usage error: ") + e.what();
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+class ResumeRefuses : public Resume {};
+
+TEST_F(ResumeRefuses, CountersAndBudgetsOutOfRange) {
+  auto o = options(aq::Level::L3, false, 3, "bad");
+  const auto good = train(o, 1, "");
+  const std::string bad = o.workspace + "/bad.h5";
+  {
+    auto c = good;
+    c.counters["batch"] = 99;  // past the epoch's 4 batches
+    aq::ckpt::save(bad, c);
+    o.resume = bad;
+    const std::string e = resume_error(o);
+    EXPECT_EQ(e.rfind(bad + ": counters epoch 0, step 1, batch 99 do not fit", 0), 0u) << e;
+  }
+  {
+    auto c = good;
+    for (auto& [name, t] : c.adaptive)
+      if (name.find(".aq_budget") != std::string::npos) t = torch::full({}, 1e30, torch::kDouble);
+    aq::ckpt::save(bad, c);
+    const std::string e = resume_error(o);
+    EXPECT_EQ(e.rfind(bad + ": adaptive state '", 0), 0u) << e;
+    EXPECT_NE(e.find("not a budget in 0..8"), std::string::npos) << e;
+  }
+  {
+    auto c = good;
+    c.scalars["momentum"] = std::nan("");
+    aq::ckpt::save(bad, c);
+    const std::string e = resume_error(o);
+    EXPECT_EQ(e, bad + ": scalar momentum is nan") << e;
+  }
+}
+
+}  // namespace

@@ -73,6 +73,10 @@ int main(int argc, char** argv) {
         const std::string m = e.what();
         std::cerr << "aq-eval: " << m.substr(0, m.find('\n')) << "\n";
         status = aq::cli::kRuntime;
+      } catch (const std::exception& e) {  // LibTorch's errors among them: the next file is still evaluated
+        const std::string m = e.what();
+        std::cerr << "aq-eval: " << f << ": " << m.substr(0, m.find('\n')) << "\n";
+        status = aq::cli::kRuntime;
       }
     }
     return status;

@@ -21,8 +21,10 @@ int main(int argc, char** argv) {
   app.add_option("--lr-schedule", schedule, "onecycle, cosine, step or constant")->capture_default_str()->group(t);
   app.add_option("--warmup", o.warmup, "Epochs of linear warm-up (cosine, step, constant)")
       ->check(aq::cli::NonNegative)->capture_default_str()->group(t);
+  // One argument per use ("5,3"): a list option would also take the data
+  // folder after it.
   app.add_option("--milestones", o.milestones, "Step schedule: epochs where the lr drops 10x (default: 50%, 75%)")
-      ->delimiter(',')->group(t);
+      ->delimiter(',')->allow_extra_args(false)->check(aq::cli::NonNegative)->group(t);
   app.add_option("--nesterov", nesterov, "Nesterov momentum (True/False)")->capture_default_str()->group(t);
   app.add_option("--max-steps", o.max_steps, "Stop after this many optimizer steps in all, with a checkpoint (0: no limit)")
       ->check(aq::cli::NonNegative)->capture_default_str()->group(t);

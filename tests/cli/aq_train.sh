@@ -30,6 +30,10 @@ check "--cabits=9 exits 2" '[ $rc -eq 2 ] && grep -q "cabits" "$tmp/err"'
 check "--epochs -1: exit 2, a readable message" '[ $rc -eq 2 ] && grep -qx "aq-train: --epochs: must be positive, not -1" "$tmp/err"'
 "$TRAIN" --lr=-0.5 >/dev/null 2>"$tmp/err"; rc=$?
 check "--lr=-0.5: exit 2" '[ $rc -eq 2 ] && grep -q "^aq-train: --lr: must be zero or more, not -0.5" "$tmp/err"'
+for bad in "--lr inf" "--lr nan" "--label-smoothing nan" "--label-smoothing inf" "--warmup inf" "--milestones 5,nan"; do
+  "$TRAIN" $bad >/dev/null 2>"$tmp/err"; rc=$?
+  check "$bad: exit 2" '[ $rc -eq 2 ] && grep -q "^aq-train: --" "$tmp/err"'
+done
 "$TRAIN" --threads 100000 >/dev/null 2>"$tmp/err"; rc=$?
 check "--threads 100000: exit 2, no threads made" '[ $rc -eq 2 ] && grep -qx "aq-train: --threads: must be at most 1024, not 100000" "$tmp/err"'
 "$TRAIN" --workers 20000 >/dev/null 2>"$tmp/err"; rc=$?
@@ -238,6 +242,16 @@ check "... and with aq-train --evaluate --training-only" '[ $rc -eq 0 ] && grep 
 cat "$tmp/err" >&2
 "$EVAL" --data "$tmp/cifar10" --dataset cifar10 -q "$tmp/c100/checkpoint-1.h5" >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-eval: 100-class model on 10-class data is refused" '[ $rc -eq 1 ] && grep -q "classes" "$tmp/err"'
+# --- --milestones keeps to its one argument; stale temporary files are removed ----------
+mkdir -p "$tmp/ms"
+: >"$tmp/ms/.checkpoint.h5.tmp-999999999-0123abcd"   # no such process
+: >"$tmp/ms/.checkpoint.h5.tmp-$$-0123abcd"          # this shell: alive
+"$TRAIN" --dataset cifar10 --lr-schedule step --milestones 5,3 -b 8 --max-steps 1 --val-batches 1 -q \
+  --workspace "$tmp/ms" "$tmp/cifar10" >/dev/null 2>"$tmp/err"; rc=$?
+check "--milestones 5,3 DATA: the folder stays the data folder" '[ $rc -eq 0 ] && [ -s "$tmp/ms/checkpoint.h5" ]'
+check "a dead process's temporary file is removed, a live one's kept" \
+  '[ ! -e "$tmp/ms/.checkpoint.h5.tmp-999999999-0123abcd" ] && [ -e "$tmp/ms/.checkpoint.h5.tmp-$$-0123abcd" ]'
+
 # --- a stop signal during evaluation: prompt, with the last step's checkpoint -------
 # (a test split of 20000 images takes seconds to evaluate on the CPU)
 mkdir -p "$tmp/bigtest"

@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 
 namespace aq {
 
@@ -215,11 +216,19 @@ void load_adaptive_state(torch::nn::Module& model, const std::vector<std::pair<s
     if (it == layers.end()) continue;
     LayerState& st = *it->second->state();
     const std::string what = key.substr(dot + 4);
+    // A budget is average bits: one finite number in 0..8.
+    const auto budget = [&] {
+      const double b = t.numel() == 1 ? t.to(at::kDouble).item<double>() : -1.0;
+      if (!(b >= 0 && b <= 8))
+        throw std::runtime_error("adaptive state '" + key + "' is not a budget in 0..8 (" +
+                                 (t.numel() == 1 ? std::to_string(b) : std::to_string(t.numel()) + " values") + ")");
+      return b;
+    };
     if (what == "budget") {
-      st.budget = t.item<double>();
+      st.budget = budget();
     } else if (what == "budget_next") {
       st.pending = std::make_shared<PendingBudgets>();
-      st.pending->means = {t.item<double>()};
+      st.pending->means = {budget()};
       st.pending_unit = 0;
     } else if (what == "sample_stat") {
       st.sample_stat = t.to(dev, at::kFloat);

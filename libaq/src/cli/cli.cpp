@@ -29,7 +29,8 @@ CLI::Validator number_at_least(bool strict) {
       [strict](std::string& text) -> std::string {
         double v = 0;
         if (!CLI::detail::lexical_cast(text, v)) return "must be a number, not " + text;
-        if (std::isnan(v) || (strict ? v <= 0 : v < 0))
+        if (!std::isfinite(v)) return "must be a finite number, not " + text;
+        if (strict ? v <= 0 : v < 0)
           return std::string("must be ") + (strict ? "positive" : "zero or more") + ", not " + text;
         return std::string();
       },
@@ -41,7 +42,15 @@ const CLI::Validator Positive = number_at_least(true);
 const CLI::Validator NonNegative = number_at_least(false);
 
 namespace {
-const CLI::Validator Fraction = CLI::Range(0.0, 1.0);
+// 0..1, NaN excluded (CLI::Range lets NaN through).
+const CLI::Validator Fraction(
+    [](std::string& text) -> std::string {
+      double v = 0;
+      if (!CLI::detail::lexical_cast(text, v)) return "must be a number, not " + text;
+      if (!(v >= 0 && v <= 1)) return "must be in 0..1, not " + text;
+      return std::string();
+    },
+    "0..1");
 // Thread counts: beyond this a count is a typo, and creating that many
 // threads exhausts the process's limits before any work is done.
 constexpr int kMaxThreads = 1024;

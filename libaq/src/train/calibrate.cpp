@@ -59,7 +59,14 @@ void load(models::Model& model, const std::string& path, const std::string& arch
   auto a = c.meta.find("arch");
   if (a != c.meta.end() && a->second != arch)
     throw std::runtime_error(path + ": calibration of a " + a->second + ", the model is a " + arch);
-  load_adaptive_state(model, c.adaptive);
+  try {
+    load_adaptive_state(model, c.adaptive);
+  } catch (const c10::Error& e) {  // LibTorch's message, with the file it is about
+    const std::string m = e.what_without_backtrace();
+    throw std::runtime_error(path + ": " + m.substr(0, m.find('\n')));
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(path + ": " + e.what());
+  }
 }
 
 }  // namespace aq::calibrate

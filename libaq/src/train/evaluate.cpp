@@ -38,8 +38,13 @@ void copy_named(const torch::OrderedDict<std::string, torch::Tensor>& into, cons
 }  // namespace
 
 void load_state(models::Model& model, const ckpt::Checkpoint& c, const std::string& source) {
-  copy_named(model.named_parameters(), c.parameters, "parameter", source);
-  copy_named(model.named_buffers(), c.buffers, "buffer", source);
+  try {
+    copy_named(model.named_parameters(), c.parameters, "parameter", source);
+    copy_named(model.named_buffers(), c.buffers, "buffer", source);
+  } catch (const c10::Error& e) {  // LibTorch's message, with the file it is about
+    const std::string m = e.what_without_backtrace();
+    throw std::runtime_error(source + ": " + m.substr(0, m.find('\n')));
+  }
 }
 
 models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::string& source,

@@ -1,6 +1,8 @@
 #include "run_control.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -101,6 +103,30 @@ WorkspaceLock::WorkspaceLock(const std::string& workspace, const std::string& fi
 
 WorkspaceLock::~WorkspaceLock() {
   if (fd_ >= 0) ::close(fd_);  // releases the lock; the file stays (removing it would race the next run)
+}
+
+std::vector<std::string> remove_stale_temporaries(const std::string& workspace) {
+  std::vector<std::string> removed;
+  const std::string dir = workspace.empty() ? "." : workspace;
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return removed;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    const size_t tag = name.rfind(".tmp-");
+    if (name.size() < 2 || name[0] != '.' || tag == std::string::npos) continue;
+    const size_t dash = name.find('-', tag + 5);
+    if (dash == std::string::npos || dash == tag + 5 || dash + 1 >= name.size()) continue;
+    const std::string pid_text = name.substr(tag + 5, dash - tag - 5), hex = name.substr(dash + 1);
+    if (pid_text.find_first_not_of("0123456789") != std::string::npos || pid_text.size() > 9 ||
+        hex.find_first_not_of("0123456789abcdef") != std::string::npos)
+      continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(pid_text));
+    if (pid <= 0 || pid == ::getpid() || ::kill(pid, 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to judge
+    const std::string path = dir + "/" + name;
+    if (::unlink(path.c_str()) == 0) removed.push_back(path);
+  }
+  ::closedir(d);
+  return removed;
 }
 
 bool Progress::due(int64_t batch, int64_t batches) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <csignal>
 #include <string>
+#include <vector>
 
 namespace aq::train::detail {
 
@@ -52,6 +53,11 @@ class WorkspaceLock {
  private:
   int fd_ = -1;
 };
+
+// Removes the temporary files (".<name>.tmp-<pid>-<hex>", as checkpoint
+// saves write them) that a process no longer alive left in `workspace`;
+// returns their names.
+std::vector<std::string> remove_stale_temporaries(const std::string& workspace);
 
 // A progress line on stderr, redrawn at most every 250 ms.
 struct Progress {

@@ -127,7 +127,14 @@ void Trainer::setup() {
   train_loader_ = std::make_unique<data::Loader>(train_set_, lo);
   lo.shuffle = lo.augment = false;
   test_loader_ = std::make_unique<data::Loader>(test_set_, lo);
-  if (resumed_) restore(*resumed_);
+  if (resumed_) {
+    try {
+      restore(*resumed_);
+    } catch (const c10::Error& e) {  // LibTorch's message, with the file it is about
+      const std::string m = e.what_without_backtrace();
+      throw std::runtime_error(o_.resume + ": " + m.substr(0, m.find('\n')));
+    }
+  }
   if (!o_.calibration.empty()) {
     if (resumed_) {
       log().warn("--calibration {} ignored: the --resume checkpoint has the run's own statistics", o_.calibration);
@@ -241,7 +248,11 @@ void Trainer::restore(const ckpt::Checkpoint& c) {
     st->momentum_buffer(it->second.to(p.value().options()));
     state[p.value().unsafeGetTensorImpl()] = std::move(st);
   }
-  load_adaptive_state(*model_, c.adaptive);
+  try {
+    load_adaptive_state(*model_, c.adaptive);
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(src + ": " + e.what());
+  }
   for (const auto& [key, t] : c.rng) {
     if (key != "cpu" && !(key == "cuda" && dev_.is_cuda())) continue;
     at::Generator g = at::globalContext().defaultGenerator(key == "cpu" ? c10::Device(c10::kCPU) : dev_);
@@ -335,6 +346,8 @@ int Trainer::run() {
   detail::make_folders(o_.workspace);
   detail::check_writable(o_.workspace, in_workspace(".aq-write-test." + std::to_string(::getpid())));
   const detail::WorkspaceLock lock(o_.workspace, in_workspace(".aq-train.lock"));
+  for (const auto& f : detail::remove_stale_temporaries(o_.workspace))
+    log().info("removed {}, left by a run that was killed while writing a checkpoint", f);
   const int64_t per_epoch = train_loader_->batches_per_epoch();
   if (per_epoch == 0) throw std::runtime_error(dataset_ + ": no training batch (dataset smaller than --batch-size with drop_last)");
   const int64_t total = per_epoch * o_.epochs;
