@@ -695,4 +695,38 @@ TEST_F(CheckpointSave, FailedWriteIsOneLineAndExitIsClean) {
   EXPECT_TRUE(entries().empty());
 }
 
+// Every dataset with data is written with HDF5's Fletcher-32 checksum, which
+// is verified on read: one flipped bit of tensor data is an error naming the
+// dataset, not a silently different model.
+TEST_F(CheckpointLoad, FlippedDataBitIsAChecksumError) {
+  Checkpoint c = small_checkpoint();
+  torch::Tensor w = torch::arange(1000, torch::kInt32).add(0x5a5a0000);  // bytes easy to find
+  c.parameters.emplace_back("fc.weight", w);
+  save(path("a.h5"), c);
+  {
+    hid_t f = H5Fopen(path("a.h5").c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    for (const char* ds_name : {"/model/parameters/fc.weight", "/model/parameters/conv1.weight", "/metrics"}) {
+      hid_t ds = H5Dopen2(f, ds_name, H5P_DEFAULT);
+      hid_t dcpl = H5Dget_create_plist(ds);
+      unsigned flags = 0;
+      size_t n = 0;
+      EXPECT_EQ(H5Pget_nfilters(dcpl), 1) << ds_name;
+      EXPECT_EQ(H5Pget_filter2(dcpl, 0, &flags, &n, nullptr, 0, nullptr, nullptr), H5Z_FILTER_FLETCHER32) << ds_name;
+      H5Pclose(dcpl);
+      H5Dclose(ds);
+    }
+    H5Fclose(f);
+  }
+  std::string bytes = read_bytes(path("a.h5"));
+  const int32_t v = 0x5a5a0000 + 500;
+  const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(&v), 4));
+  ASSERT_NE(at, std::string::npos);
+  bytes[at] = static_cast<char>(bytes[at] ^ 1);
+  write_bytes(path("flip.h5"), bytes);
+  expect_load_error(path("flip.h5"), path("flip.h5") +
+                                          ": truncated or corrupt HDF5 file (/model/parameters/fc.weight: checksum "
+                                          "mismatch (the data is damaged))");
+}
+
 }  // namespace

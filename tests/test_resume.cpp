@@ -215,10 +215,54 @@ TEST_F(ResumeRefuses, CountersAndBudgetsOutOfRange) {
   }
   {
     auto c = good;
+    c.parameters[0].second = c.parameters[0].second.clone();
+    c.parameters[0].second.view(-1)[0] = std::nan("");
+    aq::ckpt::save(bad, c);
+    const std::string e = resume_error(o);
+    EXPECT_EQ(e.rfind(bad + ": '" + c.parameters[0].first + "' holds inf or NaN", 0), 0u) << e;
+  }
+  {
+    auto c = good;
     c.scalars["momentum"] = std::nan("");
     aq::ckpt::save(bad, c);
     const std::string e = resume_error(o);
     EXPECT_EQ(e, bad + ": scalar momentum is nan") << e;
+  }
+}
+
+// A calibration file is matched to the run by more than the architecture.
+TEST_F(ResumeRefuses, CalibrationOfAnotherDatasetOrConfiguration) {
+  auto o = options(aq::Level::L3, false, 3, "cal");
+  aq::ckpt::Checkpoint c;
+  c.meta = {{"kind", "aq-calibration"}, {"arch", "preact_resnet20"}, {"dataset", "fashion-mnist"},
+            {"config", aq::QuantConfig::for_level(aq::Level::L3).to_flags()}};
+  c.counters = {{"dataset_size", kTrain}};
+  ::mkdir(o.workspace.c_str(), 0777);
+  o.calibration = o.workspace + "/cal.h5";
+  const auto error_for = [&](const aq::ckpt::Checkpoint& file) {
+    aq::ckpt::save(o.calibration, file);
+    return resume_error(o);
+  };
+  {
+    auto d = c;
+    d.meta["dataset"] = "mnist";
+    EXPECT_EQ(error_for(d), o.calibration + ": calibration on mnist, the run trains on fashion-mnist");
+  }
+  {
+    auto d = c;
+    d.counters["dataset_size"] = 60000;
+    EXPECT_EQ(error_for(d), o.calibration + ": calibration on 60000 training samples, the run has 64");
+  }
+  {
+    auto d = c;
+    d.meta["config"] = "-c quantize --cabits=3 --level L3";
+    EXPECT_EQ(error_for(d).rfind(o.calibration + ": calibration for -c quantize --cabits=3", 0), 0u);
+  }
+  {
+    auto d = c;
+    d.adaptive.emplace_back("layer9.conv1.aq_budget", torch::full({}, 2.0, torch::kDouble));
+    EXPECT_EQ(error_for(d), o.calibration + ": state 'layer9.conv1.aq_budget' is for a layer the preact_resnet20 "
+                                            "does not have");
   }
 }
 

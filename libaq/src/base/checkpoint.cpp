@@ -289,6 +289,35 @@ void write_number_attr(hid_t loc, const std::string& name, hid_t file_type, hid_
   check(H5Awrite(a, mem_type, &value), "cannot write attribute " + name);
 }
 
+// Dataset creation properties that make HDF5 keep a Fletcher-32 checksum of
+// the data, which it verifies on every read: chunked storage (the filter's
+// condition), chunks of up to 64 MiB along the first dimension.  Scalars
+// and empty datasets cannot be chunked: default properties.
+Hid checksummed(const std::vector<hsize_t>& dims, size_t element_size) {
+  Hid dcpl = plist(H5P_DATASET_CREATE);
+  if (dims.empty()) return dcpl;
+  hsize_t row = element_size;
+  for (size_t i = 1; i < dims.size(); ++i) {
+    if (dims[i] == 0) return dcpl;
+    row *= dims[i];
+  }
+  if (dims[0] == 0 || row > (hsize_t{1} << 31)) return dcpl;  // a chunk must stay under 4 GiB
+  std::vector<hsize_t> chunk = dims;
+  chunk[0] = std::max<hsize_t>(1, std::min<hsize_t>(dims[0], (hsize_t{64} << 20) / row));
+  check(H5Pset_chunk(dcpl, static_cast<int>(chunk.size()), chunk.data()), "cannot set chunking");
+  check(H5Pset_fletcher32(dcpl), "cannot set the Fletcher-32 filter");
+  return dcpl;
+}
+
+// Reads a whole dataset; a checksum that does not match is named as such.
+void read_dataset(hid_t ds, hid_t mtype, void* out, const std::string& full) {
+  if (H5Dread(ds, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) >= 0) return;
+  const std::string why = h5_reason();
+  if (why.find("Fletcher32") != std::string::npos || why.find("checksum") != std::string::npos)
+    throw Corrupt(full + ": checksum mismatch (the data is damaged)");
+  throw Corrupt(full + ": cannot read" + (why.empty() ? "" : " (" + why + ")"));
+}
+
 void write_tensor(hid_t group, const std::string& full, const std::string& key, const torch::Tensor& tensor) {
   const DType& d = *find_dtype(tensor.scalar_type());
   torch::Tensor t = tensor.detach().to(torch::kCPU).resolve_conj().resolve_neg().contiguous();
@@ -296,7 +325,8 @@ void write_tensor(hid_t group, const std::string& full, const std::string& key, 
   Hid space = t.dim() == 0 ? scalar_space() : simple_space(dims);
   Hid ftype = h5_type(d, true);
   Hid mtype = h5_type(d, false);
-  Hid ds(H5Dcreate2(group, key.c_str(), ftype, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose,
+  Hid dcpl = checksummed(t.dim() == 0 ? std::vector<hsize_t>() : dims, d.size);
+  Hid ds(H5Dcreate2(group, key.c_str(), ftype, space, H5P_DEFAULT, dcpl, H5P_DEFAULT), H5Dclose,
          "cannot create dataset " + full);
   if (t.numel() > 0)
     check(H5Dwrite(ds, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()), "cannot write dataset " + full);
@@ -310,7 +340,8 @@ void write_metrics(hid_t file, const Checkpoint& c) {
   flat.reserve(rows * cols);
   for (const auto& r : c.metric_rows) flat.insert(flat.end(), r.begin(), r.end());
   Hid space = simple_space({rows, cols});
-  Hid ds(H5Dcreate2(file, "metrics", H5T_IEEE_F64LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose,
+  Hid dcpl = checksummed({rows, cols}, 8);
+  Hid ds(H5Dcreate2(file, "metrics", H5T_IEEE_F64LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT), H5Dclose,
          "cannot create dataset /metrics");
   if (!flat.empty())
     check(H5Dwrite(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, flat.data()), "cannot write dataset /metrics");
@@ -481,15 +512,20 @@ void check_global_heaps(uint64_t size, ReadAt read_at) {
       if (coll < 4096) throw Corrupt(where + " has size " + std::to_string(coll));
       std::vector<unsigned char> c(coll);
       if (!read_at(start, coll, c.data())) throw Corrupt("cannot read " + where);
-      for (uint64_t o = 16; o + 16 <= coll;) {
+      // The objects, then the free space (object 0, its header included),
+      // fill the collection exactly; HDF5 loops on one whose size disagrees.
+      uint64_t o = 16;
+      while (o + 16 <= coll) {
         const uint64_t index = little_endian(&c[o], 2), len = little_endian(&c[o + 8], 8);
-        if (index == 0) {  // the free space, its header included, to the end
-          if (len > coll - o) throw Corrupt(where + ": its free space is larger than it");
+        if (index == 0) {
+          if (len != coll - o) throw Corrupt(where + ": its free space does not end where it does");
+          o = coll;
           break;
         }
         if (len > coll - o - 16) throw Corrupt(where + ": object " + std::to_string(index) + " is longer than it");
         o += 16 + (len + 7) / 8 * 8;
       }
+      if (o != coll && coll - o >= 16) throw Corrupt(where + ": its objects do not fill it");
     }
   }
 }
@@ -694,14 +730,25 @@ torch::Tensor read_tensor(hid_t group, const std::string& key, const std::string
   // Contiguous data lies in the file, so it cannot be larger than the file:
   // guards the allocation below against a damaged shape.
   Hid dcpl(H5Dget_create_plist(ds), H5Pclose, "cannot read dataset properties");
-  if (H5Pget_layout(dcpl) == H5D_CONTIGUOUS && numel * size > file_size)
-    throw Corrupt(full + ": shape larger than the file");
+  bool stored_raw = H5Pget_layout(dcpl) == H5D_CONTIGUOUS;  // as many bytes in the file as in memory, or more
+  if (H5Pget_layout(dcpl) == H5D_CHUNKED) {
+    stored_raw = true;
+    const int n = H5Pget_nfilters(dcpl);
+    for (int i = 0; i < n; ++i) {
+      unsigned flags = 0;
+      size_t nvalues = 0;
+      if (H5Pget_filter2(dcpl, static_cast<unsigned>(i), &flags, &nvalues, nullptr, 0, nullptr, nullptr) !=
+          H5Z_FILTER_FLETCHER32)
+        stored_raw = false;  // compressed: may be smaller in the file
+    }
+  }
+  if (stored_raw && numel * size > file_size) throw Corrupt(full + ": shape larger than the file");
 
   const c10::ScalarType st = d->st == torch::kBool ? torch::kUInt8 : d->st;
   torch::Tensor t = torch::empty(shape, torch::TensorOptions().dtype(st));
   if (numel > 0) {
     Hid mtype = h5_type(*d, false);
-    check(H5Dread(ds, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()), "cannot read dataset");
+    read_dataset(ds, mtype, t.data_ptr(), full);
   }
   return d->st == torch::kBool ? t.ne(0) : t;
 }
@@ -785,7 +832,7 @@ Checkpoint read_checkpoint(hid_t file, uint64_t file_size) {
     if (dims[0] * dims[1] * 8 > file_size) throw Corrupt("/metrics larger than the file");
     std::vector<double> flat(dims[0] * dims[1]);
     if (!flat.empty())
-      check(H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, flat.data()), "cannot read /metrics");
+      read_dataset(ds, H5T_NATIVE_DOUBLE, flat.data(), "/metrics");
     for (hsize_t r = 0; r < dims[0]; ++r)
       c.metric_rows.emplace_back(flat.begin() + r * dims[1], flat.begin() + (r + 1) * dims[1]);
   }

@@ -1,5 +1,6 @@
 #include "aq/evaluate.h"
 
+#include "aq/log.h"
 #include "aq/step.h"
 #include "fields.h"
 
@@ -47,6 +48,13 @@ void load_state(models::Model& model, const ckpt::Checkpoint& c, const std::stri
   }
 }
 
+std::string first_nonfinite(const ckpt::Checkpoint& c) {
+  for (const auto* list : {&c.parameters, &c.buffers})
+    for (const auto& [name, t] : *list)
+      if (t.is_floating_point() && t.numel() > 0 && !torch::isfinite(t).all().item<bool>()) return name;
+  return "";
+}
+
 models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::string& source,
                                        const QuantConfig& config) {
   const std::string arch = meta(c, "arch", source);
@@ -57,6 +65,8 @@ models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::str
     throw std::runtime_error(source + ": " + e.what());
   }
   load_state(*m, c, source);
+  if (const std::string bad = first_nonfinite(c); !bad.empty())
+    log().warn("{}: '{}' holds inf or NaN: the run had diverged; its results are meaningless", source, bad);
   return m;
 }
 

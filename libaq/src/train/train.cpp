@@ -139,7 +139,7 @@ void Trainer::setup() {
     if (resumed_) {
       log().warn("--calibration {} ignored: the --resume checkpoint has the run's own statistics", o_.calibration);
     } else {
-      calibrate::load(*model_, o_.calibration, o_.arch);
+      calibrate::load(*model_, o_.calibration, {o_.arch, dataset_, o_.quant, train_set_->size()});
       log().info("adaptive statistics and per-layer budgets from {}", o_.calibration);
     }
   }
@@ -235,6 +235,9 @@ void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
 
 void Trainer::restore(const ckpt::Checkpoint& c) {
   const std::string& src = o_.resume;
+  if (const std::string bad = first_nonfinite(c); !bad.empty())
+    throw std::runtime_error(src + ": '" + bad +
+                             "' holds inf or NaN: the run had diverged; resume from an earlier checkpoint");
   load_state(*model_, c, src);
   // Momentum buffers, by parameter name.
   std::map<std::string, torch::Tensor> bufs(c.optimizer.begin(), c.optimizer.end());
