@@ -11,7 +11,11 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <sys/stat.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <cstdlib>
 #include <cstring>
@@ -602,6 +606,127 @@ TEST_F(CheckpointLoad, StandardInput) {
     EXPECT_EQ(e.rfind("standard input: cannot read (", 0), 0u) << e;
   }
   EXPECT_GE(::fcntl(0, F_GETFD), 0);  // restored
+}
+
+// A damaged length in the global heap that holds the variable-length
+// strings (/meta, column names) made HDF5 read far past it and crash.
+TEST_F(CheckpointLoad, DamagedStringHeapIsAnErrorNotACrash) {
+  save(path("a.h5"), small_checkpoint());
+  std::string bytes = read_bytes(path("a.h5"));
+  const size_t heap = bytes.find("GCOL");
+  ASSERT_NE(heap, std::string::npos);
+  for (size_t at : {heap + 28, heap + 27, heap + 15}) {  // the first object's length, the collection's size
+    std::string bad = bytes;
+    bad[at] = static_cast<char>(bad[at] ^ 0xff);
+    write_bytes(path("bad.h5"), bad);
+    testing::internal::CaptureStderr();
+    const std::string e = error_of([&] { load(path("bad.h5")); });
+    testing::internal::GetCapturedStderr();
+    EXPECT_EQ(e.rfind(path("bad.h5") + ": truncated or corrupt HDF5 file", 0), 0u) << e;
+    EXPECT_EQ(e.find('\n'), std::string::npos);
+    EXPECT_EQ(open_hdf5_objects(), 0);
+  }
+}
+
+// A stream that never ends and holds no HDF5 file is given up on early; one
+// that goes on after its file is read up to the file's end.
+TEST_F(CheckpointLoad, EndlessStreamsAreReadBoundedly) {
+  expect_load_error("/dev/zero", "/dev/zero: not an HDF5 file (no signature in its first MiB)");
+  Checkpoint c = small_checkpoint();
+  save(path("a.h5"), c);
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const std::string bytes = read_bytes(path("a.h5")) + std::string(1 << 16, '\0');
+  const pid_t child = ::fork();
+  if (child == 0) {  // writes the file, then zeros until the reader goes
+    ::close(fds[0]);
+    ::signal(SIGPIPE, SIG_DFL);
+    if (::write(fds[1], bytes.data(), bytes.size()) < 0) ::_exit(0);
+    const std::string zeros(1 << 16, '\0');
+    while (::write(fds[1], zeros.data(), zeros.size()) > 0) {
+    }
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  const std::string dev = "/dev/fd/" + std::to_string(fds[0]);
+  Checkpoint r = load(dev);
+  ::close(fds[0]);
+  ::waitpid(child, nullptr, 0);
+  EXPECT_EQ(r.meta, c.meta);
+  expect_same_list(r.parameters, c.parameters);
+}
+
+// A write that fails half-way (a full disk; here a file size limit) is one
+// line naming the system's reason, leaves no file, and the process exits
+// cleanly afterwards (HDF5 crashed at exit closing the failed file again).
+TEST_F(CheckpointSave, FailedWriteIsOneLineAndExitIsClean) {
+  Checkpoint c = small_checkpoint();
+  c.parameters.emplace_back("fc.weight", torch::randn({512, 512}));
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::close(fds[0]);
+    ::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit lim {};
+    lim.rlim_cur = lim.rlim_max = 64 << 10;
+    ::setrlimit(RLIMIT_FSIZE, &lim);
+    std::string msg = "no error";
+    try {
+      save(path("a.h5"), c);
+    } catch (const std::runtime_error& e) {
+      msg = e.what();
+    }
+    if (::write(fds[1], msg.data(), msg.size()) < 0) ::_exit(3);
+    ::close(fds[1]);
+    std::exit(0);  // runs HDF5's clean-up at exit, if any
+  }
+  ::close(fds[1]);
+  std::string msg;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) msg.append(buf, static_cast<size_t>(n));
+  ::close(fds[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
+  EXPECT_EQ(msg.rfind("cannot write checkpoint " + path("a.h5") + ": ", 0), 0u) << msg;
+  EXPECT_NE(msg.find("File too large"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+  EXPECT_TRUE(entries().empty());
+}
+
+// Every dataset with data is written with HDF5's Fletcher-32 checksum, which
+// is verified on read: one flipped bit of tensor data is an error naming the
+// dataset, not a silently different model.
+TEST_F(CheckpointLoad, FlippedDataBitIsAChecksumError) {
+  Checkpoint c = small_checkpoint();
+  torch::Tensor w = torch::arange(1000, torch::kInt32).add(0x5a5a0000);  // bytes easy to find
+  c.parameters.emplace_back("fc.weight", w);
+  save(path("a.h5"), c);
+  {
+    hid_t f = H5Fopen(path("a.h5").c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    for (const char* ds_name : {"/model/parameters/fc.weight", "/model/parameters/conv1.weight", "/metrics"}) {
+      hid_t ds = H5Dopen2(f, ds_name, H5P_DEFAULT);
+      hid_t dcpl = H5Dget_create_plist(ds);
+      unsigned flags = 0;
+      size_t n = 0;
+      EXPECT_EQ(H5Pget_nfilters(dcpl), 1) << ds_name;
+      EXPECT_EQ(H5Pget_filter2(dcpl, 0, &flags, &n, nullptr, 0, nullptr, nullptr), H5Z_FILTER_FLETCHER32) << ds_name;
+      H5Pclose(dcpl);
+      H5Dclose(ds);
+    }
+    H5Fclose(f);
+  }
+  std::string bytes = read_bytes(path("a.h5"));
+  const int32_t v = 0x5a5a0000 + 500;
+  const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(&v), 4));
+  ASSERT_NE(at, std::string::npos);
+  bytes[at] = static_cast<char>(bytes[at] ^ 1);
+  write_bytes(path("flip.h5"), bytes);
+  expect_load_error(path("flip.h5"), path("flip.h5") +
+                                          ": truncated or corrupt HDF5 file (/model/parameters/fc.weight: checksum "
+                                          "mismatch (the data is damaged))");
 }
 
 }  // namespace

@@ -126,3 +126,27 @@ TEST(Config, BadValuesAreClearErrors) {
 }
 
 }  // namespace
+
+// Checkpoints keep to_flags(); a resumed run reads its configuration back.
+TEST(QuantConfigFlags, FromFlagsInvertsToFlags) {
+  for (auto level : {aq::Level::L0, aq::Level::L1, aq::Level::L2, aq::Level::L3, aq::Level::L3_1, aq::Level::L4,
+                     aq::Level::L5}) {
+    aq::QuantConfig c = aq::QuantConfig::for_level(level);
+    const aq::QuantConfig back = aq::QuantConfig::from_flags(c.to_flags());
+    EXPECT_EQ(back.to_flags(), c.to_flags());
+    EXPECT_EQ(back.micro_batch_backward, c.micro_batch_backward);
+    EXPECT_EQ(back.swap, c.swap);
+    EXPECT_EQ(back.compress_bn, c.compress_bn);
+  }
+  aq::QuantConfig c;
+  c.scope = aq::Scope::kLinear;
+  c.cabits = 3;
+  c.usegradient = false;
+  c.group_size = 64;
+  c.range_dtype = c10::kFloat;
+  c.stochastic = false;
+  EXPECT_EQ(aq::QuantConfig::from_flags(c.to_flags()).to_flags(), c.to_flags());
+  EXPECT_THROW(aq::QuantConfig::from_flags("-c quantize --cabits"), std::invalid_argument);
+  EXPECT_THROW(aq::QuantConfig::from_flags("--frobnicate=1"), std::invalid_argument);
+  EXPECT_THROW(aq::QuantConfig::from_flags("--cabits=9"), std::invalid_argument);
+}

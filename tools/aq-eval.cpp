@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
     exact.scope = aq::Scope::kNone;
     std::map<std::string, std::shared_ptr<const aq::data::Dataset>> sets;
     std::printf("file\tloss\ttop1\ttop5\timages\n");
-    std::fflush(stdout);
+    aq::cli::flush_stdout();
     int status = aq::cli::kOk;
     for (const auto& f : files) {
       try {
@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
         aq::data::Loader loader(sets[key], lo);
         const auto r = aq::train::evaluate(*model, loader, dev, a, max_batches);
         std::printf("%s\t%.6f\t%.2f\t%.2f\t%lld\n", f.c_str(), r.loss, r.top1, r.top5, static_cast<long long>(r.images));
-        std::fflush(stdout);
+        std::fflush(stdout);  // a write error: exit 1 at the end, every file still evaluated
       } catch (const std::out_of_range&) {
         std::cerr << "aq-eval: " << f << ": checkpoint lacks dataset/num_classes/in_channels metadata\n";
         status = aq::cli::kRuntime;
@@ -72,6 +72,10 @@ int main(int argc, char** argv) {
       } catch (const std::runtime_error& e) {
         const std::string m = e.what();
         std::cerr << "aq-eval: " << m.substr(0, m.find('\n')) << "\n";
+        status = aq::cli::kRuntime;
+      } catch (const std::exception& e) {  // LibTorch's errors among them: the next file is still evaluated
+        const std::string m = e.what();
+        std::cerr << "aq-eval: " << f << ": " << m.substr(0, m.find('\n')) << "\n";
         status = aq::cli::kRuntime;
       }
     }

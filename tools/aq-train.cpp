@@ -21,8 +21,10 @@ int main(int argc, char** argv) {
   app.add_option("--lr-schedule", schedule, "onecycle, cosine, step or constant")->capture_default_str()->group(t);
   app.add_option("--warmup", o.warmup, "Epochs of linear warm-up (cosine, step, constant)")
       ->check(aq::cli::NonNegative)->capture_default_str()->group(t);
+  // One argument per use ("5,3"): a list option would also take the data
+  // folder after it.
   app.add_option("--milestones", o.milestones, "Step schedule: epochs where the lr drops 10x (default: 50%, 75%)")
-      ->delimiter(',')->group(t);
+      ->delimiter(',')->allow_extra_args(false)->check(aq::cli::NonNegative)->group(t);
   app.add_option("--nesterov", nesterov, "Nesterov momentum (True/False)")->capture_default_str()->group(t);
   app.add_option("--max-steps", o.max_steps, "Stop after this many optimizer steps in all, with a checkpoint (0: no limit)")
       ->check(aq::cli::NonNegative)->capture_default_str()->group(t);
@@ -50,6 +52,12 @@ int main(int argc, char** argv) {
     o.schedule = aq::train::parse_schedule(schedule);
     o.nesterov = aq::parse_bool(nesterov);
     o.progress = v.verbosity >= 0;
+    for (const char* name : {"--batch-size", "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
+                             "--lr-schedule", "--warmup", "--milestones", "--nesterov", "--amp"})
+      if (app.count(name)) o.given.insert(name);
+    for (const char* name : {"--qconfig", "--level", "--ca", "--cabits", "--ibits", "--pergroup", "--perlayer",
+                             "--usegradient", "--group-size", "--range-dtype", "--rounding"})
+      if (app.count(name)) o.given.insert("quantization");
     if (v.training_only) {  // ActNN's gradient-variance mode: aq-variance's measurement
       if (!o.evaluate) throw std::invalid_argument("--training-only goes with --evaluate");
       if (!v.resume2.empty() && v.resume2 != o.resume)
@@ -70,13 +78,13 @@ int main(int argc, char** argv) {
       const auto& c = aq::train::EpochRow::columns();
       for (size_t i = 0; i < c.size(); ++i) std::printf("%s%s", i ? "\t" : "", c[i].c_str());
       std::printf("\n");
-      std::fflush(stdout);
+      aq::cli::flush_stdout();
     };
     obs.epoch = [](const aq::train::EpochRow& e) {
       std::printf("%lld\t%lld\t%.6g\t%.4f\t%.2f\t%.4f\t%.2f\t%.2f\t%.1f\t%.2f\t%.2f\n", static_cast<long long>(e.epoch),
                   static_cast<long long>(e.step), e.lr, e.train_loss, e.train_acc, e.val_loss, e.val_top1, e.val_top5,
                   e.img_per_s, e.act_mb, e.peak_mb);
-      std::fflush(stdout);
+      aq::cli::flush_stdout();
     };
     obs.evaluated = [](const std::string& file, const aq::train::EvalResult& e) {
       std::printf("file\tloss\ttop1\ttop5\timages\n%s\t%.6f\t%.2f\t%.2f\t%lld\n", file.c_str(), e.loss, e.top1, e.top5,

@@ -30,6 +30,16 @@ check "--cabits=9 exits 2" '[ $rc -eq 2 ] && grep -q "cabits" "$tmp/err"'
 check "--epochs -1: exit 2, a readable message" '[ $rc -eq 2 ] && grep -qx "aq-train: --epochs: must be positive, not -1" "$tmp/err"'
 "$TRAIN" --lr=-0.5 >/dev/null 2>"$tmp/err"; rc=$?
 check "--lr=-0.5: exit 2" '[ $rc -eq 2 ] && grep -q "^aq-train: --lr: must be zero or more, not -0.5" "$tmp/err"'
+for bad in "--lr inf" "--lr nan" "--label-smoothing nan" "--label-smoothing inf" "--warmup inf" "--milestones 5,nan"; do
+  "$TRAIN" $bad >/dev/null 2>"$tmp/err"; rc=$?
+  check "$bad: exit 2" '[ $rc -eq 2 ] && grep -q "^aq-train: --" "$tmp/err"'
+done
+"$TRAIN" --threads 100000 >/dev/null 2>"$tmp/err"; rc=$?
+check "--threads 100000: exit 2, no threads made" '[ $rc -eq 2 ] && grep -qx "aq-train: --threads: must be at most 1024, not 100000" "$tmp/err"'
+"$TRAIN" --workers 20000 >/dev/null 2>"$tmp/err"; rc=$?
+check "--workers 20000: exit 2" '[ $rc -eq 2 ] && grep -qx "aq-train: --workers: must be at most 1024, not 20000" "$tmp/err"'
+"$EVAL" -j 20000 x.h5 >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-eval -j 20000: exit 2" '[ $rc -eq 2 ] && grep -q "at most 1024" "$tmp/err"'
 "$TRAIN" --arch resnet19 --workspace "$tmp/w0" "$FMNIST" >/dev/null 2>"$tmp/err"; rc=$?
 check "unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
 "$TRAIN" -c qsyncbn >/dev/null 2>"$tmp/err"; rc=$?
@@ -100,6 +110,26 @@ check "SIGTERM: exit 143 with a checkpoint" '[ $rc -eq 143 ] && [ -s "$tmp/s/che
 "$TRAIN" "${small[@]}" --max-steps 45 --resume "$tmp/s/checkpoint.h5" --workspace "$tmp/s" >"$tmp/s2.tsv" 2>&1; rc=$?
 check "SIGTERM: resumed" '[ $rc -eq 0 ] && [ "$(col step "$tmp/s2.tsv")" = 45 ]'
 
+# --- --resume continues the checkpoint's run, not the command line's defaults ---------
+# (batch size, quantization, schedule and learning rate all non-default here)
+own=(--seed 5 --epochs 2 -b 16 --lr 0.05 --lr-schedule cosine --cabits=3 --label-smoothing 0.1)
+base=(--val-batches 2 -q --device cpu "$FMNIST")
+"$TRAIN" "${own[@]}" "${base[@]}" --max-steps 12 --workspace "$tmp/o1" >/dev/null 2>&1
+"$TRAIN" "${own[@]}" "${base[@]}" --max-steps 6 --workspace "$tmp/o2" >/dev/null 2>&1
+cp "$tmp/o2/checkpoint.h5" "$tmp/o2.keep"
+"$TRAIN" "${base[@]}" -b 64 --max-steps 12 --resume "$tmp/o2/checkpoint.h5" --workspace "$tmp/o2" >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with another --batch-size: exit 2, one line naming both values and the file" \
+  '[ $rc -eq 2 ] && head -1 "$tmp/err" | grep -q "^aq-train: --batch-size 64 conflicts with .*o2/checkpoint.h5, whose run has 16" && cmp -s "$tmp/o2.keep" "$tmp/o2/checkpoint.h5"'
+"$TRAIN" "${base[@]}" --cabits=2 --max-steps 12 --resume "$tmp/o2/checkpoint.h5" --workspace "$tmp/o2" >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with other quantization flags: exit 2" '[ $rc -eq 2 ] && grep -q "quantization flags" "$tmp/err"'
+"$TRAIN" "${base[@]}" --max-steps 12 --resume "$tmp/o2/checkpoint.h5" --workspace "$tmp/o2" >/dev/null 2>&1; rc=$?
+"$EVAL" --device cpu --data "$FMNIST" --max-batches 4 -q "$tmp/o1/checkpoint.h5" | tail -1 | cut -f2- >"$tmp/o1.eval"
+"$EVAL" --device cpu --data "$FMNIST" --max-batches 4 -q "$tmp/o2/checkpoint.h5" | tail -1 | cut -f2- >"$tmp/o2.eval"
+check "resume without the flags: the checkpoint's settings, the uninterrupted result" \
+  '[ $rc -eq 0 ] && [ -s "$tmp/o1.eval" ] && cmp -s "$tmp/o1.eval" "$tmp/o2.eval"'
+"$TRAIN" "${base[@]}" --epochs 3 --max-steps 13 --resume "$tmp/o2/checkpoint.h5" --workspace "$tmp/o2" -v >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with another --epochs: runs, says so" '[ $rc -eq 0 ] && grep -q "epochs in .* now ends after epoch 3" "$tmp/err"'
+
 # --- aq-eval: files, stdin, broken and foreign files --------------------------------
 "$EVAL" --data "$FMNIST" --max-batches 2 -q "$tmp/q/checkpoint.h5" "$tmp/e/checkpoint.h5" >"$tmp/ev.tsv"; rc=$?
 check "aq-eval: two files, header + 2 rows" '[ $rc -eq 0 ] && head -1 "$tmp/ev.tsv" | grep -qx "file	loss	top1	top5	images" && [ $(wc -l <"$tmp/ev.tsv") -eq 3 ]'
@@ -111,7 +141,7 @@ cp "$tmp/q/checkpoint.h5" "$tmp/keep.h5"
 "$EVAL" --data "$FMNIST" --max-batches 1 -q "$tmp/trunc.h5" "$tmp/text.h5" "$tmp/keep.h5" "$tmp/missing.h5" >"$tmp/ev3.tsv" 2>"$tmp/err"; rc=$?
 check "aq-eval: broken files exit 1, one line each, the good one still evaluated" \
   '[ $rc -eq 1 ] && [ $(wc -l <"$tmp/err") -eq 3 ] && grep -q "trunc.h5" "$tmp/err" && grep -q "text.h5: not an HDF5 file" "$tmp/err" && grep -q "missing.h5" "$tmp/err" && grep -q "keep.h5" "$tmp/ev3.tsv"'
-check "aq-eval wrote nothing next to the checkpoints" '[ -z "$(ls -A "$tmp/q" | grep -v "^checkpoint.h5$")" ]'
+check "aq-eval wrote nothing next to the checkpoints" '[ -z "$(ls -A "$tmp/q" | grep -v -e "^checkpoint.h5$" -e "^.aq-train.lock$")" ]'
 "$TRAIN" "${common[@]}" --arch preact_resnet32 --resume "$tmp/q/checkpoint.h5" --workspace "$tmp/q" >/dev/null 2>"$tmp/err"; rc=$?
 check "resume with another --arch: exit 1, names both" '[ $rc -eq 1 ] && grep -q "preact_resnet20" "$tmp/err" && grep -q "preact_resnet32" "$tmp/err"'
 check "... and the checkpoint is untouched" 'cmp -s "$tmp/q/checkpoint.h5" "$tmp/keep.h5"'
@@ -212,4 +242,56 @@ check "... and with aq-train --evaluate --training-only" '[ $rc -eq 0 ] && grep 
 cat "$tmp/err" >&2
 "$EVAL" --data "$tmp/cifar10" --dataset cifar10 -q "$tmp/c100/checkpoint-1.h5" >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-eval: 100-class model on 10-class data is refused" '[ $rc -eq 1 ] && grep -q "classes" "$tmp/err"'
+# --- --milestones keeps to its one argument; stale temporary files are removed ----------
+mkdir -p "$tmp/ms"
+: >"$tmp/ms/.checkpoint.h5.tmp-999999999-0123abcd"   # no such process
+: >"$tmp/ms/.checkpoint.h5.tmp-$$-0123abcd"          # this shell: alive
+"$TRAIN" --dataset cifar10 --lr-schedule step --milestones 5,3 -b 8 --max-steps 1 --val-batches 1 -q \
+  --workspace "$tmp/ms" "$tmp/cifar10" >/dev/null 2>"$tmp/err"; rc=$?
+check "--milestones 5,3 DATA: the folder stays the data folder" '[ $rc -eq 0 ] && [ -s "$tmp/ms/checkpoint.h5" ]'
+check "a dead process's temporary file is removed, a live one's kept" \
+  '[ ! -e "$tmp/ms/.checkpoint.h5.tmp-999999999-0123abcd" ] && [ -e "$tmp/ms/.checkpoint.h5.tmp-$$-0123abcd" ]'
+
+# --- a stop signal during evaluation: prompt, with the last step's checkpoint -------
+# (a test split of 20000 images takes seconds to evaluate on the CPU)
+mkdir -p "$tmp/bigtest"
+python3 - "$tmp/bigtest" <<'EOF'
+import os, struct, sys
+def split(prefix, n):
+    d = os.path.join(sys.argv[1], prefix)
+    open(d + "-images-idx3-ubyte", "wb").write(struct.pack(">IIII", 0x803, n, 28, 28) + os.urandom(n * 784))
+    open(d + "-labels-idx1-ubyte", "wb").write(struct.pack(">II", 0x801, n) + bytes(b % 10 for b in os.urandom(n)))
+split("train", 32)
+split("t10k", 20000)
+EOF
+"$TRAIN" --threads 1 --seed 1 --epochs 1 -b 16 --device cpu --workspace "$tmp/sigeval" "$tmp/bigtest" >/dev/null 2>"$tmp/err" &
+pid=$!
+for _ in $(seq 1 150); do [ -s "$tmp/sigeval/.aq-train.lock" ] && break; sleep 0.2; done
+sleep 3  # the 2 training steps are done: evaluating
+t0=$(date +%s%N); kill -TERM $pid; wait $pid; rc=$?; t1=$(date +%s%N)
+check "SIGTERM during evaluation: exit 143 within 3 s, checkpoint of step 2" \
+  '[ $rc -eq 143 ] && [ $(( (t1 - t0) / 1000000 )) -lt 3000 ] && grep -q "stopped by signal 15 at epoch 1, batch 2" "$tmp/err" && [ -s "$tmp/sigeval/checkpoint.h5" ]'
+"$TRAIN" --threads 1 --val-batches 2 --device cpu -q --resume "$tmp/sigeval/checkpoint.h5" --workspace "$tmp/sigeval" "$tmp/bigtest" >"$tmp/sigeval.tsv" 2>&1; rc=$?
+check "... and the resumed run evaluates and ends the epoch" '[ $rc -eq 0 ] && [ "$(col step "$tmp/sigeval.tsv")" = 2 ]'
+
+# --- one writer per workspace: a second run is refused; a dead holder blocks nothing ---
+"$TRAIN" --dataset cifar10 --epochs 1000 -b 8 --val-batches 1 -q --workspace "$tmp/lock" "$tmp/cifar10" >/dev/null 2>&1 &
+holder=$!
+for _ in $(seq 1 150); do [ -s "$tmp/lock/.aq-train.lock" ] && break; sleep 0.2; done
+"$TRAIN" --dataset cifar10 --epochs 1 -b 8 -q --workspace "$tmp/lock" "$tmp/cifar10" >/dev/null 2>"$tmp/err"; rc=$?
+check "second run on a workspace: exit 1 naming the holder's PID" \
+  '[ $rc -eq 1 ] && grep -q "is in use by another aq-train (PID $holder," "$tmp/err" && [ $(wc -l <"$tmp/err") -eq 1 ]'
+kill -KILL $holder; wait $holder 2>/dev/null
+"$TRAIN" --dataset cifar10 --epochs 1 -b 8 --val-batches 1 -q --workspace "$tmp/lock" "$tmp/cifar10" >/dev/null 2>"$tmp/err"; rc=$?
+check "the lock file of a killed run blocks nothing" '[ $rc -eq 0 ] && [ -e "$tmp/lock/.aq-train.lock" ]'
+
+# --- standard output closed or full: the checkpoint is kept, exit 1 -----------------
+"$TRAIN" --dataset cifar10 --epochs 2 -b 16 --val-batches 1 -q --workspace "$tmp/pipe" "$tmp/cifar10" 2>"$tmp/err" | head -1 >/dev/null
+rc=${PIPESTATUS[0]}
+check "aq-train | head -1: exit 1 after writing the epoch's checkpoint, says so" \
+  '[ $rc -eq 1 ] && [ -s "$tmp/pipe/checkpoint.h5" ] && grep -q "standard output: Broken pipe (the checkpoint of epoch 1 is written" "$tmp/err" && [ $(wc -l <"$tmp/err") -eq 1 ]'
+"$EVAL" --data "$tmp/cifar10" -q "$tmp/pipe/checkpoint.h5" >/dev/full 2>"$tmp/err"; rc=$?
+check "aq-eval > /dev/full: exit 1, one line" '[ $rc -eq 1 ] && grep -qx "aq-eval: cannot write to standard output: No space left on device" "$tmp/err"'
+"$TRAIN" --dataset cifar10 --epochs 1 -b 16 -q --workspace "$tmp/full" "$tmp/cifar10" >/dev/full 2>"$tmp/err"; rc=$?
+check "aq-train > /dev/full: exit 1 before training" '[ $rc -eq 1 ] && grep -q "No space left on device" "$tmp/err" && [ ! -e "$tmp/full/checkpoint.h5" ]'
 exit $fail

@@ -52,7 +52,10 @@ std::vector<LayerBits> layer_bits(torch::nn::Module& model);
 // The adaptive state of every aq layer (budgets and gradient statistics) as
 // named tensors "<layer>.aq_budget", "<layer>.aq_budget_next" (a deferred
 // budget not applied yet), "<layer>.aq_sample_stat", "<layer>.aq_grad_mean"
-// (on the CPU), for checkpoints; and back.
+// (on the CPU) and "<layer>.aq_shared_from" (uint8: the name of the layer
+// whose compressed copy it used last), for checkpoints; and back.  Loading
+// also records every layer's geometry (QLayer::record_geometry), so that
+// the first step after it allocates exactly as the run that saved it.
 std::vector<std::pair<std::string, at::Tensor>> adaptive_state(torch::nn::Module& model);
 void load_adaptive_state(torch::nn::Module& model, const std::vector<std::pair<std::string, at::Tensor>>& tensors);
 

@@ -30,9 +30,17 @@ struct RunOptions {
 // (aq-checkpoint(5), "Calibration files") when it is set.
 std::vector<LayerBits> run(const RunOptions& options);
 
+// What a calibration file must have been made for.
+struct Match {
+  std::string arch, dataset;
+  QuantConfig config;         // its allocation settings: cabits, ibits, pergroup, perlayer, usegradient, group size
+  int64_t dataset_size = 0;   // training samples (0: not checked)
+};
 // Loads a calibration file's statistics and budgets into the model's aq
 // layers (aq-train --calibration).  Throws std::runtime_error naming the
-// file if it is not a calibration file or is for another architecture.
-void load(models::Model& model, const std::string& path, const std::string& arch);
+// file and the difference if it is not a calibration file, or was made for
+// another architecture, dataset (name or size), allocation configuration,
+// or holds state for a layer the model does not have.
+void load(models::Model& model, const std::string& path, const Match& match);
 
 }  // namespace aq::calibrate

@@ -123,8 +123,15 @@ class OptionTable {
 // --evaluate --training-only print it.
 void print(const variance::Report& report);
 
+// Flushes standard output; throws std::runtime_error ("standard output:
+// Broken pipe", ...) when it cannot be written.  Tools call it after each
+// line they must not lose; run() checks once more at the end.
+void flush_stdout();
+
 // Parses argv, runs body, and maps what it throws to one line on stderr
-// prefixed with the tool's name, and to the exit status above.
+// prefixed with the tool's name, and to the exit status above.  SIGPIPE is
+// ignored (a closed stdout is a write error, exit 1); output that could not
+// be written is exit 1 even when body returned 0.
 int run(CLI::App& app, int argc, char** argv, const std::function<int()>& body);
 
 }  // namespace aq::cli

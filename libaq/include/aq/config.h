@@ -54,6 +54,10 @@ struct QuantConfig {
 
   // ActNN's spelling: "-c quantize --ca=True --cabits=2 ...", plus --level.
   std::string to_flags() const;
+  // Back from what to_flags() writes (as checkpoints keep it): the level's
+  // defaults with the flags applied.  Throws std::invalid_argument naming
+  // what it cannot read.
+  static QuantConfig from_flags(const std::string& flags);
 };
 
 // True when a configuration reallocates bits at all (adaptive precision).

@@ -116,6 +116,8 @@ class Loader {
   std::optional<Batch> next();
 
  private:
+  void start_workers();
+  void stop_workers();  // joins them
   struct State;
   std::shared_ptr<const Dataset> dataset_;
   LoaderOptions options_;

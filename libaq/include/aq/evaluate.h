@@ -10,6 +10,7 @@
 #include <c10/core/Device.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace aq::train {
@@ -17,17 +18,23 @@ namespace aq::train {
 struct EvalResult {
   double loss = 0, top1 = 0, top5 = 0;  // mean loss, accuracies in percent
   int64_t images = 0;
+  bool stopped = false;  // `stop` said so before the last batch: the figures are partial
 };
 // Evaluates `model` (eval mode, no gradients, the step's autocast) on the
-// loader's epoch 0; `max_batches` 0: all.
+// loader's epoch 0; `max_batches` 0: all.  `stop`, if given, is asked before
+// each batch (a signal that must not wait for a whole test set).
 EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Device& device, Amp amp,
-                    int64_t max_batches = 0);
+                    int64_t max_batches = 0, const std::function<bool()>& stop = {});
 
 // The model a checkpoint describes (arch, in_channels, num_classes from its
 // metadata), with its parameters and buffers, converted by `config`.
 // Throws std::runtime_error naming `source` and what does not match.
 models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::string& source,
                                        const QuantConfig& config);
+
+// The first parameter or buffer of `c` holding inf or NaN ("" if none).
+// model_from_checkpoint() warns about it; a resumed run refuses it.
+std::string first_nonfinite(const ckpt::Checkpoint& c);
 
 // Copies a checkpoint's parameters and buffers into `model`: every name
 // must be present with the same shape, and no name may be left over.

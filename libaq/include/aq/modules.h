@@ -40,6 +40,12 @@ class QLayer {
   // The configuration in force (level L3 defaults when none was set).
   const QuantConfig& config() const;
   const LayerStatePtr& state() const { return state_; }
+  // Records in state() the geometry its forward records (kernel area,
+  // groups, input channels, batch norm), from the layer's own options and
+  // weights.  A restored model needs it before the first forward: a layer
+  // that shares another's compressed copy adds its sensitivities to the
+  // owner's allocation, which runs first.
+  virtual void record_geometry() {}
 
  protected:
   ConfigPtr config_;
@@ -50,6 +56,7 @@ class QLinearImpl : public torch::nn::LinearImpl, public QLayer {
  public:
   using torch::nn::LinearImpl::LinearImpl;
   torch::Tensor forward(const torch::Tensor& input);
+  void record_geometry() override;
 };
 TORCH_MODULE(QLinear);
 
@@ -62,6 +69,7 @@ class QConvImpl : public Twin, public QLayer {
  public:
   using Twin::Twin;
   torch::Tensor forward(const torch::Tensor& input);
+  void record_geometry() override;
 };
 class QConv1dImpl : public QConvImpl<1, torch::nn::Conv1dImpl> {
  public:
@@ -85,6 +93,7 @@ class QConvTransposeImpl : public Twin, public QLayer {
  public:
   using Twin::Twin;
   torch::Tensor forward(const torch::Tensor& input);
+  void record_geometry() override;
 };
 class QConvTranspose1dImpl : public QConvTransposeImpl<1, torch::nn::ConvTranspose1dImpl> {
  public:
@@ -113,6 +122,7 @@ class QBatchNormImpl : public Twin, public QLayer {
  public:
   using Twin::Twin;
   torch::Tensor forward(const torch::Tensor& input);
+  void record_geometry() override;
   bool overwrite_input = false;
 };
 class QBatchNorm1dImpl : public QBatchNormImpl<1, torch::nn::BatchNorm1dImpl> {

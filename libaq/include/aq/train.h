@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,14 @@ struct Options {
   bool seed_given = false;
   bool progress = true;              // progress bar on stderr when it is a terminal
   std::string command;               // recorded in checkpoints
+  // Settings given on the command line, by option name ("--batch-size",
+  // "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
+  // "--lr-schedule", "--warmup", "--milestones", "--nesterov", "--amp", and
+  // "quantization" for any quantization flag).  With --resume the run keeps
+  // the checkpoint's settings: one given here that differs is refused
+  // (std::invalid_argument), except --epochs, which moves the end of the run
+  // (and is logged).
+  std::set<std::string> given;
 };
 
 // One epoch's figures (a row of aq-train's TSV and of the checkpoint's

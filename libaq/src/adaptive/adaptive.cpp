@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 
 namespace aq {
 
@@ -157,12 +158,36 @@ std::vector<LayerBits> layer_bits(torch::nn::Module& model) {
   return out;
 }
 
+namespace {
+// A layer name as a uint8 tensor (checkpoints store tensors only), and back.
+at::Tensor name_tensor(const std::string& name) {
+  at::Tensor t = at::empty({static_cast<int64_t>(name.size())}, at::kByte);
+  std::copy(name.begin(), name.end(), t.data_ptr<uint8_t>());
+  return t;
+}
+std::string tensor_name(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kByte).contiguous().view({-1});
+  const auto* p = c.const_data_ptr<uint8_t>();
+  return std::string(p, p + c.numel());
+}
+}  // namespace
+
 std::vector<std::pair<std::string, at::Tensor>> adaptive_state(torch::nn::Module& model) {
   std::vector<std::pair<std::string, at::Tensor>> out;
+  std::map<const LayerState*, std::string> name_of;
+  for (const auto& item : model.named_modules())
+    if (auto* q = dynamic_cast<QLayer*>(item.value().get())) name_of[q->state().get()] = item.key();
   for (const auto& item : model.named_modules()) {
     auto* q = dynamic_cast<QLayer*>(item.value().get());
     if (!q) continue;
     const LayerState& st = *q->state();
+    // Whose compressed copy the layer used last: the owner's next allocation
+    // adds this layer's sensitivities to its own (choose_bits), so a resumed
+    // run needs it before its first forward.
+    if (st.shared_from) {
+      const auto it = name_of.find(st.shared_from);
+      if (it != name_of.end()) out.emplace_back(item.key() + ".aq_shared_from", name_tensor(it->second));
+    }
     if (st.budget > 0) out.emplace_back(item.key() + ".aq_budget", at::scalar_tensor(st.budget, at::kDouble));
     if (st.pending)
       out.emplace_back(item.key() + ".aq_budget_next", at::scalar_tensor(st.pending->mean(st.pending_unit), at::kDouble));
@@ -175,7 +200,10 @@ std::vector<std::pair<std::string, at::Tensor>> adaptive_state(torch::nn::Module
 void load_adaptive_state(torch::nn::Module& model, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
   std::map<std::string, QLayer*> layers;
   for (const auto& item : model.named_modules())
-    if (auto* q = dynamic_cast<QLayer*>(item.value().get())) layers[item.key()] = q;
+    if (auto* q = dynamic_cast<QLayer*>(item.value().get())) {
+      layers[item.key()] = q;
+      q->record_geometry();
+    }
   at::Device dev = at::kCPU;
   for (const auto& p : model.parameters()) {
     dev = p.device();
@@ -188,16 +216,30 @@ void load_adaptive_state(torch::nn::Module& model, const std::vector<std::pair<s
     if (it == layers.end()) continue;
     LayerState& st = *it->second->state();
     const std::string what = key.substr(dot + 4);
+    // A budget is average bits: one finite number in 0..8.
+    const auto budget = [&] {
+      const double b = t.numel() == 1 ? t.to(at::kDouble).item<double>() : -1.0;
+      if (!(b >= 0 && b <= 8))
+        throw std::runtime_error("adaptive state '" + key + "' is not a budget in 0..8 (" +
+                                 (t.numel() == 1 ? std::to_string(b) : std::to_string(t.numel()) + " values") + ")");
+      return b;
+    };
     if (what == "budget") {
-      st.budget = t.item<double>();
+      st.budget = budget();
     } else if (what == "budget_next") {
       st.pending = std::make_shared<PendingBudgets>();
-      st.pending->means = {t.item<double>()};
+      st.pending->means = {budget()};
       st.pending_unit = 0;
     } else if (what == "sample_stat") {
       st.sample_stat = t.to(dev, at::kFloat);
     } else if (what == "grad_mean") {
       st.grad_mean = t.to(dev, at::kFloat);
+    } else if (what == "shared_from") {
+      const auto owner = layers.find(tensor_name(t));
+      if (owner == layers.end() || owner->second == it->second) continue;
+      LayerState& o = *owner->second->state();
+      st.shared_from = &o;
+      o.sharers.emplace_back(it->second->state());
     }
   }
 }

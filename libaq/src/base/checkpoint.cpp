@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -29,6 +30,9 @@ namespace {
 // The innermost message on HDF5's error stack: where the failure was first
 // detected, which for I/O failures carries the errno text.  It must be read
 // before the next HDF5 call, which clears the stack.
+// I/O failures read "file write failed: time = ..., filename = ..., errno =
+// 28, error message = 'No space left on device', ..." over several lines:
+// only the operation and the system's message are kept.
 std::string h5_reason() {
   std::string out;
   H5Ewalk2(
@@ -38,8 +42,27 @@ std::string h5_reason() {
         return 0;
       },
       &out);
+  const std::string key = "error message = '";
+  const size_t m = out.find(key);
+  if (m != std::string::npos) {
+    const size_t end = out.find('\'', m + key.size());
+    const size_t colon = out.find(':');
+    out = (colon != std::string::npos && colon < m ? out.substr(0, colon) + ": " : std::string()) +
+          out.substr(m + key.size(), end == std::string::npos ? std::string::npos : end - m - key.size());
+  }
+  for (char& ch : out)
+    if (ch == '\n' || ch == '\r') ch = ' ';
   return out;
 }
+
+// A file whose write failed (a full disk) stays half-closed in HDF5, which
+// crashes closing it again when it cleans up at exit.  The process's exit
+// frees everything anyway: no clean-up at exit.  (It must precede every
+// other HDF5 call, hence a static initialiser of the library.)
+const bool kNoCleanupAtExit = [] {
+  H5dont_atexit();
+  return true;
+}();
 
 // An HDF5 call failed.
 struct H5Error : std::runtime_error {
@@ -266,6 +289,35 @@ void write_number_attr(hid_t loc, const std::string& name, hid_t file_type, hid_
   check(H5Awrite(a, mem_type, &value), "cannot write attribute " + name);
 }
 
+// Dataset creation properties that make HDF5 keep a Fletcher-32 checksum of
+// the data, which it verifies on every read: chunked storage (the filter's
+// condition), chunks of up to 64 MiB along the first dimension.  Scalars
+// and empty datasets cannot be chunked: default properties.
+Hid checksummed(const std::vector<hsize_t>& dims, size_t element_size) {
+  Hid dcpl = plist(H5P_DATASET_CREATE);
+  if (dims.empty()) return dcpl;
+  hsize_t row = element_size;
+  for (size_t i = 1; i < dims.size(); ++i) {
+    if (dims[i] == 0) return dcpl;
+    row *= dims[i];
+  }
+  if (dims[0] == 0 || row > (hsize_t{1} << 31)) return dcpl;  // a chunk must stay under 4 GiB
+  std::vector<hsize_t> chunk = dims;
+  chunk[0] = std::max<hsize_t>(1, std::min<hsize_t>(dims[0], (hsize_t{64} << 20) / row));
+  check(H5Pset_chunk(dcpl, static_cast<int>(chunk.size()), chunk.data()), "cannot set chunking");
+  check(H5Pset_fletcher32(dcpl), "cannot set the Fletcher-32 filter");
+  return dcpl;
+}
+
+// Reads a whole dataset; a checksum that does not match is named as such.
+void read_dataset(hid_t ds, hid_t mtype, void* out, const std::string& full) {
+  if (H5Dread(ds, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) >= 0) return;
+  const std::string why = h5_reason();
+  if (why.find("Fletcher32") != std::string::npos || why.find("checksum") != std::string::npos)
+    throw Corrupt(full + ": checksum mismatch (the data is damaged)");
+  throw Corrupt(full + ": cannot read" + (why.empty() ? "" : " (" + why + ")"));
+}
+
 void write_tensor(hid_t group, const std::string& full, const std::string& key, const torch::Tensor& tensor) {
   const DType& d = *find_dtype(tensor.scalar_type());
   torch::Tensor t = tensor.detach().to(torch::kCPU).resolve_conj().resolve_neg().contiguous();
@@ -273,7 +325,8 @@ void write_tensor(hid_t group, const std::string& full, const std::string& key, 
   Hid space = t.dim() == 0 ? scalar_space() : simple_space(dims);
   Hid ftype = h5_type(d, true);
   Hid mtype = h5_type(d, false);
-  Hid ds(H5Dcreate2(group, key.c_str(), ftype, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose,
+  Hid dcpl = checksummed(t.dim() == 0 ? std::vector<hsize_t>() : dims, d.size);
+  Hid ds(H5Dcreate2(group, key.c_str(), ftype, space, H5P_DEFAULT, dcpl, H5P_DEFAULT), H5Dclose,
          "cannot create dataset " + full);
   if (t.numel() > 0)
     check(H5Dwrite(ds, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()), "cannot write dataset " + full);
@@ -287,7 +340,8 @@ void write_metrics(hid_t file, const Checkpoint& c) {
   flat.reserve(rows * cols);
   for (const auto& r : c.metric_rows) flat.insert(flat.end(), r.begin(), r.end());
   Hid space = simple_space({rows, cols});
-  Hid ds(H5Dcreate2(file, "metrics", H5T_IEEE_F64LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose,
+  Hid dcpl = checksummed({rows, cols}, 8);
+  Hid ds(H5Dcreate2(file, "metrics", H5T_IEEE_F64LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT), H5Dclose,
          "cannot create dataset /metrics");
   if (!flat.empty())
     check(H5Dwrite(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, flat.data()), "cannot write dataset /metrics");
@@ -377,15 +431,102 @@ bool find_signature(uint64_t size, ReadAt read_at) {
   return false;
 }
 
+// A stream without an HDF5 signature where one could be by now is not read
+// to its end (/dev/zero would never end).
+constexpr uint64_t kSignatureSearch = uint64_t{1} << 20;
+
+uint64_t little_endian(const unsigned char* p, int bytes) {
+  uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i) v = v << 8 | p[i];
+  return v;
+}
+
+// Where the HDF5 file that starts (with its signature) at `sig` ends, from
+// its superblock, if the bytes read so far tell (0: not yet).
+uint64_t declared_end(const std::vector<char>& b, uint64_t sig) {
+  const auto* p = reinterpret_cast<const unsigned char*>(b.data()) + sig;
+  const uint64_t have = b.size() - sig;
+  if (have < 9) return 0;
+  const int version = p[8];
+  if (version >= 2) {  // signature, version, offset and length sizes, flags, base, extension, end of file
+    if (have < 12) return 0;
+    const int o = p[9];
+    if (o != 4 && o != 8) return 0;
+    if (have < 12 + 3 * uint64_t(o)) return 0;
+    return sig + little_endian(p + 12 + 2 * o, o);
+  }
+  const uint64_t fixed = version == 1 ? 28 : 24;  // v0/v1: ..., base, free space, end of file
+  if (have < 14) return 0;
+  const int o = p[13];
+  if (o != 4 && o != 8) return 0;
+  if (have < fixed + 3 * uint64_t(o)) return 0;
+  return sig + little_endian(p + fixed + 2 * o, o);
+}
+
+// Reads a stream up to the end its HDF5 superblock declares (or the stream's
+// end, if sooner); gives up on one with no signature in its first MiB.
 std::vector<char> read_all(int fd) {
   std::vector<char> out;
   char buf[1 << 16];
+  std::optional<uint64_t> sig;  // where the signature is, once found
+  uint64_t next_sig = 0, end = 0;
   for (;;) {
     ssize_t n = ::read(fd, buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) throw Problem("cannot read (" + errno_text() + ")");
     if (n == 0) return out;
     out.insert(out.end(), buf, buf + n);
+    while (!sig && next_sig + 8 <= out.size()) {
+      if (has_signature(out.data() + next_sig)) sig = next_sig;
+      else next_sig = next_sig ? next_sig * 2 : 512;
+    }
+    if (!sig && out.size() >= kSignatureSearch) throw Problem("not an HDF5 file (no signature in its first MiB)");
+    if (sig && !end) end = declared_end(out, *sig);
+    if (end && out.size() >= end) {
+      out.resize(end);
+      return out;
+    }
+  }
+}
+
+// HDF5 (1.10) copies a variable-length string out of its global heap
+// collection by the length the collection records, unchecked: a damaged
+// length reads far past the collection and crashes.  Every collection
+// ("GCOL", version 1, three zero bytes, its size) is walked first: each
+// object must fit in the collection.  ReadAt(offset, n, buffer) reads n
+// bytes; false past the end.
+template <typename ReadAt>
+void check_global_heaps(uint64_t size, ReadAt read_at) {
+  constexpr uint64_t kChunk = 1 << 20;
+  std::vector<unsigned char> buf(kChunk + 16);
+  for (uint64_t at = 0; at < size; at += kChunk) {
+    const uint64_t n = std::min<uint64_t>(kChunk + 16, size - at);
+    if (!read_at(at, n, buf.data())) throw Corrupt("cannot read");
+    const uint64_t last = std::min<uint64_t>(kChunk, n >= 16 ? n - 15 : 0);
+    for (uint64_t i = 0; i < last; ++i) {
+      const unsigned char* h = buf.data() + i;
+      if (h[0] != 'G' || h[1] != 'C' || h[2] != 'O' || h[3] != 'L' || h[4] != 1 || h[5] || h[6] || h[7]) continue;
+      const uint64_t start = at + i, coll = little_endian(h + 8, 8);
+      const std::string where = "global heap at byte " + std::to_string(start);
+      if (coll > size - start) continue;  // past the file's end: HDF5 reports the file truncated
+      if (coll < 4096) throw Corrupt(where + " has size " + std::to_string(coll));
+      std::vector<unsigned char> c(coll);
+      if (!read_at(start, coll, c.data())) throw Corrupt("cannot read " + where);
+      // The objects, then the free space (object 0, its header included),
+      // fill the collection exactly; HDF5 loops on one whose size disagrees.
+      uint64_t o = 16;
+      while (o + 16 <= coll) {
+        const uint64_t index = little_endian(&c[o], 2), len = little_endian(&c[o + 8], 8);
+        if (index == 0) {
+          if (len != coll - o) throw Corrupt(where + ": its free space does not end where it does");
+          o = coll;
+          break;
+        }
+        if (len > coll - o - 16) throw Corrupt(where + ": object " + std::to_string(index) + " is longer than it");
+        o += 16 + (len + 7) / 8 * 8;
+      }
+      if (o != coll && coll - o >= 16) throw Corrupt(where + ": its objects do not fill it");
+    }
   }
 }
 
@@ -589,14 +730,25 @@ torch::Tensor read_tensor(hid_t group, const std::string& key, const std::string
   // Contiguous data lies in the file, so it cannot be larger than the file:
   // guards the allocation below against a damaged shape.
   Hid dcpl(H5Dget_create_plist(ds), H5Pclose, "cannot read dataset properties");
-  if (H5Pget_layout(dcpl) == H5D_CONTIGUOUS && numel * size > file_size)
-    throw Corrupt(full + ": shape larger than the file");
+  bool stored_raw = H5Pget_layout(dcpl) == H5D_CONTIGUOUS;  // as many bytes in the file as in memory, or more
+  if (H5Pget_layout(dcpl) == H5D_CHUNKED) {
+    stored_raw = true;
+    const int n = H5Pget_nfilters(dcpl);
+    for (int i = 0; i < n; ++i) {
+      unsigned flags = 0;
+      size_t nvalues = 0;
+      if (H5Pget_filter2(dcpl, static_cast<unsigned>(i), &flags, &nvalues, nullptr, 0, nullptr, nullptr) !=
+          H5Z_FILTER_FLETCHER32)
+        stored_raw = false;  // compressed: may be smaller in the file
+    }
+  }
+  if (stored_raw && numel * size > file_size) throw Corrupt(full + ": shape larger than the file");
 
   const c10::ScalarType st = d->st == torch::kBool ? torch::kUInt8 : d->st;
   torch::Tensor t = torch::empty(shape, torch::TensorOptions().dtype(st));
   if (numel > 0) {
     Hid mtype = h5_type(*d, false);
-    check(H5Dread(ds, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()), "cannot read dataset");
+    read_dataset(ds, mtype, t.data_ptr(), full);
   }
   return d->st == torch::kBool ? t.ne(0) : t;
 }
@@ -680,7 +832,7 @@ Checkpoint read_checkpoint(hid_t file, uint64_t file_size) {
     if (dims[0] * dims[1] * 8 > file_size) throw Corrupt("/metrics larger than the file");
     std::vector<double> flat(dims[0] * dims[1]);
     if (!flat.empty())
-      check(H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, flat.data()), "cannot read /metrics");
+      read_dataset(ds, H5T_NATIVE_DOUBLE, flat.data(), "/metrics");
     for (hsize_t r = 0; r < dims[0]; ++r)
       c.metric_rows.emplace_back(flat.begin() + r * dims[1], flat.begin() + (r + 1) * dims[1]);
   }
@@ -730,6 +882,32 @@ Checkpoint load(const std::string& path) {
   try {
     Source src = open_source(path);
     const uint64_t size = src.size;
+    if (src.in_memory) {
+      check_global_heaps(size, [&](uint64_t off, uint64_t n, unsigned char* out) {
+        if (off + n > src.image.size()) return false;
+        std::memcpy(out, src.image.data() + off, n);
+        return true;
+      });
+    } else {
+      const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) throw Problem("cannot open (" + errno_text() + ")");
+      try {
+        check_global_heaps(size, [fd](uint64_t off, uint64_t n, unsigned char* out) {
+          uint64_t done = 0;
+          while (done < n) {
+            const ssize_t r = ::pread(fd, out + done, n - done, static_cast<off_t>(off + done));
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) return false;
+            done += static_cast<uint64_t>(r);
+          }
+          return true;
+        });
+      } catch (...) {
+        ::close(fd);
+        throw;
+      }
+      ::close(fd);
+    }
     Hid file = open_file(path, src);
     return read_checkpoint(file, size);
   } catch (const Problem& e) {

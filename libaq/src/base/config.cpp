@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <cctype>
+#include <sstream>
+#include <utility>
+#include <vector>
 #include <stdexcept>
 
 namespace aq {
@@ -127,6 +130,41 @@ std::string QuantConfig::to_flags() const {
   if (range_dtype == c10::kFloat) s += " --range-dtype fp32";
   if (!stochastic) s += " --rounding nearest";
   return s;
+}
+
+QuantConfig QuantConfig::from_flags(const std::string& flags) {
+  std::vector<std::pair<std::string, std::string>> kv;  // flag, value
+  std::istringstream in(flags);
+  std::string tok;
+  while (in >> tok) {
+    const auto eq = tok.find('=');
+    if (eq != std::string::npos) {
+      kv.emplace_back(tok.substr(0, eq), tok.substr(eq + 1));
+    } else {
+      std::string value;
+      if (!(in >> value)) bad("configuration '" + flags + "': " + tok + " has no value");
+      kv.emplace_back(tok, value);
+    }
+  }
+  Level level = Level::L3;
+  for (const auto& [k, v] : kv)
+    if (k == "--level") level = parse_level(v);
+  QuantConfig c = for_level(level);
+  for (const auto& [k, v] : kv) {
+    if (k == "-c" || k == "--qconfig") c.scope = parse_scope(v);
+    else if (k == "--ca") c.ca = parse_bool(v);
+    else if (k == "--cabits") c.cabits = parse_int(k, v);
+    else if (k == "--ibits") c.ibits = parse_int(k, v);
+    else if (k == "--pergroup") c.pergroup = parse_bool(v);
+    else if (k == "--perlayer") c.perlayer = parse_bool(v);
+    else if (k == "--usegradient") c.usegradient = parse_bool(v);
+    else if (k == "--group-size") c.group_size = parse_int(k, v);
+    else if (k == "--range-dtype") c.range_dtype = parse_range_dtype(v);
+    else if (k == "--rounding") c.stochastic = parse_rounding(v);
+    else if (k != "--level") bad("configuration '" + flags + "': unknown flag " + k);
+  }
+  c.validate();
+  return c;
 }
 
 int parse_int(const std::string& flag, const std::string& s) {

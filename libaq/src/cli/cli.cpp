@@ -7,7 +7,10 @@
 #include <torch/cuda.h>
 #include <torch/utils.h>
 
+#include <cerrno>
 #include <cmath>
+#include <csignal>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -26,7 +29,8 @@ CLI::Validator number_at_least(bool strict) {
       [strict](std::string& text) -> std::string {
         double v = 0;
         if (!CLI::detail::lexical_cast(text, v)) return "must be a number, not " + text;
-        if (std::isnan(v) || (strict ? v <= 0 : v < 0))
+        if (!std::isfinite(v)) return "must be a finite number, not " + text;
+        if (strict ? v <= 0 : v < 0)
           return std::string("must be ") + (strict ? "positive" : "zero or more") + ", not " + text;
         return std::string();
       },
@@ -38,7 +42,27 @@ const CLI::Validator Positive = number_at_least(true);
 const CLI::Validator NonNegative = number_at_least(false);
 
 namespace {
-const CLI::Validator Fraction = CLI::Range(0.0, 1.0);
+// 0..1, NaN excluded (CLI::Range lets NaN through).
+const CLI::Validator Fraction(
+    [](std::string& text) -> std::string {
+      double v = 0;
+      if (!CLI::detail::lexical_cast(text, v)) return "must be a number, not " + text;
+      if (!(v >= 0 && v <= 1)) return "must be in 0..1, not " + text;
+      return std::string();
+    },
+    "0..1");
+// Thread counts: beyond this a count is a typo, and creating that many
+// threads exhausts the process's limits before any work is done.
+constexpr int kMaxThreads = 1024;
+const CLI::Validator ThreadCount(
+    [](std::string& text) -> std::string {
+      double v = 0;
+      if (!CLI::detail::lexical_cast(text, v)) return "must be a number, not " + text;
+      if (std::isnan(v) || v < 0) return "must be zero or more, not " + text;
+      if (v > kMaxThreads) return "must be at most " + std::to_string(kMaxThreads) + ", not " + text;
+      return std::string();
+    },
+    "0.." + std::to_string(kMaxThreads));
 }  // namespace
 
 QuantOptions::QuantOptions(CLI::App& app, bool ignored) : app_(app) {
@@ -132,7 +156,7 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
     add(kModel, true, "--num-classes", v.data.num_classes,
         "Classes (0: the dataset's; --dataset cifar10 --num-classes 100 reads CIFAR-100)", d, &NonNegative);
   add(kModel | kEval, true, "-j,--workers", v.data.workers, "Data loading threads (0: in the calling thread)", d,
-      &NonNegative);
+      &ThreadCount);
   add(kModel | kEval | kBench, true, "-b,--batch-size", v.data.batch_size, "Batch size", d, &Positive);
   add(kModel | kEval | kBenchAll, false, "--image-size", v.data.image_size,
       bench ? "Image side" : "Image side for imagenet and synthetic data", d, &Positive);
@@ -159,7 +183,7 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
       ->capture_default_str()
       ->group(c);
   app.add_option("--threads", v.threads, "CPU threads for LibTorch (0: its default)")
-      ->check(NonNegative)
+      ->check(ThreadCount)
       ->capture_default_str()
       ->group(c);
   app.add_option_function<uint64_t>(
@@ -250,8 +274,7 @@ std::string first_line(const char* what) {
 
 }  // namespace
 
-int run(CLI::App& app, int argc, char** argv, const std::function<int()>& body) {
-  const std::string name = std::filesystem::path(argv[0]).filename().string();
+static int run_body(CLI::App& app, int argc, char** argv, const std::function<int()>& body, const std::string& name) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -279,6 +302,28 @@ int run(CLI::App& app, int argc, char** argv, const std::function<int()>& body) 
     std::cerr << name << ": " << first_line(e.what()) << "\n";
   }
   return kRuntime;
+}
+
+void flush_stdout() {
+  errno = 0;
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+    const int err = errno ? errno : EIO;
+    throw std::runtime_error(std::string("cannot write to standard output: ") + std::strerror(err));
+  }
+}
+
+int run(CLI::App& app, int argc, char** argv, const std::function<int()>& body) {
+  const std::string name = std::filesystem::path(argv[0]).filename().string();
+  std::signal(SIGPIPE, SIG_IGN);
+  const int status = run_body(app, argc, argv, body, name);
+  if (status != kOk) return status;  // its one line is out; a write error may be it
+  try {
+    flush_stdout();
+  } catch (const std::runtime_error& e) {
+    std::cerr << name << ": " << e.what() << "\n";
+    return kRuntime;
+  }
+  return status;
 }
 
 }  // namespace cli

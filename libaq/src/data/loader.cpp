@@ -10,6 +10,8 @@
 #include <exception>
 #include <map>
 #include <mutex>
+#include <stdexcept>
+#include <system_error>
 #include <thread>
 
 namespace aq::data {
@@ -78,6 +80,18 @@ Loader::Loader(std::shared_ptr<const Dataset> dataset, LoaderOptions options)
   State& s = *state_;
   s.pinned = options_.pin_memory && torch::cuda::is_available();
   s.max_ahead = 2 * int64_t{options_.workers};
+  try {
+    start_workers();
+  } catch (const std::system_error& e) {  // the threads started so far must be joined before they go
+    const size_t started = s.threads.size();
+    stop_workers();
+    throw std::runtime_error("loader: cannot start " + std::to_string(options_.workers) + " worker threads (" +
+                             std::to_string(started) + " started): " + e.what());
+  }
+}
+
+void Loader::start_workers() {
+  State& s = *state_;
   for (int w = 0; w < options_.workers; ++w)
     s.threads.emplace_back([this] {
       State& s = *state_;
@@ -110,7 +124,9 @@ Loader::Loader(std::shared_ptr<const Dataset> dataset, LoaderOptions options)
     });
 }
 
-Loader::~Loader() {
+Loader::~Loader() { stop_workers(); }
+
+void Loader::stop_workers() {
   {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->stop = true;
@@ -118,6 +134,7 @@ Loader::~Loader() {
   }
   state_->work_cv.notify_all();
   for (auto& t : state_->threads) t.join();
+  state_->threads.clear();
 }
 
 int64_t Loader::batches_per_epoch() const {

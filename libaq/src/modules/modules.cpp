@@ -18,6 +18,39 @@ std::optional<torch::Tensor> maybe(const torch::Tensor& t) {
 
 }  // namespace
 
+namespace {
+// As functional::convolution records it: kernel area and groups of w, and
+// the input's channels.
+void record_conv(LayerState& st, const torch::Tensor& w, int64_t groups, int64_t input_channels) {
+  st.kernel_area = 1;
+  for (int64_t i = 2; i < w.dim(); ++i) st.kernel_area *= w.size(i);
+  st.conv_groups = groups;
+  st.in_channels = input_channels;
+}
+}  // namespace
+
+void QLinearImpl::record_geometry() {
+  LayerState& st = *state();
+  st.kernel_area = 1, st.conv_groups = 1, st.in_channels = weight.size(1);
+}
+
+template <size_t D, typename Twin>
+void QConvImpl<D, Twin>::record_geometry() {
+  record_conv(*this->state(), this->weight, this->options.groups(), this->weight.size(1) * this->options.groups());
+}
+
+template <size_t D, typename Twin>
+void QConvTransposeImpl<D, Twin>::record_geometry() {
+  record_conv(*this->state(), this->weight, this->options.groups(), this->weight.size(0));
+}
+
+template <size_t D, typename Twin>
+void QBatchNormImpl<D, Twin>::record_geometry() {
+  LayerState& st = *this->state();
+  st.batch_norm = true;
+  st.in_channels = this->options.num_features();
+}
+
 torch::Tensor QLinearImpl::forward(const torch::Tensor& input) {
   if (!is_training()) return LinearImpl::forward(input);
   return functional::linear(input, weight, maybe(bias), config(), state());

@@ -3,6 +3,9 @@
 #include "aq/checkpoint.h"
 #include "subject.h"
 
+#include "aq/modules.h"
+
+#include <set>
 #include <stdexcept>
 
 namespace aq::calibrate {
@@ -37,7 +40,10 @@ std::vector<LayerBits> run(const RunOptions& o) {
   ckpt::Checkpoint out;
   out.meta = {{"kind", "aq-calibration"}, {"arch", sub.arch}, {"dataset", sub.dataset},
               {"config", o.config.to_flags()}, {"checkpoint", o.resume}};
-  out.counters = {{"batches", done}, {"batch_size", o.data.batch_size}, {"seed", static_cast<int64_t>(o.seed)}};
+  out.counters = {{"batches", done},
+                  {"batch_size", o.data.batch_size},
+                  {"seed", static_cast<int64_t>(o.seed)},
+                  {"dataset_size", sub.loader->dataset().size()}};
   out.adaptive = adaptive_state(model);
   out.metric_columns = {"layer", "elements", "sensitivity", "bits", "budget"};
   std::string names;
@@ -51,15 +57,52 @@ std::vector<LayerBits> run(const RunOptions& o) {
   return layers;
 }
 
-void load(models::Model& model, const std::string& path, const std::string& arch) {
+void load(models::Model& model, const std::string& path, const Match& match) {
   const auto c = ckpt::load(path);
   auto kind = c.meta.find("kind");
   if (kind == c.meta.end() || kind->second != "aq-calibration")
     throw std::runtime_error(path + ": not a calibration file (write one with aq-calibrate -o)");
+  const std::string& arch = match.arch;
   auto a = c.meta.find("arch");
   if (a != c.meta.end() && a->second != arch)
     throw std::runtime_error(path + ": calibration of a " + a->second + ", the model is a " + arch);
-  load_adaptive_state(model, c.adaptive);
+  auto d = c.meta.find("dataset");
+  if (d != c.meta.end() && !match.dataset.empty() && d->second != match.dataset)
+    throw std::runtime_error(path + ": calibration on " + d->second + ", the run trains on " + match.dataset);
+  auto n = c.counters.find("dataset_size");
+  if (n != c.counters.end() && match.dataset_size > 0 && n->second != match.dataset_size)
+    throw std::runtime_error(path + ": calibration on " + std::to_string(n->second) + " training samples, the run has " +
+                             std::to_string(match.dataset_size));
+  auto cf = c.meta.find("config");
+  if (cf != c.meta.end()) {
+    QuantConfig theirs;
+    try {
+      theirs = QuantConfig::from_flags(cf->second);
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error(path + ": /meta config: " + e.what());
+    }
+    const QuantConfig& mine = match.config;
+    if (theirs.cabits != mine.cabits || theirs.ibits != mine.ibits || theirs.pergroup != mine.pergroup ||
+        theirs.perlayer != mine.perlayer || theirs.usegradient != mine.usegradient ||
+        theirs.group_size != mine.group_size)
+      throw std::runtime_error(path + ": calibration for " + cf->second + ", the run uses " + mine.to_flags());
+  }
+  std::set<std::string> layers;
+  for (const auto& item : model.named_modules())
+    if (dynamic_cast<QLayer*>(item.value().get())) layers.insert(item.key());
+  for (const auto& [key, t] : c.adaptive) {
+    const auto dot = key.rfind(".aq_");
+    if (dot == std::string::npos || !layers.count(key.substr(0, dot)))
+      throw std::runtime_error(path + ": state '" + key + "' is for a layer the " + arch + " does not have");
+  }
+  try {
+    load_adaptive_state(model, c.adaptive);
+  } catch (const c10::Error& e) {  // LibTorch's message, with the file it is about
+    const std::string m = e.what_without_backtrace();
+    throw std::runtime_error(path + ": " + m.substr(0, m.find('\n')));
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(path + ": " + e.what());
+  }
 }
 
 }  // namespace aq::calibrate

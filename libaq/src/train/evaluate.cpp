@@ -1,5 +1,6 @@
 #include "aq/evaluate.h"
 
+#include "aq/log.h"
 #include "aq/step.h"
 #include "fields.h"
 
@@ -38,8 +39,20 @@ void copy_named(const torch::OrderedDict<std::string, torch::Tensor>& into, cons
 }  // namespace
 
 void load_state(models::Model& model, const ckpt::Checkpoint& c, const std::string& source) {
-  copy_named(model.named_parameters(), c.parameters, "parameter", source);
-  copy_named(model.named_buffers(), c.buffers, "buffer", source);
+  try {
+    copy_named(model.named_parameters(), c.parameters, "parameter", source);
+    copy_named(model.named_buffers(), c.buffers, "buffer", source);
+  } catch (const c10::Error& e) {  // LibTorch's message, with the file it is about
+    const std::string m = e.what_without_backtrace();
+    throw std::runtime_error(source + ": " + m.substr(0, m.find('\n')));
+  }
+}
+
+std::string first_nonfinite(const ckpt::Checkpoint& c) {
+  for (const auto* list : {&c.parameters, &c.buffers})
+    for (const auto& [name, t] : *list)
+      if (t.is_floating_point() && t.numel() > 0 && !torch::isfinite(t).all().item<bool>()) return name;
+  return "";
 }
 
 models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::string& source,
@@ -52,11 +65,13 @@ models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::str
     throw std::runtime_error(source + ": " + e.what());
   }
   load_state(*m, c, source);
+  if (const std::string bad = first_nonfinite(c); !bad.empty())
+    log().warn("{}: '{}' holds inf or NaN: the run had diverged; its results are meaningless", source, bad);
   return m;
 }
 
 EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Device& device, Amp amp,
-                    int64_t max_batches) {
+                    int64_t max_batches, const std::function<bool()>& stop) {
   const bool was_training = model.is_training();
   model.eval();
   torch::NoGradGuard no_grad;
@@ -65,8 +80,13 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
   auto top5 = top1.clone();
   int64_t images = 0, batches = 0;
   loader.start(0);
+  bool stopped = false;
   while (auto b = loader.next()) {
     if (max_batches > 0 && batches++ >= max_batches) break;
+    if (stop && stop()) {
+      stopped = true;
+      break;
+    }
     auto x = b->images.to(device, /*non_blocking=*/true);
     auto y = b->labels.to(device, /*non_blocking=*/true);
     torch::Tensor logits;
@@ -88,6 +108,7 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
   model.train(was_training);
   EvalResult r;
   r.images = images;
+  r.stopped = stopped;
   if (images) {
     r.loss = loss_sum.item<double>() / images;
     r.top1 = 100.0 * top1.item<int64_t>() / images;

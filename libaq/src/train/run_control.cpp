@@ -1,6 +1,9 @@
 #include "run_control.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -68,6 +71,62 @@ void check_writable(const std::string& workspace, const std::string& probe) {
   if (fd < 0) throw std::runtime_error("--workspace " + workspace + ": cannot write there: " + std::strerror(errno));
   ::close(fd);
   ::unlink(probe.c_str());
+}
+
+WorkspaceLock::WorkspaceLock(const std::string& workspace, const std::string& file) {
+  fd_ = ::open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (fd_ < 0)
+    throw std::runtime_error("--workspace " + workspace + ": cannot create " + file + ": " + std::strerror(errno));
+  while (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EINTR) continue;
+    const int err = errno;
+    std::string holder;
+    char buf[32] = {};
+    const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
+    if (n > 0) holder = std::string(buf, static_cast<size_t>(n)).substr(0, std::string(buf).find('\n'));
+    ::close(fd_);
+    fd_ = -1;
+    if (err == EWOULDBLOCK)
+      throw std::runtime_error("--workspace " + workspace + " is in use by another aq-train (PID " +
+                               (holder.empty() ? std::string("unknown") : holder) + ", holding " + file +
+                               "): two runs would overwrite each other's checkpoints");
+    throw std::runtime_error("--workspace " + workspace + ": cannot lock " + file + ": " + std::strerror(err));
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    const int err = errno;
+    ::close(fd_);
+    fd_ = -1;
+    throw std::runtime_error("--workspace " + workspace + ": cannot write " + file + ": " + std::strerror(err));
+  }
+}
+
+WorkspaceLock::~WorkspaceLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the lock; the file stays (removing it would race the next run)
+}
+
+std::vector<std::string> remove_stale_temporaries(const std::string& workspace) {
+  std::vector<std::string> removed;
+  const std::string dir = workspace.empty() ? "." : workspace;
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return removed;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    const size_t tag = name.rfind(".tmp-");
+    if (name.size() < 2 || name[0] != '.' || tag == std::string::npos) continue;
+    const size_t dash = name.find('-', tag + 5);
+    if (dash == std::string::npos || dash == tag + 5 || dash + 1 >= name.size()) continue;
+    const std::string pid_text = name.substr(tag + 5, dash - tag - 5), hex = name.substr(dash + 1);
+    if (pid_text.find_first_not_of("0123456789") != std::string::npos || pid_text.size() > 9 ||
+        hex.find_first_not_of("0123456789abcdef") != std::string::npos)
+      continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(pid_text));
+    if (pid <= 0 || pid == ::getpid() || ::kill(pid, 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to judge
+    const std::string path = dir + "/" + name;
+    if (::unlink(path.c_str()) == 0) removed.push_back(path);
+  }
+  ::closedir(d);
+  return removed;
 }
 
 bool Progress::due(int64_t batch, int64_t batches) {

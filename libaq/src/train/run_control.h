@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <csignal>
 #include <string>
+#include <vector>
 
 namespace aq::train::detail {
 
@@ -36,6 +37,27 @@ void make_folders(const std::string& path, bool create = true);
 // takes no files (a read-only file system, even for root) fails now
 // instead.  `probe` is a file name to create and remove there.
 void check_writable(const std::string& workspace, const std::string& probe);
+
+// One writer per workspace: an exclusive flock() on <workspace>/.aq-train.lock,
+// held while the object lives, with the holder's PID written in the file.
+// The kernel releases it when the holder dies, so a lock file left by a
+// killed run blocks nothing.  Throws std::runtime_error naming the holder's
+// PID when another process holds it.
+class WorkspaceLock {
+ public:
+  WorkspaceLock(const std::string& workspace, const std::string& file);
+  ~WorkspaceLock();
+  WorkspaceLock(const WorkspaceLock&) = delete;
+  WorkspaceLock& operator=(const WorkspaceLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
+// Removes the temporary files (".<name>.tmp-<pid>-<hex>", as checkpoint
+// saves write them) that a process no longer alive left in `workspace`;
+// returns their names.
+std::vector<std::string> remove_stale_temporaries(const std::string& workspace);
 
 // A progress line on stderr, redrawn at most every 250 ms.
 struct Progress {

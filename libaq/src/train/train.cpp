@@ -21,6 +21,8 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <iomanip>
+#include <sstream>
 #include <stdexcept>
 
 namespace aq::train {
@@ -36,6 +38,17 @@ std::string now_iso() {
   std::time_t t = std::time(nullptr);
   std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
   return buf;
+}
+
+// Milestones as checkpoints keep them: comma-separated, every digit kept.
+std::string list_text(const std::vector<double>& v) {
+  std::string out;
+  for (double m : v) {
+    std::ostringstream s;
+    s << std::setprecision(17) << m;
+    out += (out.empty() ? "" : ",") + s.str();
+  }
+  return out;
 }
 
 struct Partial {  // of the current epoch, kept across a mid-epoch checkpoint
@@ -55,7 +68,9 @@ class Trainer {
     return o_.workspace.empty() || o_.workspace.back() == '/' ? o_.workspace + name : o_.workspace + "/" + name;
   }
 
-  const Options& o_;
+  void adopt_settings(const ckpt::Checkpoint& c);
+
+  Options o_;  // with --resume, the checkpoint's settings
   const Observer& obs_;
   c10::Device dev_;
   std::string dataset_;
@@ -85,6 +100,7 @@ void Trainer::setup() {
     if (o_.seed_given && s != o_.seed)
       log().warn("--seed {} ignored: resuming the run of seed {} from {}", o_.seed, s, src);
     seed_ = s;
+    if (!o_.evaluate) adopt_settings(*resumed_);
   } else {
     seed_ = o_.seed_given ? o_.seed : (static_cast<uint64_t>(std::random_device{}()) << 20) ^ std::random_device{}();
   }
@@ -111,12 +127,19 @@ void Trainer::setup() {
   train_loader_ = std::make_unique<data::Loader>(train_set_, lo);
   lo.shuffle = lo.augment = false;
   test_loader_ = std::make_unique<data::Loader>(test_set_, lo);
-  if (resumed_) restore(*resumed_);
+  if (resumed_) {
+    try {
+      restore(*resumed_);
+    } catch (const c10::Error& e) {  // LibTorch's message, with the file it is about
+      const std::string m = e.what_without_backtrace();
+      throw std::runtime_error(o_.resume + ": " + m.substr(0, m.find('\n')));
+    }
+  }
   if (!o_.calibration.empty()) {
     if (resumed_) {
       log().warn("--calibration {} ignored: the --resume checkpoint has the run's own statistics", o_.calibration);
     } else {
-      calibrate::load(*model_, o_.calibration, o_.arch);
+      calibrate::load(*model_, o_.calibration, {o_.arch, dataset_, o_.quant, train_set_->size()});
       log().info("adaptive statistics and per-layer budgets from {}", o_.calibration);
     }
   }
@@ -125,8 +148,96 @@ void Trainer::setup() {
              o_.quant.to_flags(), dev_.str(), seed_);
 }
 
+// A resumed run is the run that wrote the checkpoint: its batch size (the
+// position within an epoch counts its batches), configuration, epochs and
+// optimisation settings, whatever the command line's defaults are.
+void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
+  const std::string& src = o_.resume;
+  auto given = [&](const char* name) { return o_.given.count(name) > 0; };
+  auto conflict = [&](const std::string& option, const std::string& mine, const std::string& theirs) {
+    throw std::invalid_argument(option + " " + mine + " conflicts with " + src + ", whose run has " + theirs +
+                                ": a resumed run keeps its checkpoint's settings (leave the option out)");
+  };
+  auto num = [](double v) {
+    std::ostringstream s;
+    s << v;
+    return s.str();
+  };
+  auto counter_setting = [&](const char* key, const char* option, int64_t& value) {
+    const auto it = c.counters.find(key);
+    if (it == c.counters.end()) return;
+    if (it->second < 1) throw std::runtime_error(src + ": counter " + key + " is " + std::to_string(it->second));
+    if (given(option) && value != it->second) conflict(option, std::to_string(value), std::to_string(it->second));
+    value = it->second;
+  };
+  auto scalar_setting = [&](const char* key, const char* option, double& value) {
+    const auto it = c.scalars.find(key);
+    if (it == c.scalars.end()) return;
+    if (!std::isfinite(it->second) || it->second < 0)
+      throw std::runtime_error(src + ": scalar " + key + " is " + num(it->second));
+    if (given(option) && value != it->second) conflict(option, num(value), num(it->second));
+    value = it->second;
+  };
+  auto meta_setting = [&](const char* key, const char* option, const std::string& mine,
+                          const std::function<void(const std::string&)>& set) {
+    const auto it = c.meta.find(key);
+    if (it == c.meta.end()) return;
+    if (given(option) && mine != it->second)
+      conflict(std::string(option) == "quantization" ? "quantization flags" : option, mine, it->second);
+    try {
+      set(it->second);
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error(src + ": /meta " + key + " '" + it->second + "': " + e.what());
+    }
+  };
+  counter_setting("batch_size", "--batch-size", o_.data.batch_size);
+  const int64_t epochs = o_.epochs;
+  const auto e = c.counters.find("epochs");
+  if (e != c.counters.end()) {
+    if (e->second < 1) throw std::runtime_error(src + ": counter epochs is " + std::to_string(e->second));
+    if (given("--epochs") && epochs != e->second)
+      log().info("--epochs {}: the run of {} epochs in {} now ends after epoch {} (its learning-rate schedule with it)",
+                 epochs, e->second, src, epochs);
+    else
+      o_.epochs = e->second;
+  }
+  scalar_setting("peak_lr", "--lr", o_.lr);
+  scalar_setting("momentum", "--momentum", o_.momentum);
+  scalar_setting("weight_decay", "--weight-decay", o_.weight_decay);
+  scalar_setting("label_smoothing", "--label-smoothing", o_.label_smoothing);
+  scalar_setting("warmup", "--warmup", o_.warmup);
+  meta_setting("config", "quantization", o_.quant.to_flags(),
+               [&](const std::string& v) { o_.quant = QuantConfig::from_flags(v); });
+  meta_setting("optimizer", "--nesterov", o_.nesterov ? "sgd-nesterov" : "sgd", [&](const std::string& v) {
+    if (v != "sgd" && v != "sgd-nesterov") throw std::invalid_argument("unknown optimizer");
+    o_.nesterov = v == "sgd-nesterov";
+  });
+  meta_setting("schedule", "--lr-schedule", to_string(o_.schedule),
+               [&](const std::string& v) { o_.schedule = parse_schedule(v); });
+  meta_setting("amp", "--amp", to_string(o_.amp), [&](const std::string& v) { o_.amp = parse_amp(v); });
+  meta_setting("milestones", "--milestones", list_text(o_.milestones), [&](const std::string& v) {
+    o_.milestones.clear();
+    std::istringstream in(v);
+    std::string item;
+    while (std::getline(in, item, ',')) {
+      size_t pos = 0;
+      double m = 0;
+      try {
+        m = std::stod(item, &pos);
+      } catch (const std::exception&) {
+        pos = 0;
+      }
+      if (pos == 0 || pos != item.size() || !std::isfinite(m)) throw std::invalid_argument("not a number list");
+      o_.milestones.push_back(m);
+    }
+  });
+}
+
 void Trainer::restore(const ckpt::Checkpoint& c) {
   const std::string& src = o_.resume;
+  if (const std::string bad = first_nonfinite(c); !bad.empty())
+    throw std::runtime_error(src + ": '" + bad +
+                             "' holds inf or NaN: the run had diverged; resume from an earlier checkpoint");
   load_state(*model_, c, src);
   // Momentum buffers, by parameter name.
   std::map<std::string, torch::Tensor> bufs(c.optimizer.begin(), c.optimizer.end());
@@ -140,7 +251,11 @@ void Trainer::restore(const ckpt::Checkpoint& c) {
     st->momentum_buffer(it->second.to(p.value().options()));
     state[p.value().unsafeGetTensorImpl()] = std::move(st);
   }
-  load_adaptive_state(*model_, c.adaptive);
+  try {
+    load_adaptive_state(*model_, c.adaptive);
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(src + ": " + e.what());
+  }
   for (const auto& [key, t] : c.rng) {
     if (key != "cpu" && !(key == "cuda" && dev_.is_cuda())) continue;
     at::Generator g = at::globalContext().defaultGenerator(key == "cpu" ? c10::Device(c10::kCPU) : dev_);
@@ -154,6 +269,11 @@ void Trainer::restore(const ckpt::Checkpoint& c) {
   epoch_ = counter(c, "epoch", src);
   step_ = counter(c, "step", src);
   batch_ = counter(c, "batch", src);
+  const int64_t per_epoch = train_loader_->batches_per_epoch();
+  if (epoch_ < 0 || step_ < 0 || batch_ < 0 || batch_ > per_epoch)
+    throw std::runtime_error(src + ": counters epoch " + std::to_string(epoch_) + ", step " + std::to_string(step_) +
+                             ", batch " + std::to_string(batch_) + " do not fit a run of " +
+                             std::to_string(per_epoch) + " batches an epoch");
   auto scalar = [&](const char* k) {
     auto it = c.scalars.find(k);
     return it == c.scalars.end() ? 0.0 : it->second;
@@ -187,7 +307,10 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
                 {"seed", static_cast<int64_t>(seed_)},
                 {"batch_size", o_.data.batch_size},
                 {"epochs", o_.epochs}};
+  c.meta["milestones"] = list_text(o_.milestones);
   c.scalars = {{"lr", lr_},
+               {"peak_lr", o_.lr},
+               {"warmup", o_.warmup},
                {"momentum", o_.momentum},
                {"weight_decay", o_.weight_decay},
                {"label_smoothing", o_.label_smoothing},
@@ -225,6 +348,9 @@ int Trainer::run() {
   detail::SignalScope signals;  // before the workspace appears: scripts wait for it
   detail::make_folders(o_.workspace);
   detail::check_writable(o_.workspace, in_workspace(".aq-write-test." + std::to_string(::getpid())));
+  const detail::WorkspaceLock lock(o_.workspace, in_workspace(".aq-train.lock"));
+  for (const auto& f : detail::remove_stale_temporaries(o_.workspace))
+    log().info("removed {}, left by a run that was killed while writing a checkpoint", f);
   const int64_t per_epoch = train_loader_->batches_per_epoch();
   if (per_epoch == 0) throw std::runtime_error(dataset_ + ": no training batch (dataset smaller than --batch-size with drop_last)");
   const int64_t total = per_epoch * o_.epochs;
@@ -245,7 +371,13 @@ int Trainer::run() {
   Step train_step(*model_, dev_, so);
   LrSchedule schedule{o_.schedule, o_.lr, o_.warmup, o_.milestones, o_.epochs};
   const auto& signal = detail::signal_flag();
+  bool saved_epoch = false;  // this process wrote the checkpoint of the last finished step
   for (; epoch_ < o_.epochs; ++epoch_) {
+    if (const int sig = signal.load(); sig && saved_epoch) {
+      log().warn("stopped by signal {} after epoch {}: its checkpoint is {}; continue with --resume", sig, epoch_,
+                 in_workspace("checkpoint.h5"));
+      return 128 + sig;
+    }
     model_->train();
     train_loader_->start(epoch_, batch_);
     reset_peak(dev_);
@@ -285,15 +417,20 @@ int Trainer::run() {
     part.loss_sum += loss_sum.item<double>();
     part.correct += static_cast<double>(correct.item<int64_t>());
     part.seen += static_cast<double>(seen_now);
-    const int sig = signal.load();
-    if (sig) {
+    // On a signal, the checkpoint of the last finished step: before the
+    // evaluation, or as soon as one comes during it (a large test set takes
+    // longer than a cluster's grace period).
+    const auto stop_by_signal = [&](int sig) {
       save(epoch_, batch_, part, false);
       log().warn("stopped by signal {} at epoch {}, batch {}: checkpoint written to {}; continue with --resume",
                  sig, epoch_ + 1, batch_, in_workspace("checkpoint.h5"));
       return 128 + sig;
-    }
+    };
+    if (const int sig = signal.load()) return stop_by_signal(sig);
     const auto peak = memory(dev_).peak;
-    const auto val = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
+    const auto val = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches,
+                              [&] { return signal.load() != 0; });
+    if (val.stopped) return stop_by_signal(signal.load());
     const bool mid_epoch = stop && batch_ < per_epoch;
     EpochRow row;
     row.epoch = epoch_ + 1;
@@ -308,15 +445,26 @@ int Trainer::run() {
     row.act_mb = part.act_n ? part.act_sum / part.act_n / 1048576.0 : 0.0;
     row.peak_mb = peak / 1048576.0;
     history_.push_back(row.values());
-    if (obs_.epoch) obs_.epoch(row);
+    // The checkpoint first: an observer that fails (its output closed) must
+    // not cost the epoch.
     if (mid_epoch) {
       save(epoch_, batch_, part, false);
+      if (obs_.epoch) obs_.epoch(row);
       log().info("--max-steps {} reached at epoch {}, batch {}: checkpoint written", o_.max_steps, epoch_ + 1,
                  batch_);
       return 0;
     }
     batch_ = 0;
     save(epoch_ + 1, 0, {}, o_.gather_checkpoints);
+    saved_epoch = true;
+    if (obs_.epoch) {
+      try {
+        obs_.epoch(row);
+      } catch (const std::exception& e) {
+        throw std::runtime_error(std::string(e.what()) + " (the checkpoint of epoch " + std::to_string(epoch_ + 1) +
+                                 " is written: continue with --resume)");
+      }
+    }
     log().info("epoch {}/{}: train loss {:.4f}, val top-1 {:.2f}%", epoch_ + 1, o_.epochs, row.train_loss, val.top1);
     if (stop) {
       ++epoch_;
