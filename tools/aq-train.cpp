@@ -3,12 +3,53 @@
 // epoch on stdout, logs and progress on stderr, HDF5 checkpoints in the
 // workspace.  See aq-train(1).
 #include "aq/cli.h"
+#include "aq/data.h"
+#include "aq/log.h"
 #include "aq/train.h"
 #include "aq/variance.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
+#include <thread>
 #include <stdexcept>
 #include <string>
+
+namespace {
+
+// --check-data: every sample of both splits read once; exit 1 when one fails
+// and --bad-images is fail.
+int check(const aq::data::DataOptions& d, bool progress) {
+  const std::string name = aq::data::resolve_name(d.dataset, d.num_classes);
+  aq::data::OpenOptions oo;
+  oo.image_size = d.image_size;
+  if (d.num_classes > 0) oo.synthetic_classes = d.num_classes;
+  const int workers = d.workers > 0 ? d.workers : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const bool bar = progress && isatty(STDERR_FILENO);
+  std::printf("split\timages\tbad\n");
+  int64_t bad = 0;
+  for (auto split : {aq::data::Split::kTrain, aq::data::Split::kTest}) {
+    const char* label = split == aq::data::Split::kTrain ? "train" : "test";
+    const auto set = aq::data::open(name, d.data_dir, split, oo);
+    const auto r = aq::data::check(*set, workers, [&](int64_t done) {
+      if (bar) std::fprintf(stderr, "\r\033[Kchecking %s: %lld/%lld", label, static_cast<long long>(done),
+                            static_cast<long long>(set->size()));
+    });
+    if (bar) std::fprintf(stderr, "\r\033[K");
+    for (const auto& [index, message] : r.bad) aq::log().warn("bad image: {}", message);
+    std::printf("%s\t%lld\t%zu\n", label, static_cast<long long>(r.images), r.bad.size());
+    std::fflush(stdout);
+    bad += static_cast<int64_t>(r.bad.size());
+  }
+  if (bad > 0 && d.bad_images == aq::data::BadImages::kFail) {
+    aq::log().error("{} image(s) cannot be read (--bad-images fail)", bad);
+    return aq::cli::kRuntime;
+  }
+  return aq::cli::kOk;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"aq-train: train a model with activations saved as compressed low-bit copies; TSV on stdout",
@@ -29,6 +70,10 @@ int main(int argc, char** argv) {
   app.add_option("--val-batches", o.val_batches, "Evaluate on the first N test batches (0: all)")
       ->check(aq::cli::NonNegative)->capture_default_str()->group(r);
   app.add_option("--calibration", o.calibration, "Start adaptive precision from this aq-calibrate file")->group(r);
+  bool check_data = false;
+  app.add_flag("--check-data", check_data,
+               "Only read every image of both splits and report those that fail (TSV: split, images, bad)")
+      ->group(r);
   return aq::cli::run(app, argc, argv, [&]() -> int {
     const auto& v = table.values;
     o.device = table.apply_common();
@@ -50,6 +95,7 @@ int main(int argc, char** argv) {
     o.schedule = aq::train::parse_schedule(schedule);
     o.nesterov = aq::parse_bool(nesterov);
     o.progress = v.verbosity >= 0;
+    if (check_data) return check(o.data, v.verbosity >= 0);
     if (v.training_only) {  // ActNN's gradient-variance mode: aq-variance's measurement
       if (!o.evaluate) throw std::invalid_argument("--training-only goes with --evaluate");
       if (!v.resume2.empty() && v.resume2 != o.resume)

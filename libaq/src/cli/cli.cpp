@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <new>
 #include <sstream>
@@ -133,6 +134,15 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
         "Classes (0: the dataset's; --dataset cifar10 --num-classes 100 reads CIFAR-100)", d, &NonNegative);
   add(kModel | kEval, true, "-j,--workers", v.data.workers, "Data loading threads (0: in the calling thread)", d,
       &NonNegative);
+  if (tool_ & (kModel | kEval)) {
+    static const std::map<std::string, data::BadImages> kBadImages = {{"skip", data::BadImages::kSkip},
+                                                                       {"fail", data::BadImages::kFail}};
+    app.add_option("--bad-images", v.data.bad_images,
+                   "An image file that cannot be read or decoded: skip it (with a warning, counted) or fail")
+        ->transform(CLI::CheckedTransformer(kBadImages))
+        ->default_str("skip")
+        ->group(d);
+  }
   add(kModel | kEval | kBench, true, "-b,--batch-size", v.data.batch_size, "Batch size", d, &Positive);
   add(kModel | kEval | kBenchAll, false, "--image-size", v.data.image_size,
       bench ? "Image side" : "Image side for imagenet and synthetic data", d, &Positive);

@@ -108,6 +108,7 @@ void Trainer::setup() {
   lo.workers = o_.data.workers;
   lo.seed = seed_;
   lo.pin_memory = dev_.is_cuda();
+  lo.bad_images = o_.data.bad_images;
   train_loader_ = std::make_unique<data::Loader>(train_set_, lo);
   lo.shuffle = lo.augment = false;
   test_loader_ = std::make_unique<data::Loader>(test_set_, lo);
@@ -259,6 +260,7 @@ int Trainer::run() {
     while (auto b = train_loader_->next()) {
       lr_ = schedule.at(step_, total, per_epoch);
       for (auto& g : opt_->param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr_);
+      for (const auto& m : train_loader_->take_skipped()) log().warn("skipped: {}", m);
       const StepResult r = train_step(b->images, b->labels, b->indices, opt_.get());
       part.act_sum += static_cast<double>(r.activations);
       part.act_n += 1;
@@ -293,7 +295,9 @@ int Trainer::run() {
       return 128 + sig;
     }
     const auto peak = memory(dev_).peak;
+    for (const auto& m : train_loader_->take_skipped()) log().warn("skipped: {}", m);
     const auto val = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
+    for (const auto& m : test_loader_->take_skipped()) log().warn("skipped: {}", m);
     const bool mid_epoch = stop && batch_ < per_epoch;
     EpochRow row;
     row.epoch = epoch_ + 1;
@@ -317,7 +321,8 @@ int Trainer::run() {
     }
     batch_ = 0;
     save(epoch_ + 1, 0, {}, o_.gather_checkpoints);
-    log().info("epoch {}/{}: train loss {:.4f}, val top-1 {:.2f}%", epoch_ + 1, o_.epochs, row.train_loss, val.top1);
+    log().info("epoch {}/{}: train loss {:.4f}, val top-1 {:.2f}%, bad images skipped {} train, {} val", epoch_ + 1,
+               o_.epochs, row.train_loss, val.top1, train_loader_->skipped(), test_loader_->skipped());
     if (stop) {
       ++epoch_;
       break;
