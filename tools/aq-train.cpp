@@ -70,7 +70,14 @@ int main(int argc, char** argv) {
   app.add_option("--val-batches", o.val_batches, "Evaluate on the first N test batches (0: all)")
       ->check(aq::cli::NonNegative)->capture_default_str()->group(r);
   app.add_option("--calibration", o.calibration, "Start adaptive precision from this aq-calibrate file")->group(r);
-  bool check_data = false;
+  bool check_data = false, overwrite = false;
+  int64_t checkpoint_interval = 0;
+  app.add_flag("--overwrite", overwrite,
+               "Without --resume: replace the workspace's checkpoint.h5 and metrics.tsv (else refused, exit 2)")
+      ->group(r);
+  app.add_option("--checkpoint-interval", checkpoint_interval,
+                 "Also write the checkpoint every N steps within an epoch (0: at epoch ends only)")
+      ->check(aq::cli::NonNegative)->capture_default_str()->group(r);
   app.add_flag("--check-data", check_data,
                "Only read every image of both splits and report those that fail (TSV: split, images, bad)")
       ->group(r);
@@ -95,6 +102,8 @@ int main(int argc, char** argv) {
     o.schedule = aq::train::parse_schedule(schedule);
     o.nesterov = aq::parse_bool(nesterov);
     o.progress = v.verbosity >= 0;
+    o.overwrite = overwrite;
+    o.checkpoint_interval = checkpoint_interval;
     if (check_data) return check(o.data, v.verbosity >= 0);
     if (v.training_only) {  // ActNN's gradient-variance mode: aq-variance's measurement
       if (!o.evaluate) throw std::invalid_argument("--training-only goes with --evaluate");
@@ -119,9 +128,7 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     };
     obs.epoch = [](const aq::train::EpochRow& e) {
-      std::printf("%lld\t%lld\t%.6g\t%.4f\t%.2f\t%.4f\t%.2f\t%.2f\t%.1f\t%.2f\t%.2f\n", static_cast<long long>(e.epoch),
-                  static_cast<long long>(e.step), e.lr, e.train_loss, e.train_acc, e.val_loss, e.val_top1, e.val_top5,
-                  e.img_per_s, e.act_mb, e.peak_mb);
+      std::fputs(e.tsv().c_str(), stdout);
       std::fflush(stdout);
     };
     obs.evaluated = [](const std::string& file, const aq::train::EvalResult& e) {

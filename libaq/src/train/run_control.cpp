@@ -28,11 +28,13 @@ SignalScope::SignalScope() {
   sa.sa_flags = SA_RESETHAND;
   sigaction(SIGINT, &sa, &old_int_);
   sigaction(SIGTERM, &sa, &old_term_);
+  sigaction(SIGUSR1, &sa, &old_usr1_);  // SLURM's --signal=USR1@T: time left to checkpoint
 }
 
 SignalScope::~SignalScope() {
   sigaction(SIGINT, &old_int_, nullptr);
   sigaction(SIGTERM, &old_term_, nullptr);
+  sigaction(SIGUSR1, &old_usr1_, nullptr);
 }
 
 // POSIX calls, not std::filesystem: LibTorch exports its own copies of some

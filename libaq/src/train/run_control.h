@@ -13,7 +13,7 @@ namespace aq::train::detail {
 // The signal that asked the run to stop (0: none).
 std::atomic<int>& signal_flag();
 
-// While in scope, SIGINT and SIGTERM set signal_flag(), which the loop reads
+// While in scope, SIGINT, SIGTERM and SIGUSR1 set signal_flag(), which the loop reads
 // after each step; a second one (SA_RESETHAND) kills as usual.
 class SignalScope {
  public:
@@ -23,7 +23,7 @@ class SignalScope {
   SignalScope& operator=(const SignalScope&) = delete;
 
  private:
-  struct sigaction old_int_ {}, old_term_ {};
+  struct sigaction old_int_ {}, old_term_ {}, old_usr1_ {};
 };
 
 // mkdir -p PATH.  With create false nothing is made: it only checks, before

@@ -11,7 +11,11 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
+#include <sys/stat.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <chrono>
 #include <cmath>
@@ -68,14 +72,92 @@ class Trainer {
   Partial partial_;
   std::vector<std::vector<double>> history_;
   std::optional<ckpt::Checkpoint> resumed_;
+  std::string resume_;  // the checkpoint to continue from ("auto" resolved); empty: none
   double lr_ = 0;
+
+  void resolve_resume();
+  void start_metrics();
+  void append_metrics(const EpochRow& row);
+  Partial partial_now(const Partial& part, const torch::Tensor& loss_sum, const torch::Tensor& correct,
+                      int64_t seen_now) const;
 };
 
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+// The file `path` with `text` in it, through a temporary file renamed over it.
+void write_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) throw std::runtime_error(path + ": cannot write: " + std::strerror(errno));
+  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  if (std::fclose(f) != 0 || !ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int e = errno;
+    std::remove(tmp.c_str());
+    throw std::runtime_error(path + ": cannot write: " + std::strerror(e));
+  }
+}
+
+std::string tsv_line(const std::vector<std::string>& cells) {
+  std::string s;
+  for (size_t i = 0; i < cells.size(); ++i) s += (i ? "\t" : "") + cells[i];
+  return s + "\n";
+}
+
+void Trainer::resolve_resume() {
+  const std::string ckpt = in_workspace("checkpoint.h5"), metrics = in_workspace("metrics.tsv");
+  resume_ = o_.resume;
+  if (resume_ == "auto") {
+    resume_ = exists(ckpt) ? ckpt : "";
+    log().info("--resume auto: {}", resume_.empty() ? "no " + ckpt + ", starting" : "continuing " + ckpt);
+  }
+  if (o_.evaluate || !resume_.empty() || o_.overwrite) return;
+  if (o_.resume.empty()) {  // --resume auto with nothing to continue may replace a stale metrics file
+    for (const auto& f : {ckpt, metrics})
+      if (exists(f))
+        throw std::invalid_argument(f + " exists: continue its run with --resume auto, or replace it with --overwrite");
+  }
+}
+
+void Trainer::start_metrics() {
+  // A resumed run's file is rewritten from the checkpoint's history: rows of
+  // epochs after the checkpoint (a run killed between a row and its
+  // checkpoint) are not repeated.
+  std::string text = tsv_line(EpochRow::columns());
+  for (const auto& v : history_) {
+    EpochRow r;
+    r.epoch = static_cast<int64_t>(v.at(0)), r.step = static_cast<int64_t>(v.at(1)), r.lr = v.at(2);
+    r.train_loss = v.at(3), r.train_acc = v.at(4), r.val_loss = v.at(5), r.val_top1 = v.at(6), r.val_top5 = v.at(7);
+    r.img_per_s = v.at(8), r.act_mb = v.at(9), r.peak_mb = v.at(10);
+    text += r.tsv();
+  }
+  write_atomically(in_workspace("metrics.tsv"), text);
+}
+
+void Trainer::append_metrics(const EpochRow& row) {
+  const std::string path = in_workspace("metrics.tsv");
+  FILE* f = std::fopen(path.c_str(), "ab");
+  const std::string line = row.tsv();
+  const bool ok = f && std::fwrite(line.data(), 1, line.size(), f) == line.size();
+  if (!f || std::fclose(f) != 0 || !ok) throw std::runtime_error(path + ": cannot append: " + std::strerror(errno));
+}
+
+Partial Trainer::partial_now(const Partial& part, const torch::Tensor& loss_sum, const torch::Tensor& correct,
+                             int64_t seen_now) const {
+  Partial p = part;
+  p.loss_sum += loss_sum.item<double>();
+  p.correct += static_cast<double>(correct.item<int64_t>());
+  p.seen += static_cast<double>(seen_now);
+  return p;
+}
+
 void Trainer::setup() {
-  if (!o_.resume.empty()) resumed_ = ckpt::load(o_.resume);
+  if (!resume_.empty()) resumed_ = ckpt::load(resume_);
   dataset_ = data::resolve_name(o_.data.dataset, o_.data.num_classes);
   if (resumed_) {
-    const std::string src = o_.resume;
+    const std::string src = resume_;
     if (meta(*resumed_, "arch", src) != o_.arch)
       throw std::runtime_error(src + ": checkpoint is a " + meta(*resumed_, "arch", src) + ", --arch says " + o_.arch);
     if (meta(*resumed_, "dataset", src) != dataset_)
@@ -127,7 +209,7 @@ void Trainer::setup() {
 }
 
 void Trainer::restore(const ckpt::Checkpoint& c) {
-  const std::string& src = o_.resume;
+  const std::string& src = resume_;
   load_state(*model_, c, src);
   // Momentum buffers, by parameter name.
   std::map<std::string, torch::Tensor> bufs(c.optimizer.begin(), c.optimizer.end());
@@ -217,10 +299,11 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
 
 int Trainer::run() {
   if (!o_.evaluate) detail::make_folders(o_.workspace, false);
+  resolve_resume();
   setup();
   if (o_.evaluate) {
     const auto r = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
-    if (obs_.evaluated) obs_.evaluated(o_.resume.empty() ? "(initial)" : o_.resume, r);
+    if (obs_.evaluated) obs_.evaluated(resume_.empty() ? "(initial)" : resume_, r);
     return 0;
   }
   detail::SignalScope signals;  // before the workspace appears: scripts wait for it
@@ -229,12 +312,13 @@ int Trainer::run() {
   const int64_t per_epoch = train_loader_->batches_per_epoch();
   if (per_epoch == 0) throw std::runtime_error(dataset_ + ": no training batch (dataset smaller than --batch-size with drop_last)");
   const int64_t total = per_epoch * o_.epochs;
+  start_metrics();
   if (epoch_ >= o_.epochs) {
-    log().info("{} has already trained {} of --epochs {}: nothing to do", o_.resume, epoch_, o_.epochs);
+    log().info("{} has already trained {} of --epochs {}: nothing to do", resume_, epoch_, o_.epochs);
     return 0;
   }
   if (o_.max_steps > 0 && step_ >= o_.max_steps) {
-    log().info("{} is already at step {} of --max-steps {}: nothing to do", o_.resume, step_, o_.max_steps);
+    log().info("{} is already at step {} of --max-steps {}: nothing to do", resume_, step_, o_.max_steps);
     return 0;
   }
   if (obs_.training) obs_.training();
@@ -276,6 +360,11 @@ int Trainer::run() {
         bar.show(epoch_, o_.epochs, batch_, per_epoch, (part.loss_sum + loss_sum.item<double>()) / seen,
                  100.0 * (part.correct + correct.item<int64_t>()) / seen, seen_now / std::max(secs, 1e-9));
       }
+      if (o_.checkpoint_interval > 0 && step_ % o_.checkpoint_interval == 0 && batch_ < per_epoch &&
+          !signal.load()) {
+        save(epoch_, batch_, partial_now(part, loss_sum, correct, seen_now), false);
+        log().debug("checkpoint at step {}", step_);
+      }
       if (signal.load() || (o_.max_steps > 0 && step_ >= o_.max_steps)) {
         stop = true;
         break;
@@ -312,6 +401,7 @@ int Trainer::run() {
     row.act_mb = part.act_n ? part.act_sum / part.act_n / 1048576.0 : 0.0;
     row.peak_mb = peak / 1048576.0;
     history_.push_back(row.values());
+    append_metrics(row);
     if (obs_.epoch) obs_.epoch(row);
     if (mid_epoch) {
       save(epoch_, batch_, part, false);
@@ -337,6 +427,14 @@ const std::vector<std::string>& EpochRow::columns() {
   static const std::vector<std::string> c = {"epoch",    "step",     "lr",        "train_loss", "train_acc", "val_loss",
                                              "val_top1", "val_top5", "img_per_s", "act_mb",     "peak_mb"};
   return c;
+}
+
+std::string EpochRow::tsv() const {
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "%lld\t%lld\t%.6g\t%.4f\t%.2f\t%.4f\t%.2f\t%.2f\t%.1f\t%.2f\t%.2f\n",
+                static_cast<long long>(epoch), static_cast<long long>(step), lr, train_loss, train_acc, val_loss,
+                val_top1, val_top5, img_per_s, act_mb, peak_mb);
+  return buf;
 }
 
 std::vector<double> EpochRow::values() const {
