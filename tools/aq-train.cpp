@@ -71,7 +71,16 @@ int main(int argc, char** argv) {
       ->check(aq::cli::NonNegative)->capture_default_str()->group(r);
   app.add_option("--calibration", o.calibration, "Start adaptive precision from this aq-calibrate file")->group(r);
   bool check_data = false, overwrite = false;
-  int64_t checkpoint_interval = 0;
+  int64_t checkpoint_interval = 0, log_interval = -1;
+  app.add_option("--log-interval", log_interval,
+                 "A timestamped log line every N steps (0: none; default 100 when stderr is not a terminal, else none)")
+      ->check(aq::cli::NonNegative)->group(r);
+  std::string channels_last = "auto", cudnn_benchmark = "auto";
+  const std::string sp = "Speed (aq-bench's settings)";
+  app.add_option("--channels-last", channels_last, "Channels-last (NHWC) model and batches: auto (on CUDA), True or False")
+      ->capture_default_str()->group(sp);
+  app.add_option("--cudnn-benchmark", cudnn_benchmark, "cuDNN autotuning: auto (on CUDA), True or False")
+      ->capture_default_str()->group(sp);
   app.add_flag("--overwrite", overwrite,
                "Without --resume: replace the workspace's checkpoint.h5 and metrics.tsv (else refused, exit 2)")
       ->group(r);
@@ -104,6 +113,12 @@ int main(int argc, char** argv) {
     o.progress = v.verbosity >= 0;
     o.overwrite = overwrite;
     o.checkpoint_interval = checkpoint_interval;
+    o.log_interval = log_interval;
+    if (channels_last != "auto") o.channels_last = aq::parse_bool(channels_last);
+    if (cudnn_benchmark != "auto") o.cudnn_benchmark = aq::parse_bool(cudnn_benchmark);
+    // JPEG decoding is the bottleneck of a GPU step: load ahead unless -j says otherwise.
+    if (app.get_option("--workers")->count() == 0 && aq::data::resolve_name(o.data.dataset, o.data.num_classes) == "imagenet")
+      o.data.workers = static_cast<int>(std::min(16u, std::max(1u, std::thread::hardware_concurrency())));
     if (check_data) return check(o.data, v.verbosity >= 0);
     if (v.training_only) {  // ActNN's gradient-variance mode: aq-variance's measurement
       if (!o.evaluate) throw std::invalid_argument("--training-only goes with --evaluate");

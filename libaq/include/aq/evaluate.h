@@ -10,6 +10,7 @@
 #include <c10/core/Device.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace aq::train {
@@ -19,9 +20,11 @@ struct EvalResult {
   int64_t images = 0;
 };
 // Evaluates `model` (eval mode, no gradients, the step's autocast) on the
-// loader's epoch 0; `max_batches` 0: all.
+// loader's epoch 0; `max_batches` 0: all.  `progress(done, batches)`, when
+// given, is called after each batch.
 EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Device& device, Amp amp,
-                    int64_t max_batches = 0);
+                    int64_t max_batches = 0,
+                    const std::function<void(int64_t done, int64_t batches)>& progress = {});
 
 // The model a checkpoint describes (arch, in_channels, num_classes from its
 // metadata), with its parameters and buffers, converted by `config`.

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,7 +46,11 @@ struct Options {
   c10::Device device{c10::kCPU};
   uint64_t seed = 0;
   bool seed_given = false;
+  // What aq-bench measures with, on by default on CUDA (unset: on CUDA).
+  std::optional<bool> channels_last;    // parameters and batches in NHWC
+  std::optional<bool> cudnn_benchmark;  // cuDNN autotuning of convolution algorithms
   bool progress = true;              // progress bar on stderr when it is a terminal
+  int64_t log_interval = -1;         // a log line every N steps; 0: none; -1: 100 when stderr is no terminal, else none
   std::string command;               // recorded in checkpoints
 };
 

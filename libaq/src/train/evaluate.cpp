@@ -56,7 +56,7 @@ models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::str
 }
 
 EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Device& device, Amp amp,
-                    int64_t max_batches) {
+                    int64_t max_batches, const std::function<void(int64_t, int64_t)>& progress) {
   const bool was_training = model.is_training();
   model.eval();
   torch::NoGradGuard no_grad;
@@ -65,8 +65,10 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
   auto top5 = top1.clone();
   int64_t images = 0, batches = 0;
   loader.start(0);
+  const int64_t total = max_batches > 0 ? std::min(max_batches, loader.batches_per_epoch()) : loader.batches_per_epoch();
   while (auto b = loader.next()) {
-    if (max_batches > 0 && batches++ >= max_batches) break;
+    if (max_batches > 0 && batches >= max_batches) break;
+    ++batches;
     auto x = b->images.to(device, /*non_blocking=*/true);
     auto y = b->labels.to(device, /*non_blocking=*/true);
     torch::Tensor logits;
@@ -84,6 +86,7 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
     top1 += hit.select(1, 0).sum();
     top5 += hit.any(1).sum();
     images += y.size(0);
+    if (progress) progress(batches, total);
   }
   model.train(was_training);
   EvalResult r;

@@ -35,13 +35,6 @@ using detail::counter;
 using detail::meta;
 using detail::shape;
 
-std::string now_iso() {
-  char buf[32];
-  std::time_t t = std::time(nullptr);
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
-  return buf;
-}
-
 struct Partial {  // of the current epoch, kept across a mid-epoch checkpoint
   double loss_sum = 0, correct = 0, seen = 0, act_sum = 0, act_n = 0;
 };
@@ -72,6 +65,7 @@ class Trainer {
   Partial partial_;
   std::vector<std::vector<double>> history_;
   std::optional<ckpt::Checkpoint> resumed_;
+  bool channels_last_ = false;
   std::string resume_;  // the checkpoint to continue from ("auto" resolved); empty: none
   double lr_ = 0;
 
@@ -182,6 +176,13 @@ void Trainer::setup() {
                                 std::to_string(info.num_classes) + " classes");
   model_ = models::build(o_.arch, info.channels, info.num_classes, o_.quant);
   model_->to(dev_);
+  channels_last_ = o_.channels_last.value_or(dev_.is_cuda());
+  if (channels_last_) {
+    torch::NoGradGuard g;
+    for (auto& p : model_->parameters())
+      if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+  }
+  if (dev_.is_cuda()) at::globalContext().setBenchmarkCuDNN(o_.cudnn_benchmark.value_or(true));
   auto so = torch::optim::SGDOptions(o_.lr).momentum(o_.momentum).weight_decay(o_.weight_decay);
   so.nesterov(o_.nesterov && o_.momentum > 0);
   opt_ = std::make_unique<SGD>(model_->parameters(), so);
@@ -257,7 +258,7 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
             {"aq_version", AQ_VERSION},
             {"torch_version", std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                                   std::to_string(TORCH_VERSION_PATCH)},
-            {"created", now_iso()},
+            {"created", detail::now_utc()},
             {"optimizer", o_.nesterov ? "sgd-nesterov" : "sgd"},
             {"schedule", to_string(o_.schedule)},
             {"amp", to_string(o_.amp)}};
@@ -330,6 +331,17 @@ int Trainer::run() {
   Step train_step(*model_, dev_, so);
   LrSchedule schedule{o_.schedule, o_.lr, o_.warmup, o_.milestones, o_.epochs};
   const auto& signal = detail::signal_flag();
+  using Clock = std::chrono::steady_clock;
+  auto seconds = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
+  const int64_t log_every =
+      o_.log_interval >= 0 ? o_.log_interval : (isatty(STDERR_FILENO) ? 0 : 100);
+  const int64_t last_step = o_.max_steps > 0 ? std::min(total, o_.max_steps) : total;
+  const auto run_start = Clock::now();
+  const int64_t first_step = step_;
+  auto eta = [&] {  // from this process's pace so far
+    const int64_t done = step_ - first_step;
+    return done > 0 ? detail::duration(seconds(Clock::now() - run_start) / done * (last_step - step_)) : "?";
+  };
   for (; epoch_ < o_.epochs; ++epoch_) {
     model_->train();
     train_loader_->start(epoch_, batch_);
@@ -340,12 +352,25 @@ int Trainer::run() {
     auto correct = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(dev_));
     int64_t seen_now = 0;
     bool stop = false;
-    const auto t0 = std::chrono::steady_clock::now();
-    while (auto b = train_loader_->next()) {
+    const auto t0 = Clock::now();
+    auto since_log = t0;
+    Clock::duration waited{};  // in next() since the last log line
+    int64_t seen_at_log = 0;
+    for (;;) {
+      const auto tw = Clock::now();
+      auto b = train_loader_->next();
+      waited += Clock::now() - tw;
+      if (!b) break;
       lr_ = schedule.at(step_, total, per_epoch);
       for (auto& g : opt_->param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr_);
-      for (const auto& m : train_loader_->take_skipped()) log().warn("skipped: {}", m);
-      const StepResult r = train_step(b->images, b->labels, b->indices, opt_.get());
+      for (const auto& m : train_loader_->take_skipped()) {
+        bar.end();  // a message over the bar would leave the bar's text before it
+        log().warn("skipped: {}", m);
+      }
+      // On the device first: NHWC there, not a copy on the loading thread.
+      const auto images = channels_last_ ? b->images.to(dev_, /*non_blocking=*/true).contiguous(torch::MemoryFormat::ChannelsLast)
+                                         : b->images;
+      const StepResult r = train_step(images, b->labels, b->indices, opt_.get());
       part.act_sum += static_cast<double>(r.activations);
       part.act_n += 1;
       const auto& y = r.labels;
@@ -355,10 +380,26 @@ int Trainer::run() {
       ++step_;
       ++batch_;
       if (bar.due(batch_, per_epoch)) {
-        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const double seen = part.seen + seen_now;
-        bar.show(epoch_, o_.epochs, batch_, per_epoch, (part.loss_sum + loss_sum.item<double>()) / seen,
-                 100.0 * (part.correct + correct.item<int64_t>()) / seen, seen_now / std::max(secs, 1e-9));
+        const double secs = seconds(Clock::now() - t0), seen = part.seen + seen_now;
+        char text[160];
+        // ETA first: a narrow terminal cuts the end of the line.
+        std::snprintf(text, sizeof text, "ETA %s loss %.4f acc %.2f%% %.0f img/s", eta().c_str(),
+                      (part.loss_sum + loss_sum.item<double>()) / seen,
+                      100.0 * (part.correct + correct.item<int64_t>()) / seen, seen_now / std::max(secs, 1e-9));
+        bar.show("epoch " + std::to_string(epoch_ + 1) + "/" + std::to_string(o_.epochs), batch_, per_epoch, text);
+      }
+      if (log_every > 0 && step_ % log_every == 0) {
+        const auto now = Clock::now();
+        const double secs = std::max(seconds(now - since_log), 1e-9), seen = part.seen + seen_now;
+        bar.end();
+        log().info("{} step {}/{} epoch {}/{} batch {}/{} loss {:.4f} acc {:.2f}% lr {:.6g} {:.1f} img/s data wait {:.0f}% ETA {}",
+                   detail::now_utc(), step_, last_step, epoch_ + 1, o_.epochs, batch_, per_epoch,
+                   (part.loss_sum + loss_sum.item<double>()) / seen,
+                   100.0 * (part.correct + correct.item<int64_t>()) / seen, lr_, (seen_now - seen_at_log) / secs,
+                   100.0 * seconds(waited) / secs, eta());
+        since_log = now;
+        waited = {};
+        seen_at_log = seen_now;
       }
       if (o_.checkpoint_interval > 0 && step_ % o_.checkpoint_interval == 0 && batch_ < per_epoch &&
           !signal.load()) {
@@ -371,7 +412,7 @@ int Trainer::run() {
       }
     }
     if (dev_.is_cuda()) torch::cuda::synchronize(dev_.index());
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs = seconds(Clock::now() - t0);
     bar.end();
     part.loss_sum += loss_sum.item<double>();
     part.correct += static_cast<double>(correct.item<int64_t>());
@@ -385,7 +426,10 @@ int Trainer::run() {
     }
     const auto peak = memory(dev_).peak;
     for (const auto& m : train_loader_->take_skipped()) log().warn("skipped: {}", m);
-    const auto val = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
+    const auto val = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches, [&](int64_t done, int64_t n) {
+      if (bar.due(done, n)) bar.show("validating " + std::to_string(epoch_ + 1) + "/" + std::to_string(o_.epochs), done, n, "");
+    });
+    bar.end();
     for (const auto& m : test_loader_->take_skipped()) log().warn("skipped: {}", m);
     const bool mid_epoch = stop && batch_ < per_epoch;
     EpochRow row;
