@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 #include <jpeglib.h>
+#include <png.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -630,6 +631,130 @@ TEST(DataFolder, FolderErrors) {
   EXPECT_THROW(aq::data::open("imagenet", "", Split::kTrain), std::runtime_error);
 }
 
+// A JPEG of 4-channel ink (CMYK, or YCCK when `ycck`) as libjpeg writes it:
+// with an Adobe marker, the bytes given stored as they are (Adobe's
+// convention, which PIL assumes: 255 - ink).
+void write_cmyk_jpeg(const fs::path& path, int w, int h, std::array<int, 4> stored, bool ycck) {
+  make_dirs(path.parent_path());
+  FILE* f = std::fopen(path.string().c_str(), "wb");
+  ASSERT_NE(f, nullptr) << path;
+  jpeg_compress_struct c{};
+  jpeg_error_mgr err{};
+  c.err = jpeg_std_error(&err);
+  jpeg_create_compress(&c);
+  jpeg_stdio_dest(&c, f);
+  c.image_width = w;
+  c.image_height = h;
+  c.input_components = 4;
+  c.in_color_space = JCS_CMYK;
+  jpeg_set_defaults(&c);
+  jpeg_set_colorspace(&c, ycck ? JCS_YCCK : JCS_CMYK);
+  jpeg_set_quality(&c, 100, TRUE);
+  jpeg_start_compress(&c, TRUE);
+  std::vector<uint8_t> row(size_t(w) * 4);
+  for (int x = 0; x < w; ++x)
+    for (int k = 0; k < 4; ++k) row[x * 4 + k] = static_cast<uint8_t>(stored[k]);
+  while (c.next_scanline < c.image_height) {
+    JSAMPROW r = row.data();
+    jpeg_write_scanlines(&c, &r, 1);
+  }
+  jpeg_finish_compress(&c);
+  jpeg_destroy_compress(&c);
+  std::fclose(f);
+}
+
+// A PNG through libpng: `colour_type` PNG_COLOR_TYPE_*, `depth` 8 or 16,
+// every pixel the samples `px` (in the file's channel order, at its depth).
+void write_png(const fs::path& path, int w, int h, int colour_type, int depth, const std::vector<int>& px,
+               const std::vector<png_color>& palette = {}) {
+  make_dirs(path.parent_path());
+  FILE* f = std::fopen(path.string().c_str(), "wb");
+  ASSERT_NE(f, nullptr) << path;
+  png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
+  png_infop info = png_create_info_struct(png);
+  png_init_io(png, f);
+  png_set_IHDR(png, info, w, h, depth, colour_type, PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
+               PNG_FILTER_TYPE_DEFAULT);
+  if (!palette.empty()) png_set_PLTE(png, info, palette.data(), static_cast<int>(palette.size()));
+  png_write_info(png, info);
+  const size_t bytes = depth / 8, n = px.size();
+  std::vector<uint8_t> row(size_t(w) * n * bytes);
+  for (int x = 0; x < w; ++x)
+    for (size_t k = 0; k < n; ++k) {
+      uint8_t* p = row.data() + (x * n + k) * bytes;
+      if (bytes == 2) {
+        p[0] = static_cast<uint8_t>(px[k] >> 8);
+        p[1] = static_cast<uint8_t>(px[k] & 255);
+      } else {
+        p[0] = static_cast<uint8_t>(px[k]);
+      }
+    }
+  for (int y = 0; y < h; ++y) png_write_row(png, row.data());
+  png_write_end(png, nullptr);
+  png_destroy_write_struct(&png, &info);
+  std::fclose(f);
+}
+
+// PIL's CMYK to RGB of Adobe-stored samples (Pillow's cmyk2rgb, MULDIV255).
+std::array<int, 3> pil_cmyk(std::array<int, 4> stored) {
+  const int nk = stored[3];  // 255 - k
+  std::array<int, 3> rgb{};
+  for (int c = 0; c < 3; ++c) {
+    const int ink = 255 - stored[c], t = ink * nk + 128;
+    rgb[c] = nk - (((t >> 8) + t) >> 8);
+  }
+  return rgb;
+}
+
+TEST(DataFolder, DecodesByContentEveryColourSpace) {
+  TempDir dir;
+  const std::array<int, 4> stored = {255, 127, 0, 191};  // ink 0, 128, 255, k 64
+  write_cmyk_jpeg(dir / "train/a/cmyk.JPEG", 24, 24, stored, false);
+  write_cmyk_jpeg(dir / "train/a/ycck.jpg", 24, 24, stored, true);
+  write_png(dir / "train/a/png_named.JPEG", 20, 30, PNG_COLOR_TYPE_RGB, 8, {10, 200, 90});
+  write_png(dir / "train/b/gray.png", 17, 17, PNG_COLOR_TYPE_GRAY, 8, {77});
+  write_png(dir / "train/b/rgba16.png", 16, 16, PNG_COLOR_TYPE_RGB_ALPHA, 16, {0xc8ff, 0x1e00, 0x2801, 0x0000});
+  write_png(dir / "train/b/palette.png", 16, 16, PNG_COLOR_TYPE_PALETTE, 8, {1}, {{0, 0, 0}, {20, 40, 220}});
+  write_solid(dir / "train/c/gray.jpg", 20, 20, kGrey, 1);
+  write_solid(dir / "train/c/rgb.png", 20, 20, kRed);  // a JPEG named .png
+  make_dirs(dir / "val");
+  aq::data::OpenOptions o;
+  o.image_size = 8;
+  auto ds = aq::data::open("imagenet", dir.str(), Split::kTrain, o);
+  ASSERT_EQ(ds->size(), 8);  // sorted: a/cmyk, a/png_named, a/ycck, b/gray, b/palette, b/rgba16, c/gray, c/rgb
+  const auto ink = pil_cmyk(stored);
+  EXPECT_EQ(ink, (std::array<int, 3>{191, 95, 0}));
+  const std::array<int, 3> want[] = {ink, {10, 200, 90}, ink, {77, 77, 77}, kBlue, {200, 30, 40}, kGrey, kRed};
+  for (int i = 0; i < 8; ++i)
+    for (bool augment : {false, true}) expect_colour(get(*ds, i, augment, 3), ds->info(), want[i], "decoded");
+}
+
+TEST(DataFolder, UnreadableImagesThrowBadImage) {
+  TempDir dir;
+  write_bytes(dir / "train/a/gif.jpg", {'G', 'I', 'F', '8', '9', 'a', 1, 0, 1, 0});
+  write_png(dir / "train/a/good.png", 8, 8, PNG_COLOR_TYPE_RGB, 8, {1, 2, 3});
+  std::ifstream in(dir / "train/a/good.png", std::ios::binary);
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  write_bytes(dir / "train/a/short.png", std::vector<uint8_t>(bytes.begin(), bytes.begin() + bytes.size() - 20));
+  bytes[40] ^= 0xff;  // in the image data: a CRC error
+  write_bytes(dir / "train/a/crc.png", bytes);
+  make_dirs(dir / "val");
+  auto ds = aq::data::open("imagenet", dir.str(), Split::kTrain);
+  ASSERT_EQ(ds->size(), 4);  // crc, gif, good, short
+  expect_error<aq::data::BadImage>([&] { get(*ds, 0, false, 0); }, {"crc.png", "PNG"});
+  expect_error<aq::data::BadImage>([&] { get(*ds, 1, false, 0); }, {"gif.jpg", "not a JPEG or PNG"});
+  EXPECT_NO_THROW(get(*ds, 2, false, 0));
+  expect_error<aq::data::BadImage>([&] { get(*ds, 3, true, 0); }, {"short.png"});
+  const auto r = aq::data::check(*ds, 2);
+  EXPECT_EQ(r.images, 4);
+  ASSERT_EQ(r.bad.size(), 3u);
+  EXPECT_EQ(r.bad[0].first, 0);
+  EXPECT_EQ(r.bad[1].first, 1);
+  EXPECT_EQ(r.bad[2].first, 3);
+  EXPECT_NE(r.bad[2].second.find("short.png"), std::string::npos);
+  EXPECT_EQ(aq::data::check(*ds, 0).bad, r.bad);
+}
+
 // --- Synthetic and open() ---------------------------------------------------------
 
 TEST(DataSynthetic, DeterministicAndNormalised) {
@@ -887,6 +1012,63 @@ TEST(DataLoader, WorkerExceptionSurfacesFromNext) {
     ASSERT_TRUE(after.has_value());
     EXPECT_EQ(after->indices[0].item<int64_t>(), 40);
   }
+}
+
+// Toy whose samples in `bad` throw BadImage.
+class BadToy : public Toy {
+ public:
+  BadToy(int64_t n, std::set<int64_t> bad) : Toy(n), bad_(std::move(bad)) {}
+  void get(int64_t i, bool augment, std::mt19937_64& rng, float* out) const override {
+    if (bad_.count(i)) throw aq::data::BadImage("toy" + std::to_string(i) + ".jpg: cannot decode");
+    Toy::get(i, augment, rng, out);
+  }
+
+ private:
+  std::set<int64_t> bad_;
+};
+
+TEST(DataLoader, BadImagesAreSkippedAndCountedOrFail) {
+  // Batch 1 (10..19) loses two samples, batch 2 (20..29) all of them.
+  std::set<int64_t> bad = {12, 17};
+  for (int64_t i = 20; i < 30; ++i) bad.insert(i);
+  auto ds = std::make_shared<BadToy>(40, bad);
+  for (int workers : {0, 2}) {
+    aq::data::LoaderOptions o;
+    o.batch_size = 10;
+    o.shuffle = false;
+    o.workers = workers;
+    o.bad_images = aq::data::BadImages::kSkip;
+    aq::data::Loader loader(ds, o);
+    loader.start(0);
+    std::vector<int64_t> sizes, seen;
+    while (auto b = loader.next()) {
+      sizes.push_back(b->labels.size(0));
+      ASSERT_EQ(b->images.size(0), b->labels.size(0));
+      for (int64_t k = 0; k < b->indices.size(0); ++k) {
+        const int64_t i = b->indices[k].item<int64_t>();
+        seen.push_back(i);
+        EXPECT_EQ(b->labels[k].item<int64_t>(), i % 3);
+        EXPECT_EQ(b->images[k][0][0][0].item<float>(), static_cast<float>(i));
+      }
+    }
+    EXPECT_EQ(sizes, (std::vector<int64_t>{10, 8, 10})) << workers;  // the empty batch passed over
+    EXPECT_EQ(seen.size(), 28u);
+    EXPECT_EQ(loader.skipped(), 12);
+    const auto messages = loader.take_skipped();
+    ASSERT_EQ(messages.size(), 12u);
+    EXPECT_EQ(messages[0], "toy12.jpg: cannot decode");
+    EXPECT_TRUE(loader.take_skipped().empty());
+    loader.start(1);
+    EXPECT_EQ(loader.skipped(), 0);
+
+    o.bad_images = aq::data::BadImages::kFail;
+    aq::data::Loader strict(ds, o);
+    strict.start(0);
+    ASSERT_TRUE(strict.next().has_value());
+    expect_error<aq::data::BadImage>([&] { strict.next(); }, {"toy12.jpg"});
+  }
+  EXPECT_EQ(aq::data::parse_bad_images("skip"), aq::data::BadImages::kSkip);
+  EXPECT_THROW(aq::data::parse_bad_images("ignore"), std::invalid_argument);
 }
 
 TEST(DataLoader, DestroyOrRestartWhileWorkersAreBusy) {

@@ -4,6 +4,7 @@
 #include "aq/cli.h"
 #include "aq/data.h"
 #include "aq/evaluate.h"
+#include "aq/log.h"
 
 #include <algorithm>
 #include <iostream>
@@ -59,8 +60,10 @@ int main(int argc, char** argv) {
         lo.shuffle = lo.augment = false;
         lo.workers = v.data.workers;
         lo.pin_memory = dev.is_cuda();
+        lo.bad_images = v.data.bad_images;
         aq::data::Loader loader(sets[key], lo);
         const auto r = aq::train::evaluate(*model, loader, dev, a, max_batches);
+        for (const auto& m : loader.take_skipped()) aq::log().warn("skipped: {}", m);
         std::printf("%s\t%.6f\t%.2f\t%.2f\t%lld\n", f.c_str(), r.loss, r.top1, r.top5, static_cast<long long>(r.images));
         std::fflush(stdout);  // a write error: exit 1 at the end, every file still evaluated
       } catch (const std::out_of_range&) {

@@ -3,12 +3,53 @@
 // epoch on stdout, logs and progress on stderr, HDF5 checkpoints in the
 // workspace.  See aq-train(1).
 #include "aq/cli.h"
+#include "aq/data.h"
+#include "aq/log.h"
 #include "aq/train.h"
 #include "aq/variance.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
+#include <thread>
 #include <stdexcept>
 #include <string>
+
+namespace {
+
+// --check-data: every sample of both splits read once; exit 1 when one fails
+// and --bad-images is fail.
+int check(const aq::data::DataOptions& d, bool progress) {
+  const std::string name = aq::data::resolve_name(d.dataset, d.num_classes);
+  aq::data::OpenOptions oo;
+  oo.image_size = d.image_size;
+  if (d.num_classes > 0) oo.synthetic_classes = d.num_classes;
+  const int workers = d.workers > 0 ? d.workers : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const bool bar = progress && isatty(STDERR_FILENO);
+  std::printf("split\timages\tbad\n");
+  int64_t bad = 0;
+  for (auto split : {aq::data::Split::kTrain, aq::data::Split::kTest}) {
+    const char* label = split == aq::data::Split::kTrain ? "train" : "test";
+    const auto set = aq::data::open(name, d.data_dir, split, oo);
+    const auto r = aq::data::check(*set, workers, [&](int64_t done) {
+      if (bar) std::fprintf(stderr, "\r\033[Kchecking %s: %lld/%lld", label, static_cast<long long>(done),
+                            static_cast<long long>(set->size()));
+    });
+    if (bar) std::fprintf(stderr, "\r\033[K");
+    for (const auto& [index, message] : r.bad) aq::log().warn("bad image: {}", message);
+    std::printf("%s\t%lld\t%zu\n", label, static_cast<long long>(r.images), r.bad.size());
+    std::fflush(stdout);
+    bad += static_cast<int64_t>(r.bad.size());
+  }
+  if (bad > 0 && d.bad_images == aq::data::BadImages::kFail) {
+    aq::log().error("{} image(s) cannot be read (--bad-images fail)", bad);
+    return aq::cli::kRuntime;
+  }
+  return aq::cli::kOk;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"aq-train: train a model with activations saved as compressed low-bit copies; TSV on stdout",
@@ -31,6 +72,26 @@ int main(int argc, char** argv) {
   app.add_option("--val-batches", o.val_batches, "Evaluate on the first N test batches (0: all)")
       ->check(aq::cli::NonNegative)->capture_default_str()->group(r);
   app.add_option("--calibration", o.calibration, "Start adaptive precision from this aq-calibrate file")->group(r);
+  bool check_data = false, overwrite = false;
+  int64_t checkpoint_interval = 0, log_interval = -1;
+  app.add_option("--log-interval", log_interval,
+                 "A timestamped log line every N steps (0: none; default 100 when stderr is not a terminal, else none)")
+      ->check(aq::cli::NonNegative)->group(r);
+  std::string channels_last = "auto", cudnn_benchmark = "auto";
+  const std::string sp = "Speed (aq-bench's settings)";
+  app.add_option("--channels-last", channels_last, "Channels-last (NHWC) model and batches: auto (on CUDA), True or False")
+      ->capture_default_str()->group(sp);
+  app.add_option("--cudnn-benchmark", cudnn_benchmark, "cuDNN autotuning: auto (on CUDA), True or False")
+      ->capture_default_str()->group(sp);
+  app.add_flag("--overwrite", overwrite,
+               "Without --resume: replace the workspace's checkpoint.h5 and metrics.tsv (else refused, exit 2)")
+      ->group(r);
+  app.add_option("--checkpoint-interval", checkpoint_interval,
+                 "Also write the checkpoint every N steps within an epoch (0: at epoch ends only)")
+      ->check(aq::cli::NonNegative)->capture_default_str()->group(r);
+  app.add_flag("--check-data", check_data,
+               "Only read every image of both splits and report those that fail (TSV: split, images, bad)")
+      ->group(r);
   return aq::cli::run(app, argc, argv, [&]() -> int {
     const auto& v = table.values;
     o.device = table.apply_common();
@@ -58,6 +119,15 @@ int main(int argc, char** argv) {
     for (const char* name : {"--qconfig", "--level", "--ca", "--cabits", "--ibits", "--pergroup", "--perlayer",
                              "--usegradient", "--group-size", "--range-dtype", "--rounding"})
       if (app.count(name)) o.given.insert("quantization");
+    o.overwrite = overwrite;
+    o.checkpoint_interval = checkpoint_interval;
+    o.log_interval = log_interval;
+    if (channels_last != "auto") o.channels_last = aq::parse_bool(channels_last);
+    if (cudnn_benchmark != "auto") o.cudnn_benchmark = aq::parse_bool(cudnn_benchmark);
+    // JPEG decoding is the bottleneck of a GPU step: load ahead unless -j says otherwise.
+    if (app.get_option("--workers")->count() == 0 && aq::data::resolve_name(o.data.dataset, o.data.num_classes) == "imagenet")
+      o.data.workers = static_cast<int>(std::min(16u, std::max(1u, std::thread::hardware_concurrency())));
+    if (check_data) return check(o.data, v.verbosity >= 0);
     if (v.training_only) {  // ActNN's gradient-variance mode: aq-variance's measurement
       if (!o.evaluate) throw std::invalid_argument("--training-only goes with --evaluate");
       if (!v.resume2.empty() && v.resume2 != o.resume)
@@ -81,9 +151,7 @@ int main(int argc, char** argv) {
       aq::cli::flush_stdout();
     };
     obs.epoch = [](const aq::train::EpochRow& e) {
-      std::printf("%lld\t%lld\t%.6g\t%.4f\t%.2f\t%.4f\t%.2f\t%.2f\t%.1f\t%.2f\t%.2f\n", static_cast<long long>(e.epoch),
-                  static_cast<long long>(e.step), e.lr, e.train_loss, e.train_acc, e.val_loss, e.val_top1, e.val_top5,
-                  e.img_per_s, e.act_mb, e.peak_mb);
+      std::fputs(e.tsv().c_str(), stdout);
       aq::cli::flush_stdout();
     };
     obs.evaluated = [](const std::string& file, const aq::train::EvalResult& e) {

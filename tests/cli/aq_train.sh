@@ -141,7 +141,7 @@ cp "$tmp/q/checkpoint.h5" "$tmp/keep.h5"
 "$EVAL" --data "$FMNIST" --max-batches 1 -q "$tmp/trunc.h5" "$tmp/text.h5" "$tmp/keep.h5" "$tmp/missing.h5" >"$tmp/ev3.tsv" 2>"$tmp/err"; rc=$?
 check "aq-eval: broken files exit 1, one line each, the good one still evaluated" \
   '[ $rc -eq 1 ] && [ $(wc -l <"$tmp/err") -eq 3 ] && grep -q "trunc.h5" "$tmp/err" && grep -q "text.h5: not an HDF5 file" "$tmp/err" && grep -q "missing.h5" "$tmp/err" && grep -q "keep.h5" "$tmp/ev3.tsv"'
-check "aq-eval wrote nothing next to the checkpoints" '[ -z "$(ls -A "$tmp/q" | grep -v -e "^checkpoint.h5$" -e "^.aq-train.lock$")" ]'
+check "aq-eval wrote nothing next to the checkpoints (the run's own metrics.tsv and lock aside)" '[ -z "$(ls -A "$tmp/q" | grep -v -e "^checkpoint.h5$" -e "^metrics.tsv$" -e "^.aq-train.lock$")" ]'
 "$TRAIN" "${common[@]}" --arch preact_resnet32 --resume "$tmp/q/checkpoint.h5" --workspace "$tmp/q" >/dev/null 2>"$tmp/err"; rc=$?
 check "resume with another --arch: exit 1, names both" '[ $rc -eq 1 ] && grep -q "preact_resnet20" "$tmp/err" && grep -q "preact_resnet32" "$tmp/err"'
 check "... and the checkpoint is untouched" 'cmp -s "$tmp/q/checkpoint.h5" "$tmp/keep.h5"'
@@ -282,7 +282,7 @@ for _ in $(seq 1 150); do [ -s "$tmp/lock/.aq-train.lock" ] && break; sleep 0.2;
 check "second run on a workspace: exit 1 naming the holder's PID" \
   '[ $rc -eq 1 ] && grep -q "is in use by another aq-train (PID $holder," "$tmp/err" && [ $(wc -l <"$tmp/err") -eq 1 ]'
 kill -KILL $holder; wait $holder 2>/dev/null
-"$TRAIN" --dataset cifar10 --epochs 1 -b 8 --val-batches 1 -q --workspace "$tmp/lock" "$tmp/cifar10" >/dev/null 2>"$tmp/err"; rc=$?
+"$TRAIN" --dataset cifar10 --epochs 1 -b 8 --val-batches 1 -q --overwrite --workspace "$tmp/lock" "$tmp/cifar10" >/dev/null 2>"$tmp/err"; rc=$?
 check "the lock file of a killed run blocks nothing" '[ $rc -eq 0 ] && [ -e "$tmp/lock/.aq-train.lock" ]'
 
 # --- standard output closed or full: the checkpoint is kept, exit 1 -----------------

@@ -2,7 +2,8 @@
 //
 // Datasets: Fashion-MNIST and MNIST (IDX files, gzipped or not), CIFAR-10
 // and CIFAR-100 (their binary distribution), an ImageNet-style folder of
-// class subfolders of JPEG files, and a synthetic dataset for benchmarks.
+// class subfolders of JPEG and PNG files (decoded by content, whatever their
+// name says), and a synthetic dataset for benchmarks.
 // Each knows its shape, class count, normalisation and augmentation.
 //
 // The loader yields batches of normalised float images with their labels and
@@ -15,15 +16,30 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <random>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace aq::data {
 
 enum class Split { kTrain, kTest };
+
+// An image file that cannot be read or decoded (the message names it).
+// Datasets throw it from get(); the loader may skip such samples.
+class BadImage : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// What the loader does with a sample whose get() throws BadImage: fail (the
+// exception reaches next()'s caller) or skip it (the batch is one smaller).
+enum class BadImages { kFail, kSkip };
+BadImages parse_bad_images(const std::string& text);  // "fail" or "skip"; throws std::invalid_argument
 
 // What a model needs to know about a dataset.
 struct Info {
@@ -83,6 +99,7 @@ struct DataOptions {
   int workers = 0;               // -j
   int64_t image_size = 224;      // imagenet, synthetic
   int64_t batch_size = 128;
+  BadImages bad_images = BadImages::kSkip;
 };
 
 struct Batch {
@@ -99,6 +116,7 @@ struct LoaderOptions {
   int workers = 0;        // threads preparing batches ahead; 0: in next()
   uint64_t seed = 0;
   bool pin_memory = false;  // batches in pinned host memory (for CUDA)
+  BadImages bad_images = BadImages::kFail;
 };
 
 class Loader {
@@ -112,8 +130,13 @@ class Loader {
   const Dataset& dataset() const { return *dataset_; }
   // Begins epoch `epoch` at its batch `first_batch` (resume).
   void start(int64_t epoch, int64_t first_batch = 0);
-  // The next batch of the epoch, nullopt at its end.
+  // The next batch of the epoch, nullopt at its end.  With BadImages::kSkip
+  // a batch may be smaller than the batch size; one left empty is passed over.
   std::optional<Batch> next();
+  // Samples skipped as bad in the batches next() returned since start().
+  int64_t skipped() const;
+  // The BadImage messages of those skipped samples not taken yet, in order.
+  std::vector<std::string> take_skipped();
 
  private:
   void start_workers();
@@ -123,5 +146,17 @@ class Loader {
   LoaderOptions options_;
   std::unique_ptr<State> state_;
 };
+
+// What check() found: the dataset's size and every sample that failed.
+struct CheckResult {
+  int64_t images = 0;
+  std::vector<std::pair<int64_t, std::string>> bad;  // index, BadImage message; by index
+};
+
+// Reads every sample of `dataset` (the evaluation transform), on `workers`
+// threads (0: the calling one), and reports those that throw BadImage; any
+// other exception propagates.  `progress(done)` is called from the calling
+// thread now and then.
+CheckResult check(const Dataset& dataset, int workers, const std::function<void(int64_t done)>& progress = {});
 
 }  // namespace aq::data

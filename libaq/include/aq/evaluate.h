@@ -22,9 +22,11 @@ struct EvalResult {
 };
 // Evaluates `model` (eval mode, no gradients, the step's autocast) on the
 // loader's epoch 0; `max_batches` 0: all.  `stop`, if given, is asked before
-// each batch (a signal that must not wait for a whole test set).
+// each batch (a signal that must not wait for a whole test set);
+// `progress(done, batches)`, if given, is called after each batch.
 EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Device& device, Amp amp,
-                    int64_t max_batches = 0, const std::function<bool()>& stop = {});
+                    int64_t max_batches = 0, const std::function<bool()>& stop = {},
+                    const std::function<void(int64_t done, int64_t batches)>& progress = {});
 
 // The model a checkpoint describes (arch, in_channels, num_classes from its
 // metadata), with its parameters and buffers, converted by `config`.

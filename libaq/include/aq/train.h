@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -37,14 +38,20 @@ struct Options {
   int64_t max_steps = 0;             // stop (with a checkpoint) after this many steps in all; 0: no limit
   // Run.
   std::string workspace = ".";
-  std::string resume;                // checkpoint to continue from
+  std::string resume;                // checkpoint to continue from; "auto": the workspace's, if any
+  bool overwrite = false;            // a fresh run may replace the workspace's checkpoint and metrics
+  int64_t checkpoint_interval = 0;   // also write the checkpoint every N steps; 0: at epoch ends only
   std::string calibration;           // aq-calibrate's file: adaptive statistics to start from
   bool gather_checkpoints = false;   // also keep checkpoint-<epoch>.h5
   bool evaluate = false;             // evaluate only
   c10::Device device{c10::kCPU};
   uint64_t seed = 0;
   bool seed_given = false;
+  // What aq-bench measures with, on by default on CUDA (unset: on CUDA).
+  std::optional<bool> channels_last;    // parameters and batches in NHWC
+  std::optional<bool> cudnn_benchmark;  // cuDNN autotuning of convolution algorithms
   bool progress = true;              // progress bar on stderr when it is a terminal
+  int64_t log_interval = -1;         // a log line every N steps; 0: none; -1: 100 when stderr is no terminal, else none
   std::string command;               // recorded in checkpoints
   // Settings given on the command line, by option name ("--batch-size",
   // "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
@@ -64,6 +71,7 @@ struct EpochRow {
   double act_mb = 0, peak_mb = 0;  // mean activation memory of a step, peak of the epoch
   static const std::vector<std::string>& columns();
   std::vector<double> values() const;
+  std::string tsv() const;  // one line of values, as aq-train prints and metrics.tsv holds
 };
 
 // Where run() hands its results as they come (any may be empty).
@@ -73,9 +81,13 @@ struct Observer {
   std::function<void(const std::string& checkpoint, const EvalResult&)> evaluated;  // --evaluate
 };
 
-// Trains (or evaluates) as Options say, logs on stderr.  Returns the exit
-// status: 0, or 128 + signal number after SIGINT/SIGTERM (the current step
-// finishes and a checkpoint is written first).  Throws on bad input.
+// Trains (or evaluates) as Options say, logs on stderr, appends each epoch's
+// row to metrics.tsv in the workspace (header once; a resumed run's file is
+// rewritten from the checkpoint's history first).  A fresh run (no resume)
+// throws std::invalid_argument when the workspace holds checkpoint.h5 or
+// metrics.tsv, unless `overwrite`.  Returns the exit status: 0, or 128 +
+// signal number after SIGINT, SIGTERM or SIGUSR1 (the current step finishes
+// and a checkpoint is written first).  Throws on bad input.
 int run(const Options& options, const Observer& observer);
 
 }  // namespace aq::train

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <new>
 #include <sstream>
@@ -157,6 +158,15 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
         "Classes (0: the dataset's; --dataset cifar10 --num-classes 100 reads CIFAR-100)", d, &NonNegative);
   add(kModel | kEval, true, "-j,--workers", v.data.workers, "Data loading threads (0: in the calling thread)", d,
       &ThreadCount);
+  if (tool_ & (kModel | kEval)) {
+    static const std::map<std::string, data::BadImages> kBadImages = {{"skip", data::BadImages::kSkip},
+                                                                       {"fail", data::BadImages::kFail}};
+    app.add_option("--bad-images", v.data.bad_images,
+                   "An image file that cannot be read or decoded: skip it (with a warning, counted) or fail")
+        ->transform(CLI::CheckedTransformer(kBadImages))
+        ->default_str("skip")
+        ->group(d);
+  }
   add(kModel | kEval | kBench, true, "-b,--batch-size", v.data.batch_size, "Batch size", d, &Positive);
   add(kModel | kEval | kBenchAll, false, "--image-size", v.data.image_size,
       bench ? "Image side" : "Image side for imagenet and synthetic data", d, &Positive);
@@ -170,7 +180,7 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
   add(kTrain, true, "--label-smoothing", v.label_smoothing, "Label smoothing", t, &Fraction);
   // ActNN's run configuration.
   add(kTrain, true, "--workspace", v.workspace, "Folder for checkpoints (created if missing)", r);
-  add(kModel, true, "--resume", v.resume, "Checkpoint to continue from (aq-train) or to measure", r);
+  add(kModel, true, "--resume", v.resume, "Checkpoint to continue from (aq-train; auto: the workspace's checkpoint.h5 if any, else start) or to measure", r);
   add(kTrain | kVariance, true, "--resume2", v.resume2,
       "ActNN's second checkpoint of --evaluate --training-only: must name the --resume checkpoint", r);
   flag(kTrain, true, "--gather-checkpoints", v.gather_checkpoints, "Keep checkpoint-<epoch>.h5 of every epoch", r);

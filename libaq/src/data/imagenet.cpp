@@ -1,7 +1,7 @@
-// ImageNet-style folders: train/ and val/ of class subfolders of JPEG files,
-// with torchvision's training and evaluation transforms.
+// ImageNet-style folders: train/ and val/ of class subfolders of image
+// files, with torchvision's training and evaluation transforms.
+#include "image.h"
 #include "internal.h"
-#include "jpeg.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -45,12 +45,14 @@ double uniform(std::mt19937_64& rng, double lo, double hi) { return lo + (hi - l
 // Python's round(): halves to even (the default floating-point rounding mode).
 int64_t round_even(double v) { return static_cast<int64_t>(std::nearbyint(v)); }
 
-bool is_jpeg_name(const std::string& name) {
+// By name only to pick the files (as torchvision's ImageFolder); each is then
+// decoded by its content.
+bool is_image_name(const std::string& name) {
   const std::string n = lower(name);
   auto ends = [&](const std::string& e) {
     return n.size() > e.size() && n.compare(n.size() - e.size(), e.size(), e) == 0;
   };
-  return ends(".jpg") || ends(".jpeg");
+  return ends(".jpg") || ends(".jpeg") || ends(".png");
 }
 
 std::vector<std::string> subfolders(const fs::path& dir) {
@@ -59,14 +61,14 @@ std::vector<std::string> subfolders(const fs::path& dir) {
   return names;
 }
 
-// The JPEG files under `dir`, at any depth (as torchvision's ImageFolder).
-void find_jpegs(const fs::path& dir, int depth, std::vector<std::string>& out) {
+// The image files under `dir`, at any depth (as torchvision's ImageFolder).
+void find_images(const fs::path& dir, int depth, std::vector<std::string>& out) {
   std::vector<std::string> folders, files;
   list_dir(dir, &folders, &files);
   for (const auto& f : files)
-    if (is_jpeg_name(f)) out.push_back((dir / f).string());
+    if (is_image_name(f)) out.push_back((dir / f).string());
   if (depth < 16)
-    for (const auto& f : folders) find_jpegs(dir / f, depth + 1, out);
+    for (const auto& f : folders) find_images(dir / f, depth + 1, out);
 }
 
 class Folder final : public Dataset {
@@ -87,14 +89,14 @@ class Folder final : public Dataset {
     std::vector<std::pair<std::string, int64_t>> samples;
     for (const std::string& cls : subfolders(dir)) {
       std::vector<std::string> files;
-      find_jpegs(dir / cls, 0, files);
+      find_images(dir / cls, 0, files);
       const auto found = label_of.find(cls);
       if (!files.empty() && found == label_of.end())
         bad_file("imagenet: " + files[0] + " is in class folder '" + cls + "', which " + train.string() +
                  " does not have");
       for (auto& f : files) samples.emplace_back(std::move(f), found->second);
     }
-    if (samples.empty()) bad_file("imagenet: no JPEG images (.jpg, .jpeg) in the class folders of " + dir.string());
+    if (samples.empty()) bad_file("imagenet: no images (.jpg, .jpeg, .png) in the class folders of " + dir.string());
     std::sort(samples.begin(), samples.end());
     for (auto& s : samples) {
       paths_.push_back(std::move(s.first));
@@ -108,9 +110,8 @@ class Folder final : public Dataset {
   int64_t label(int64_t index) const override { return labels_.at(check(index)); }
 
   void get(int64_t index, bool augment, std::mt19937_64& rng, float* out) const override {
-    Jpeg jpeg(paths_[check(index)]);
-    jpeg.open();
-    const int w = jpeg.width(), h = jpeg.height(), S = static_cast<int>(info_.height);
+    const auto image = open_image(paths_[check(index)]);
+    const int w = image->width(), h = image->height(), S = static_cast<int>(info_.height);
     double x0, y0, cw, ch;
     bool flip = false;
     if (augment) {
@@ -127,10 +128,10 @@ class Folder final : public Dataset {
       cw = S * sx;
       ch = S * sy;
     }
-    jpeg.decode(jpeg.pick_scale(cw, ch, S, S));
-    const double fx = static_cast<double>(jpeg.out_width()) / w, fy = static_cast<double>(jpeg.out_height()) / h;
-    resample(jpeg.rgb(), jpeg.out_width(), jpeg.out_height(), x0 * fx, y0 * fy, cw * fx, ch * fy, S, S, flip, norm_,
-             out);
+    image->decode(image->pick_scale(cw, ch, S, S));
+    const double fx = static_cast<double>(image->out_width()) / w, fy = static_cast<double>(image->out_height()) / h;
+    resample(image->rgb(), image->out_width(), image->out_height(), x0 * fx, y0 * fy, cw * fx, ch * fy, S, S, flip,
+             norm_, out);
   }
 
  private:

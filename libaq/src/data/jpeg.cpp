@@ -1,6 +1,6 @@
-// JPEG decoding through libjpeg, its errors turned into exceptions, and
-// resampling.
-#include "jpeg.h"
+// JPEG decoding through libjpeg, its errors turned into exceptions; the
+// choice of decoder by content; resampling.
+#include "image.h"
 
 #include <jerror.h>
 
@@ -32,16 +32,49 @@ void jpeg_on_message(j_common_ptr cinfo, int level) {
 
 }  // namespace
 
-Jpeg::Jpeg(const std::string& path) : path_(path) {
+std::vector<unsigned char> read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) bad_file(path + ": cannot open: " + std::strerror(errno));
-  bytes_.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  if (in.bad()) bad_file(path + ": read error");
-  if (bytes_.empty()) bad_file(path + ": empty file, not a JPEG image");
+  if (!in) throw BadImage(path + ": cannot open: " + std::strerror(errno));
+  std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) throw BadImage(path + ": read error");
+  if (bytes.empty()) throw BadImage(path + ": empty file, not an image");
+  return bytes;
+}
+
+std::unique_ptr<Image> open_image(const std::string& path) {
+  std::vector<unsigned char> bytes = read_file(path);
+  static const unsigned char kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  if (bytes.size() >= 3 && bytes[0] == 0xff && bytes[1] == 0xd8 && bytes[2] == 0xff) {
+    auto j = std::make_unique<Jpeg>(path, std::move(bytes));
+    j->open();
+    return j;
+  }
+  if (bytes.size() >= 8 && std::equal(kPng, kPng + 8, bytes.begin())) return std::make_unique<Png>(path, std::move(bytes));
+  throw BadImage(path + ": not a JPEG or PNG image (by its content)");
+}
+
+void cmyk_to_rgb(const uint8_t* cmyk, int n, bool inverted, uint8_t* rgb) {
+  auto muldiv255 = [](int a, int b) {
+    const int t = a * b + 128;
+    return ((t >> 8) + t) >> 8;
+  };
+  for (int i = 0; i < n; ++i, cmyk += 4, rgb += 3) {
+    const int k = inverted ? 255 - cmyk[3] : cmyk[3], nk = 255 - k;
+    for (int c = 0; c < 3; ++c) {
+      const int ink = inverted ? 255 - cmyk[c] : cmyk[c];
+      rgb[c] = static_cast<uint8_t>(std::clamp(nk - muldiv255(ink, nk), 0, 255));
+    }
+  }
+}
+
+Jpeg::Jpeg(const std::string& path, std::vector<unsigned char> bytes) : path_(path), bytes_(std::move(bytes)) {
   cinfo_.err = jpeg_std_error(&err_.pub);
   err_.pub.error_exit = jpeg_on_error;
   err_.pub.emit_message = jpeg_on_message;
 }
+
+void Jpeg::fail() { throw BadImage(path_ + ": cannot decode JPEG image: " + err_.message); }
+void Jpeg::unsupported(const char* what) { throw BadImage(path_ + ": unsupported JPEG image (" + what + ")"); }
 
 void Jpeg::open() {
   if (setjmp(err_.jump)) fail();
@@ -52,12 +85,17 @@ void Jpeg::open() {
   switch (cinfo_.jpeg_color_space) {
     case JCS_GRAYSCALE:
     case JCS_YCbCr:
-    case JCS_RGB: break;
+    case JCS_RGB: cinfo_.out_color_space = JCS_RGB; break;  // grayscale too: libjpeg replicates the channel
     case JCS_CMYK:
-    case JCS_YCCK: unsupported("CMYK"); break;
+    case JCS_YCCK:  // libjpeg turns YCCK into CMYK; RGB is ours to make, as PIL makes it
+      cinfo_.out_color_space = JCS_CMYK;
+      cmyk_ = true;
+      inverted_ = cinfo_.saw_Adobe_marker;
+      break;
     default: unsupported("unknown colour space"); break;
   }
-  cinfo_.out_color_space = JCS_RGB;  // grayscale too: libjpeg replicates the channel
+  width_ = static_cast<int>(cinfo_.image_width);
+  height_ = static_cast<int>(cinfo_.image_height);
 }
 
 int Jpeg::pick_scale(double region_w, double region_h, int need_w, int need_h) {
@@ -78,16 +116,24 @@ void Jpeg::decode(int n) {
   if (setjmp(err_.jump)) fail();
   cinfo_.scale_num = n;
   cinfo_.scale_denom = 8;
-  cinfo_.out_color_space = JCS_RGB;
   jpeg_calc_output_dimensions(&cinfo_);
-  rgb_.resize(size_t{cinfo_.output_width} * cinfo_.output_height * 3);
+  out_width_ = static_cast<int>(cinfo_.output_width);
+  out_height_ = static_cast<int>(cinfo_.output_height);
+  rgb_.resize(size_t(out_width_) * out_height_ * 3);
+  if (cmyk_) cmyk_row_.resize(size_t(out_width_) * 4);
   jpeg_start_decompress(&cinfo_);
-  if (cinfo_.output_components != 3) unsupported("output is not RGB");
-  while (cinfo_.output_scanline < cinfo_.output_height) {
-    JSAMPROW row = rgb_.data() + size_t{cinfo_.output_scanline} * cinfo_.output_width * 3;
-    jpeg_read_scanlines(&cinfo_, &row, 1);
-  }
+  if (cinfo_.output_components != (cmyk_ ? 4 : 3)) unsupported("unexpected number of output channels");
+  read_rows();
   jpeg_abort_decompress(&cinfo_);  // all pixels are in; what follows them does not matter
+}
+
+void Jpeg::read_rows() {
+  while (cinfo_.output_scanline < cinfo_.output_height) {
+    uint8_t* out = rgb_.data() + size_t{cinfo_.output_scanline} * cinfo_.output_width * 3;
+    JSAMPROW row = cmyk_ ? cmyk_row_.data() : out;
+    jpeg_read_scanlines(&cinfo_, &row, 1);
+    if (cmyk_) cmyk_to_rgb(cmyk_row_.data(), out_width_, inverted_, out);
+  }
 }
 
 // --- Resampling ---------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <map>
@@ -21,6 +22,7 @@ struct Loader::State {
   struct Result {
     std::optional<Batch> batch;
     std::exception_ptr error;
+    std::vector<std::string> skipped;  // BadImage messages, counted when delivered
   };
 
   bool started = false;
@@ -38,15 +40,21 @@ struct Loader::State {
   std::atomic<uint64_t> generation{0};
   int64_t next_schedule = 0, max_ahead = 0;
   std::map<int64_t, Result> ready;
+
+  // Skipped samples of the delivered batches (next()'s thread only).
+  int64_t skipped = 0;
+  std::vector<std::string> untaken;
 };
 
 namespace {
 
 struct Cancelled {};
 
-// Batch `b` of an epoch; throws Cancelled when `generation` moves past `gen`.
+// Batch `b` of an epoch, without the samples skipped as bad (their messages
+// in `skipped`); throws Cancelled when `generation` moves past `gen`.
 Batch make_batch(const Dataset& ds, const LoaderOptions& o, bool pinned, const std::vector<int64_t>& order,
-                 int64_t epoch, int64_t b, const std::atomic<uint64_t>* generation, uint64_t gen) {
+                 int64_t epoch, int64_t b, const std::atomic<uint64_t>* generation, uint64_t gen,
+                 std::vector<std::string>& skipped) {
   const int64_t n = static_cast<int64_t>(order.size());
   const int64_t lo = b * o.batch_size, hi = std::min(n, lo + o.batch_size), B = hi - lo;
   const Info& info = ds.info();
@@ -59,13 +67,26 @@ Batch make_batch(const Dataset& ds, const LoaderOptions& o, bool pinned, const s
   float* img = batch.images.data_ptr<float>();
   int64_t* lab = batch.labels.data_ptr<int64_t>();
   int64_t* idx = batch.indices.data_ptr<int64_t>();
+  int64_t kept = 0;
   for (int64_t i = 0; i < B; ++i) {
     if (generation && generation->load(std::memory_order_relaxed) != gen) throw Cancelled{};
     const int64_t index = order[lo + i];
     std::mt19937_64 rng(mix(o.seed, static_cast<uint64_t>(epoch), static_cast<uint64_t>(index)));
-    ds.get(index, o.augment, rng, img + i * per);
-    lab[i] = ds.label(index);
-    idx[i] = index;
+    try {
+      ds.get(index, o.augment, rng, img + kept * per);
+    } catch (const BadImage& e) {
+      if (o.bad_images != BadImages::kSkip) throw;
+      skipped.push_back(e.what());
+      continue;
+    }
+    lab[kept] = ds.label(index);
+    idx[kept] = index;
+    ++kept;
+  }
+  if (kept < B) {
+    batch.images = batch.images.narrow(0, 0, kept);
+    batch.labels = batch.labels.narrow(0, 0, kept);
+    batch.indices = batch.indices.narrow(0, 0, kept);
   }
   return batch;
 }
@@ -109,7 +130,7 @@ void Loader::start_workers() {
         State::Result r;
         bool cancelled = false;
         try {
-          r.batch = make_batch(*dataset_, options_, s.pinned, *order, epoch, b, &s.generation, gen);
+          r.batch = make_batch(*dataset_, options_, s.pinned, *order, epoch, b, &s.generation, gen, r.skipped);
         } catch (const Cancelled&) {
           cancelled = true;
         } catch (...) {
@@ -166,29 +187,96 @@ void Loader::start(int64_t epoch, int64_t first_batch) {
     s.next_deliver = s.next_schedule = first_batch;
     old.swap(s.ready);  // freed outside the lock
   }
+  s.skipped = 0;
+  s.untaken.clear();
   s.work_cv.notify_all();
 }
 
 std::optional<Batch> Loader::next() {
   State& s = *state_;
   if (!s.started) start(0);
-  if (s.threads.empty()) {
-    if (s.next_deliver >= s.end) return std::nullopt;
-    return make_batch(*dataset_, options_, s.pinned, *s.order, s.epoch, s.next_deliver++, nullptr, 0);
+  for (;;) {
+    State::Result r;
+    if (s.threads.empty()) {
+      if (s.next_deliver >= s.end) return std::nullopt;
+      try {
+        r.batch = make_batch(*dataset_, options_, s.pinned, *s.order, s.epoch, s.next_deliver++, nullptr, 0, r.skipped);
+      } catch (...) {
+        r.error = std::current_exception();
+      }
+    } else {
+      {
+        std::unique_lock<std::mutex> lock(s.mu);
+        if (s.next_deliver >= s.end) return std::nullopt;
+        s.ready_cv.wait(lock, [&] { return s.ready.count(s.next_deliver) > 0; });
+        auto it = s.ready.find(s.next_deliver);
+        r = std::move(it->second);
+        s.ready.erase(it);
+        s.next_deliver++;
+      }
+      s.work_cv.notify_all();
+    }
+    s.skipped += static_cast<int64_t>(r.skipped.size());
+    for (auto& m : r.skipped) s.untaken.push_back(std::move(m));
+    if (r.error) std::rethrow_exception(r.error);
+    if (r.batch && r.batch->labels.size(0) > 0) return std::move(r.batch);
   }
-  State::Result r;
-  {
-    std::unique_lock<std::mutex> lock(s.mu);
-    if (s.next_deliver >= s.end) return std::nullopt;
-    s.ready_cv.wait(lock, [&] { return s.ready.count(s.next_deliver) > 0; });
-    auto it = s.ready.find(s.next_deliver);
-    r = std::move(it->second);
-    s.ready.erase(it);
-    s.next_deliver++;
+}
+
+int64_t Loader::skipped() const { return state_->skipped; }
+
+std::vector<std::string> Loader::take_skipped() {
+  std::vector<std::string> out;
+  out.swap(state_->untaken);
+  return out;
+}
+
+BadImages parse_bad_images(const std::string& text) {
+  if (text == "skip") return BadImages::kSkip;
+  if (text == "fail") return BadImages::kFail;
+  bad_arg("--bad-images: skip or fail, not '" + text + "'");
+}
+
+CheckResult check(const Dataset& ds, int workers, const std::function<void(int64_t)>& progress) {
+  const Info& info = ds.info();
+  const int64_t n = ds.size(), per = info.channels * info.height * info.width;
+  CheckResult result;
+  result.images = n;
+  std::mutex mu;
+  std::atomic<int64_t> next{0}, done{0};
+  std::exception_ptr error;
+  auto work = [&] {
+    std::vector<float> buf(static_cast<size_t>(per));
+    for (int64_t i; (i = next++) < n;) {
+      std::mt19937_64 rng(static_cast<uint64_t>(i));
+      try {
+        ds.get(i, false, rng, buf.data());
+      } catch (const BadImage& e) {
+        std::lock_guard<std::mutex> lock(mu);
+        result.bad.emplace_back(i, e.what());
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!error) error = std::current_exception();
+        next = n;
+      }
+      ++done;
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int w = 0; w < workers; ++w) threads.emplace_back(work);
+  if (threads.empty()) {
+    work();
+  } else {
+    while (done.load() < n && next.load() < n) {
+      if (progress) progress(done.load());
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    }
   }
-  s.work_cv.notify_all();
-  if (r.error) std::rethrow_exception(r.error);
-  return std::move(r.batch);
+  for (auto& t : threads) t.join();
+  if (error) std::rethrow_exception(error);
+  if (progress) progress(done.load());
+  std::sort(result.bad.begin(), result.bad.end());
+  return result;
 }
 
 }  // namespace aq::data

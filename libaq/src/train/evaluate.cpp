@@ -71,7 +71,8 @@ models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::str
 }
 
 EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Device& device, Amp amp,
-                    int64_t max_batches, const std::function<bool()>& stop) {
+                    int64_t max_batches, const std::function<bool()>& stop,
+                    const std::function<void(int64_t, int64_t)>& progress) {
   const bool was_training = model.is_training();
   model.eval();
   torch::NoGradGuard no_grad;
@@ -80,13 +81,15 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
   auto top5 = top1.clone();
   int64_t images = 0, batches = 0;
   loader.start(0);
+  const int64_t total = max_batches > 0 ? std::min(max_batches, loader.batches_per_epoch()) : loader.batches_per_epoch();
   bool stopped = false;
   while (auto b = loader.next()) {
-    if (max_batches > 0 && batches++ >= max_batches) break;
+    if (max_batches > 0 && batches >= max_batches) break;
     if (stop && stop()) {
       stopped = true;
       break;
     }
+    ++batches;
     auto x = b->images.to(device, /*non_blocking=*/true);
     auto y = b->labels.to(device, /*non_blocking=*/true);
     torch::Tensor logits;
@@ -104,6 +107,7 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
     top1 += hit.select(1, 0).sum();
     top5 += hit.any(1).sum();
     images += y.size(0);
+    if (progress) progress(batches, total);
   }
   model.train(was_training);
   EvalResult r;

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/file.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <stdexcept>
 #include <string>
 
@@ -31,11 +33,13 @@ SignalScope::SignalScope() {
   sa.sa_flags = SA_RESETHAND;
   sigaction(SIGINT, &sa, &old_int_);
   sigaction(SIGTERM, &sa, &old_term_);
+  sigaction(SIGUSR1, &sa, &old_usr1_);  // SLURM's --signal=USR1@T: time left to checkpoint
 }
 
 SignalScope::~SignalScope() {
   sigaction(SIGINT, &old_int_, nullptr);
   sigaction(SIGTERM, &old_term_, nullptr);
+  sigaction(SIGUSR1, &old_usr1_, nullptr);
 }
 
 // POSIX calls, not std::filesystem: LibTorch exports its own copies of some
@@ -137,14 +141,51 @@ bool Progress::due(int64_t batch, int64_t batches) {
   return true;
 }
 
-void Progress::show(int64_t epoch, int64_t epochs, int64_t batch, int64_t batches, double loss, double acc, double ips) {
-  const int width = 24;
-  const int done = static_cast<int>(width * batch / std::max<int64_t>(1, batches));
-  std::fprintf(stderr, "\repoch %lld/%lld [%s%s] %lld/%lld loss %.4f acc %.2f%% %.0f img/s ",
-               static_cast<long long>(epoch + 1), static_cast<long long>(epochs), std::string(done, '=').c_str(),
-               std::string(width - done, ' ').c_str(), static_cast<long long>(batch),
-               static_cast<long long>(batches), loss, acc, ips);
+void Progress::show(const std::string& prefix, int64_t done, int64_t total, const std::string& suffix) {
+  const int columns = terminal_width() - 1;  // the last column would wrap on some terminals
+  const std::string count = std::to_string(done) + "/" + std::to_string(total);
+  std::string line;
+  const int room = columns - static_cast<int>(prefix.size() + count.size() + suffix.size()) - 5;
+  if (room >= 10) {
+    const int bar = std::min(room, 40);
+    const int full = static_cast<int>(bar * done / std::max<int64_t>(1, total));
+    line = prefix + " [" + std::string(full, '=') + std::string(bar - full, ' ') + "] " + count + " " + suffix;
+  } else {
+    line = prefix + " " + count + " " + suffix;
+  }
+  if (static_cast<int>(line.size()) > columns) line.resize(std::max(columns, 0));
+  std::fprintf(stderr, "\r%s\033[K", line.c_str());
   std::fflush(stderr);
+}
+
+int terminal_width() {
+  struct winsize ws {};
+  if (::ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) return ws.ws_col;
+  return 80;
+}
+
+std::string duration(double s) {
+  if (!(s >= 0) || s > 1e9) return "?";
+  const auto t = static_cast<long long>(s + 0.5);
+  char buf[32];
+  if (t < 60)
+    std::snprintf(buf, sizeof buf, "%llds", t);
+  else if (t < 3600)
+    std::snprintf(buf, sizeof buf, "%lldm%02llds", t / 60, t % 60);
+  else if (t < 86400)
+    std::snprintf(buf, sizeof buf, "%lldh%02lldm", t / 3600, t / 60 % 60);
+  else
+    std::snprintf(buf, sizeof buf, "%lldd%02lldh", t / 86400, t / 3600 % 24);
+  return buf;
+}
+
+std::string now_utc() {
+  char buf[32];
+  const std::time_t t = std::time(nullptr);
+  std::tm tm {};
+  ::gmtime_r(&t, &tm);
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
 }
 
 void Progress::end() {

@@ -14,7 +14,7 @@ namespace aq::train::detail {
 // The signal that asked the run to stop (0: none).
 std::atomic<int>& signal_flag();
 
-// While in scope, SIGINT and SIGTERM set signal_flag(), which the loop reads
+// While in scope, SIGINT, SIGTERM and SIGUSR1 set signal_flag(), which the loop reads
 // after each step; a second one (SA_RESETHAND) kills as usual.
 class SignalScope {
  public:
@@ -24,7 +24,7 @@ class SignalScope {
   SignalScope& operator=(const SignalScope&) = delete;
 
  private:
-  struct sigaction old_int_ {}, old_term_ {};
+  struct sigaction old_int_ {}, old_term_ {}, old_usr1_ {};
 };
 
 // mkdir -p PATH.  With create false nothing is made: it only checks, before
@@ -59,14 +59,26 @@ class WorkspaceLock {
 // returns their names.
 std::vector<std::string> remove_stale_temporaries(const std::string& workspace);
 
-// A progress line on stderr, redrawn at most every 250 ms.
+// A progress line on stderr, redrawn at most every 250 ms, fitted to the
+// terminal's width and cleared to its end on each redraw.
 struct Progress {
   bool on;
   std::chrono::steady_clock::time_point last{};
   // Whether to redraw now (reading the running loss syncs with the device).
   bool due(int64_t batch, int64_t batches);
-  void show(int64_t epoch, int64_t epochs, int64_t batch, int64_t batches, double loss, double acc, double ips);
+  // "<prefix> [=====     ] <done>/<total> <suffix>", the bar as wide as the
+  // terminal leaves room for (none on a narrow one, the text then cut).
+  void show(const std::string& prefix, int64_t done, int64_t total, const std::string& suffix);
   void end();
 };
+
+// The terminal's width in columns (80 when stderr is not a terminal).
+int terminal_width();
+
+// "45s", "12m05s", "3h07m", "2d04h".
+std::string duration(double seconds);
+
+// The current UTC time as 2026-01-31T12:00:00Z.
+std::string now_utc();
 
 }  // namespace aq::train::detail

@@ -26,6 +26,7 @@ Subject open_subject(const std::string& resume, const data::DataOptions& data, c
   lo.batch_size = data.batch_size;
   lo.workers = data.workers;
   lo.seed = seed;
+  lo.bad_images = data.bad_images;
   s.loader = std::make_unique<data::Loader>(set, lo);
   return s;
 }

@@ -11,7 +11,11 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
+#include <sys/stat.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <chrono>
 #include <cmath>
@@ -32,13 +36,6 @@ namespace {
 using detail::counter;
 using detail::meta;
 using detail::shape;
-
-std::string now_iso() {
-  char buf[32];
-  std::time_t t = std::time(nullptr);
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
-  return buf;
-}
 
 // Milestones as checkpoints keep them: comma-separated, every digit kept.
 std::string list_text(const std::vector<double>& v) {
@@ -83,14 +80,93 @@ class Trainer {
   Partial partial_;
   std::vector<std::vector<double>> history_;
   std::optional<ckpt::Checkpoint> resumed_;
+  bool channels_last_ = false;
+  std::string resume_;  // the checkpoint to continue from ("auto" resolved); empty: none
   double lr_ = 0;
+
+  void resolve_resume();
+  void start_metrics();
+  void append_metrics(const EpochRow& row);
+  Partial partial_now(const Partial& part, const torch::Tensor& loss_sum, const torch::Tensor& correct,
+                      int64_t seen_now) const;
 };
 
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+// The file `path` with `text` in it, through a temporary file renamed over it.
+void write_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) throw std::runtime_error(path + ": cannot write: " + std::strerror(errno));
+  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  if (std::fclose(f) != 0 || !ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int e = errno;
+    std::remove(tmp.c_str());
+    throw std::runtime_error(path + ": cannot write: " + std::strerror(e));
+  }
+}
+
+std::string tsv_line(const std::vector<std::string>& cells) {
+  std::string s;
+  for (size_t i = 0; i < cells.size(); ++i) s += (i ? "\t" : "") + cells[i];
+  return s + "\n";
+}
+
+void Trainer::resolve_resume() {
+  const std::string ckpt = in_workspace("checkpoint.h5"), metrics = in_workspace("metrics.tsv");
+  resume_ = o_.resume;
+  if (resume_ == "auto") {
+    resume_ = exists(ckpt) ? ckpt : "";
+    log().info("--resume auto: {}", resume_.empty() ? "no " + ckpt + ", starting" : "continuing " + ckpt);
+  }
+  if (o_.evaluate || !resume_.empty() || o_.overwrite) return;
+  if (o_.resume.empty()) {  // --resume auto with nothing to continue may replace a stale metrics file
+    for (const auto& f : {ckpt, metrics})
+      if (exists(f))
+        throw std::invalid_argument(f + " exists: continue its run with --resume auto, or replace it with --overwrite");
+  }
+}
+
+void Trainer::start_metrics() {
+  // A resumed run's file is rewritten from the checkpoint's history: rows of
+  // epochs after the checkpoint (a run killed between a row and its
+  // checkpoint) are not repeated.
+  std::string text = tsv_line(EpochRow::columns());
+  for (const auto& v : history_) {
+    EpochRow r;
+    r.epoch = static_cast<int64_t>(v.at(0)), r.step = static_cast<int64_t>(v.at(1)), r.lr = v.at(2);
+    r.train_loss = v.at(3), r.train_acc = v.at(4), r.val_loss = v.at(5), r.val_top1 = v.at(6), r.val_top5 = v.at(7);
+    r.img_per_s = v.at(8), r.act_mb = v.at(9), r.peak_mb = v.at(10);
+    text += r.tsv();
+  }
+  write_atomically(in_workspace("metrics.tsv"), text);
+}
+
+void Trainer::append_metrics(const EpochRow& row) {
+  const std::string path = in_workspace("metrics.tsv");
+  FILE* f = std::fopen(path.c_str(), "ab");
+  const std::string line = row.tsv();
+  const bool ok = f && std::fwrite(line.data(), 1, line.size(), f) == line.size();
+  if (!f || std::fclose(f) != 0 || !ok) throw std::runtime_error(path + ": cannot append: " + std::strerror(errno));
+}
+
+Partial Trainer::partial_now(const Partial& part, const torch::Tensor& loss_sum, const torch::Tensor& correct,
+                             int64_t seen_now) const {
+  Partial p = part;
+  p.loss_sum += loss_sum.item<double>();
+  p.correct += static_cast<double>(correct.item<int64_t>());
+  p.seen += static_cast<double>(seen_now);
+  return p;
+}
+
 void Trainer::setup() {
-  if (!o_.resume.empty()) resumed_ = ckpt::load(o_.resume);
+  if (!resume_.empty()) resumed_ = ckpt::load(resume_);
   dataset_ = data::resolve_name(o_.data.dataset, o_.data.num_classes);
   if (resumed_) {
-    const std::string src = o_.resume;
+    const std::string src = resume_;
     if (meta(*resumed_, "arch", src) != o_.arch)
       throw std::runtime_error(src + ": checkpoint is a " + meta(*resumed_, "arch", src) + ", --arch says " + o_.arch);
     if (meta(*resumed_, "dataset", src) != dataset_)
@@ -116,6 +192,13 @@ void Trainer::setup() {
                                 std::to_string(info.num_classes) + " classes");
   model_ = models::build(o_.arch, info.channels, info.num_classes, o_.quant);
   model_->to(dev_);
+  channels_last_ = o_.channels_last.value_or(dev_.is_cuda());
+  if (channels_last_) {
+    torch::NoGradGuard g;
+    for (auto& p : model_->parameters())
+      if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+  }
+  if (dev_.is_cuda()) at::globalContext().setBenchmarkCuDNN(o_.cudnn_benchmark.value_or(true));
   auto so = torch::optim::SGDOptions(o_.lr).momentum(o_.momentum).weight_decay(o_.weight_decay);
   so.nesterov(o_.nesterov && o_.momentum > 0);
   opt_ = std::make_unique<SGD>(model_->parameters(), so);
@@ -124,6 +207,7 @@ void Trainer::setup() {
   lo.workers = o_.data.workers;
   lo.seed = seed_;
   lo.pin_memory = dev_.is_cuda();
+  lo.bad_images = o_.data.bad_images;
   train_loader_ = std::make_unique<data::Loader>(train_set_, lo);
   lo.shuffle = lo.augment = false;
   test_loader_ = std::make_unique<data::Loader>(test_set_, lo);
@@ -132,7 +216,7 @@ void Trainer::setup() {
       restore(*resumed_);
     } catch (const c10::Error& e) {  // LibTorch's message, with the file it is about
       const std::string m = e.what_without_backtrace();
-      throw std::runtime_error(o_.resume + ": " + m.substr(0, m.find('\n')));
+      throw std::runtime_error(resume_ + ": " + m.substr(0, m.find('\n')));
     }
   }
   if (!o_.calibration.empty()) {
@@ -152,7 +236,7 @@ void Trainer::setup() {
 // position within an epoch counts its batches), configuration, epochs and
 // optimisation settings, whatever the command line's defaults are.
 void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
-  const std::string& src = o_.resume;
+  const std::string& src = resume_;
   auto given = [&](const char* name) { return o_.given.count(name) > 0; };
   auto conflict = [&](const std::string& option, const std::string& mine, const std::string& theirs) {
     throw std::invalid_argument(option + " " + mine + " conflicts with " + src + ", whose run has " + theirs +
@@ -234,7 +318,7 @@ void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
 }
 
 void Trainer::restore(const ckpt::Checkpoint& c) {
-  const std::string& src = o_.resume;
+  const std::string& src = resume_;
   if (const std::string bad = first_nonfinite(c); !bad.empty())
     throw std::runtime_error(src + ": '" + bad +
                              "' holds inf or NaN: the run had diverged; resume from an earlier checkpoint");
@@ -294,7 +378,7 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
             {"aq_version", AQ_VERSION},
             {"torch_version", std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                                   std::to_string(TORCH_VERSION_PATCH)},
-            {"created", now_iso()},
+            {"created", detail::now_utc()},
             {"optimizer", o_.nesterov ? "sgd-nesterov" : "sgd"},
             {"schedule", to_string(o_.schedule)},
             {"amp", to_string(o_.amp)}};
@@ -338,28 +422,37 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
 }
 
 int Trainer::run() {
-  if (!o_.evaluate) detail::make_folders(o_.workspace, false);
-  setup();
   if (o_.evaluate) {
+    resolve_resume();
+    setup();
     const auto r = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
-    if (obs_.evaluated) obs_.evaluated(o_.resume.empty() ? "(initial)" : o_.resume, r);
+    if (obs_.evaluated) obs_.evaluated(resume_.empty() ? "(initial)" : resume_, r);
     return 0;
   }
+  detail::make_folders(o_.workspace, false);
   detail::SignalScope signals;  // before the workspace appears: scripts wait for it
   detail::make_folders(o_.workspace);
   detail::check_writable(o_.workspace, in_workspace(".aq-write-test." + std::to_string(::getpid())));
+  // Before the workspace's checkpoint is looked at: another run may be writing it.
   const detail::WorkspaceLock lock(o_.workspace, in_workspace(".aq-train.lock"));
+  resolve_resume();
+  setup();
+  if (const int sig = detail::signal_flag().load()) {
+    log().warn("stopped by signal {} before the first step", sig);
+    return 128 + sig;
+  }
   for (const auto& f : detail::remove_stale_temporaries(o_.workspace))
     log().info("removed {}, left by a run that was killed while writing a checkpoint", f);
   const int64_t per_epoch = train_loader_->batches_per_epoch();
   if (per_epoch == 0) throw std::runtime_error(dataset_ + ": no training batch (dataset smaller than --batch-size with drop_last)");
   const int64_t total = per_epoch * o_.epochs;
+  start_metrics();
   if (epoch_ >= o_.epochs) {
-    log().info("{} has already trained {} of --epochs {}: nothing to do", o_.resume, epoch_, o_.epochs);
+    log().info("{} has already trained {} of --epochs {}: nothing to do", resume_, epoch_, o_.epochs);
     return 0;
   }
   if (o_.max_steps > 0 && step_ >= o_.max_steps) {
-    log().info("{} is already at step {} of --max-steps {}: nothing to do", o_.resume, step_, o_.max_steps);
+    log().info("{} is already at step {} of --max-steps {}: nothing to do", resume_, step_, o_.max_steps);
     return 0;
   }
   if (obs_.training) obs_.training();
@@ -372,6 +465,17 @@ int Trainer::run() {
   LrSchedule schedule{o_.schedule, o_.lr, o_.warmup, o_.milestones, o_.epochs};
   const auto& signal = detail::signal_flag();
   bool saved_epoch = false;  // this process wrote the checkpoint of the last finished step
+  using Clock = std::chrono::steady_clock;
+  auto seconds = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
+  const int64_t log_every =
+      o_.log_interval >= 0 ? o_.log_interval : (isatty(STDERR_FILENO) ? 0 : 100);
+  const int64_t last_step = o_.max_steps > 0 ? std::min(total, o_.max_steps) : total;
+  const auto run_start = Clock::now();
+  const int64_t first_step = step_;
+  auto eta = [&] {  // from this process's pace so far
+    const int64_t done = step_ - first_step;
+    return done > 0 ? detail::duration(seconds(Clock::now() - run_start) / done * (last_step - step_)) : "?";
+  };
   for (; epoch_ < o_.epochs; ++epoch_) {
     if (const int sig = signal.load(); sig && saved_epoch) {
       log().warn("stopped by signal {} after epoch {}: its checkpoint is {}; continue with --resume", sig, epoch_,
@@ -387,11 +491,25 @@ int Trainer::run() {
     auto correct = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(dev_));
     int64_t seen_now = 0;
     bool stop = false;
-    const auto t0 = std::chrono::steady_clock::now();
-    while (auto b = train_loader_->next()) {
+    const auto t0 = Clock::now();
+    auto since_log = t0;
+    Clock::duration waited{};  // in next() since the last log line
+    int64_t seen_at_log = 0;
+    for (;;) {
+      const auto tw = Clock::now();
+      auto b = train_loader_->next();
+      waited += Clock::now() - tw;
+      if (!b) break;
       lr_ = schedule.at(step_, total, per_epoch);
       for (auto& g : opt_->param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr_);
-      const StepResult r = train_step(b->images, b->labels, b->indices, opt_.get());
+      for (const auto& m : train_loader_->take_skipped()) {
+        bar.end();  // a message over the bar would leave the bar's text before it
+        log().warn("skipped: {}", m);
+      }
+      // On the device first: NHWC there, not a copy on the loading thread.
+      const auto images = channels_last_ ? b->images.to(dev_, /*non_blocking=*/true).contiguous(torch::MemoryFormat::ChannelsLast)
+                                         : b->images;
+      const StepResult r = train_step(images, b->labels, b->indices, opt_.get());
       part.act_sum += static_cast<double>(r.activations);
       part.act_n += 1;
       const auto& y = r.labels;
@@ -401,10 +519,31 @@ int Trainer::run() {
       ++step_;
       ++batch_;
       if (bar.due(batch_, per_epoch)) {
-        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const double seen = part.seen + seen_now;
-        bar.show(epoch_, o_.epochs, batch_, per_epoch, (part.loss_sum + loss_sum.item<double>()) / seen,
-                 100.0 * (part.correct + correct.item<int64_t>()) / seen, seen_now / std::max(secs, 1e-9));
+        const double secs = seconds(Clock::now() - t0), seen = part.seen + seen_now;
+        char text[160];
+        // ETA first: a narrow terminal cuts the end of the line.
+        std::snprintf(text, sizeof text, "ETA %s loss %.4f acc %.2f%% %.0f img/s", eta().c_str(),
+                      (part.loss_sum + loss_sum.item<double>()) / seen,
+                      100.0 * (part.correct + correct.item<int64_t>()) / seen, seen_now / std::max(secs, 1e-9));
+        bar.show("epoch " + std::to_string(epoch_ + 1) + "/" + std::to_string(o_.epochs), batch_, per_epoch, text);
+      }
+      if (log_every > 0 && step_ % log_every == 0) {
+        const auto now = Clock::now();
+        const double secs = std::max(seconds(now - since_log), 1e-9), seen = part.seen + seen_now;
+        bar.end();
+        log().info("{} step {}/{} epoch {}/{} batch {}/{} loss {:.4f} acc {:.2f}% lr {:.6g} {:.1f} img/s data wait {:.0f}% ETA {}",
+                   detail::now_utc(), step_, last_step, epoch_ + 1, o_.epochs, batch_, per_epoch,
+                   (part.loss_sum + loss_sum.item<double>()) / seen,
+                   100.0 * (part.correct + correct.item<int64_t>()) / seen, lr_, (seen_now - seen_at_log) / secs,
+                   100.0 * seconds(waited) / secs, eta());
+        since_log = now;
+        waited = {};
+        seen_at_log = seen_now;
+      }
+      if (o_.checkpoint_interval > 0 && step_ % o_.checkpoint_interval == 0 && batch_ < per_epoch &&
+          !signal.load()) {
+        save(epoch_, batch_, partial_now(part, loss_sum, correct, seen_now), false);
+        log().debug("checkpoint at step {}", step_);
       }
       if (signal.load() || (o_.max_steps > 0 && step_ >= o_.max_steps)) {
         stop = true;
@@ -412,7 +551,7 @@ int Trainer::run() {
       }
     }
     if (dev_.is_cuda()) torch::cuda::synchronize(dev_.index());
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs = seconds(Clock::now() - t0);
     bar.end();
     part.loss_sum += loss_sum.item<double>();
     part.correct += static_cast<double>(correct.item<int64_t>());
@@ -428,9 +567,16 @@ int Trainer::run() {
     };
     if (const int sig = signal.load()) return stop_by_signal(sig);
     const auto peak = memory(dev_).peak;
-    const auto val = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches,
-                              [&] { return signal.load() != 0; });
+    for (const auto& m : train_loader_->take_skipped()) log().warn("skipped: {}", m);
+    const auto val = evaluate(
+        *model_, *test_loader_, dev_, o_.amp, o_.val_batches, [&] { return signal.load() != 0; },
+        [&](int64_t done, int64_t n) {
+          if (bar.due(done, n))
+            bar.show("validating " + std::to_string(epoch_ + 1) + "/" + std::to_string(o_.epochs), done, n, "");
+        });
+    bar.end();
     if (val.stopped) return stop_by_signal(signal.load());
+    for (const auto& m : test_loader_->take_skipped()) log().warn("skipped: {}", m);
     const bool mid_epoch = stop && batch_ < per_epoch;
     EpochRow row;
     row.epoch = epoch_ + 1;
@@ -449,6 +595,7 @@ int Trainer::run() {
     // not cost the epoch.
     if (mid_epoch) {
       save(epoch_, batch_, part, false);
+      append_metrics(row);
       if (obs_.epoch) obs_.epoch(row);
       log().info("--max-steps {} reached at epoch {}, batch {}: checkpoint written", o_.max_steps, epoch_ + 1,
                  batch_);
@@ -457,6 +604,7 @@ int Trainer::run() {
     batch_ = 0;
     save(epoch_ + 1, 0, {}, o_.gather_checkpoints);
     saved_epoch = true;
+    append_metrics(row);
     if (obs_.epoch) {
       try {
         obs_.epoch(row);
@@ -465,7 +613,8 @@ int Trainer::run() {
                                  " is written: continue with --resume)");
       }
     }
-    log().info("epoch {}/{}: train loss {:.4f}, val top-1 {:.2f}%", epoch_ + 1, o_.epochs, row.train_loss, val.top1);
+    log().info("epoch {}/{}: train loss {:.4f}, val top-1 {:.2f}%, bad images skipped {} train, {} val", epoch_ + 1,
+               o_.epochs, row.train_loss, val.top1, train_loader_->skipped(), test_loader_->skipped());
     if (stop) {
       ++epoch_;
       break;
@@ -480,6 +629,14 @@ const std::vector<std::string>& EpochRow::columns() {
   static const std::vector<std::string> c = {"epoch",    "step",     "lr",        "train_loss", "train_acc", "val_loss",
                                              "val_top1", "val_top5", "img_per_s", "act_mb",     "peak_mb"};
   return c;
+}
+
+std::string EpochRow::tsv() const {
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "%lld\t%lld\t%.6g\t%.4f\t%.2f\t%.4f\t%.2f\t%.2f\t%.1f\t%.2f\t%.2f\n",
+                static_cast<long long>(epoch), static_cast<long long>(step), lr, train_loss, train_acc, val_loss,
+                val_top1, val_top5, img_per_s, act_mb, peak_mb);
+  return buf;
 }
 
 std::vector<double> EpochRow::values() const {
