@@ -77,12 +77,19 @@ int main(int argc, char** argv) {
   app.add_option("--log-interval", log_interval,
                  "A timestamped log line every N steps (0: none; default 100 when stderr is not a terminal, else none)")
       ->check(aq::cli::NonNegative)->group(r);
-  std::string channels_last = "auto", cudnn_benchmark = "auto";
+  std::string channels_last = "auto", cudnn_benchmark = "auto", cuda_graphs = "auto";
+  int64_t graph_refresh = 200;
   const std::string sp = "Speed (aq-bench's settings)";
   app.add_option("--channels-last", channels_last, "Channels-last (NHWC) model and batches: auto (on CUDA), True or False")
       ->capture_default_str()->group(sp);
   app.add_option("--cudnn-benchmark", cudnn_benchmark, "cuDNN autotuning: auto (on CUDA), True or False")
       ->capture_default_str()->group(sp);
+  app.add_option("--cuda-graphs", cuda_graphs,
+                 "Capture the training step as a CUDA graph and replay it: auto (on CUDA), True or False")
+      ->capture_default_str()->group(sp);
+  app.add_option("--graph-refresh", graph_refresh,
+                 "With CUDA graphs: steps between per-layer reallocations of adaptive bits (each one a new capture)")
+      ->check(aq::cli::Positive)->capture_default_str()->group(sp);
   app.add_flag("--overwrite", overwrite,
                "Without --resume: replace the workspace's checkpoint.h5 and metrics.tsv (else refused, exit 2)")
       ->group(r);
@@ -124,6 +131,8 @@ int main(int argc, char** argv) {
     o.log_interval = log_interval;
     if (channels_last != "auto") o.channels_last = aq::parse_bool(channels_last);
     if (cudnn_benchmark != "auto") o.cudnn_benchmark = aq::parse_bool(cudnn_benchmark);
+    if (cuda_graphs != "auto") o.cuda_graphs = aq::parse_bool(cuda_graphs);
+    o.graph_refresh = graph_refresh;
     // JPEG decoding is the bottleneck of a GPU step: load ahead unless -j says otherwise.
     if (app.get_option("--workers")->count() == 0 && aq::data::resolve_name(o.data.dataset, o.data.num_classes) == "imagenet")
       o.data.workers = static_cast<int>(std::min(16u, std::max(1u, std::thread::hardware_concurrency())));

@@ -244,6 +244,14 @@ class Step {
                   "Write the per-scope and per-kernel breakdown as TSV to FILE (-: stderr)");
     st.add_option("--trace", options_.trace_dir, "Write each level's profiler trace (Chrome JSON) into this folder")
         ->check(CLI::ExistingDirectory);
+    st.add_option("--cuda-graphs", options_.cuda_graphs,
+                  "Each model eagerly and as a CUDA graph (both: on CUDA), or only off or on")
+        ->check(CLI::IsMember({"both", "off", "on"}))
+        ->capture_default_str();
+    st.add_option("--graph-refresh", options_.graph_refresh,
+                  "Steps between captures of an adaptive level's graph (its per-layer reallocation)")
+        ->check(aq::cli::Positive)
+        ->capture_default_str();
   }
   bool parsed() const { return cmd_.parsed(); }
 
@@ -256,7 +264,7 @@ class Step {
                          prof.emplace(profile_path_, "level\tkind\tname\tcalls_per_step\tms_per_step\tshare_of_step\n");
                          std::printf("device\tarch\tbatch\timage\tamp\tlevel\tmedian_ms\timg_per_s\tact_MB\tpeak_MB"
                                      "\tspeed_ratio\tact_ratio\tpeak_ratio\tsyncs_per_step\tdevice_busy\tcompress_ms"
-                                     "\tdecompress_ms\talloc_ms\talloc_share\n");
+                                     "\tdecompress_ms\talloc_ms\talloc_share\tgraph\tcapture_ms\n");
                        },
                        [&](const bench::StepRow& r) { print(dev, r, prof->get()); }});
     prof->finish();
@@ -275,14 +283,15 @@ class Step {
       }
     // The breakdown's columns read NA without a profile.
     auto na = [&](int decimals, double v) { return br.ok ? fmt::format("{:.{}f}", v, decimals) : std::string("NA"); };
-    std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\t%.2f\t%.1f\t%.2f\t%.2f\t%.3f\t%.2f\t%.2f\t%.1f\t%s\t%s\t%s\t%s\t%s\n",
+    std::printf("%s\t%s\t%lld\t%lld\t%s\t%s\t%.2f\t%.1f\t%.2f\t%.2f\t%.3f\t%.2f\t%.2f\t%.1f\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
                 dev.str().c_str(), options_.arch.c_str(), static_cast<long long>(options_.batch_size),
                 static_cast<long long>(options_.image_size), cmd_.amp().c_str(), r.level.c_str(), step_ms,
                 r.images_per_s, r.activations / MB, r.peak / MB, r.speed_ratio, r.act_ratio, r.peak_ratio,
                 r.syncs_per_step, na(3, br.device_ms / step_ms).c_str(),
                 na(3, br.scope_ms("aq::compress")).c_str(), na(3, br.scope_ms("aq::decompress")).c_str(),
                 na(3, br.scope_ms("aq::allocate")).c_str(),
-                na(4, br.scope_ms("aq::allocate") / step_ms).c_str());
+                na(4, br.scope_ms("aq::allocate") / step_ms).c_str(), r.graph.c_str(),
+                r.graph == "off" ? "NA" : fmt::format("{:.2f}", r.capture_ms).c_str());
     std::fflush(stdout);
   }
 

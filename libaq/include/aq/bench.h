@@ -195,6 +195,10 @@ struct StepBenchOptions : ModelOptions {
   int warmup = 3;
   int profile_steps = 3;  // after the timed ones, for the breakdown (0: none)
   std::string trace_dir;  // each level's profiler trace as DIR/LEVEL.json
+  // Each model eagerly and/or as a CUDA graph (train::StepOptions::cuda_graphs):
+  // "both" (CUDA; eager alone on the CPU), "off" or "on" (CUDA only).
+  std::string cuda_graphs = "both";
+  int64_t graph_refresh = 200;
   StepBenchOptions() { levels = {"L3"}; }
 };
 struct StepRow {
@@ -203,7 +207,9 @@ struct StepRow {
   double images_per_s = 0;
   int64_t activations = 0;   // the first timed step's
   double peak = 0;           // bytes, over the timed steps above what was allocated before them
-  double speed_ratio = 0;    // images/s over the exact model's
+  std::string graph = "off";  // on: replayed as a CUDA graph; fallback: asked for, not possible (the log says why)
+  double capture_ms = 0;     // graph: the step that captured it (reallocation, capture, replay)
+  double speed_ratio = 0;    // images/s over the exact model's, eager
   double act_ratio = 0, peak_ratio = 0;  // the exact model's over this row's
   double syncs_per_step = 0;  // 0 on the CPU
   Breakdown breakdown;
@@ -211,8 +217,9 @@ struct StepRow {
 // Training-step time and memory: the exact model, then each level, on one
 // synthetic batch (samples 0..N-1), as a user would run them: SGD with
 // momentum, cuDNN autotuning (switched on for the process) and channels-last
-// on CUDA, adaptive levels reallocating bits after each step; ratios to the
-// exact model from the same process.
+// on CUDA, adaptive levels reallocating bits after each step (as CUDA
+// graphs: at each capture); each eagerly and replayed as a CUDA graph, ratios
+// to the eager exact model from the same process.
 std::vector<StepRow> bench_step(const StepBenchOptions& options, const c10::Device& device,
                                 const Report<StepRow>& report = {});
 

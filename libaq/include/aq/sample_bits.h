@@ -15,10 +15,16 @@
 namespace aq {
 
 // The dataset indices of the samples of the next forward passes in this
-// thread (CPU int64 [N]); an undefined tensor: unknown (usegradient then
-// falls back to batch means).
+// thread (int64 [N]); an undefined tensor: unknown (usegradient then falls
+// back to batch means).  On the host (what a loader yields), or already on
+// the device, as a CUDA graph's static input: then nothing about them is
+// read back, and every layer's per-sample statistics must have been sized
+// for them first (reserve_sample_stat).
 void set_batch_indices(const at::Tensor& indices);
 const at::Tensor& batch_indices();
+// Sizes a layer's per-sample statistics for dataset indices below `size`
+// on `device` (unseen samples marked as such), keeping what they hold.
+void reserve_sample_stat(LayerState& st, int64_t size, const at::Device& device);
 
 // Per-sample sensitivities C_n of a layer for its input's range_sq (float
 // [N], ||R_n||^2) and `elements` per sample, with the layer's current
@@ -41,7 +47,8 @@ at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x
                        at::Tensor* word_offset = nullptr);
 
 // After backward: updates the gradient statistics from grad_sq ([N]) of
-// the samples at `indices` (or the batch mean).
+// the samples at `indices` (or the batch mean), in place once they exist
+// (a CUDA graph's replays carry them from step to step).
 void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& grad_sq, const at::Tensor& indices);
 
 }  // namespace aq

@@ -11,11 +11,14 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 namespace aq::train {
+
+class GraphSafeOptimizer;
 
 enum class Amp { kOff, kBFloat16, kFloat16 };
 Amp parse_amp(const std::string& s);  // off, bf16, fp16
@@ -62,6 +65,23 @@ struct StepOptions {
   bool defer_reallocation = true;
   // Also sum what aq's layers report keeping (StepResult::aq_saved).
   bool count_saved = false;
+  // CUDA graphs (docs/step-speed.md): after `graph_warmup` eager steps the
+  // step (forward, loss, backward, the optimizer's update) is captured once
+  // per batch shape and replayed, so that the host no longer sets the pace.
+  // The per-layer reallocation then runs before each capture, every
+  // `graph_refresh` steps, instead of after every step; the per-sample
+  // allocation inside each layer still runs in every step.  Where a step
+  // cannot be captured (not CUDA, fp16 loss scaling, L4/L5 swapping,
+  // BatchNorm without momentum, an optimizer that is not a
+  // GraphSafeOptimizer, a capture that fails) it runs eagerly, said once in
+  // the log.
+  bool cuda_graphs = false;
+  int64_t graph_refresh = 200;
+  int64_t graph_warmup = 3;
+  // The batch indices are below this (a dataset's size): sizes every
+  // layer's per-sample statistics before a capture.  0: unknown; adaptive
+  // layers with per-sample gradient statistics are then not captured.
+  int64_t index_bound = 0;
 };
 
 struct StepResult {
@@ -71,6 +91,7 @@ struct StepResult {
   int64_t activations = 0;   // bytes the forward and loss left allocated for backward
   int64_t aq_saved = 0;      // with count_saved: bytes aq's layers kept
   bool updated = false;      // the optimizer stepped (not skipped by the fp16 scaler, or none given)
+  bool replayed = false;     // ran as a CUDA graph (captured now or before)
 };
 
 // One step: gradients cleared, the batch's dataset indices set for the
@@ -79,11 +100,22 @@ struct StepResult {
 // (else the gradients stay in the parameters' grad), and the per-layer
 // reallocation of adaptive bits.  Memory figures come from aq/memory.h
 // (install_cpu_memory_counter() for the CPU's).
+// With cuda_graphs, the step's outputs are copies (the graph's own are
+// overwritten by the next replay) and the parameters' gradients live in the
+// graph's memory.
 class Step {
  public:
   Step(models::Model& model, const c10::Device& device, StepOptions options);
+  ~Step();
+  Step(const Step&) = delete;
+  Step& operator=(const Step&) = delete;
   StepResult operator()(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
                         torch::optim::Optimizer* optimizer = nullptr);
+  // Why steps run eagerly although cuda_graphs asked for graphs ("" if they
+  // do not, or graphs were not asked for).
+  const std::string& eager_reason() const { return eager_reason_; }
+  // Graphs captured so far (each batch shape and each refresh is one).
+  int64_t captures() const { return captures_; }
   const StepOptions& options() const { return options_; }
   // The fp16 scaler (null unless amp is fp16).
   GradScaler* scaler() { return scaler_ ? &*scaler_ : nullptr; }
@@ -95,6 +127,17 @@ class Step {
   bool reallocates_;
   std::vector<torch::Tensor> params_;
   std::optional<GradScaler> scaler_;
+  struct Graph;  // the captured step (CUDA builds)
+  std::unique_ptr<Graph> graph_;
+  std::string eager_reason_;
+  int64_t captures_ = 0;
+  StepResult eager(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
+                   torch::optim::Optimizer* optimizer, bool reallocate);
+  StepResult graphed(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
+                     torch::optim::Optimizer* optimizer);
+  void capture_step(const torch::Tensor& x, const torch::Tensor& labels, const torch::Tensor& indices,
+                    GraphSafeOptimizer* update);
+  void fall_back(const std::string& why);
 };
 
 }  // namespace aq::train

@@ -50,6 +50,8 @@ struct Options {
   // What aq-bench measures with, on by default on CUDA (unset: on CUDA).
   std::optional<bool> channels_last;    // parameters and batches in NHWC
   std::optional<bool> cudnn_benchmark;  // cuDNN autotuning of convolution algorithms
+  std::optional<bool> cuda_graphs;      // the step captured and replayed (StepOptions::cuda_graphs)
+  int64_t graph_refresh = 200;          // steps between captures of an adaptive model's graph
   bool progress = true;              // progress bar on stderr when it is a terminal
   int64_t log_interval = -1;         // a log line every N steps; 0: none; -1: 100 when stderr is no terminal, else none
   std::string command;               // recorded in checkpoints

@@ -233,7 +233,7 @@ void load_adaptive_state(torch::nn::Module& model, const std::vector<std::pair<s
     } else if (what == "sample_stat") {
       st.sample_stat = t.to(dev, at::kFloat);
     } else if (what == "grad_mean") {
-      st.grad_mean = t.to(dev, at::kFloat);
+      st.grad_mean = t.to(dev, at::kFloat).clone();  // updated in place from now on
     } else if (what == "shared_from") {
       const auto owner = layers.find(tensor_name(t));
       if (owner == layers.end() || owner->second == it->second) continue;

@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 
 namespace aq {
 
@@ -92,8 +93,25 @@ at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
 }  // namespace
 
 void set_batch_indices(const at::Tensor& indices) {
-  current_indices = indices.defined() ? indices.to(at::kCPU, at::kLong).contiguous() : at::Tensor();
+  if (!indices.defined())
+    current_indices = at::Tensor();
+  else if (indices.is_cpu())
+    current_indices = indices.to(at::kLong).contiguous();
+  else if (indices.scalar_type() == at::kLong && indices.is_contiguous())
+    current_indices = indices;
+  else
+    throw std::invalid_argument("batch indices on a device must be contiguous int64");
   current_indices_device = at::Tensor();
+}
+
+void reserve_sample_stat(LayerState& st, int64_t size, const at::Device& device) {
+  if (st.sample_stat.defined() && st.sample_stat.device() == device && st.sample_stat.size(0) >= size &&
+      st.sample_stat.scalar_type() == at::kFloat && st.sample_stat.is_contiguous())
+    return;
+  const int64_t have = st.sample_stat.defined() ? st.sample_stat.size(0) : 0;
+  at::Tensor grown = at::full({std::max(size, have)}, -1.0, at::TensorOptions().dtype(at::kFloat).device(device));
+  if (have) grown.narrow(0, 0, have).copy_(st.sample_stat);
+  st.sample_stat = grown;
 }
 const at::Tensor& batch_indices() { return current_indices; }
 
@@ -233,31 +251,45 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
   RECORD_FUNCTION("aq::statistics", std::vector<c10::IValue>());
   if (!grad_sq.defined() || grad_sq.numel() == 0) return;
   const at::Tensor g = grad_sq.to(at::kFloat);
+  // The batch mean, into the tensor that holds it already where it can: a
+  // captured step's replays must carry it to the next step's forward.
+  auto set_mean = [&](const at::Tensor& mean) {
+    if (st.grad_mean.defined() && st.grad_mean.dim() == 0 && st.grad_mean.device() == g.device() &&
+        st.grad_mean.scalar_type() == at::kFloat)
+      st.grad_mean.copy_(mean);
+    else
+      st.grad_mean = mean.detach().clone();
+  };
   if (!usegradient || !indices.defined() || indices.numel() != g.numel()) {
-    st.grad_mean = g.mean().detach();
+    set_mean(g.mean());
     return;
   }
-  const auto [lowest, highest] = at::aminmax(indices);  // CPU indices: no device sync
-  const int64_t need = highest.item<int64_t>() + 1;
-  if (!st.sample_stat.defined() || st.sample_stat.device() != g.device() || st.sample_stat.size(0) < need) {
-    at::Tensor grown = at::full({std::max<int64_t>(need, st.sample_stat.defined() ? st.sample_stat.size(0) * 2 : need)},
-                                -1.0, g.options());
-    if (st.sample_stat.defined())
-      grown.narrow(0, 0, st.sample_stat.size(0)).copy_(st.sample_stat.to(g.device()));
-    st.sample_stat = grown;
+  // Host indices are checked and size the statistics here; device indices
+  // (a captured step's) were promised in range by reserve_sample_stat.
+  bool nonnegative = true;
+  if (indices.is_cpu()) {
+    const auto [lowest, highest] = at::aminmax(indices);
+    const int64_t need = highest.item<int64_t>() + 1;
+    nonnegative = lowest.item<int64_t>() >= 0;
+    if (!st.sample_stat.defined() || st.sample_stat.device() != g.device() || st.sample_stat.size(0) < need)
+      reserve_sample_stat(st, std::max<int64_t>(need, st.sample_stat.defined() ? st.sample_stat.size(0) * 2 : need),
+                          g.device());
+  } else if (!st.sample_stat.defined() || st.sample_stat.device() != g.device()) {
+    throw std::logic_error("per-sample statistics not reserved for batch indices on the device");
   }
   const at::Tensor idx = indices_on(indices, g.device());
   if (kernels::update_sample_stat.has(g.device().type()) && g.numel() <= kernels::kAllocMaxSamples &&
-      st.sample_stat.scalar_type() == at::kFloat &&
-      st.sample_stat.is_contiguous() && lowest.item<int64_t>() >= 0) {  // one launch instead of ~10
-    at::Tensor mean = at::empty({}, g.options());
-    kernels::update_sample_stat(g.device().type(), g.contiguous(), idx.contiguous(), st.sample_stat, mean);
-    st.grad_mean = mean;
+      st.sample_stat.scalar_type() == at::kFloat && st.sample_stat.is_contiguous() &&
+      nonnegative) {  // one launch instead of ~10
+    if (!(st.grad_mean.defined() && st.grad_mean.dim() == 0 && st.grad_mean.device() == g.device() &&
+          st.grad_mean.scalar_type() == at::kFloat))
+      st.grad_mean = at::empty({}, g.options());
+    kernels::update_sample_stat(g.device().type(), g.contiguous(), idx.contiguous(), st.sample_stat, st.grad_mean);
     return;
   }
   const at::Tensor old = st.sample_stat.index({idx});
   st.sample_stat.index_put_({idx}, at::where(old >= 0, 0.5 * old + 0.5 * g, g));
-  st.grad_mean = g.mean().detach();
+  set_mean(g.mean());
 }
 
 }  // namespace aq

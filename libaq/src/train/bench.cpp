@@ -434,6 +434,16 @@ std::vector<BreakdownRow> breakdown_rows(const Breakdown& b, double step_ms, siz
 
 std::vector<StepRow> bench_step(const StepBenchOptions& a, const c10::Device& dev, const Report<StepRow>& report) {
   const int steps = a.steps ? a.steps : (dev.is_cuda() ? 20 : 3);
+  std::vector<bool> graph_modes;
+  if (a.cuda_graphs == "both")
+    graph_modes = dev.is_cuda() ? std::vector<bool>{false, true} : std::vector<bool>{false};
+  else if (a.cuda_graphs == "off")
+    graph_modes = {false};
+  else if (a.cuda_graphs == "on")
+    graph_modes = {true};
+  else
+    throw std::invalid_argument("--cuda-graphs must be both, off or on, not '" + a.cuda_graphs + "'");
+  if (graph_modes.back() && !dev.is_cuda()) throw std::invalid_argument("--cuda-graphs on needs a CUDA device");
   install_cpu_memory_counter();
   if (dev.is_cuda()) at::globalContext().setBenchmarkCuDNN(true);
   const auto configs = exact_and_levels(a);
@@ -443,38 +453,56 @@ std::vector<StepRow> bench_step(const StepBenchOptions& a, const c10::Device& de
   SyncCounter syncs(dev.is_cuda());
   double exact_ips = 0, exact_act = 0, exact_peak = 0;
   for (const auto& [name, cfg] : configs) {
-    auto model = bench_model(a, cfg, dev);
-    train::SGD opt(model->parameters(), sgd_options());
-    train::Step step(*model, dev, step_options(a, cfg));
-    StepRow row;
-    row.level = name;
-    auto run = [&] { return step(batch.images, batch.labels, batch.indices, &opt); };
-    for (int i = 0; i < a.warmup; ++i) run();
-    sync(dev);
-    const int64_t base = memory(dev).allocated;
-    reset_peak(dev);
-    std::vector<double> t;
-    syncs.count = 0;
-    for (int i = 0; i < steps; ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      syncs.start();
-      const auto r = run();
-      syncs.stop();
-      if (i == 0) row.activations = r.activations;
+    for (const bool graph : graph_modes) {
+      auto model = bench_model(a, cfg, dev);
+      train::SGD opt(model->parameters(), sgd_options());
+      auto so = step_options(a, cfg);
+      so.cuda_graphs = graph;
+      so.graph_refresh = a.graph_refresh;
+      so.index_bound = a.batch_size;
+      train::Step step(*model, dev, so);
+      StepRow row;
+      row.level = name;
+      auto run = [&] { return step(batch.images, batch.labels, batch.indices, &opt); };
+      // A graph's warm-up, and the step that captures it (timed apart),
+      // come before the timed steps.
+      const int64_t warmup = graph ? std::max<int64_t>(a.warmup, so.graph_warmup) : a.warmup;
+      for (int64_t i = 0; i < warmup; ++i) run();
+      if (graph) {
+        sync(dev);
+        const auto t0 = std::chrono::steady_clock::now();
+        run();
+        sync(dev);
+        row.capture_ms = since(t0) * 1e3;
+        row.graph = step.captures() > 0 && step.eager_reason().empty() ? "on" : "fallback";
+      }
       sync(dev);
-      t.push_back(since(t0));
+      const int64_t base = memory(dev).allocated;
+      reset_peak(dev);
+      std::vector<double> t;
+      syncs.count = 0;
+      for (int i = 0; i < steps; ++i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        syncs.start();
+        const auto r = run();
+        syncs.stop();
+        if (i == 0) row.activations = r.activations;
+        sync(dev);
+        t.push_back(since(t0));
+      }
+      row.peak = static_cast<double>(memory(dev).peak - base);
+      row.seconds = median(std::move(t));
+      row.images_per_s = a.batch_size / row.seconds;
+      if (name == "exact" && graph == graph_modes.front()) exact_ips = row.images_per_s, exact_act = row.activations, exact_peak = row.peak;
+      row.speed_ratio = row.images_per_s / exact_ips;
+      row.act_ratio = exact_act / std::max<double>(1, row.activations);
+      row.peak_ratio = exact_peak / std::max<double>(1, row.peak);
+      row.syncs_per_step = dev.is_cuda() ? static_cast<double>(syncs.count) / steps : 0.0;
+      row.breakdown = profile_steps(dev, a.profile_steps, [&] { run(); },
+                                    a.trace_dir.empty() ? ""
+                                                        : a.trace_dir + "/" + name + (graph ? "-graph" : "") + ".json");
+      emit(report, rows, std::move(row));
     }
-    row.peak = static_cast<double>(memory(dev).peak - base);
-    row.seconds = median(std::move(t));
-    row.images_per_s = a.batch_size / row.seconds;
-    if (name == "exact") exact_ips = row.images_per_s, exact_act = row.activations, exact_peak = row.peak;
-    row.speed_ratio = row.images_per_s / exact_ips;
-    row.act_ratio = exact_act / std::max<double>(1, row.activations);
-    row.peak_ratio = exact_peak / std::max<double>(1, row.peak);
-    row.syncs_per_step = dev.is_cuda() ? static_cast<double>(syncs.count) / steps : 0.0;
-    row.breakdown = profile_steps(dev, a.profile_steps, [&] { run(); },
-                                  a.trace_dir.empty() ? "" : a.trace_dir + "/" + name + ".json");
-    emit(report, rows, std::move(row));
   }
   set_batch_indices(torch::Tensor());
   return rows;

@@ -4,11 +4,24 @@
 #include "aq/sample_bits.h"
 #include "aq/memory.h"
 #include "aq/modules.h"
+#include "aq/log.h"
+#include "aq/optim.h"
+
+#include "aq_config.h"
 
 #include <ATen/autocast_mode.h>
 #include <torch/nn/functional/loss.h>
 
 #include <stdexcept>
+
+#if AQ_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
 
 namespace aq::train {
 
@@ -49,6 +62,53 @@ bool GradScaler::unscale(const std::vector<torch::Tensor>& params) {
   return found_inf.item<float>() == 0;
 }
 
+namespace {
+
+bool batch_norm_without_momentum(torch::nn::Module& m) {
+  auto lacks = [](const torch::nn::BatchNormOptions& o) { return o.track_running_stats() && !o.momentum(); };
+  if (auto* b = dynamic_cast<torch::nn::BatchNorm1dImpl*>(&m)) return lacks(b->options);
+  if (auto* b = dynamic_cast<torch::nn::BatchNorm2dImpl*>(&m)) return lacks(b->options);
+  if (auto* b = dynamic_cast<torch::nn::BatchNorm3dImpl*>(&m)) return lacks(b->options);
+  return false;
+}
+
+// Why a model's step cannot be captured ("" if nothing known stops it).
+std::string capture_blocker(models::Model& model, const c10::Device& device, const StepOptions& o) {
+  if (!AQ_WITH_CUDA) return "aq was built without CUDA";
+  if (!device.is_cuda()) return "they need a CUDA device";
+  if (o.amp == Amp::kFloat16) return "fp16 loss scaling decides on the host whether to update";
+  for (const auto& m : model.modules(/*include_self=*/false)) {
+    if (batch_norm_without_momentum(*m)) return "a BatchNorm layer without momentum reads its batch count on the host";
+    const auto* q = dynamic_cast<const QLayer*>(m.get());
+    if (!q) continue;
+    if (q->config().swap) return "L4 and L5 keep activations in host memory";
+    if (adaptive(q->config()) && q->config().usegradient && o.index_bound <= 0)
+      return "per-sample gradient statistics need the dataset's size";
+  }
+  return "";
+}
+
+}  // namespace
+
+#if AQ_WITH_CUDA
+struct Step::Graph {
+  Graph(const c10::Device& d, int64_t warmup)
+      : stream(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, d.index())), eager_left(warmup) {}
+  // Capture needs a stream other than the default; warm-up runs there too,
+  // so that what LibTorch sets up per stream (cuBLAS workspaces) exists
+  // before a capture.
+  c10::cuda::CUDAStream stream;
+  std::unique_ptr<at::cuda::CUDAGraph> graph;
+  at::Tensor x, y, idx;         // static inputs: a replay reads the batch from here
+  at::Tensor loss, logits;      // static outputs
+  int64_t activations = 0, aq_saved = 0;
+  int64_t since_capture = 0;
+  int64_t eager_left;           // eager steps before the first capture
+};
+#else
+struct Step::Graph {};
+#endif
+
 Step::Step(models::Model& model, const c10::Device& device, StepOptions options)
     : model_(model),
       device_(device),
@@ -56,10 +116,33 @@ Step::Step(models::Model& model, const c10::Device& device, StepOptions options)
       reallocates_(adaptive(options_.quant) && options_.quant.perlayer),
       params_(model.parameters()) {
   if (options_.amp == Amp::kFloat16) scaler_.emplace(device);
+  if (!options_.cuda_graphs) return;
+  eager_reason_ = capture_blocker(model_, device_, options_);
+  if (!eager_reason_.empty()) {
+    log().info("CUDA graphs off: {}; the step runs eagerly", eager_reason_);
+    return;
+  }
+#if AQ_WITH_CUDA
+  graph_ = std::make_unique<Graph>(device_, std::max<int64_t>(1, options_.graph_warmup));
+#endif
+}
+
+Step::~Step() = default;
+
+void Step::fall_back(const std::string& why) {
+  eager_reason_ = why;
+  graph_.reset();
+  log().warn("CUDA graphs off: {}; the step runs eagerly from now on", why);
 }
 
 StepResult Step::operator()(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
                             torch::optim::Optimizer* optimizer) {
+  if (graph_) return graphed(images, labels, indices, optimizer);
+  return eager(images, labels, indices, optimizer, reallocates_);
+}
+
+StepResult Step::eager(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
+                       torch::optim::Optimizer* optimizer, bool reallocate) {
   namespace F = torch::nn::functional;
   StepResult r;
   model_.zero_grad();
@@ -89,11 +172,145 @@ StepResult Step::operator()(const torch::Tensor& images, const torch::Tensor& la
     optimizer->step();
     r.updated = true;
   }
-  if (reallocates_) adapt_layers(model_, options_.defer_reallocation);
+  if (reallocate) adapt_layers(model_, options_.defer_reallocation);
   r.loss = loss.detach();
   r.logits = logits.detach();
   r.labels = y;
   return r;
 }
+
+#if AQ_WITH_CUDA
+StepResult Step::graphed(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
+                         torch::optim::Optimizer* optimizer) {
+  namespace F = torch::nn::functional;
+  auto* update = optimizer ? dynamic_cast<GraphSafeOptimizer*>(optimizer) : nullptr;
+  if (optimizer && !update) {
+    fall_back("the optimizer is not graph-safe");
+    return eager(images, labels, indices, optimizer, reallocates_);
+  }
+  const c10::cuda::CUDAGuard device_guard(device_);
+  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(device_.index());
+  const c10::cuda::CUDAStream stream = graph_->stream;
+  // The step's work runs on the graph's stream, after what the caller
+  // queued before it, and before what the caller queues after it.
+  at::cuda::CUDAEvent entered, left;
+  entered.record(caller);
+  entered.block(stream);
+  StepResult r;
+  {
+    const c10::cuda::CUDAStreamGuard on(stream);
+    Graph& g = *graph_;
+    const auto x = images.to(device_, /*non_blocking=*/true);
+    const bool fits = g.x.defined() && g.x.sizes() == x.sizes() && g.x.strides() == x.strides() &&
+                      g.x.scalar_type() == x.scalar_type() && g.y.sizes() == labels.sizes() &&
+                      g.idx.defined() == indices.defined() && (!indices.defined() || g.idx.sizes() == indices.sizes());
+    if (g.eager_left > 0 || (g.graph && !fits) || (update && !update->ready())) {
+      // Warm-up (lazy initialisation, cuDNN autotuning, optimizer state), or
+      // a batch of another shape (an epoch's last): eagerly.  Its forward
+      // leaves the layers' statistics in tensors the graph does not write,
+      // so the next full batch captures anew.
+      const bool warming = g.eager_left > 0;
+      if (warming) --g.eager_left;
+      if (!warming) g.graph.reset();
+      r = eager(x, labels, indices, optimizer, warming && reallocates_);
+    } else {
+      const bool capture = !g.graph || (reallocates_ && g.since_capture >= options_.graph_refresh);
+      if (capture) {
+        try {
+          capture_step(x, labels, indices, update);
+        } catch (const std::exception& e) {
+          std::string what = e.what();
+          what = what.substr(0, what.find('\n'));
+          fall_back("capture failed (" + what + ")");
+          model_.zero_grad();
+          r = eager(x, labels, indices, optimizer, reallocates_);
+          left.record(stream);
+          left.block(caller);
+          return r;
+        }
+      }
+      g.x.copy_(x, /*non_blocking=*/true);
+      g.y.copy_(labels, /*non_blocking=*/true);
+      if (indices.defined()) g.idx.copy_(indices, /*non_blocking=*/true);
+      if (update) update->sync();
+      g.graph->replay();
+      ++g.since_capture;
+      r.loss = g.loss.clone();
+      r.logits = g.logits.clone();
+      r.labels = g.y.clone();
+      r.activations = g.activations;
+      r.aq_saved = g.aq_saved;
+      r.updated = update != nullptr;
+      r.replayed = true;
+    }
+  }
+  left.record(stream);
+  left.block(caller);
+  return r;
+}
+
+void Step::capture_step(const torch::Tensor& x, const torch::Tensor& labels, const torch::Tensor& indices,
+                        GraphSafeOptimizer* update) {
+  namespace F = torch::nn::functional;
+  Graph& g = *graph_;
+  // Per-layer budgets from the statistics of the last step that ran: they
+  // size the packed copies, which the graph then keeps.
+  if (reallocates_) adapt_layers(model_, /*defer=*/false);
+  g.graph.reset();
+  g.x = at::empty_strided(x.sizes(), x.strides(), x.options());
+  g.y = at::empty(labels.sizes(), labels.options().device(device_));
+  g.idx = indices.defined() ? at::empty(indices.sizes(), indices.options().dtype(at::kLong).device(device_))
+                            : at::Tensor();
+  g.x.copy_(x, /*non_blocking=*/true);
+  g.y.copy_(labels, /*non_blocking=*/true);
+  if (g.idx.defined()) g.idx.copy_(indices, /*non_blocking=*/true);
+  if (options_.index_bound > 0)
+    for (const auto& m : model_.modules(/*include_self=*/false))
+      if (auto* q = dynamic_cast<QLayer*>(m.get()); q && q->state()->sample_stat.defined())
+        reserve_sample_stat(*q->state(), options_.index_bound, device_);
+  set_batch_indices(g.idx);
+  // The gradients the graph writes are its own (allocated in its capture).
+  model_.zero_grad();
+  if (update) update->sync();
+  c10::cuda::device_synchronize();
+  g.graph = std::make_unique<at::cuda::CUDAGraph>();
+  g.graph->capture_begin();
+  try {
+    const int64_t before = memory(device_).allocated;
+    torch::Tensor logits;
+    {
+      AutocastScope ac(device_, options_.amp);
+      logits = model_.forward(g.x);
+    }
+    logits = logits.to(torch::kFloat);
+    auto loss = F::cross_entropy(logits, g.y, F::CrossEntropyFuncOptions().label_smoothing(options_.label_smoothing));
+    g.activations = memory(device_).allocated - before;
+    g.aq_saved = 0;
+    if (options_.count_saved)
+      for (const auto& m : model_.modules(/*include_self=*/false))
+        if (auto* q = dynamic_cast<QLayer*>(m.get())) g.aq_saved += q->state()->saved_bytes;
+    loss.backward();
+    if (update) update->update();
+    g.loss = loss.detach();
+    g.logits = logits.detach();
+  } catch (...) {
+    try {
+      g.graph->capture_end();
+    } catch (...) {
+    }
+    g.graph.reset();
+    (void)cudaGetLastError();
+    throw;
+  }
+  g.graph->capture_end();
+  g.since_capture = 0;
+  ++captures_;
+}
+#else
+StepResult Step::graphed(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
+                         torch::optim::Optimizer* optimizer) {
+  return eager(images, labels, indices, optimizer, reallocates_);
+}
+#endif
 
 }  // namespace aq::train

@@ -461,6 +461,9 @@ int Trainer::run() {
   so.amp = o_.amp;
   so.label_smoothing = o_.label_smoothing;
   so.quant = o_.quant;
+  so.cuda_graphs = o_.cuda_graphs.value_or(dev_.is_cuda());
+  so.graph_refresh = o_.graph_refresh;
+  so.index_bound = train_set_->size();
   Step train_step(*model_, dev_, so);
   LrSchedule schedule{o_.schedule, o_.lr, o_.warmup, o_.milestones, o_.epochs};
   const auto& signal = detail::signal_flag();
