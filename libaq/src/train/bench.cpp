@@ -468,17 +468,18 @@ std::vector<StepRow> bench_step(const StepBenchOptions& a, const c10::Device& de
       // come before the timed steps.
       const int64_t warmup = graph ? std::max<int64_t>(a.warmup, so.graph_warmup) : a.warmup;
       for (int64_t i = 0; i < warmup; ++i) run();
+      sync(dev);
+      // A graph allocates its working memory once, in its capture: the
+      // peak counts from before it.
+      const int64_t base = memory(dev).allocated;
+      reset_peak(dev);
       if (graph) {
-        sync(dev);
         const auto t0 = std::chrono::steady_clock::now();
         run();
         sync(dev);
         row.capture_ms = since(t0) * 1e3;
         row.graph = step.captures() > 0 && step.eager_reason().empty() ? "on" : "fallback";
       }
-      sync(dev);
-      const int64_t base = memory(dev).allocated;
-      reset_peak(dev);
       std::vector<double> t;
       syncs.count = 0;
       for (int i = 0; i < steps; ++i) {
