@@ -118,6 +118,8 @@ def main():
     p.add_argument("--amp", choices=["off", "bf16"], default="off")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--profile", metavar="FILE",
+                   help="also write the eager step's 40 largest device kernels (TSV: name, calls and ms per step)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench-pytorch.py: needs a CUDA device")
@@ -168,6 +170,21 @@ def main():
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         ms = statistics.median(times) * 1e3
+        if a.profile and mode == "eager":
+            steps = 3
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    run()
+                torch.cuda.synchronize()
+            kernels = {}
+            for e in prof.key_averages():
+                t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                if t > 0:
+                    kernels[e.key] = (e.count, t)
+            with open(a.profile, "w") as f:
+                f.write("name\tcalls_per_step\tms_per_step\n")
+                for name, (c, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:40]:
+                    f.write(f"{name}\t{c / steps:.1f}\t{t / steps / 1e3:.3f}\n")
         print(f"cuda\t{a.arch}\t{a.batch_size}\t{a.image_size}\t{a.amp}\t{mode}\t{ms:.2f}\t{a.batch_size / ms * 1e3:.1f}",
               flush=True)
 
