@@ -675,6 +675,15 @@ TEST_P(Ops, PoolingIsExact) {
   auto pad = torch::randn_like(ead());
   EXPECT_TRUE(torch::allclose(grads(ead, {x}, pad)[0],
                               grads([&] { return F::adaptive_avg_pool2d(x, {5, 4}); }, {x}, pad)[0], 1e-6, 1e-7));
+  // A global average (output 1x1): LibTorch's gradient bits, in the input's layout.
+  for (auto fmt : {torch::MemoryFormat::Contiguous, torch::MemoryFormat::ChannelsLast}) {
+    auto xg = torch::randn({3, 5, 7, 6}, opts()).contiguous(fmt).requires_grad_();
+    auto eg = [&] { return torch::adaptive_avg_pool2d(xg, {1, 1}); };
+    auto pg = torch::randn_like(eg());
+    const auto ours = grads([&] { return F::adaptive_avg_pool2d(xg, {1, 1}); }, {xg}, pg)[0];
+    EXPECT_TRUE(torch::equal(ours, grads(eg, {xg}, pg)[0]));
+    EXPECT_TRUE(ours.is_contiguous(fmt));
+  }
 }
 
 // Ties (the first largest in window order wins), NaN (it wins), both layouts

@@ -209,6 +209,7 @@ struct AvgPoolFn : torch::autograd::Function<AvgPoolFn> {
     auto& s = ctx->saved_data;
     s["x_sizes"] = x.sizes().vec();
     s["adaptive"] = adaptive;
+    s["channels_last"] = x.dim() == 4 && x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
     if (adaptive) return at::adaptive_avg_pool2d(x, kernel);
     s["kernel"] = kernel;
     s["stride"] = stride;
@@ -221,9 +222,19 @@ struct AvgPoolFn : torch::autograd::Function<AvgPoolFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto& s = ctx->saved_data;
     const at::Tensor& g = grads[0];
-    const at::Tensor shape_only = at::empty(s["x_sizes"].toIntVector(), g.options());  // values never read
+    const std::vector<int64_t> sizes = s["x_sizes"].toIntVector();
+    // The gradient in the input's layout: the layers before read it as they wrote x.
+    const auto layout = s["channels_last"].toBool() ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    const at::Tensor shape_only = at::empty(sizes, g.options().memory_format(layout));  // values never read
     at::Tensor gx;
-    if (s["adaptive"].toBool()) {
+    if (s["adaptive"].toBool() && g.size(-1) == 1 && g.size(-2) == 1) {
+      // A global average (ResNets' last pool), as LibTorch's forward computes
+      // it: a mean, whose gradient is one broadcast division instead of
+      // _adaptive_avg_pool2d_backward's atomics over the whole input.
+      const double area = static_cast<double>(sizes[sizes.size() - 1] * sizes[sizes.size() - 2]);
+      gx = shape_only;
+      gx.copy_((g / area).expand(sizes));
+    } else if (s["adaptive"].toBool()) {
       gx = at::_adaptive_avg_pool2d_backward(g.contiguous(), shape_only);
     } else {
       const int64_t div = s["divisor"].toInt();
