@@ -246,6 +246,29 @@ TEST_F(Fuzz, IdxReader) {
   EXPECT_GT(refused, 100);
 }
 
+// Both IDX headers claim 2^31 - 1 images of 4096 x 4096 in files of a few
+// bytes: a truncation error, not 32 PiB (or 3 GB for 28 x 28) allocated first.
+TEST_F(Fuzz, IdxCountsBuyNoMemory) {
+  const std::string data = dir_ + "/big";
+  ::mkdir(data.c_str(), 0777);
+  auto be32 = [](uint32_t v) {
+    return std::string{static_cast<char>(v >> 24), static_cast<char>(v >> 16), static_cast<char>(v >> 8),
+                       static_cast<char>(v)};
+  };
+  for (uint32_t side : {28u, 4096u}) {
+    write_bytes(data + "/t10k-images-idx3-ubyte", be32(0x803) + be32(0x7fffffff) + be32(side) + be32(side) + "pixels");
+    write_bytes(data + "/t10k-labels-idx1-ubyte", be32(0x801) + be32(0x7fffffff) + std::string(100000, '\1'));
+    g_largest = 0;
+    try {
+      aq::data::open("fashion-mnist", data, aq::data::Split::kTest);
+      ADD_FAILURE() << "opened";
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("truncated"), std::string::npos) << e.what();
+    }
+    EXPECT_LT(g_largest.load(), size_t{128} << 20) << side;
+  }
+}
+
 // --- CIFAR binary batches ------------------------------------------------------
 
 // CIFAR-10's test batch (24 records) and CIFAR-100's (16 records); the
