@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -109,6 +110,16 @@ void write_atomically(const std::string& path, const std::string& text) {
   }
 }
 
+// Whether a metrics file holds more than its header: one that does not
+// (a run that failed before its first epoch's row) records nothing to keep.
+bool has_rows(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  int lines = 0;
+  while (lines < 2 && std::getline(in, line)) ++lines;
+  return lines != 1;  // unreadable or empty: kept, as anything unexpected
+}
+
 std::string tsv_line(const std::vector<std::string>& cells) {
   std::string s;
   for (size_t i = 0; i < cells.size(); ++i) s += (i ? "\t" : "") + cells[i];
@@ -125,7 +136,7 @@ void Trainer::resolve_resume() {
   if (o_.evaluate || !resume_.empty() || o_.overwrite) return;
   if (o_.resume.empty()) {  // --resume auto with nothing to continue may replace a stale metrics file
     for (const auto& f : {ckpt, metrics})
-      if (exists(f))
+      if (exists(f) && (f == ckpt || has_rows(metrics)))
         throw std::invalid_argument(f + " exists: continue its run with --resume auto, or replace it with --overwrite");
   }
 }
