@@ -330,9 +330,8 @@ void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
 
 void Trainer::restore(const ckpt::Checkpoint& c) {
   const std::string& src = resume_;
-  if (const std::string bad = first_nonfinite(c); !bad.empty())
-    throw std::runtime_error(src + ": '" + bad +
-                             "' holds inf or NaN: the run had diverged; resume from an earlier checkpoint");
+  if (const std::string bad = first_bad_values(c); !bad.empty())
+    throw std::runtime_error(src + ": " + bad + "; resume from an earlier checkpoint");
   load_state(*model_, c, src);
   // Momentum buffers, by parameter name.
   std::map<std::string, torch::Tensor> bufs(c.optimizer.begin(), c.optimizer.end());
@@ -365,10 +364,15 @@ void Trainer::restore(const ckpt::Checkpoint& c) {
   step_ = counter(c, "step", src);
   batch_ = counter(c, "batch", src);
   const int64_t per_epoch = train_loader_->batches_per_epoch();
-  if (epoch_ < 0 || step_ < 0 || batch_ < 0 || batch_ > per_epoch)
+  // A run never trains past its own epochs (a resume with fewer stops first).
+  const auto run_epochs = c.counters.find("epochs");
+  if (epoch_ < 0 || step_ < 0 || batch_ < 0 || batch_ > per_epoch ||
+      (run_epochs != c.counters.end() && epoch_ > run_epochs->second))
     throw std::runtime_error(src + ": counters epoch " + std::to_string(epoch_) + ", step " + std::to_string(step_) +
                              ", batch " + std::to_string(batch_) + " do not fit a run of " +
-                             std::to_string(per_epoch) + " batches an epoch");
+                             std::to_string(per_epoch) + " batches an epoch" +
+                             (run_epochs != c.counters.end() ? " and " + std::to_string(run_epochs->second) + " epochs"
+                                                             : std::string()));
   auto scalar = [&](const char* k) {
     auto it = c.scalars.find(k);
     return it == c.scalars.end() ? 0.0 : it->second;
