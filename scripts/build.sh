@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Configures (once) and builds aq in build/ (or $AQ_BUILD).  Extra arguments
-# go to `meson setup`, e.g. -Dcuda=disabled.
+# go to `meson setup`, e.g. -Dcuda=disabled; $AQ_TARGETS, if set, names the
+# ninja targets to build (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${AQ_BUILD:-build}
@@ -13,4 +14,4 @@ if [ ! -f "$B/build.ninja" ]; then
   if [ -z "$dir" ] && [ -x "$VENV/bin/python3" ]; then dir=$("$VENV/bin/python3" -c "$find_torch"); fi
   meson setup "$B" ${dir:+-Dtorch_dir=$dir} "$@" >&2
 fi
-ninja -C "$B" >&2
+ninja -C "$B" ${AQ_TARGETS:-} >&2

@@ -1,21 +1,24 @@
 #!/usr/bin/env python3
-"""Counts test results of the last `meson test` run in a build folder.
+"""Counts test results of the last `meson test` run in one or more build
+folders (the main build and the sanitizer build of scripts/test.sh).
 
 GoogleTest binaries count per test case (from their JUnit XML); every other
-test counts as one.  Prints 'N passed, N failed, N skipped' and exits 1 if
-anything failed or nothing ran."""
+test counts as one.  Prints 'N passed, N failed, N skipped' over all of them
+and exits 1 if anything failed or nothing ran."""
 import json
 import os
 import sys
 import xml.etree.ElementTree as ET
 
-build = sys.argv[1] if len(sys.argv) > 1 else "build"
-log = os.path.join(build, "meson-logs", "testlog.json")
+builds = sys.argv[1:] or ["build"]
 passed = failed = skipped = 0
-try:
-    runs = [json.loads(line) for line in open(log) if line.strip()]
-except OSError:
-    runs = []
+runs = []
+for build in builds:
+    try:
+        runs += [json.loads(line) for line in open(os.path.join(build, "meson-logs", "testlog.json")) if line.strip()]
+    except OSError:
+        failed += 1  # a build folder given whose tests never ran
+        print(f"{build}: no test log", file=sys.stderr)
 for run in runs:
     name = run["name"].split(":")[-1].strip()
     xml = next((a.split("xml:", 1)[1] for a in run.get("command", []) if a.startswith("--gtest_output=xml:")), None)

@@ -223,6 +223,23 @@ TEST_F(ResumeRefuses, CountersAndBudgetsOutOfRange) {
   }
   {
     auto c = good;
+    c.counters["epoch"] = int64_t{1} << 40;  // past the run's 3 epochs: not "nothing to do"
+    aq::ckpt::save(bad, c);
+    const std::string e = resume_error(o);
+    EXPECT_EQ(e.rfind(bad + ": counters epoch 1099511627776, step 1, batch 1 do not fit a run of 4 batches an epoch "
+                            "and 3 epochs", 0), 0u) << e;
+  }
+  {
+    auto c = good;
+    for (auto& [name, t] : c.buffers)
+      if (name.find("running_var") != std::string::npos) t = torch::full_like(t, -1.0);
+    aq::ckpt::save(bad, c);
+    const std::string e = resume_error(o);
+    EXPECT_EQ(e.rfind(bad + ": '", 0), 0u) << e;
+    EXPECT_NE(e.find("running_var' holds negative values, which a variance cannot"), std::string::npos) << e;
+  }
+  {
+    auto c = good;
     c.scalars["momentum"] = std::nan("");
     aq::ckpt::save(bad, c);
     const std::string e = resume_error(o);

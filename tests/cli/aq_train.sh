@@ -294,4 +294,6 @@ check "aq-train | head -1: exit 1 after writing the epoch's checkpoint, says so"
 check "aq-eval > /dev/full: exit 1, one line" '[ $rc -eq 1 ] && grep -qx "aq-eval: cannot write to standard output: No space left on device" "$tmp/err"'
 "$TRAIN" --dataset cifar10 --epochs 1 -b 16 -q --workspace "$tmp/full" "$tmp/cifar10" >/dev/full 2>"$tmp/err"; rc=$?
 check "aq-train > /dev/full: exit 1 before training" '[ $rc -eq 1 ] && grep -q "No space left on device" "$tmp/err" && [ ! -e "$tmp/full/checkpoint.h5" ]'
+"$TRAIN" --dataset cifar10 --epochs 1 -b 16 --max-steps 1 --val-batches 1 -q --workspace "$tmp/full" "$tmp/cifar10" >/dev/null 2>"$tmp/err"; rc=$?
+check "a run that failed before its first step blocks no other (its metrics.tsv has no rows)" '[ $rc -eq 0 ] && [ -s "$tmp/full/checkpoint.h5" ]'
 exit $fail

@@ -34,9 +34,11 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
 models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::string& source,
                                        const QuantConfig& config);
 
-// The first parameter or buffer of `c` holding inf or NaN ("" if none).
-// model_from_checkpoint() warns about it; a resumed run refuses it.
-std::string first_nonfinite(const ckpt::Checkpoint& c);
+// What is wrong with the first parameter or buffer of `c` that holds inf or
+// NaN, or a batch-norm running variance that holds negative values, with
+// its likely cause ("" if none).  model_from_checkpoint() warns about it; a
+// resumed run refuses it.
+std::string first_bad_values(const ckpt::Checkpoint& c);
 
 // Copies a checkpoint's parameters and buffers into `model`: every name
 // must be present with the same shape, and no name may be left over.

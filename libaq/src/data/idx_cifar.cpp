@@ -87,7 +87,30 @@ class GzFile {
   GzFile& operator=(const GzFile&) = delete;
 
   // Reads exactly `n` bytes; `what` says what they are, for the error.
-  void read(void* buf, size_t n, const std::string& what) {
+  void read(void* buf, size_t n, const std::string& what) { read_from(buf, n, 0, n, what); }
+
+  // Reads exactly `n` bytes into a vector grown as they arrive, so that a
+  // header's count buys no more memory than the file holds.
+  std::vector<uint8_t> read_vector(size_t n, const std::string& what) {
+    std::vector<uint8_t> out;
+    constexpr size_t kChunk = size_t{64} << 20;
+    while (out.size() < n) {
+      const size_t have = out.size(), step = std::min(n - have, std::max(kChunk, have));
+      out.resize(have + step);
+      read_from(out.data() + have, step, have, n, what);
+    }
+    return out;
+  }
+
+  uint32_t read_u32(const std::string& what) {
+    unsigned char b[4];
+    read(b, 4, what);
+    return (uint32_t{b[0]} << 24) | (uint32_t{b[1]} << 16) | (uint32_t{b[2]} << 8) | uint32_t{b[3]};
+  }
+
+ private:
+  // Reads `n` bytes of `what`, of which `before` of `total` are read already.
+  void read_from(void* buf, size_t n, size_t before, size_t total, const std::string& what) {
     auto* p = static_cast<char*>(buf);
     size_t got = 0;
     while (got < n) {
@@ -102,17 +125,10 @@ class GzFile {
       got += static_cast<size_t>(r);
     }
     if (got < n)
-      bad_file(name_ + ": " + path_ + ": truncated: " + std::to_string(got) + " of the " + std::to_string(n) +
-               " bytes of " + what);
+      bad_file(name_ + ": " + path_ + ": truncated: " + std::to_string(before + got) + " of the " +
+               std::to_string(total) + " bytes of " + what);
   }
 
-  uint32_t read_u32(const std::string& what) {
-    unsigned char b[4];
-    read(b, 4, what);
-    return (uint32_t{b[0]} << 24) | (uint32_t{b[1]} << 16) | (uint32_t{b[2]} << 8) | uint32_t{b[3]};
-  }
-
- private:
   std::string name_, path_;
   gzFile f_ = nullptr;
 };
@@ -153,9 +169,8 @@ std::shared_ptr<const Dataset> detail::open_idx(const std::string& name, const s
              std::to_string(nl) + " labels");
   if (n == 0) bad_file(name + ": " + ipath + ": holds no images");
 
-  std::vector<uint8_t> pixels(size_t{n} * rows * cols), lab(n);
-  images.read(pixels.data(), pixels.size(), "pixels");
-  labels.read(lab.data(), lab.size(), "labels");
+  std::vector<uint8_t> lab = labels.read_vector(n, "labels");
+  std::vector<uint8_t> pixels = images.read_vector(size_t{n} * rows * cols, "pixels");
   for (uint32_t i = 0; i < n; ++i)
     if (lab[i] >= 10)
       bad_file(name + ": " + lpath + ": label " + std::to_string(lab[i]) + " of sample " + std::to_string(i) +

@@ -4,6 +4,13 @@
 // depth, reduced to 8-bit RGB as PIL's convert("RGB") does.  Then PIL's
 // bilinear resampling to normalised CHW floats.  Every failure to read or
 // decode throws BadImage naming the file.
+//
+// Memory is bounded by what the file can hold: images over kMaxPixels
+// (PIL's DecompressionBombError limit) are refused from their header, a PNG
+// that claims more pixel bytes than deflate could unpack from its size too,
+// JPEG rows are stored as they are decoded (a truncated file claiming a
+// large image fails before its whole buffer exists), and libjpeg's own
+// buffers are capped at kJpegMemory.
 #pragma once
 
 #include "internal.h"
@@ -18,6 +25,12 @@
 #include <vector>
 
 namespace aq::data::detail {
+
+constexpr int64_t kMaxPixels = 178956970;
+constexpr long kJpegMemory = 1L << 30;
+
+// Throws BadImage unless `w` x `h` is a size to decode.
+void check_size(const std::string& path, const char* format, int64_t w, int64_t h);
 
 // The whole file; throws BadImage when it cannot be read or is empty.
 std::vector<unsigned char> read_file(const std::string& path);

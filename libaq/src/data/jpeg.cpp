@@ -41,6 +41,14 @@ std::vector<unsigned char> read_file(const std::string& path) {
   return bytes;
 }
 
+void check_size(const std::string& path, const char* format, int64_t w, int64_t h) {
+  if (w <= 0 || h <= 0 || w * h > kMaxPixels)
+    throw BadImage(path + ": cannot decode " + format + " image: size " + std::to_string(w) + "x" +
+                   std::to_string(h) + (w > 0 && h > 0 ? " is over the limit of " + std::to_string(kMaxPixels) +
+                                                             " pixels"
+                                                       : ""));
+}
+
 std::unique_ptr<Image> open_image(const std::string& path) {
   std::vector<unsigned char> bytes = read_file(path);
   static const unsigned char kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
@@ -80,6 +88,7 @@ void Jpeg::open() {
   if (setjmp(err_.jump)) fail();
   jpeg_create_decompress(&cinfo_);
   created_ = true;
+  cinfo_.mem->max_memory_to_use = kJpegMemory;  // over it libjpeg fails (no backing store)
   jpeg_mem_src(&cinfo_, bytes_.data(), static_cast<unsigned long>(bytes_.size()));
   jpeg_read_header(&cinfo_, TRUE);
   switch (cinfo_.jpeg_color_space) {
@@ -94,6 +103,7 @@ void Jpeg::open() {
       break;
     default: unsupported("unknown colour space"); break;
   }
+  check_size(path_, "JPEG", cinfo_.image_width, cinfo_.image_height);
   width_ = static_cast<int>(cinfo_.image_width);
   height_ = static_cast<int>(cinfo_.image_height);
 }
@@ -119,7 +129,8 @@ void Jpeg::decode(int n) {
   jpeg_calc_output_dimensions(&cinfo_);
   out_width_ = static_cast<int>(cinfo_.output_width);
   out_height_ = static_cast<int>(cinfo_.output_height);
-  rgb_.resize(size_t(out_width_) * out_height_ * 3);
+  rgb_.clear();
+  rgb_.reserve(std::min<size_t>(size_t(out_width_) * out_height_ * 3, size_t{4} << 20));
   if (cmyk_) cmyk_row_.resize(size_t(out_width_) * 4);
   jpeg_start_decompress(&cinfo_);
   if (cinfo_.output_components != (cmyk_ ? 4 : 3)) unsupported("unexpected number of output channels");
@@ -128,8 +139,10 @@ void Jpeg::decode(int n) {
 }
 
 void Jpeg::read_rows() {
+  const size_t row_bytes = size_t{cinfo_.output_width} * 3;
   while (cinfo_.output_scanline < cinfo_.output_height) {
-    uint8_t* out = rgb_.data() + size_t{cinfo_.output_scanline} * cinfo_.output_width * 3;
+    rgb_.resize(rgb_.size() + row_bytes);  // grows with the rows decoded: see image.h
+    uint8_t* out = rgb_.data() + size_t{cinfo_.output_scanline} * row_bytes;
     JSAMPROW row = cmyk_ ? cmyk_row_.data() : out;
     jpeg_read_scanlines(&cinfo_, &row, 1);
     if (cmyk_) cmyk_to_rgb(cmyk_row_.data(), out_width_, inverted_, out);

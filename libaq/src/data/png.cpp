@@ -6,6 +6,7 @@
 
 #include <png.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace aq::data::detail {
@@ -45,8 +46,16 @@ Png::Png(const std::string& path, std::vector<unsigned char> bytes) : path_(path
            bytes_[at + 3];
   };
   const uint32_t w = be32(16), h = be32(20);
-  if (w == 0 || h == 0 || w > (1u << 20) || h > (1u << 20) || uint64_t{w} * h > (uint64_t{1} << 30))
-    throw BadImage(path_ + ": cannot decode PNG image: size " + std::to_string(w) + "x" + std::to_string(h));
+  check_size(path_, "PNG", w, h);
+  // The unfiltered pixel bytes cannot exceed what deflate unpacks from the
+  // whole file (at most 1032:1).  Bits per pixel from the colour type and
+  // depth; 1 where they make no sense (libpng refuses those later).
+  const int channels[7] = {1, 0, 3, 1, 2, 0, 4};
+  const int depth = bytes_.size() > 25 ? bytes_[24] : 1, type = bytes_.size() > 25 ? bytes_[25] : 0;
+  const uint64_t bits = std::max(1, (type <= 6 ? channels[type] : 1) * std::min(depth, 16));
+  if (uint64_t{h} * ((uint64_t{w} * bits + 7) / 8) > uint64_t{1032} * bytes_.size())
+    throw BadImage(path_ + ": cannot decode PNG image: size " + std::to_string(w) + "x" + std::to_string(h) +
+                   " cannot be held in its " + std::to_string(bytes_.size()) + " bytes");
   width_ = static_cast<int>(w);
   height_ = static_cast<int>(h);
 }

@@ -48,10 +48,16 @@ void load_state(models::Model& model, const ckpt::Checkpoint& c, const std::stri
   }
 }
 
-std::string first_nonfinite(const ckpt::Checkpoint& c) {
+std::string first_bad_values(const ckpt::Checkpoint& c) {
+  const std::string var = "running_var";
   for (const auto* list : {&c.parameters, &c.buffers})
-    for (const auto& [name, t] : *list)
-      if (t.is_floating_point() && t.numel() > 0 && !torch::isfinite(t).all().item<bool>()) return name;
+    for (const auto& [name, t] : *list) {
+      if (!t.is_floating_point() || t.numel() == 0) continue;
+      if (!torch::isfinite(t).all().item<bool>()) return "'" + name + "' holds inf or NaN: the run had diverged";
+      if (name.size() >= var.size() && name.compare(name.size() - var.size(), var.size(), var) == 0 &&
+          (t < 0).any().item<bool>())
+        return "'" + name + "' holds negative values, which a variance cannot: the file is damaged";
+    }
   return "";
 }
 
@@ -65,8 +71,8 @@ models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::str
     throw std::runtime_error(source + ": " + e.what());
   }
   load_state(*m, c, source);
-  if (const std::string bad = first_nonfinite(c); !bad.empty())
-    log().warn("{}: '{}' holds inf or NaN: the run had diverged; its results are meaningless", source, bad);
+  if (const std::string bad = first_bad_values(c); !bad.empty())
+    log().warn("{}: {}; its results are meaningless", source, bad);
   return m;
 }
 

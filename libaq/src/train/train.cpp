@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -109,6 +110,16 @@ void write_atomically(const std::string& path, const std::string& text) {
   }
 }
 
+// Whether a metrics file holds more than its header: one that does not
+// (a run that failed before its first epoch's row) records nothing to keep.
+bool has_rows(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  int lines = 0;
+  while (lines < 2 && std::getline(in, line)) ++lines;
+  return lines != 1;  // unreadable or empty: kept, as anything unexpected
+}
+
 std::string tsv_line(const std::vector<std::string>& cells) {
   std::string s;
   for (size_t i = 0; i < cells.size(); ++i) s += (i ? "\t" : "") + cells[i];
@@ -125,7 +136,7 @@ void Trainer::resolve_resume() {
   if (o_.evaluate || !resume_.empty() || o_.overwrite) return;
   if (o_.resume.empty()) {  // --resume auto with nothing to continue may replace a stale metrics file
     for (const auto& f : {ckpt, metrics})
-      if (exists(f))
+      if (exists(f) && (f == ckpt || has_rows(metrics)))
         throw std::invalid_argument(f + " exists: continue its run with --resume auto, or replace it with --overwrite");
   }
 }
@@ -319,9 +330,8 @@ void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
 
 void Trainer::restore(const ckpt::Checkpoint& c) {
   const std::string& src = resume_;
-  if (const std::string bad = first_nonfinite(c); !bad.empty())
-    throw std::runtime_error(src + ": '" + bad +
-                             "' holds inf or NaN: the run had diverged; resume from an earlier checkpoint");
+  if (const std::string bad = first_bad_values(c); !bad.empty())
+    throw std::runtime_error(src + ": " + bad + "; resume from an earlier checkpoint");
   load_state(*model_, c, src);
   // Momentum buffers, by parameter name.
   std::map<std::string, torch::Tensor> bufs(c.optimizer.begin(), c.optimizer.end());
@@ -354,10 +364,15 @@ void Trainer::restore(const ckpt::Checkpoint& c) {
   step_ = counter(c, "step", src);
   batch_ = counter(c, "batch", src);
   const int64_t per_epoch = train_loader_->batches_per_epoch();
-  if (epoch_ < 0 || step_ < 0 || batch_ < 0 || batch_ > per_epoch)
+  // A run never trains past its own epochs (a resume with fewer stops first).
+  const auto run_epochs = c.counters.find("epochs");
+  if (epoch_ < 0 || step_ < 0 || batch_ < 0 || batch_ > per_epoch ||
+      (run_epochs != c.counters.end() && epoch_ > run_epochs->second))
     throw std::runtime_error(src + ": counters epoch " + std::to_string(epoch_) + ", step " + std::to_string(step_) +
                              ", batch " + std::to_string(batch_) + " do not fit a run of " +
-                             std::to_string(per_epoch) + " batches an epoch");
+                             std::to_string(per_epoch) + " batches an epoch" +
+                             (run_epochs != c.counters.end() ? " and " + std::to_string(run_epochs->second) + " epochs"
+                                                             : std::string()));
   auto scalar = [&](const char* k) {
     auto it = c.scalars.find(k);
     return it == c.scalars.end() ? 0.0 : it->second;
