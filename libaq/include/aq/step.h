@@ -62,21 +62,26 @@ struct StepOptions {
   bool defer_reallocation = true;
   // Also sum what aq's layers report keeping (StepResult::aq_saved).
   bool count_saved = false;
+  // Gradients scaled to this global L2 norm at most before the update
+  // (aq/optim.h's clip_grad_norm); 0: not clipped.
+  double clip_grad_norm = 0;
 };
 
 struct StepResult {
   torch::Tensor loss;        // float, 0-d, detached (on the device: no wait)
-  torch::Tensor logits;      // float [N, classes], detached
-  torch::Tensor labels;      // the batch's labels on the device
+  torch::Tensor logits;      // float [N, classes] (token models: [B, T, V]), detached
+  torch::Tensor labels;      // the batch's labels (token models: targets [B, T]) on the device
   int64_t activations = 0;   // bytes the forward and loss left allocated for backward
   int64_t aq_saved = 0;      // with count_saved: bytes aq's layers kept
   bool updated = false;      // the optimizer stepped (not skipped by the fp16 scaler, or none given)
 };
 
 // One step: gradients cleared, the batch's dataset indices set for the
-// adaptive layers, forward under autocast, cross-entropy in fp32, backward
+// adaptive layers, forward under autocast, cross-entropy in fp32 (per token
+// for token models: aq/loss.h), backward
 // (scaled under fp16 autocast), the optimizer's update when one is given
-// (else the gradients stay in the parameters' grad), and the per-layer
+// (else the gradients stay in the parameters' grad), gradient clipping
+// before it when asked, and the per-layer
 // reallocation of adaptive bits.  Memory figures come from aq/memory.h
 // (install_cpu_memory_counter() for the CPU's).
 class Step {

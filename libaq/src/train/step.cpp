@@ -1,12 +1,13 @@
 #include "aq/step.h"
 
 #include "aq/adaptive.h"
+#include "aq/loss.h"
+#include "aq/optim.h"
 #include "aq/sample_bits.h"
 #include "aq/memory.h"
 #include "aq/modules.h"
 
 #include <ATen/autocast_mode.h>
-#include <torch/nn/functional/loss.h>
 
 #include <stdexcept>
 
@@ -60,7 +61,6 @@ Step::Step(models::Model& model, const c10::Device& device, StepOptions options)
 
 StepResult Step::operator()(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
                             torch::optim::Optimizer* optimizer) {
-  namespace F = torch::nn::functional;
   StepResult r;
   model_.zero_grad();
   auto x = images.to(device_, /*non_blocking=*/true);
@@ -73,7 +73,7 @@ StepResult Step::operator()(const torch::Tensor& images, const torch::Tensor& la
     logits = model_.forward(x);
   }
   logits = logits.to(torch::kFloat);
-  auto loss = F::cross_entropy(logits, y, F::CrossEntropyFuncOptions().label_smoothing(options_.label_smoothing));
+  auto loss = cross_entropy(logits, y, options_.label_smoothing);
   r.activations = memory(device_).allocated - before;
   if (options_.count_saved)
     for (const auto& m : model_.modules(/*include_self=*/false))
@@ -85,6 +85,7 @@ StepResult Step::operator()(const torch::Tensor& images, const torch::Tensor& la
   } else {
     loss.backward();
   }
+  if (options_.clip_grad_norm > 0 && finite) clip_grad_norm(params_, options_.clip_grad_norm);
   if (optimizer && finite) {
     optimizer->step();
     r.updated = true;
