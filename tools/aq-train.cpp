@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <sstream>
 #include <cstdio>
 #include <thread>
 #include <stdexcept>
@@ -129,7 +130,11 @@ int main(int argc, char** argv) {
     o.nesterov = aq::parse_bool(nesterov);
     o.optimizer = aq::train::parse_optimizer(optimizer);
     for (double b : betas)
-      if (!(b >= 0 && b < 1)) throw std::invalid_argument("--betas: each must be in [0, 1), not " + std::to_string(b));
+      if (!(b >= 0 && b < 1)) {
+        std::ostringstream text;
+        text << b;
+        throw std::invalid_argument("--betas: each must be in [0, 1), not " + text.str());
+      }
     o.beta1 = betas.at(0), o.beta2 = betas.at(1);
     if (o.warmup_steps > 0 && o.warmup > 0) throw std::invalid_argument("--warmup and --warmup-steps: give one");
     o.progress = v.verbosity >= 0;
