@@ -25,6 +25,7 @@ int check(const aq::data::DataOptions& d, bool progress) {
   const std::string name = aq::data::resolve_name(d.dataset, d.num_classes);
   aq::data::OpenOptions oo;
   oo.image_size = d.image_size;
+  oo.context = d.context;
   if (d.num_classes > 0) oo.synthetic_classes = d.num_classes;
   const int workers = d.workers > 0 ? d.workers : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const bool bar = progress && isatty(STDERR_FILENO);

@@ -198,7 +198,7 @@ void Trainer::setup() {
                                 std::to_string(info.num_classes) + " classes");
   model_ = models::build(o_.arch, info.channels, info.num_classes, o_.quant);
   model_->to(dev_);
-  channels_last_ = o_.channels_last.value_or(dev_.is_cuda());
+  channels_last_ = !text_ && o_.channels_last.value_or(dev_.is_cuda());  // tokens are no images
   if (channels_last_) {
     torch::NoGradGuard g;
     for (auto& p : model_->parameters())
