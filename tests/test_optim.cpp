@@ -7,6 +7,7 @@
 #include "aq/models.h"
 #include "aq/optim.h"
 #include "aq/step.h"
+#include "device_test.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -75,6 +76,35 @@ TEST_P(AdamWEquals, LibTorchAdamW) {
   }
 }
 INSTANTIATE_TEST_SUITE_P(Optim, AdamWEquals, ::testing::Values(false, true));
+
+// On each device: the same as LibTorch's AdamW there (on CUDA the
+// multi-tensor kernels may round differently: to float precision), and
+// clipping as LibTorch's.
+class OptimOn : public DeviceTest {};
+TEST_P(OptimOn, AdamWAndClipping) {
+  auto mine = make_params(7), theirs = make_params(7);
+  for (auto* ps : {&mine, &theirs})
+    for (auto& p : *ps) p = p.detach().to(dev()).requires_grad_(true);
+  auto options = torch::optim::AdamWOptions(1e-2).weight_decay(0.1);
+  aq::train::AdamW a(mine, options);
+  torch::optim::AdamW b(theirs, options);
+  for (int step = 0; step < 8; ++step) {
+    set_grads(mine, step);
+    set_grads(theirs, step);
+    for (auto* ps : {&mine, &theirs})
+      for (auto& p : *ps)
+        if (p.grad().defined()) p.mutable_grad() = p.grad().to(dev());
+    const auto norm = aq::train::clip_grad_norm(mine, 2.0);
+    EXPECT_EQ(norm.device(), mine[0].device());
+    const double want = torch::nn::utils::clip_grad_norm_(theirs, 2.0);
+    EXPECT_NEAR(norm.item<double>(), want, 1e-5 * want);
+    a.step();
+    b.step();
+  }
+  for (size_t i = 0; i < mine.size(); ++i)
+    EXPECT_TRUE(torch::allclose(mine[i], theirs[i], 1e-5, 1e-6)) << i;
+}
+AQ_PER_DEVICE(OptimOn);
 
 // The state as checkpoints keep it: a run stopped after 5 steps and
 // continued in a new optimizer ends where the uninterrupted one does.
