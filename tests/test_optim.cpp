@@ -7,6 +7,7 @@
 #include "aq/models.h"
 #include "aq/optim.h"
 #include "aq/step.h"
+#include "aq/train.h"
 #include "device_test.h"
 
 #include <gtest/gtest.h>
@@ -270,6 +271,26 @@ TEST(Optim, TokenStepLearns) {
   for (int i = 0; i < 60; ++i) last = step(x, y, idx, opt.get());
   EXPECT_LT(last.loss.item<double>(), 0.1 * first.loss.item<double>());
   EXPECT_EQ(aq::train::correct(last.logits, y).item<int64_t>(), 32);
+}
+
+// A text run's row: per-token columns, perplexities from the losses, and
+// the values a checkpoint keeps give the same line back (resume).
+TEST(Optim, TextRowsOfTheTsv) {
+  aq::train::EpochRow r;
+  r.text = true;
+  r.epoch = 2, r.step = 40, r.lr = 3e-4, r.train_loss = 1.5, r.train_acc = 55.5, r.val_loss = 2.0, r.val_top1 = 44.25;
+  r.img_per_s = 12345.6, r.act_mb = 10.5, r.peak_mb = 20.25;
+  const auto& cols = aq::train::EpochRow::columns(true);
+  ASSERT_EQ(cols.size(), r.values().size());
+  EXPECT_EQ(cols[4], "train_ppl");
+  EXPECT_EQ(cols[9], "tok_per_s");
+  const std::string line = r.tsv();
+  EXPECT_EQ(line, "2\t40\t0.0003\t1.5000\t4.482\t55.50\t2.0000\t7.389\t44.25\t12345.6\t10.50\t20.25\n");
+  EXPECT_EQ(aq::train::EpochRow::from_values(r.values(), true).tsv(), line);
+  aq::train::EpochRow img = r;
+  img.text = false;
+  EXPECT_EQ(aq::train::EpochRow::columns(false).size(), img.values().size());
+  EXPECT_EQ(aq::train::EpochRow::from_values(img.values(), false).tsv(), img.tsv());
 }
 
 }  // namespace

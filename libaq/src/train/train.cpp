@@ -205,11 +205,11 @@ void Trainer::setup() {
       if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
   }
   if (dev_.is_cuda()) at::globalContext().setBenchmarkCuDNN(o_.cudnn_benchmark.value_or(true));
-  OptimizerOptions oo2;
-  oo2.kind = o_.optimizer;
-  oo2.lr = o_.lr, oo2.weight_decay = o_.weight_decay, oo2.momentum = o_.momentum, oo2.nesterov = o_.nesterov;
-  oo2.beta1 = o_.beta1, oo2.beta2 = o_.beta2, oo2.eps = o_.eps;
-  opt_ = make_optimizer(model_->parameters(), oo2);
+  OptimizerOptions opt;
+  opt.kind = o_.optimizer;
+  opt.lr = o_.lr, opt.weight_decay = o_.weight_decay, opt.momentum = o_.momentum, opt.nesterov = o_.nesterov;
+  opt.beta1 = o_.beta1, opt.beta2 = o_.beta2, opt.eps = o_.eps;
+  opt_ = make_optimizer(model_->parameters(), opt);
   data::LoaderOptions lo;
   lo.batch_size = o_.data.batch_size;
   lo.workers = o_.data.workers;
@@ -235,13 +235,14 @@ void Trainer::setup() {
       log().info("adaptive statistics and per-layer budgets from {}", o_.calibration);
     }
   }
-  if (text_)
+  if (text_) {
     log().info("{} on {} ({} train / {} validation windows of {} tokens), {} on {}, seed {}", o_.arch, dataset_,
                train_set_->size(), test_set_->size(), info.sequence + 1, o_.quant.to_flags(), dev_.str(), seed_);
-  else
-  log().info("{} on {} ({} train / {} test images, {}x{}x{}, {} classes), {} on {}, seed {}", o_.arch, dataset_,
-             train_set_->size(), test_set_->size(), info.channels, info.height, info.width, info.num_classes,
-             o_.quant.to_flags(), dev_.str(), seed_);
+  } else {
+    log().info("{} on {} ({} train / {} test images, {}x{}x{}, {} classes), {} on {}, seed {}", o_.arch, dataset_,
+               train_set_->size(), test_set_->size(), info.channels, info.height, info.width, info.num_classes,
+               o_.quant.to_flags(), dev_.str(), seed_);
+  }
 }
 
 // A resumed run is the run that wrote the checkpoint: its batch size (the
@@ -418,7 +419,7 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
                 {"batch_size", o_.data.batch_size},
                 {"epochs", o_.epochs}};
   if (text_) c.counters["context"] = o_.data.context;
-  if (o_.warmup_steps > 0) c.counters["warmup_steps"] = o_.warmup_steps;
+  c.counters["warmup_steps"] = o_.warmup_steps;
   c.meta["milestones"] = list_text(o_.milestones);
   c.scalars = {{"lr", lr_},
                {"peak_lr", o_.lr},
@@ -431,7 +432,7 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
                {"partial_seen", part.seen},
                {"partial_act_sum", part.act_sum},
                {"partial_act_n", part.act_n}};
-  if (o_.clip_grad_norm > 0) c.scalars["clip_grad_norm"] = o_.clip_grad_norm;
+  c.scalars["clip_grad_norm"] = o_.clip_grad_norm;
   if (o_.optimizer == OptimizerKind::kAdamW) {
     c.scalars["beta1"] = o_.beta1;
     c.scalars["beta2"] = o_.beta2;
