@@ -11,8 +11,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <sstream>
 #include <cstdio>
+#include <sstream>
 #include <thread>
 #include <stdexcept>
 #include <string>

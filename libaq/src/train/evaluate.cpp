@@ -81,6 +81,7 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
   auto top1 = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(device));
   auto top5 = top1.clone();
   int64_t images = 0, scored = 0, batches = 0;
+  bool per_token = false;
   loader.start(0);
   const int64_t total = max_batches > 0 ? std::min(max_batches, loader.batches_per_epoch()) : loader.batches_per_epoch();
   bool stopped = false;
@@ -108,13 +109,14 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
     top5 += hit.any(-1).sum();
     images += y.size(0);
     scored += y.numel();
+    per_token = y.dim() == 2;
     if (progress) progress(batches, total);
   }
   model.train(was_training);
   EvalResult r;
   r.images = images;
   r.stopped = stopped;
-  if (scored > images) r.tokens = scored;
+  if (per_token) r.tokens = scored;
   if (scored) {
     r.loss = loss_sum.item<double>() / scored;
     r.top1 = 100.0 * top1.item<int64_t>() / scored;
