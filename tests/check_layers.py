@@ -24,7 +24,7 @@ PUBLIC = {
     "modules": ["modules"],
     "adaptive": ["adaptive"],
     "models": ["models"],
-    "train": ["step", "optim", "evaluate", "train", "variance", "calibrate", "bench"],
+    "train": ["step", "optim", "loss", "evaluate", "train", "variance", "calibrate", "bench"],
     "cli": ["cli"],
 }
 HEADER_LAYER = {f"aq/{h}.h": layer for layer, hs in PUBLIC.items() for h in hs}

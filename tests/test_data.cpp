@@ -793,7 +793,7 @@ TEST(DataSynthetic, DeterministicAndNormalised) {
 }
 
 TEST(DataOpen, NamesAliasesAndUnknown) {
-  const std::vector<std::string> want = {"fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet", "synthetic"};
+  const std::vector<std::string> want = {"fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet", "synthetic", "text"};
   EXPECT_EQ(aq::data::names(), want);
   EXPECT_EQ(aq::data::default_root("fmnist"), "/usr/share/datasets/fashion-mnist");
   EXPECT_EQ(aq::data::default_root("cifar10"), "");

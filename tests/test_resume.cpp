@@ -155,11 +155,35 @@ void expect_same_run(const aq::ckpt::Checkpoint& got, const aq::ckpt::Checkpoint
 
 class ResumeAt : public Resume {
  public:
-  static void every_step(aq::Level level, bool exact, uint64_t seed, const std::string& name) {
-    const auto whole = train(options(level, exact, seed, name), 0, "");
+  // AdamW with warm-up, cosine and clipping in place of SGD.
+  static aq::train::Options adamw(aq::train::Options o) {
+    o.optimizer = aq::train::OptimizerKind::kAdamW;
+    o.lr = 2e-3;
+    o.weight_decay = 0.05;
+    o.beta1 = 0.85;
+    o.schedule = aq::train::Schedule::kCosine;
+    o.warmup_steps = 3;
+    o.clip_grad_norm = 0.5;
+    return o;
+  }
+  static void every_step(aq::Level level, bool exact, uint64_t seed, const std::string& name, bool with_adamw = false) {
+    auto make = [&](const std::string& ws) {
+      auto o = options(level, exact, seed, ws);
+      return with_adamw ? adamw(o) : o;
+    };
+    const auto whole = train(make(name), 0, "");
     ASSERT_EQ(whole.counters.at("step"), kSteps);
+    if (with_adamw) {
+      EXPECT_EQ(whole.meta.at("optimizer"), "adamw");
+      EXPECT_EQ(whole.counters.at("warmup_steps"), 3);
+      EXPECT_EQ(whole.scalars.at("clip_grad_norm"), 0.5);
+      EXPECT_EQ(whole.scalars.at("beta1"), 0.85);
+      bool has_moments = false;
+      for (const auto& [key, t] : whole.optimizer) has_moments |= key.find(".exp_avg_sq") != std::string::npos;
+      EXPECT_TRUE(has_moments);
+    }
     for (int64_t n = 1; n < kSteps; ++n) {
-      const auto o = options(level, exact, seed, name + "-" + std::to_string(n));
+      const auto o = make(name + "-" + std::to_string(n));
       train(o, n, "");
       const auto resumed = train(o, 0, o.workspace + "/checkpoint.h5");
       expect_same_run(resumed, whole, n);
@@ -172,6 +196,7 @@ TEST_F(ResumeAt, EveryStepAdaptiveL3) {
 }
 TEST_F(ResumeAt, EveryStepAdaptiveL3_1) { ResumeAt::every_step(aq::Level::L3_1, false, 11, "l31"); }
 TEST_F(ResumeAt, EveryStepExact) { ResumeAt::every_step(aq::Level::L3, true, 11, "exact"); }
+TEST_F(ResumeAt, EveryStepAdamWAdaptiveL3) { ResumeAt::every_step(aq::Level::L3, false, 13, "adamw", true); }
 
 }  // namespace
 

@@ -1,5 +1,6 @@
 // aq-eval: evaluates checkpoints on the test split of the data they were
-// trained on.  TSV on stdout: file, loss, top1, top5, images.  See aq-eval(1).
+// trained on.  TSV on stdout: file, loss, top1, top5, images; for text
+// checkpoints per token: file, loss, ppl, acc, top5, tokens.  See aq-eval(1).
 #include "aq/checkpoint.h"
 #include "aq/cli.h"
 #include "aq/data.h"
@@ -7,11 +8,18 @@
 #include "aq/log.h"
 
 #include <algorithm>
+#include <cmath>
 #include <iostream>
 #include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+namespace {
+struct StdoutError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"aq-eval: evaluate aq checkpoints on the test split; TSV on stdout", "aq-eval"};
@@ -35,8 +43,18 @@ int main(int argc, char** argv) {
     aq::QuantConfig exact;
     exact.scope = aq::Scope::kNone;
     std::map<std::string, std::shared_ptr<const aq::data::Dataset>> sets;
-    std::printf("file\tloss\ttop1\ttop5\timages\n");
-    aq::cli::flush_stdout();
+    // The header follows the first checkpoint read: images or text.  The
+    // other kind after it cannot share its columns.
+    int kind = -1;  // -1: no header yet, 0: images, 1: text
+    auto header = [&](int k) {
+      kind = k;
+      std::printf(k ? "file\tloss\tppl\tacc\ttop5\ttokens\n" : "file\tloss\ttop1\ttop5\timages\n");
+      try {
+        aq::cli::flush_stdout();
+      } catch (const std::runtime_error& e) {
+        throw StdoutError(e.what());  // not one file's error: the run ends
+      }
+    };
     int status = aq::cli::kOk;
     for (const auto& f : files) {
       try {
@@ -44,11 +62,18 @@ int main(int argc, char** argv) {
         auto model = aq::train::model_from_checkpoint(c, f, exact);
         model->to(dev);
         const std::string ds = dataset.empty() ? c.meta.at("dataset") : dataset;
+        const int k = ds == "text";
+        if (kind < 0) header(k);
+        if (k != kind)
+          throw std::runtime_error(f + ": a " + (k ? "text" : "image") + " checkpoint among " +
+                                   (kind ? "text" : "image") + " ones: evaluate them in separate calls");
         aq::data::OpenOptions oo;
+        if (auto ctx = c.counters.find("context"); ctx != c.counters.end()) oo.context = ctx->second;
         auto sz = c.counters.find("image_size");
         oo.image_size = image_size_given ? v.data.image_size : sz != c.counters.end() ? sz->second : 224;
         oo.synthetic_classes = c.counters.at("num_classes");
-        const std::string key = ds + "\n" + std::to_string(oo.image_size) + "\n" + std::to_string(oo.synthetic_classes);
+        const std::string key = ds + "\n" + std::to_string(oo.image_size) + "\n" + std::to_string(oo.synthetic_classes) +
+                                "\n" + std::to_string(oo.context);
         if (!sets.count(key)) sets[key] = aq::data::open(ds, v.data.data_dir, aq::data::Split::kTest, oo);
         const auto& info = sets[key]->info();
         if (info.num_classes != c.counters.at("num_classes") || info.channels != c.counters.at("in_channels"))
@@ -64,8 +89,15 @@ int main(int argc, char** argv) {
         aq::data::Loader loader(sets[key], lo);
         const auto r = aq::train::evaluate(*model, loader, dev, a, max_batches);
         for (const auto& m : loader.take_skipped()) aq::log().warn("skipped: {}", m);
-        std::printf("%s\t%.6f\t%.2f\t%.2f\t%lld\n", f.c_str(), r.loss, r.top1, r.top5, static_cast<long long>(r.images));
+        if (kind)
+          std::printf("%s\t%.6f\t%.4f\t%.2f\t%.2f\t%lld\n", f.c_str(), r.loss, std::exp(r.loss), r.top1, r.top5,
+                      static_cast<long long>(r.tokens));
+        else
+          std::printf("%s\t%.6f\t%.2f\t%.2f\t%lld\n", f.c_str(), r.loss, r.top1, r.top5,
+                      static_cast<long long>(r.images));
         std::fflush(stdout);  // a write error: exit 1 at the end, every file still evaluated
+      } catch (const StdoutError&) {
+        throw;
       } catch (const std::out_of_range&) {
         std::cerr << "aq-eval: " << f << ": checkpoint lacks dataset/num_classes/in_channels metadata\n";
         status = aq::cli::kRuntime;
@@ -82,6 +114,7 @@ int main(int argc, char** argv) {
         status = aq::cli::kRuntime;
       }
     }
+    if (kind < 0) header(0);
     return status;
   });
 }

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <sstream>
 #include <thread>
 #include <stdexcept>
 #include <string>
@@ -24,6 +25,7 @@ int check(const aq::data::DataOptions& d, bool progress) {
   const std::string name = aq::data::resolve_name(d.dataset, d.num_classes);
   aq::data::OpenOptions oo;
   oo.image_size = d.image_size;
+  oo.context = d.context;
   if (d.num_classes > 0) oo.synthetic_classes = d.num_classes;
   const int workers = d.workers > 0 ? d.workers : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const bool bar = progress && isatty(STDERR_FILENO);
@@ -59,7 +61,8 @@ int main(int argc, char** argv) {
   aq::train::Options o;
   std::string schedule = "onecycle", nesterov = "True";
   const std::string t = "Training", r = "Run";
-  app.add_option("--lr-schedule", schedule, "onecycle, cosine, step or constant")->capture_default_str()->group(t);
+  app.add_option("--lr-schedule", schedule,
+                 "onecycle, cosine (from --lr to 0 after the warm-up), step or constant")->capture_default_str()->group(t);
   app.add_option("--warmup", o.warmup, "Epochs of linear warm-up (cosine, step, constant)")
       ->check(aq::cli::NonNegative)->capture_default_str()->group(t);
   // One argument per use ("5,3"): a list option would also take the data
@@ -67,6 +70,20 @@ int main(int argc, char** argv) {
   app.add_option("--milestones", o.milestones, "Step schedule: epochs where the lr drops 10x (default: 50%, 75%)")
       ->delimiter(',')->allow_extra_args(false)->check(aq::cli::NonNegative)->group(t);
   app.add_option("--nesterov", nesterov, "Nesterov momentum (True/False)")->capture_default_str()->group(t);
+  std::string optimizer = "sgd";
+  std::vector<double> betas = {0.9, 0.999};
+  app.add_option("--optimizer", optimizer, "sgd (with --momentum, --nesterov) or adamw (with --betas, --eps)")
+      ->capture_default_str()->group(t);
+  app.add_option("--betas", betas, "AdamW: the moments' decay rates, BETA1,BETA2 in [0, 1)")
+      ->delimiter(',')->expected(2)->allow_extra_args(false)
+      ->default_str("0.9,0.999")->group(t);
+  app.add_option("--eps", o.eps, "AdamW: added to the denominator")->check(aq::cli::Positive)->capture_default_str()->group(t);
+  app.add_option("--warmup-steps", o.warmup_steps,
+                 "Optimizer steps of linear warm-up, in place of --warmup (cosine, step, constant)")
+      ->check(aq::cli::NonNegative)->capture_default_str()->group(t);
+  app.add_option("--clip-grad-norm", o.clip_grad_norm,
+                 "Scale the gradients to this global L2 norm at most before each update (0: no clipping)")
+      ->check(aq::cli::NonNegative)->capture_default_str()->group(t);
   app.add_option("--max-steps", o.max_steps, "Stop after this many optimizer steps in all, with a checkpoint (0: no limit)")
       ->check(aq::cli::NonNegative)->capture_default_str()->group(t);
   app.add_option("--val-batches", o.val_batches, "Evaluate on the first N test batches (0: all)")
@@ -119,9 +136,19 @@ int main(int argc, char** argv) {
     o.evaluate = v.evaluate;
     o.schedule = aq::train::parse_schedule(schedule);
     o.nesterov = aq::parse_bool(nesterov);
+    o.optimizer = aq::train::parse_optimizer(optimizer);
+    for (double b : betas)
+      if (!(b >= 0 && b < 1)) {
+        std::ostringstream text;
+        text << b;
+        throw std::invalid_argument("--betas: each must be in [0, 1), not " + text.str());
+      }
+    o.beta1 = betas.at(0), o.beta2 = betas.at(1);
+    if (o.warmup_steps > 0 && o.warmup > 0) throw std::invalid_argument("--warmup and --warmup-steps: give one");
     o.progress = v.verbosity >= 0;
     for (const char* name : {"--batch-size", "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
-                             "--lr-schedule", "--warmup", "--milestones", "--nesterov", "--amp"})
+                             "--lr-schedule", "--warmup", "--milestones", "--nesterov", "--amp", "--optimizer",
+                             "--betas", "--eps", "--warmup-steps", "--clip-grad-norm", "--context"})
       if (app.count(name)) o.given.insert(name);
     for (const char* name : {"--qconfig", "--level", "--ca", "--cabits", "--ibits", "--pergroup", "--perlayer",
                              "--usegradient", "--group-size", "--range-dtype", "--rounding"})
@@ -153,8 +180,9 @@ int main(int argc, char** argv) {
       throw std::invalid_argument("-c qsyncbn needs distributed training, which is not available yet");
     for (int i = 0; i < argc; ++i) o.command += (i ? " " : "") + std::string(argv[i]);
     aq::train::Observer obs;
-    obs.training = [] {
-      const auto& c = aq::train::EpochRow::columns();
+    const bool text = aq::data::resolve_name(o.data.dataset, o.data.num_classes) == "text";
+    obs.training = [text] {
+      const auto& c = aq::train::EpochRow::columns(text);
       for (size_t i = 0; i < c.size(); ++i) std::printf("%s%s", i ? "\t" : "", c[i].c_str());
       std::printf("\n");
       aq::cli::flush_stdout();

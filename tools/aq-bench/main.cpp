@@ -4,6 +4,7 @@
 // the output format.
 #include "aq/bench.h"
 #include "aq/cli.h"
+#include "aq/loss.h"
 #include "aq/log.h"
 
 #include <algorithm>
@@ -144,6 +145,13 @@ class ModelCommand {
     options_.arch = v.arch;
     options_.classes = v.data.num_classes;
     options_.image_size = v.data.image_size;
+    options_.context = v.data.context;
+    // Token models: the vocabulary is bytes unless --classes says otherwise,
+    // and the output's image column holds the sequence length.
+    if (aq::train::takes_tokens(options_.arch)) {
+      if (sub_->count("--classes") == 0) options_.classes = 256;
+      options_.image_size = options_.context;
+    }
     options_.amp = table_->amp();
     options_.micro_batch_bytes = micro_batch_mb_ << 20;
     if (channels_last_ != "auto") options_.channels_last = aq::parse_bool(channels_last_);

@@ -68,6 +68,9 @@ std::vector<KernelRow> bench_kernels(const KernelOptions& options, const c10::De
 struct ModelOptions {
   std::string arch = "resnet50";
   int64_t image_size = 224, channels = 3, classes = 1000;
+  // Token models (gpt_*, aq/loss.h's takes_tokens): random tokens of this
+  // many per sample, `classes` the vocabulary; image_size and channels unused.
+  int64_t context = 1024;
   std::vector<std::string> levels;  // besides the exact model: L0 .. L5
   train::Amp amp = train::Amp::kOff;
   int64_t micro_batch_bytes = QuantConfig().micro_batch_bytes;  // L3.1, L4, L5

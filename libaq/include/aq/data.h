@@ -3,7 +3,8 @@
 // Datasets: Fashion-MNIST and MNIST (IDX files, gzipped or not), CIFAR-10
 // and CIFAR-100 (their binary distribution), an ImageNet-style folder of
 // class subfolders of JPEG and PNG files (decoded by content, whatever their
-// name says), and a synthetic dataset for benchmarks.
+// name says), a synthetic dataset for benchmarks, and text: the bytes of a
+// folder of text files as windows of tokens for language models.
 // Each knows its shape, class count, normalisation and augmentation.
 //
 // The loader yields batches of normalised float images with their labels and
@@ -43,10 +44,13 @@ BadImages parse_bad_images(const std::string& text);  // "fail" or "skip"; throw
 
 // What a model needs to know about a dataset.
 struct Info {
-  std::string name;          // fashion-mnist, mnist, cifar10, cifar100, imagenet, synthetic
-  int64_t channels = 0;      // of the images the loader yields
-  int64_t height = 0, width = 0;
-  int64_t num_classes = 0;
+  std::string name;          // fashion-mnist, mnist, cifar10, cifar100, imagenet, synthetic, text
+  int64_t channels = 0;      // of the images the loader yields (text: 1)
+  int64_t height = 0, width = 0;  // (text: 1 and the sequence length)
+  int64_t num_classes = 0;   // (text: the vocabulary, 256 bytes)
+  // Token datasets: tokens per sample the model sees (the window is one
+  // longer: inputs are its first `sequence`, targets its last).  0: images.
+  int64_t sequence = 0;
   std::vector<double> mean, std;  // per channel, applied after augmentation
 };
 
@@ -60,6 +64,9 @@ class Dataset {
   // width) to `out`, augmented with randomness from `rng` when `augment`
   // (training transforms), else the evaluation transform.  Thread-safe.
   virtual void get(int64_t index, bool augment, std::mt19937_64& rng, float* out) const = 0;
+  // Token datasets (info().sequence > 0): writes sample `index`'s window of
+  // sequence + 1 tokens to `out`.  Thread-safe.
+  virtual void get_tokens(int64_t index, int64_t* out) const;
 };
 
 struct OpenOptions {
@@ -67,6 +74,7 @@ struct OpenOptions {
   int64_t synthetic_size = 10000;
   int64_t synthetic_classes = 1000;
   int64_t image_size = 224;  // imagenet and synthetic: side of the crop the model sees
+  int64_t context = 1024;    // text: tokens per sample the model sees
 };
 
 // Opens `name` (see Info::name; "fmnist" and "fashion_mnist" are accepted
@@ -98,13 +106,14 @@ struct DataOptions {
   int64_t num_classes = 0;       // 0: the dataset's
   int workers = 0;               // -j
   int64_t image_size = 224;      // imagenet, synthetic
+  int64_t context = 1024;        // text: tokens per sample
   int64_t batch_size = 128;
   BadImages bad_images = BadImages::kSkip;
 };
 
 struct Batch {
-  torch::Tensor images;   // float [B, C, H, W], normalised
-  torch::Tensor labels;   // int64 [B]
+  torch::Tensor images;   // float [B, C, H, W], normalised (token datasets: int64 inputs [B, T])
+  torch::Tensor labels;   // int64 [B] (token datasets: next-token targets [B, T])
   torch::Tensor indices;  // int64 [B], dataset indices
 };
 

@@ -16,8 +16,9 @@
 namespace aq::train {
 
 struct EvalResult {
-  double loss = 0, top1 = 0, top5 = 0;  // mean loss, accuracies in percent
-  int64_t images = 0;
+  double loss = 0, top1 = 0, top5 = 0;  // mean loss, accuracies in percent (token models: per token)
+  int64_t images = 0;                   // samples
+  int64_t tokens = 0;                   // token models: the targets scored; else 0
   bool stopped = false;  // `stop` said so before the last batch: the figures are partial
 };
 // Evaluates `model` (eval mode, no gradients, the step's autocast) on the

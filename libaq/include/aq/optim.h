@@ -1,7 +1,15 @@
-// The optimizer and learning-rate schedules of ActNN's training recipe.
+// The optimizers (ActNN's SGD, and AdamW for transformers), learning-rate
+// schedules, gradient clipping, and the optimizer state as checkpoints keep it.
 #pragma once
 
+#include "aq/checkpoint.h"
+
+#include <torch/optim/adamw.h>
 #include <torch/optim/sgd.h>
+#include <torch/types.h>
+
+#include <memory>
+#include <utility>
 
 #include <cstdint>
 #include <map>
@@ -47,6 +55,53 @@ class SGD : public torch::optim::SGD, public GraphSafeOptimizer {
   std::map<std::tuple<size_t, c10::DeviceType, c10::DeviceIndex>, at::Tensor> lr_;
 };
 
+// LibTorch's AdamW (decoupled weight decay, bias-corrected moments, amsgrad:
+// the same options and state, AdamWParamState) with the update made by
+// LibTorch's multi-tensor kernels: the same operations in the same order as
+// torch::optim::AdamW::step, on lists of the parameters that share a device,
+// dtype and step count.  Gradients are not modified.
+class AdamW : public torch::optim::AdamW {
+ public:
+  using torch::optim::AdamW::AdamW;
+  torch::Tensor step(LossClosure closure = nullptr) override;
+};
+
+enum class OptimizerKind { kSGD, kAdamW };
+OptimizerKind parse_optimizer(const std::string& s);  // sgd, adamw
+std::string to_string(OptimizerKind k);
+
+// What aq-train builds an optimizer from.
+struct OptimizerOptions {
+  OptimizerKind kind = OptimizerKind::kSGD;
+  double lr = 0.1, weight_decay = 1e-4;
+  double momentum = 0.9;  // SGD
+  bool nesterov = true;   // SGD, with momentum
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // AdamW
+};
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(std::vector<torch::Tensor> params,
+                                                        const OptimizerOptions& options);
+// Sets the learning rate of every parameter group (SGD or AdamW).
+void set_lr(torch::optim::Optimizer& optimizer, double lr);
+
+// The optimizer's per-parameter state as checkpoints keep it, by parameter
+// name: "<name>.momentum_buffer" (SGD); "<name>.exp_avg", "<name>.exp_avg_sq",
+// "<name>.max_exp_avg_sq" (amsgrad) and "<name>.step" (int64, 0-d) (AdamW).
+ckpt::Tensors optimizer_state(torch::optim::Optimizer& optimizer,
+                              const std::vector<std::pair<std::string, torch::Tensor>>& named_params);
+// Restores what optimizer_state() wrote; entries of parameters that have no
+// state yet are left out.  Throws std::runtime_error naming `source` for a
+// shape that does not fit or a step count below 1.
+void load_optimizer_state(torch::optim::Optimizer& optimizer,
+                          const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+                          const ckpt::Tensors& state, const std::string& source);
+
+// Scales the gradients of `params` in place so that their global L2 norm is
+// at most `max_norm`, as torch.nn.utils.clip_grad_norm_ does (coefficient
+// max_norm / (norm + 1e-6), clamped to 1), without reading anything back
+// from the device.  Returns the norm before clipping (float, 0-d, on the
+// device); undefined when no parameter has a gradient.
+torch::Tensor clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
+
 enum class Schedule { kOneCycle, kCosine, kStep, kConstant };
 Schedule parse_schedule(const std::string& s);  // onecycle, cosine, step, constant
 std::string to_string(Schedule s);
@@ -55,11 +110,14 @@ struct LrSchedule {
   Schedule kind = Schedule::kOneCycle;
   double lr = 0.1;                  // peak
   double warmup = 0;                // epochs of linear warm-up (cosine, step, constant)
+  int64_t warmup_steps = 0;         // steps of linear warm-up, in place of `warmup` when > 0
   std::vector<double> milestones;   // step: epochs where lr drops 10x (default 50%, 75% of epochs)
   int64_t epochs = 20;
   // The lr of optimizer step t (0-based) of `total`, `per_epoch` per epoch.
   // onecycle is PyTorch's OneCycleLR: cosine from lr/25 up to lr over the
-  // first 30% of the steps, then down to lr/25/1e4.
+  // first 30% of the steps, then down to lr/25/1e4.  The others rise
+  // linearly over the warm-up, lr * (t + 1) / warm-up steps; cosine then
+  // falls from lr to 0 at step `total` over the steps left.
   double at(int64_t t, int64_t total, int64_t per_epoch) const;
 };
 

@@ -82,12 +82,15 @@ struct StepOptions {
   // layer's per-sample statistics before a capture.  0: unknown; adaptive
   // layers with per-sample gradient statistics are then not captured.
   int64_t index_bound = 0;
+  // Gradients scaled to this global L2 norm at most before the update
+  // (aq/optim.h's clip_grad_norm); 0: not clipped.
+  double clip_grad_norm = 0;
 };
 
 struct StepResult {
   torch::Tensor loss;        // float, 0-d, detached (on the device: no wait)
-  torch::Tensor logits;      // float [N, classes], detached
-  torch::Tensor labels;      // the batch's labels on the device
+  torch::Tensor logits;      // float [N, classes] (token models: [B, T, V]), detached
+  torch::Tensor labels;      // the batch's labels (token models: targets [B, T]) on the device
   int64_t activations = 0;   // bytes the forward and loss left allocated for backward
   int64_t aq_saved = 0;      // with count_saved: bytes aq's layers kept
   bool updated = false;      // the optimizer stepped (not skipped by the fp16 scaler, or none given)
@@ -95,9 +98,11 @@ struct StepResult {
 };
 
 // One step: gradients cleared, the batch's dataset indices set for the
-// adaptive layers, forward under autocast, cross-entropy in fp32, backward
+// adaptive layers, forward under autocast, cross-entropy in fp32 (per token
+// for token models: aq/loss.h), backward
 // (scaled under fp16 autocast), the optimizer's update when one is given
-// (else the gradients stay in the parameters' grad), and the per-layer
+// (else the gradients stay in the parameters' grad), gradient clipping
+// before it when asked, and the per-layer
 // reallocation of adaptive bits.  Memory figures come from aq/memory.h
 // (install_cpu_memory_counter() for the CPU's).
 // With cuda_graphs, the step's outputs are copies (the graph's own are

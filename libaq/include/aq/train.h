@@ -31,8 +31,12 @@ struct Options {
   int64_t epochs = 20;
   double lr = 0.1, momentum = 0.9, weight_decay = 1e-4, label_smoothing = 0.0;
   bool nesterov = true;
+  OptimizerKind optimizer = OptimizerKind::kSGD;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // AdamW
+  double clip_grad_norm = 0;         // clip gradients to this global L2 norm; 0: no clipping
   Schedule schedule = Schedule::kOneCycle;
   double warmup = 0;                 // epochs of linear warm-up (cosine, step, constant)
+  int64_t warmup_steps = 0;          // steps of linear warm-up, in place of `warmup` when > 0
   std::vector<double> milestones;    // step schedule: epochs where lr drops 10x (default 50%, 75%)
   Amp amp = Amp::kOff;
   int64_t max_steps = 0;             // stop (with a checkpoint) after this many steps in all; 0: no limit
@@ -57,7 +61,8 @@ struct Options {
   std::string command;               // recorded in checkpoints
   // Settings given on the command line, by option name ("--batch-size",
   // "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
-  // "--lr-schedule", "--warmup", "--milestones", "--nesterov", "--amp", and
+  // "--lr-schedule", "--warmup", "--warmup-steps", "--milestones", "--nesterov",
+  // "--amp", "--optimizer", "--betas", "--eps", "--clip-grad-norm", "--context", and
   // "quantization" for any quantization flag).  With --resume the run keeps
   // the checkpoint's settings: one given here that differs is refused
   // (std::invalid_argument), except --epochs, which moves the end of the run
@@ -66,13 +71,18 @@ struct Options {
 };
 
 // One epoch's figures (a row of aq-train's TSV and of the checkpoint's
-// metrics history).
+// metrics history).  A text run's row is per token: loss and accuracy over
+// the tokens, perplexity exp(loss), tokens per second, and its columns say
+// so (train_ppl, val_ppl, val_acc, tok_per_s in place of val_top1, val_top5,
+// img_per_s).
 struct EpochRow {
+  bool text = false;
   int64_t epoch = 0, step = 0;
   double lr = 0, train_loss = 0, train_acc = 0, val_loss = 0, val_top1 = 0, val_top5 = 0, img_per_s = 0;
   double act_mb = 0, peak_mb = 0;  // mean activation memory of a step, peak of the epoch
-  static const std::vector<std::string>& columns();
-  std::vector<double> values() const;
+  static const std::vector<std::string>& columns(bool text = false);
+  std::vector<double> values() const;  // in the order of columns(text)
+  static EpochRow from_values(const std::vector<double>& values, bool text);
   std::string tsv() const;  // one line of values, as aq-train prints and metrics.tsv holds
 };
 

@@ -147,7 +147,7 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
   add(kModel | kEval, false, "--data", v.data.data_dir, "Dataset folder (the same as the positional folder)", d);
   add(kModel | kEval, true, "--dataset", v.data.dataset,
       tool_ & kEval ? "Dataset (default: the checkpoint's)"
-                    : "fashion-mnist, mnist, cifar10, cifar100, imagenet or synthetic",
+                    : "fashion-mnist, mnist, cifar10, cifar100, imagenet, synthetic or text (a folder of text files)",
       d);
   add(kModel | kBenchAll, true, "--arch", v.arch, "preact_resnet20/32/44/56/110/164/1001, resnet18/34/50/101/152",
       d);
@@ -170,6 +170,9 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
   add(kModel | kEval | kBench, true, "-b,--batch-size", v.data.batch_size, "Batch size", d, &Positive);
   add(kModel | kEval | kBenchAll, false, "--image-size", v.data.image_size,
       bench ? "Image side" : "Image side for imagenet and synthetic data", d, &Positive);
+  add(kTrain | kBenchAll, false, "--context,--seq-len", v.data.context,
+      bench ? "Tokens per sample of token models (gpt_*)" : "Tokens per sample of --dataset text (windows of N+1 bytes)", d,
+      &Positive);
   add(kModel | kEval | kBenchAll, false, "--amp", v.amp,
       "Autocast: off, bf16 or fp16 (fp16 with dynamic loss scaling)", d);
   // ActNN's training configuration.

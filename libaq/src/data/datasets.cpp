@@ -10,7 +10,7 @@ std::string canonical(const std::string& name) {
   if (n == "fashion-mnist" || n == "fmnist" || n == "fashion_mnist") return "fashion-mnist";
   for (const std::string& known : names())
     if (n == known) return known;
-  bad_arg("unknown dataset '" + name + "' (use fashion-mnist, mnist, cifar10, cifar100, imagenet or synthetic)");
+  bad_arg("unknown dataset '" + name + "' (use fashion-mnist, mnist, cifar10, cifar100, imagenet, synthetic or text)");
 }
 
 }  // namespace
@@ -23,7 +23,7 @@ std::string resolve_name(const std::string& dataset, int64_t num_classes) {
 
 const std::vector<std::string>& names() {
   static const std::vector<std::string> all = {"fashion-mnist", "mnist",    "cifar10",
-                                               "cifar100",      "imagenet", "synthetic"};
+                                               "cifar100",      "imagenet", "synthetic", "text"};
   return all;
 }
 
@@ -46,6 +46,10 @@ std::shared_ptr<const Dataset> open(const std::string& name, const std::string& 
   if (dir.empty()) bad_file(n + ": no dataset folder given; give the folder that holds its files");
   if (n == "fashion-mnist" || n == "mnist") return open_idx(n, dir, split);
   if (n == "cifar10" || n == "cifar100") return open_cifar(n, dir, split);
+  if (n == "text") {
+    if (options.context < 1) bad_arg("text: --context must be at least 1, not " + std::to_string(options.context));
+    return open_text(dir, split, options.context);
+  }
   return open_folder(dir, split, options.image_size);
 }
 

@@ -83,5 +83,7 @@ std::shared_ptr<const Dataset> open_cifar(const std::string& name, const std::st
 // imagenet: train/<class>/*.jpg and val/<class>/*.jpg under `root`.
 std::shared_ptr<const Dataset> open_folder(const std::string& root, Split split, int64_t image_size);
 std::shared_ptr<const Dataset> open_synthetic(Split split, const OpenOptions& options);
+// text: the files under `root` as windows of context + 1 bytes (text.cpp).
+std::shared_ptr<const Dataset> open_text(const std::string& root, Split split, int64_t context);
 
 }  // namespace aq::data::detail

@@ -50,6 +50,30 @@ namespace {
 
 struct Cancelled {};
 
+// Samples order[lo, lo + B) of a token dataset: inputs and next-token
+// targets, each int64 [B, T] (no augmentation; windows cannot be bad).
+Batch make_token_batch(const Dataset& ds, bool pinned, const std::vector<int64_t>& order, int64_t lo, int64_t B,
+                       const std::atomic<uint64_t>* generation, uint64_t gen) {
+  const int64_t T = ds.info().sequence;
+  const auto opts = torch::TensorOptions().dtype(torch::kInt64).pinned_memory(pinned);
+  Batch batch;
+  batch.images = torch::empty({B, T}, opts);
+  batch.labels = torch::empty({B, T}, opts);
+  batch.indices = torch::empty({B}, torch::kInt64);
+  int64_t* in = batch.images.data_ptr<int64_t>();
+  int64_t* tg = batch.labels.data_ptr<int64_t>();
+  int64_t* idx = batch.indices.data_ptr<int64_t>();
+  std::vector<int64_t> window(static_cast<size_t>(T + 1));
+  for (int64_t i = 0; i < B; ++i) {
+    if (generation && generation->load(std::memory_order_relaxed) != gen) throw Cancelled{};
+    idx[i] = order[lo + i];
+    ds.get_tokens(idx[i], window.data());
+    std::copy_n(window.data(), T, in + i * T);
+    std::copy_n(window.data() + 1, T, tg + i * T);
+  }
+  return batch;
+}
+
 // Batch `b` of an epoch, without the samples skipped as bad (their messages
 // in `skipped`); throws Cancelled when `generation` moves past `gen`.
 Batch make_batch(const Dataset& ds, const LoaderOptions& o, bool pinned, const std::vector<int64_t>& order,
@@ -58,6 +82,7 @@ Batch make_batch(const Dataset& ds, const LoaderOptions& o, bool pinned, const s
   const int64_t n = static_cast<int64_t>(order.size());
   const int64_t lo = b * o.batch_size, hi = std::min(n, lo + o.batch_size), B = hi - lo;
   const Info& info = ds.info();
+  if (info.sequence > 0) return make_token_batch(ds, pinned, order, lo, B, generation, gen);
   const int64_t per = info.channels * info.height * info.width;
   Batch batch;
   batch.images = torch::empty({B, info.channels, info.height, info.width},

@@ -3,6 +3,7 @@
 #include "aq/adaptive.h"
 #include "aq/compress.h"
 #include "aq/log.h"
+#include "aq/loss.h"
 #include "aq/optim.h"
 #include "aq_config.h"
 
@@ -99,11 +100,18 @@ void to_channels_last(torch::nn::Module& model) {
 struct Batch {
   torch::Tensor images, labels, indices;
 };
+// Token models: random tokens [n, context] and next-token targets.
 Batch random_batch(const ModelOptions& o, int64_t n, const c10::Device& device) {
   Batch b;
-  b.images = torch::randn({n, o.channels, o.image_size, o.image_size}, torch::TensorOptions().device(device));
-  if (channels_last(o, device)) b.images = b.images.contiguous(torch::MemoryFormat::ChannelsLast);
-  b.labels = torch::randint(o.classes, {n}, torch::TensorOptions().dtype(torch::kLong).device(device));
+  if (train::takes_tokens(o.arch)) {
+    const auto opts = torch::TensorOptions().dtype(torch::kLong).device(device);
+    b.images = torch::randint(o.classes, {n, o.context}, opts);
+    b.labels = torch::randint(o.classes, {n, o.context}, opts);
+  } else {
+    b.images = torch::randn({n, o.channels, o.image_size, o.image_size}, torch::TensorOptions().device(device));
+    if (channels_last(o, device)) b.images = b.images.contiguous(torch::MemoryFormat::ChannelsLast);
+    b.labels = torch::randint(o.classes, {n}, torch::TensorOptions().dtype(torch::kLong).device(device));
+  }
   b.indices = torch::arange(n, torch::kLong);
   return b;
 }
@@ -163,6 +171,7 @@ std::vector<KernelRow> bench_kernels(const KernelOptions& a, const c10::Device& 
 }
 
 bool channels_last(const ModelOptions& o, const c10::Device& device) {
+  if (train::takes_tokens(o.arch)) return false;  // no images
   return o.channels_last.value_or(device.is_cuda());
 }
 
@@ -256,10 +265,10 @@ std::vector<MemoryRow> bench_memory(const MemoryOptions& a, const c10::Device& d
   const auto configs = exact_and_levels(a);
   // On the host: measure_step moves it, after the model is built, so that a
   // batch too large for the device fails inside fits_in_memory.
-  auto x = torch::randn({a.batch_size, a.channels, a.image_size, a.image_size});
+  const auto host = random_batch(a, a.batch_size, torch::kCPU);
+  auto x = host.images;
   if (channels_last(a, dev)) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
-  auto y = torch::randint(a.classes, {a.batch_size}, torch::kLong);
-  const auto idx = torch::arange(a.batch_size, torch::kLong);
+  const auto y = host.labels, idx = host.indices;
   begin(report);
   std::vector<MemoryRow> rows;
   double exact_act = 0, exact_peak = 0;

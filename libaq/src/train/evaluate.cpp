@@ -1,6 +1,7 @@
 #include "aq/evaluate.h"
 
 #include "aq/log.h"
+#include "aq/loss.h"
 #include "aq/step.h"
 #include "fields.h"
 
@@ -85,7 +86,8 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
   auto loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   auto top1 = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(device));
   auto top5 = top1.clone();
-  int64_t images = 0, batches = 0;
+  int64_t images = 0, scored = 0, batches = 0;
+  bool per_token = false;
   loader.start(0);
   const int64_t total = max_batches > 0 ? std::min(max_batches, loader.batches_per_epoch()) : loader.batches_per_epoch();
   bool stopped = false;
@@ -104,25 +106,27 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
       logits = model.forward(x);
     }
     logits = logits.to(torch::kFloat);
-    loss_sum += torch::nn::functional::cross_entropy(
-                    logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
-                    .to(torch::kDouble);
-    const int64_t k = std::min<int64_t>(5, logits.size(1));
-    auto topk = std::get<1>(logits.topk(k, 1));
-    auto hit = topk.eq(y.unsqueeze(1));
-    top1 += hit.select(1, 0).sum();
-    top5 += hit.any(1).sum();
+    // Per sample, or per token for a token model (logits [B, T, V]).
+    loss_sum += cross_entropy(logits, y, 0, /*sum=*/true).to(torch::kDouble);
+    const int64_t k = std::min<int64_t>(5, logits.size(-1));
+    auto topk = std::get<1>(logits.topk(k, -1));
+    auto hit = topk.eq(y.unsqueeze(-1));
+    top1 += hit.select(-1, 0).sum();
+    top5 += hit.any(-1).sum();
     images += y.size(0);
+    scored += y.numel();
+    per_token = y.dim() == 2;
     if (progress) progress(batches, total);
   }
   model.train(was_training);
   EvalResult r;
   r.images = images;
   r.stopped = stopped;
-  if (images) {
-    r.loss = loss_sum.item<double>() / images;
-    r.top1 = 100.0 * top1.item<int64_t>() / images;
-    r.top5 = 100.0 * top5.item<int64_t>() / images;
+  if (per_token) r.tokens = scored;
+  if (scored) {
+    r.loss = loss_sum.item<double>() / scored;
+    r.top1 = 100.0 * top1.item<int64_t>() / scored;
+    r.top5 = 100.0 * top5.item<int64_t>() / scored;
   }
   return r;
 }

@@ -4,6 +4,7 @@
 #include <torch/optim/sgd.h>
 
 #include <algorithm>
+#include <sstream>
 #include <cmath>
 #include <map>
 #include <stdexcept>
@@ -38,10 +39,11 @@ double LrSchedule::at(int64_t t, int64_t total, int64_t per_epoch) const {
     auto cos_anneal = [](double a, double b, double f) { return b + (a - b) / 2 * (1 + std::cos(M_PI * f)); };
     return t <= up ? cos_anneal(init, lr, t / up) : cos_anneal(lr, fin, std::min(1.0, (t - up) / down));
   }
-  if (t < warm) return lr * (t + 1) / warm;
+  const double warm_steps = warmup_steps > 0 ? static_cast<double>(warmup_steps) : warm;
+  if (t < warm_steps) return lr * (t + 1) / warm_steps;
   switch (kind) {
     case Schedule::kCosine:
-      return lr * 0.5 * (1 + std::cos(M_PI * (t - warm) / std::max(1.0, total - warm)));
+      return lr * 0.5 * (1 + std::cos(M_PI * (t - warm_steps) / std::max(1.0, total - warm_steps)));
     case Schedule::kStep: {
       std::vector<double> ms = milestones;
       if (ms.empty()) ms = {0.5 * epochs, 0.75 * epochs};
@@ -162,6 +164,176 @@ void SGD::update() {
       at::_foreach_add_(l.params, d, -o.lr());
     }
   }
+}
+
+namespace {
+
+// The multi-tensor kernels take lists of one device and dtype.
+using ListKey = std::tuple<c10::DeviceType, c10::DeviceIndex, c10::ScalarType>;
+ListKey list_key(const at::Tensor& t) { return {t.device().type(), t.device().index(), t.scalar_type()}; }
+
+}  // namespace
+
+torch::Tensor AdamW::step(LossClosure closure) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor loss;
+  if (closure) {
+    at::AutoGradMode enable_grad(true);
+    loss = closure();
+  }
+  for (auto& group : param_groups_) {
+    const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    const double beta1 = std::get<0>(o.betas()), beta2 = std::get<1>(o.betas());
+    struct Lists {
+      std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
+    };
+    // The bias corrections depend on the step count: one list per count
+    // (parameters without a gradient at some step fall behind the others).
+    std::map<std::pair<ListKey, int64_t>, Lists> lists;
+    for (const auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      TORCH_CHECK(!p.grad().is_sparse(), "AdamW does not support sparse gradients");
+      void* key = p.unsafeGetTensorImpl();
+      auto it = state_.find(key);
+      if (it == state_.end()) {
+        auto st = std::make_unique<torch::optim::AdamWParamState>();
+        st->step(0);
+        st->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        st->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        if (o.amsgrad()) st->max_exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        it = state_.emplace(key, std::move(st)).first;
+      }
+      auto& st = static_cast<torch::optim::AdamWParamState&>(*it->second);
+      st.step(st.step() + 1);
+      Lists& l = lists[{list_key(p), st.step()}];
+      l.params.push_back(p);
+      l.grads.push_back(p.grad());
+      l.exp_avgs.push_back(st.exp_avg());
+      l.exp_avg_sqs.push_back(st.exp_avg_sq());
+      if (o.amsgrad()) l.max_exp_avg_sqs.push_back(st.max_exp_avg_sq());
+    }
+    for (auto& [key, l] : lists) {
+      const double step = static_cast<double>(key.second);
+      const double bias_correction1 = 1 - std::pow(beta1, step), bias_correction2 = 1 - std::pow(beta2, step);
+      if (o.weight_decay() != 0) at::_foreach_mul_(l.params, 1 - o.lr() * o.weight_decay());
+      at::_foreach_mul_(l.exp_avgs, beta1);
+      at::_foreach_add_(l.exp_avgs, l.grads, 1 - beta1);
+      at::_foreach_mul_(l.exp_avg_sqs, beta2);
+      at::_foreach_addcmul_(l.exp_avg_sqs, l.grads, l.grads, 1 - beta2);
+      std::vector<at::Tensor> denom;
+      if (o.amsgrad()) {
+        at::_foreach_maximum_(l.max_exp_avg_sqs, l.exp_avg_sqs);
+        denom = at::_foreach_sqrt(l.max_exp_avg_sqs);
+      } else {
+        denom = at::_foreach_sqrt(l.exp_avg_sqs);
+      }
+      at::_foreach_div_(denom, std::sqrt(bias_correction2));
+      at::_foreach_add_(denom, o.eps());
+      at::_foreach_addcdiv_(l.params, l.exp_avgs, denom, -(o.lr() / bias_correction1));
+    }
+  }
+  return loss;
+}
+
+OptimizerKind parse_optimizer(const std::string& s) {
+  if (s == "sgd") return OptimizerKind::kSGD;
+  if (s == "adamw") return OptimizerKind::kAdamW;
+  throw std::invalid_argument("--optimizer must be sgd or adamw, not '" + s + "'");
+}
+std::string to_string(OptimizerKind k) { return k == OptimizerKind::kSGD ? "sgd" : "adamw"; }
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(std::vector<torch::Tensor> params,
+                                                        const OptimizerOptions& o) {
+  if (o.kind == OptimizerKind::kAdamW) {
+    auto ao = torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay);
+    return std::make_unique<AdamW>(std::move(params), ao);
+  }
+  auto so = torch::optim::SGDOptions(o.lr).momentum(o.momentum).weight_decay(o.weight_decay);
+  so.nesterov(o.nesterov && o.momentum > 0);
+  return std::make_unique<SGD>(std::move(params), so);
+}
+
+void set_lr(torch::optim::Optimizer& optimizer, double lr) {
+  for (auto& g : optimizer.param_groups()) g.options().set_lr(lr);
+}
+
+ckpt::Tensors optimizer_state(torch::optim::Optimizer& optimizer,
+                              const std::vector<std::pair<std::string, torch::Tensor>>& named_params) {
+  ckpt::Tensors out;
+  auto& state = optimizer.state();
+  for (const auto& [name, p] : named_params) {
+    auto it = state.find(p.unsafeGetTensorImpl());
+    if (it == state.end()) continue;
+    if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(it->second.get())) {
+      if (s->momentum_buffer().defined()) out.emplace_back(name + ".momentum_buffer", s->momentum_buffer());
+    } else if (auto* a = dynamic_cast<torch::optim::AdamWParamState*>(it->second.get())) {
+      out.emplace_back(name + ".step", torch::full({}, a->step(), torch::kInt64));
+      out.emplace_back(name + ".exp_avg", a->exp_avg());
+      out.emplace_back(name + ".exp_avg_sq", a->exp_avg_sq());
+      if (a->max_exp_avg_sq().defined()) out.emplace_back(name + ".max_exp_avg_sq", a->max_exp_avg_sq());
+    }
+  }
+  return out;
+}
+
+void load_optimizer_state(torch::optim::Optimizer& optimizer,
+                          const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+                          const ckpt::Tensors& saved, const std::string& source) {
+  std::map<std::string, torch::Tensor> by_key(saved.begin(), saved.end());
+  auto& state = optimizer.state();
+  const bool adamw = dynamic_cast<torch::optim::AdamW*>(&optimizer) != nullptr;
+  const bool amsgrad =
+      adamw && !optimizer.param_groups().empty() &&
+      static_cast<const torch::optim::AdamWOptions&>(optimizer.param_groups()[0].options()).amsgrad();
+  auto tensor = [&](const std::string& name, const std::string& what, const torch::Tensor& p) -> torch::Tensor {
+    auto it = by_key.find(name + "." + what);
+    if (it == by_key.end()) return {};
+    if (!it->second.sizes().equals(p.sizes())) {
+      std::ostringstream s;
+      s << it->second.sizes();
+      throw std::runtime_error(source + ": optimizer state " + what + " of '" + name + "' has shape " + s.str());
+    }
+    return it->second.to(p.options()).contiguous(p.suggest_memory_format());
+  };
+  for (const auto& [name, p] : named_params) {
+    if (!adamw) {
+      auto buf = tensor(name, "momentum_buffer", p);
+      if (!buf.defined()) continue;
+      auto st = std::make_unique<torch::optim::SGDParamState>();
+      st->momentum_buffer(buf);
+      state[p.unsafeGetTensorImpl()] = std::move(st);
+      continue;
+    }
+    auto step = by_key.find(name + ".step");
+    if (step == by_key.end()) continue;
+    if (step->second.numel() != 1 || step->second.is_floating_point() || step->second.item<int64_t>() < 1)
+      throw std::runtime_error(source + ": optimizer state step of '" + name + "' is not a count of 1 or more");
+    auto m = tensor(name, "exp_avg", p), v = tensor(name, "exp_avg_sq", p);
+    auto vmax = amsgrad ? tensor(name, "max_exp_avg_sq", p) : torch::Tensor();
+    if (!m.defined() || !v.defined() || (amsgrad && !vmax.defined()))
+      throw std::runtime_error(source + ": optimizer state of '" + name + "' lacks its moments");
+    auto st = std::make_unique<torch::optim::AdamWParamState>();
+    st->step(step->second.item<int64_t>());
+    st->exp_avg(m);
+    st->exp_avg_sq(v);
+    if (amsgrad) st->max_exp_avg_sq(vmax);
+    state[p.unsafeGetTensorImpl()] = std::move(st);
+  }
+}
+
+torch::Tensor clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
+  std::map<ListKey, std::vector<at::Tensor>> grads;
+  for (const auto& p : params)
+    if (p.grad().defined()) grads[list_key(p.grad())].push_back(p.grad());
+  if (grads.empty()) return {};
+  std::vector<at::Tensor> norms;
+  c10::Device first = grads.begin()->second.front().device();
+  for (auto& [key, g] : grads)
+    for (auto& n : at::_foreach_norm(g, 2)) norms.push_back(n.to(first, at::kFloat));
+  auto total = at::stack(norms).norm(2);
+  auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
+  for (auto& [key, g] : grads) at::_foreach_mul_(g, coef.to(g.front().device()));
+  return total;
 }
 
 }  // namespace aq::train

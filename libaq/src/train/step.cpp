@@ -1,6 +1,8 @@
 #include "aq/step.h"
 
 #include "aq/adaptive.h"
+#include "aq/loss.h"
+#include "aq/optim.h"
 #include "aq/sample_bits.h"
 #include "aq/memory.h"
 #include "aq/modules.h"
@@ -10,7 +12,6 @@
 #include "aq_config.h"
 
 #include <ATen/autocast_mode.h>
-#include <torch/nn/functional/loss.h>
 
 #include <stdexcept>
 
@@ -143,7 +144,6 @@ StepResult Step::operator()(const torch::Tensor& images, const torch::Tensor& la
 
 StepResult Step::eager(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
                        torch::optim::Optimizer* optimizer, bool reallocate) {
-  namespace F = torch::nn::functional;
   StepResult r;
   model_.zero_grad();
   auto x = images.to(device_, /*non_blocking=*/true);
@@ -156,7 +156,7 @@ StepResult Step::eager(const torch::Tensor& images, const torch::Tensor& labels,
     logits = model_.forward(x);
   }
   logits = logits.to(torch::kFloat);
-  auto loss = F::cross_entropy(logits, y, F::CrossEntropyFuncOptions().label_smoothing(options_.label_smoothing));
+  auto loss = cross_entropy(logits, y, options_.label_smoothing);
   r.activations = memory(device_).allocated - before;
   if (options_.count_saved)
     for (const auto& m : model_.modules(/*include_self=*/false))
@@ -168,6 +168,7 @@ StepResult Step::eager(const torch::Tensor& images, const torch::Tensor& labels,
   } else {
     loss.backward();
   }
+  if (options_.clip_grad_norm > 0 && finite) clip_grad_norm(params_, options_.clip_grad_norm);
   if (optimizer && finite) {
     optimizer->step();
     r.updated = true;
@@ -182,7 +183,6 @@ StepResult Step::eager(const torch::Tensor& images, const torch::Tensor& labels,
 #if AQ_WITH_CUDA
 StepResult Step::graphed(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
                          torch::optim::Optimizer* optimizer) {
-  namespace F = torch::nn::functional;
   auto* update = optimizer ? dynamic_cast<GraphSafeOptimizer*>(optimizer) : nullptr;
   if (optimizer && !update) {
     fall_back("the optimizer is not graph-safe");
@@ -251,7 +251,6 @@ StepResult Step::graphed(const torch::Tensor& images, const torch::Tensor& label
 
 void Step::capture_step(const torch::Tensor& x, const torch::Tensor& labels, const torch::Tensor& indices,
                         GraphSafeOptimizer* update) {
-  namespace F = torch::nn::functional;
   Graph& g = *graph_;
   // Per-layer budgets from the statistics of the last step that ran: they
   // size the packed copies, which the graph then keeps.
@@ -283,13 +282,14 @@ void Step::capture_step(const torch::Tensor& x, const torch::Tensor& labels, con
       logits = model_.forward(g.x);
     }
     logits = logits.to(torch::kFloat);
-    auto loss = F::cross_entropy(logits, g.y, F::CrossEntropyFuncOptions().label_smoothing(options_.label_smoothing));
+    auto loss = cross_entropy(logits, g.y, options_.label_smoothing);
     g.activations = memory(device_).allocated - before;
     g.aq_saved = 0;
     if (options_.count_saved)
       for (const auto& m : model_.modules(/*include_self=*/false))
         if (auto* q = dynamic_cast<QLayer*>(m.get())) g.aq_saved += q->state()->saved_bytes;
     loss.backward();
+    if (options_.clip_grad_norm > 0) clip_grad_norm(params_, options_.clip_grad_norm);
     if (update) update->update();
     g.loss = loss.detach();
     g.logits = logits.detach();

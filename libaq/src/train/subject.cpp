@@ -17,6 +17,8 @@ Subject open_subject(const std::string& resume, const data::DataOptions& data, c
   torch::manual_seed(seed);
   data::OpenOptions oo;
   oo.image_size = data.image_size;
+  oo.context = data.context;
+  if (auto ctx = c.counters.find("context"); ctx != c.counters.end()) oo.context = ctx->second;  // a text run's
   if (data.num_classes > 0) oo.synthetic_classes = data.num_classes;
   auto set = data::open(s.dataset, data.data_dir, data::Split::kTrain, oo);
   s.model = resume.empty() ? models::build(s.arch, set->info().channels, set->info().num_classes, config)

@@ -2,6 +2,7 @@
 
 #include "aq/adaptive.h"
 #include "aq/calibrate.h"
+#include "aq/loss.h"
 #include "aq/log.h"
 #include "aq/memory.h"
 #include "aq_config.h"
@@ -75,7 +76,8 @@ class Trainer {
   uint64_t seed_ = 0;
   std::shared_ptr<const data::Dataset> train_set_, test_set_;
   models::ModelPtr model_;
-  std::unique_ptr<SGD> opt_;
+  std::unique_ptr<torch::optim::Optimizer> opt_;
+  bool text_ = false;  // a token dataset: per-token figures
   std::unique_ptr<data::Loader> train_loader_, test_loader_;
   int64_t epoch_ = 0, step_ = 0, batch_ = 0;
   Partial partial_;
@@ -86,6 +88,11 @@ class Trainer {
   double lr_ = 0;
 
   void resolve_resume();
+  std::vector<std::pair<std::string, torch::Tensor>> named_params() const {
+    std::vector<std::pair<std::string, torch::Tensor>> out;
+    for (const auto& p : model_->named_parameters()) out.emplace_back(p.key(), p.value());
+    return out;
+  }
   void start_metrics();
   void append_metrics(const EpochRow& row);
   Partial partial_now(const Partial& part, const torch::Tensor& loss_sum, const torch::Tensor& correct,
@@ -145,14 +152,8 @@ void Trainer::start_metrics() {
   // A resumed run's file is rewritten from the checkpoint's history: rows of
   // epochs after the checkpoint (a run killed between a row and its
   // checkpoint) are not repeated.
-  std::string text = tsv_line(EpochRow::columns());
-  for (const auto& v : history_) {
-    EpochRow r;
-    r.epoch = static_cast<int64_t>(v.at(0)), r.step = static_cast<int64_t>(v.at(1)), r.lr = v.at(2);
-    r.train_loss = v.at(3), r.train_acc = v.at(4), r.val_loss = v.at(5), r.val_top1 = v.at(6), r.val_top5 = v.at(7);
-    r.img_per_s = v.at(8), r.act_mb = v.at(9), r.peak_mb = v.at(10);
-    text += r.tsv();
-  }
+  std::string text = tsv_line(EpochRow::columns(text_));
+  for (const auto& v : history_) text += EpochRow::from_values(v, text_).tsv();
   write_atomically(in_workspace("metrics.tsv"), text);
 }
 
@@ -194,7 +195,12 @@ void Trainer::setup() {
   torch::manual_seed(seed_);
   data::OpenOptions oo;
   oo.image_size = o_.data.image_size;
+  oo.context = o_.data.context;
   if (o_.data.num_classes > 0) oo.synthetic_classes = o_.data.num_classes;
+  text_ = dataset_ == "text";
+  if (text_ != takes_tokens(o_.arch))
+    throw std::invalid_argument("--arch " + o_.arch + (text_ ? " takes images; --dataset text needs a token model (gpt_*)"
+                                                            : " takes tokens: use it with --dataset text"));
   train_set_ = data::open(dataset_, o_.data.data_dir, data::Split::kTrain, oo);
   test_set_ = data::open(dataset_, o_.data.data_dir, data::Split::kTest, oo);
   const auto& info = train_set_->info();
@@ -203,16 +209,18 @@ void Trainer::setup() {
                                 std::to_string(info.num_classes) + " classes");
   model_ = models::build(o_.arch, info.channels, info.num_classes, o_.quant);
   model_->to(dev_);
-  channels_last_ = o_.channels_last.value_or(dev_.is_cuda());
+  channels_last_ = !text_ && o_.channels_last.value_or(dev_.is_cuda());  // tokens are no images
   if (channels_last_) {
     torch::NoGradGuard g;
     for (auto& p : model_->parameters())
       if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
   }
   if (dev_.is_cuda()) at::globalContext().setBenchmarkCuDNN(o_.cudnn_benchmark.value_or(true));
-  auto so = torch::optim::SGDOptions(o_.lr).momentum(o_.momentum).weight_decay(o_.weight_decay);
-  so.nesterov(o_.nesterov && o_.momentum > 0);
-  opt_ = std::make_unique<SGD>(model_->parameters(), so);
+  OptimizerOptions opt;
+  opt.kind = o_.optimizer;
+  opt.lr = o_.lr, opt.weight_decay = o_.weight_decay, opt.momentum = o_.momentum, opt.nesterov = o_.nesterov;
+  opt.beta1 = o_.beta1, opt.beta2 = o_.beta2, opt.eps = o_.eps;
+  opt_ = make_optimizer(model_->parameters(), opt);
   data::LoaderOptions lo;
   lo.batch_size = o_.data.batch_size;
   lo.workers = o_.data.workers;
@@ -238,9 +246,14 @@ void Trainer::setup() {
       log().info("adaptive statistics and per-layer budgets from {}", o_.calibration);
     }
   }
-  log().info("{} on {} ({} train / {} test images, {}x{}x{}, {} classes), {} on {}, seed {}", o_.arch, dataset_,
-             train_set_->size(), test_set_->size(), info.channels, info.height, info.width, info.num_classes,
-             o_.quant.to_flags(), dev_.str(), seed_);
+  if (text_) {
+    log().info("{} on {} ({} train / {} validation windows of {} tokens), {} on {}, seed {}", o_.arch, dataset_,
+               train_set_->size(), test_set_->size(), info.sequence + 1, o_.quant.to_flags(), dev_.str(), seed_);
+  } else {
+    log().info("{} on {} ({} train / {} test images, {}x{}x{}, {} classes), {} on {}, seed {}", o_.arch, dataset_,
+               train_set_->size(), test_set_->size(), info.channels, info.height, info.width, info.num_classes,
+               o_.quant.to_flags(), dev_.str(), seed_);
+  }
 }
 
 // A resumed run is the run that wrote the checkpoint: its batch size (the
@@ -301,12 +314,37 @@ void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
   scalar_setting("weight_decay", "--weight-decay", o_.weight_decay);
   scalar_setting("label_smoothing", "--label-smoothing", o_.label_smoothing);
   scalar_setting("warmup", "--warmup", o_.warmup);
+  counter_setting("context", "--context", o_.data.context);
+  if (c.counters.count("warmup_steps")) {  // may be 0, which counter_setting refuses
+    const int64_t w = c.counters.at("warmup_steps");
+    if (w < 0) throw std::runtime_error(src + ": counter warmup_steps is " + std::to_string(w));
+    if (given("--warmup-steps") && o_.warmup_steps != w)
+      conflict("--warmup-steps", std::to_string(o_.warmup_steps), std::to_string(w));
+    o_.warmup_steps = w;
+  }
+  scalar_setting("clip_grad_norm", "--clip-grad-norm", o_.clip_grad_norm);
+  scalar_setting("eps", "--eps", o_.eps);
+  {
+    const auto b1 = c.scalars.find("beta1"), b2 = c.scalars.find("beta2");
+    if (b1 != c.scalars.end() && b2 != c.scalars.end()) {
+      for (double b : {b1->second, b2->second})
+        if (!(b >= 0 && b < 1)) throw std::runtime_error(src + ": scalar beta is " + num(b) + ", not in [0, 1)");
+      if (given("--betas") && (o_.beta1 != b1->second || o_.beta2 != b2->second))
+        conflict("--betas", num(o_.beta1) + "," + num(o_.beta2), num(b1->second) + "," + num(b2->second));
+      o_.beta1 = b1->second, o_.beta2 = b2->second;
+    }
+  }
   meta_setting("config", "quantization", o_.quant.to_flags(),
                [&](const std::string& v) { o_.quant = QuantConfig::from_flags(v); });
-  meta_setting("optimizer", "--nesterov", o_.nesterov ? "sgd-nesterov" : "sgd", [&](const std::string& v) {
-    if (v != "sgd" && v != "sgd-nesterov") throw std::invalid_argument("unknown optimizer");
-    o_.nesterov = v == "sgd-nesterov";
-  });
+  {
+    const std::string mine = o_.optimizer == OptimizerKind::kAdamW ? "adamw" : o_.nesterov ? "sgd-nesterov" : "sgd";
+    const char* option = given("--optimizer") ? "--optimizer" : "--nesterov";
+    meta_setting("optimizer", option, mine, [&](const std::string& v) {
+      if (v != "sgd" && v != "sgd-nesterov" && v != "adamw") throw std::invalid_argument("unknown optimizer");
+      o_.optimizer = v == "adamw" ? OptimizerKind::kAdamW : OptimizerKind::kSGD;
+      if (v != "adamw") o_.nesterov = v == "sgd-nesterov";
+    });
+  }
   meta_setting("schedule", "--lr-schedule", to_string(o_.schedule),
                [&](const std::string& v) { o_.schedule = parse_schedule(v); });
   meta_setting("amp", "--amp", to_string(o_.amp), [&](const std::string& v) { o_.amp = parse_amp(v); });
@@ -333,18 +371,7 @@ void Trainer::restore(const ckpt::Checkpoint& c) {
   if (const std::string bad = first_bad_values(c); !bad.empty())
     throw std::runtime_error(src + ": " + bad + "; resume from an earlier checkpoint");
   load_state(*model_, c, src);
-  // Momentum buffers, by parameter name.
-  std::map<std::string, torch::Tensor> bufs(c.optimizer.begin(), c.optimizer.end());
-  auto& state = opt_->state();
-  for (const auto& p : model_->named_parameters()) {
-    auto it = bufs.find(p.key() + ".momentum_buffer");
-    if (it == bufs.end()) continue;
-    if (!it->second.sizes().equals(p.value().sizes()))
-      throw std::runtime_error(src + ": momentum buffer of '" + p.key() + "' has shape " + shape(it->second));
-    auto st = std::make_unique<torch::optim::SGDParamState>();
-    st->momentum_buffer(it->second.to(p.value().options()));
-    state[p.value().unsafeGetTensorImpl()] = std::move(st);
-  }
+  load_optimizer_state(*opt_, named_params(), c.optimizer, src);
   try {
     load_adaptive_state(*model_, c.adaptive);
   } catch (const std::runtime_error& e) {
@@ -394,7 +421,7 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
             {"torch_version", std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                                   std::to_string(TORCH_VERSION_PATCH)},
             {"created", detail::now_utc()},
-            {"optimizer", o_.nesterov ? "sgd-nesterov" : "sgd"},
+            {"optimizer", o_.optimizer == OptimizerKind::kAdamW ? "adamw" : o_.nesterov ? "sgd-nesterov" : "sgd"},
             {"schedule", to_string(o_.schedule)},
             {"amp", to_string(o_.amp)}};
   c.counters = {{"epoch", epoch},
@@ -406,6 +433,8 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
                 {"seed", static_cast<int64_t>(seed_)},
                 {"batch_size", o_.data.batch_size},
                 {"epochs", o_.epochs}};
+  if (text_) c.counters["context"] = o_.data.context;
+  c.counters["warmup_steps"] = o_.warmup_steps;
   c.meta["milestones"] = list_text(o_.milestones);
   c.scalars = {{"lr", lr_},
                {"peak_lr", o_.lr},
@@ -418,19 +447,19 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
                {"partial_seen", part.seen},
                {"partial_act_sum", part.act_sum},
                {"partial_act_n", part.act_n}};
+  c.scalars["clip_grad_norm"] = o_.clip_grad_norm;
+  if (o_.optimizer == OptimizerKind::kAdamW) {
+    c.scalars["beta1"] = o_.beta1;
+    c.scalars["beta2"] = o_.beta2;
+    c.scalars["eps"] = o_.eps;
+  }
   for (const auto& p : model_->named_parameters()) c.parameters.emplace_back(p.key(), p.value().detach());
   for (const auto& b : model_->named_buffers()) c.buffers.emplace_back(b.key(), b.value());
-  auto& state = opt_->state();
-  for (const auto& p : model_->named_parameters()) {
-    auto it = state.find(p.value().unsafeGetTensorImpl());
-    if (it == state.end()) continue;
-    const auto& buf = static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer();
-    if (buf.defined()) c.optimizer.emplace_back(p.key() + ".momentum_buffer", buf);
-  }
+  c.optimizer = optimizer_state(*opt_, named_params());
   c.adaptive = adaptive_state(*model_);
   c.rng.emplace_back("cpu", at::globalContext().defaultGenerator(c10::kCPU).get_state());
   if (dev_.is_cuda()) c.rng.emplace_back("cuda", at::globalContext().defaultGenerator(dev_).get_state());
-  c.metric_columns = EpochRow::columns();
+  c.metric_columns = EpochRow::columns(text_);
   c.metric_rows = history_;
   ckpt::save(in_workspace("checkpoint.h5"), c);
   if (gather) ckpt::save(in_workspace("checkpoint-" + std::to_string(epoch) + ".h5"), c);
@@ -479,8 +508,9 @@ int Trainer::run() {
   so.cuda_graphs = o_.cuda_graphs.value_or(dev_.is_cuda());
   so.graph_refresh = o_.graph_refresh;
   so.index_bound = train_set_->size();
+  so.clip_grad_norm = o_.clip_grad_norm;
   Step train_step(*model_, dev_, so);
-  LrSchedule schedule{o_.schedule, o_.lr, o_.warmup, o_.milestones, o_.epochs};
+  LrSchedule schedule{o_.schedule, o_.lr, o_.warmup, o_.warmup_steps, o_.milestones, o_.epochs};
   const auto& signal = detail::signal_flag();
   bool saved_epoch = false;  // this process wrote the checkpoint of the last finished step
   using Clock = std::chrono::steady_clock;
@@ -519,7 +549,7 @@ int Trainer::run() {
       waited += Clock::now() - tw;
       if (!b) break;
       lr_ = schedule.at(step_, total, per_epoch);
-      for (auto& g : opt_->param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr_);
+      set_lr(*opt_, lr_);
       for (const auto& m : train_loader_->take_skipped()) {
         bar.end();  // a message over the bar would leave the bar's text before it
         log().warn("skipped: {}", m);
@@ -531,16 +561,17 @@ int Trainer::run() {
       part.act_sum += static_cast<double>(r.activations);
       part.act_n += 1;
       const auto& y = r.labels;
-      loss_sum += r.loss.to(torch::kDouble) * y.size(0);
-      correct += r.logits.argmax(1).eq(y).sum();
-      seen_now += y.size(0);
+      // Per sample, or per token for a token model.
+      loss_sum += r.loss.to(torch::kDouble) * y.numel();
+      correct += aq::train::correct(r.logits, y);
+      seen_now += y.numel();
       ++step_;
       ++batch_;
       if (bar.due(batch_, per_epoch)) {
         const double secs = seconds(Clock::now() - t0), seen = part.seen + seen_now;
         char text[160];
         // ETA first: a narrow terminal cuts the end of the line.
-        std::snprintf(text, sizeof text, "ETA %s loss %.4f acc %.2f%% %.0f img/s", eta().c_str(),
+        std::snprintf(text, sizeof text, text_ ? "ETA %s loss %.4f acc %.2f%% %.0f tok/s" : "ETA %s loss %.4f acc %.2f%% %.0f img/s", eta().c_str(),
                       (part.loss_sum + loss_sum.item<double>()) / seen,
                       100.0 * (part.correct + correct.item<int64_t>()) / seen, seen_now / std::max(secs, 1e-9));
         bar.show("epoch " + std::to_string(epoch_ + 1) + "/" + std::to_string(o_.epochs), batch_, per_epoch, text);
@@ -549,10 +580,11 @@ int Trainer::run() {
         const auto now = Clock::now();
         const double secs = std::max(seconds(now - since_log), 1e-9), seen = part.seen + seen_now;
         bar.end();
-        log().info("{} step {}/{} epoch {}/{} batch {}/{} loss {:.4f} acc {:.2f}% lr {:.6g} {:.1f} img/s data wait {:.0f}% ETA {}",
+        log().info("{} step {}/{} epoch {}/{} batch {}/{} loss {:.4f} acc {:.2f}% lr {:.6g} {:.1f} {}/s data wait {:.0f}% ETA {}",
                    detail::now_utc(), step_, last_step, epoch_ + 1, o_.epochs, batch_, per_epoch,
                    (part.loss_sum + loss_sum.item<double>()) / seen,
                    100.0 * (part.correct + correct.item<int64_t>()) / seen, lr_, (seen_now - seen_at_log) / secs,
+                   text_ ? "tok" : "img",
                    100.0 * seconds(waited) / secs, eta());
         since_log = now;
         waited = {};
@@ -597,6 +629,7 @@ int Trainer::run() {
     for (const auto& m : test_loader_->take_skipped()) log().warn("skipped: {}", m);
     const bool mid_epoch = stop && batch_ < per_epoch;
     EpochRow row;
+    row.text = text_;
     row.epoch = epoch_ + 1;
     row.step = step_;
     row.lr = lr_;
@@ -631,8 +664,12 @@ int Trainer::run() {
                                  " is written: continue with --resume)");
       }
     }
-    log().info("epoch {}/{}: train loss {:.4f}, val top-1 {:.2f}%, bad images skipped {} train, {} val", epoch_ + 1,
-               o_.epochs, row.train_loss, val.top1, train_loader_->skipped(), test_loader_->skipped());
+    if (text_)
+      log().info("epoch {}/{}: train loss {:.4f}, val loss {:.4f} (perplexity {:.2f}), val token accuracy {:.2f}%",
+                 epoch_ + 1, o_.epochs, row.train_loss, val.loss, std::exp(val.loss), val.top1);
+    else
+      log().info("epoch {}/{}: train loss {:.4f}, val top-1 {:.2f}%, bad images skipped {} train, {} val", epoch_ + 1,
+                 o_.epochs, row.train_loss, val.top1, train_loader_->skipped(), test_loader_->skipped());
     if (stop) {
       ++epoch_;
       break;
@@ -643,14 +680,37 @@ int Trainer::run() {
 
 }  // namespace
 
-const std::vector<std::string>& EpochRow::columns() {
+const std::vector<std::string>& EpochRow::columns(bool text) {
   static const std::vector<std::string> c = {"epoch",    "step",     "lr",        "train_loss", "train_acc", "val_loss",
                                              "val_top1", "val_top5", "img_per_s", "act_mb",     "peak_mb"};
-  return c;
+  static const std::vector<std::string> t = {"epoch",   "step",     "lr",      "train_loss", "train_ppl", "train_acc",
+                                             "val_loss", "val_ppl", "val_acc", "tok_per_s",  "act_mb",    "peak_mb"};
+  return text ? t : c;
+}
+
+EpochRow EpochRow::from_values(const std::vector<double>& v, bool text) {
+  EpochRow r;
+  r.text = text;
+  r.epoch = static_cast<int64_t>(v.at(0)), r.step = static_cast<int64_t>(v.at(1)), r.lr = v.at(2);
+  r.train_loss = v.at(3);
+  if (text) {  // perplexities follow from the losses
+    r.train_acc = v.at(5), r.val_loss = v.at(6), r.val_top1 = v.at(8), r.img_per_s = v.at(9);
+    r.act_mb = v.at(10), r.peak_mb = v.at(11);
+  } else {
+    r.train_acc = v.at(4), r.val_loss = v.at(5), r.val_top1 = v.at(6), r.val_top5 = v.at(7);
+    r.img_per_s = v.at(8), r.act_mb = v.at(9), r.peak_mb = v.at(10);
+  }
+  return r;
 }
 
 std::string EpochRow::tsv() const {
   char buf[512];
+  if (text) {
+    std::snprintf(buf, sizeof buf, "%lld\t%lld\t%.6g\t%.4f\t%.3f\t%.2f\t%.4f\t%.3f\t%.2f\t%.1f\t%.2f\t%.2f\n",
+                  static_cast<long long>(epoch), static_cast<long long>(step), lr, train_loss, std::exp(train_loss),
+                  train_acc, val_loss, std::exp(val_loss), val_top1, img_per_s, act_mb, peak_mb);
+    return buf;
+  }
   std::snprintf(buf, sizeof buf, "%lld\t%lld\t%.6g\t%.4f\t%.2f\t%.4f\t%.2f\t%.2f\t%.1f\t%.2f\t%.2f\n",
                 static_cast<long long>(epoch), static_cast<long long>(step), lr, train_loss, train_acc, val_loss,
                 val_top1, val_top5, img_per_s, act_mb, peak_mb);
@@ -658,6 +718,9 @@ std::string EpochRow::tsv() const {
 }
 
 std::vector<double> EpochRow::values() const {
+  if (text)
+    return {double(epoch), double(step), lr,       train_loss, std::exp(train_loss), train_acc,
+            val_loss,      std::exp(val_loss), val_top1, img_per_s, act_mb,               peak_mb};
   return {double(epoch), double(step), lr,        train_loss, train_acc, val_loss,
           val_top1,      val_top5,     img_per_s, act_mb,     peak_mb};
 }

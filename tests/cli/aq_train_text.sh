@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# aq-train's options for transformers from the shell: --dataset text's bad
+# folders and --check-data, the optimizer options' usage errors, a short
+# AdamW run with warm-up, cosine and clipping, and its resume refusing
+# another optimizer.  (A text training run needs a token architecture.)
+#   aq_train_text.sh AQ_TRAIN
+set -u
+TRAIN=$1
+fail=0
+check() { if ! eval "$2"; then echo "FAIL: $1" >&2; [ -n "${AQ_DEBUG:-}" ] && cat "$tmp/err" >&2; fail=1; fi; }
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+
+# --- --dataset text: bad folders, one line each --------------------------------------
+mkdir -p "$tmp/empty" "$tmp/corpus/sub"
+"$TRAIN" --dataset text --arch gpt_small --workspace "$tmp/w0" "$tmp/missing" >/dev/null 2>"$tmp/err"; rc=$?
+check "missing folder: exit 1, one line" \
+  '[ $rc -eq 1 ] && [ $(wc -l <"$tmp/err") -eq 1 ] && grep -q "^aq-train: text: .*missing: no such folder" "$tmp/err"'
+"$TRAIN" --dataset text --arch gpt_small --workspace "$tmp/w0" "$tmp/empty" >/dev/null 2>"$tmp/err"; rc=$?
+check "empty folder: exit 1, one line" '[ $rc -eq 1 ] && [ $(wc -l <"$tmp/err") -eq 1 ] && grep -q "no files in it" "$tmp/err"'
+for i in 1 2 3 4 5 6; do printf 'line %d of a small text corpus for aq-train\n' $(seq 1 40) >"$tmp/corpus/sub/f$i.txt"; done
+"$TRAIN" --dataset text --context 64 --check-data "$tmp/corpus" >"$tmp/check.tsv" 2>"$tmp/err"; rc=$?
+bytes=$(cat "$tmp/corpus"/sub/*.txt | wc -c)
+val=$((bytes / 10))
+check "--check-data: the windows of both splits" \
+  '[ $rc -eq 0 ] && printf "split\timages\tbad\ntrain\t%d\t0\ntest\t%d\t0\n" $(((bytes - val - 1) / 64)) $(((val - 1) / 64)) | cmp -s - "$tmp/check.tsv"'
+"$TRAIN" --dataset text --context 100000 --check-data "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "a corpus shorter than a window: exit 1, one line" \
+  '[ $rc -eq 1 ] && [ $(wc -l <"$tmp/err") -eq 1 ] && grep -q "less than one window of 100001" "$tmp/err"'
+"$TRAIN" --dataset text --arch preact_resnet20 --workspace "$tmp/w0" "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "an image model on text: exit 2" '[ $rc -eq 2 ] && grep -q "needs a token model" "$tmp/err"'
+"$TRAIN" --dataset text --context 0 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "--context 0: exit 2" '[ $rc -eq 2 ] && grep -q "context" "$tmp/err"'
+
+# --- optimizer options: usage errors --------------------------------------------------
+for bad in "--optimizer adam" "--betas 0.9" "--betas 0.9,1" "--betas nan,0.9" "--eps 0" "--clip-grad-norm -1" \
+           "--warmup-steps -2" "--warmup 1 --warmup-steps 5"; do
+  # shellcheck disable=SC2086
+  "$TRAIN" $bad --workspace "$tmp/w1" >/dev/null 2>"$tmp/err"; rc=$?
+  check "$bad: exit 2, with the hint" '[ $rc -eq 2 ] && grep -q "Try .aq-train --help." "$tmp/err"'
+done
+
+# --- AdamW, warm-up, cosine, clipping: a run, its checkpoint, its resume -------------
+run=(--dataset synthetic --arch preact_resnet20 --image-size 8 --num-classes 4 -b 4 --device cpu --seed 3
+     --val-batches 1 --epochs 1 --workspace "$tmp/a" -q)
+"$TRAIN" "${run[@]}" --optimizer adamw --lr 1e-3 --wd 0.05 --betas 0.8,0.99 --eps 1e-7 --warmup-steps 2 \
+  --lr-schedule cosine --clip-grad-norm 1 --max-steps 3 >"$tmp/a.tsv" 2>"$tmp/err"; rc=$?
+check "AdamW run: exit 0, the image TSV" \
+  '[ $rc -eq 0 ] && head -1 "$tmp/a.tsv" | grep -qx "epoch	step	lr	train_loss	train_acc	val_loss	val_top1	val_top5	img_per_s	act_mb	peak_mb"'
+check "AdamW run: step 3 at the peak lr (the cosine's first step after 2 warm-up steps)" \
+  '[ "$(tail -1 "$tmp/a.tsv" | cut -f2-3)" = "3	0.001" ]'
+"$TRAIN" "${run[@]}" --resume auto --optimizer sgd --max-steps 4 >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with another optimizer: exit 2, naming it" '[ $rc -eq 2 ] && grep -q "^aq-train: --optimizer sgd-nesterov conflicts with .*adamw" "$tmp/err"'
+"$TRAIN" "${run[@]}" --resume auto --max-steps 4 >"$tmp/b.tsv" 2>"$tmp/err"; rc=$?
+check "resume of the AdamW run: exit 0, step 4" '[ $rc -eq 0 ] && [ "$(tail -1 "$tmp/b.tsv" | cut -f2)" = 4 ]'
+
+exit $fail
