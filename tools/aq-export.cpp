@@ -12,10 +12,11 @@
 #include <string>
 
 int main(int argc, char** argv) {
-  CLI::App app{"aq-export: a checkpoint's weights as a safetensors file (for PyTorch, torchvision, aq-train --init-from)",
+  CLI::App app{"aq-export: a checkpoint's weights as a safetensors file (for PyTorch, torchvision and aq-train)",
                "aq-export"};
   app.set_version_flag("--version", AQ_VERSION_STRING);
-  aq::cli::OptionTable table(app, 0);
+  aq::cli::Values defaults;
+  aq::cli::OptionTable table(app, 0, defaults);
   std::string checkpoint, output;
   bool force = false;
   app.add_option("checkpoint", checkpoint, "HDF5 checkpoint written by aq-train ('-': standard input)")->required();
