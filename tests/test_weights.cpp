@@ -10,10 +10,12 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <fcntl.h>
 #include <ftw.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -22,6 +24,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -174,6 +177,27 @@ TEST_F(Weights, CorruptFilesAreOneLineErrors) {
   }
   EXPECT_NE(error_of([&] { st::load(path("none")); }).find("cannot open"), std::string::npos);
   EXPECT_NE(error_of([&] { st::load(dir_); }).find("cannot read"), std::string::npos);
+}
+
+// Streams are read as far as the header says: /dev/zero is refused at once,
+// and a valid file followed by endless bytes through a FIFO is one error.
+TEST_F(Weights, StreamsAreReadBoundedly) {
+  EXPECT_NE(error_of([&] { st::load("/dev/zero"); }).find("not a safetensors file"), std::string::npos);
+  st::save(path("good"), every_dtype(), {});
+  const std::string good = read(path("good"));
+  ASSERT_EQ(::mkfifo(path("fifo").c_str(), 0600), 0);
+  std::signal(SIGPIPE, SIG_IGN);
+  std::thread writer([&] {
+    const int fd = ::open(path("fifo").c_str(), O_WRONLY);
+    if (fd < 0) return;
+    const std::string zeros(1 << 16, '\0');
+    bool ok = ::write(fd, good.data(), good.size()) == static_cast<ssize_t>(good.size());
+    for (int i = 0; ok && i < 100000; ++i) ok = ::write(fd, zeros.data(), zeros.size()) > 0;  // 6.4 GB unless stopped
+    ::close(fd);
+  });
+  const std::string e = error_of([&] { st::load(path("fifo")); });
+  writer.join();
+  EXPECT_NE(e.find("belong to no tensor"), std::string::npos) << e;
 }
 
 // Random damage to a valid file: it loads or throws std::runtime_error.

@@ -53,29 +53,6 @@ struct Bad : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-std::vector<char> read_all(const std::string& path) {
-  const bool in = path == "-";
-  const int fd = in ? STDIN_FILENO : ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw Bad("cannot open (" + errno_text() + ")");
-  std::vector<char> data;
-  struct stat st {};
-  if (!in && ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) data.reserve(static_cast<size_t>(st.st_size));
-  char buf[1 << 16];
-  for (;;) {
-    const ssize_t r = ::read(fd, buf, sizeof buf);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      const int e = errno;
-      if (!in) ::close(fd);
-      throw Bad("cannot read (" + errno_text(e) + ")");
-    }
-    if (r == 0) break;
-    data.insert(data.end(), buf, buf + r);
-  }
-  if (!in) ::close(fd);
-  return data;
-}
-
 // Rejects a key repeated within one object (nlohmann keeps the last one
 // silently) and nesting deeper than the format has.
 json parse_header(const char* begin, const char* end) {
@@ -93,6 +70,68 @@ json parse_header(const char* begin, const char* end) {
   } catch (const json::parse_error& e) {
     throw Bad("header is not valid JSON (at byte " + std::to_string(e.byte) + " of " +
               std::to_string(end - begin) + ")");
+  }
+}
+
+// Appends up to `n` bytes of `fd` to `out` (fewer at the end of the file).
+void read_some(int fd, uint64_t n, std::vector<char>& out) {
+  char buf[1 << 16];
+  while (n > 0) {
+    const ssize_t r = ::read(fd, buf, static_cast<size_t>(std::min<uint64_t>(n, sizeof buf)));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) throw Bad("cannot read (" + errno_text() + ")");
+    if (r == 0) return;
+    out.insert(out.end(), buf, buf + r);
+    n -= static_cast<uint64_t>(r);
+  }
+}
+
+// The file's bytes.  A regular file is read whole; a stream (standard
+// input, a pipe, a device) only as far as its header says, and one byte
+// more to tell trailing bytes, so that an endless stream is not read on.
+std::vector<char> read_file(int fd) {
+  std::vector<char> data;
+  struct stat st {};
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+    data.reserve(static_cast<size_t>(st.st_size));
+    read_some(fd, UINT64_MAX, data);
+    return data;
+  }
+  read_some(fd, 8, data);
+  if (data.size() < 8) return data;
+  uint64_t n = 0;
+  std::memcpy(&n, data.data(), 8);
+  if (n > kMaxHeader) return data;
+  read_some(fd, n, data);
+  if (n == 0 || data.size() < 8 + n || data[8] != '{') return data;
+  json header;
+  try {
+    header = parse_header(data.data() + 8, data.data() + 8 + n);
+  } catch (const Bad&) {
+    return data;  // parse() says what is wrong
+  }
+  uint64_t end = 0;
+  if (header.is_object())
+    for (const auto& item : header.items())
+      if (item.key() != "__metadata__" && item.value().is_object() && item.value().contains("data_offsets") &&
+          item.value()["data_offsets"].is_array() && item.value()["data_offsets"].size() == 2 &&
+          item.value()["data_offsets"][1].is_number_unsigned())
+        end = std::max(end, item.value()["data_offsets"][1].get<uint64_t>());
+  read_some(fd, end == UINT64_MAX ? end : end + 1, data);
+  return data;
+}
+
+std::vector<char> read_all(const std::string& path) {
+  if (path == "-") return read_file(STDIN_FILENO);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Bad("cannot open (" + errno_text() + ")");
+  try {
+    auto data = read_file(fd);
+    ::close(fd);
+    return data;
+  } catch (...) {
+    ::close(fd);
+    throw;
   }
 }
 
