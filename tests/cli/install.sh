@@ -16,6 +16,13 @@ fail=0
 check() { if ! eval "$2"; then echo "FAIL: $1" >&2; [ -n "${AQ_DEBUG:-}" ] && cat "$tmp/err" >&2; fail=1; fi; }
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 dest=$tmp/dest
+# scripts/gpu-test.sh's machine has Debian's headers unpacked under a sysroot
+# that pkg-config would put before every path of libaq.pc, LibTorch's
+# included: the installed tree's paths are plain, CLI11 comes from there.
+if [ -n "${PKG_CONFIG_SYSROOT_DIR:-}" ]; then
+  export CPLUS_INCLUDE_PATH=$PKG_CONFIG_SYSROOT_DIR/usr/include${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}
+  unset PKG_CONFIG_SYSROOT_DIR
+fi
 
 meson install -C "$BUILD" --destdir "$dest" --no-rebuild >"$tmp/err" 2>&1; rc=$?
 check "meson install --destdir: exit 0" '[ $rc -eq 0 ]'
