@@ -1,7 +1,8 @@
 // The safetensors format (aq/safetensors.h), with nlohmann's JSON parser
-// for the header.  The data is read into memory whole and every byte range
-// is checked against it before any tensor is made, so a corrupt file is an
-// exception naming the file, never a read past the end.
+// for the header.  The file is read into memory (a stream only as far as
+// its header says) and every byte range is checked against it before any
+// tensor is made, so a corrupt file is an exception naming the file, never
+// a read past the end.
 #include "aq/safetensors.h"
 
 #include <nlohmann/json.hpp>
@@ -323,9 +324,14 @@ void save(const std::string& path, const ckpt::Tensors& tensors, const std::map<
     ::unlink(tmp.c_str());
     throw fail(errno_text(e));
   }
-  // link() never replaces: a file that appeared meanwhile is kept.
-  const int r = overwrite ? ::rename(tmp.c_str(), path.c_str()) : ::link(tmp.c_str(), path.c_str());
-  const int e = errno;
+  // link() never replaces: a file that appeared meanwhile is kept.  File
+  // systems without hard links have the same guarantee from renameat2.
+  int r = overwrite ? ::rename(tmp.c_str(), path.c_str()) : ::link(tmp.c_str(), path.c_str());
+  int e = errno;
+  if (!overwrite && r != 0 && (e == EPERM || e == EOPNOTSUPP || e == ENOSYS)) {
+    r = ::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, path.c_str(), RENAME_NOREPLACE);
+    e = errno;
+  }
   if (!overwrite || r != 0) ::unlink(tmp.c_str());
   if (r != 0) {
     if (!overwrite && e == EEXIST) throw std::runtime_error(path + " exists");
