@@ -26,7 +26,8 @@ struct Weights {
 // its model: format "pt", arch, num_classes, in_channels, image_size,
 // dataset, mean and std (JSON lists, when the checkpoint has them), epoch,
 // step, config, aq_version, torch_version.  Throws std::runtime_error naming
-// `source` when the checkpoint lacks arch, num_classes or in_channels.
+// `source` when the checkpoint lacks arch, num_classes or in_channels; logs
+// a warning when it lacks mean and std, or holds inf or NaN.
 Weights export_weights(const ckpt::Checkpoint& c, const std::string& source);
 
 // Copies the parameters and buffers of `path` (an aq checkpoint, known by

@@ -1,5 +1,6 @@
 #include "aq/weights.h"
 
+#include "aq/evaluate.h"
 #include "aq/log.h"
 #include "aq/safetensors.h"
 #include "fields.h"
@@ -71,6 +72,8 @@ Weights export_weights(const ckpt::Checkpoint& c, const std::string& source) {
       normalisation = false;
   }
   if (!normalisation) log().warn("{}: checkpoint records no input normalisation (mean, std): not exported", source);
+  if (const std::string bad = first_nonfinite(c); !bad.empty())
+    log().warn("{}: '{}' holds inf or NaN: the run had diverged", source, bad);
   return w;
 }
 
