@@ -6,8 +6,9 @@
 set -euo pipefail
 
 TORCH_VERSION=2.11.0
+TORCHVISION_VERSION=0.26.0  # torchvision's release for torch 2.11
 PY=${PYTHON:-python3}
-PKGS=(meson ninja-build pkg-config g++ libhdf5-dev libcli11-dev libspdlog-dev libfmt-dev
+PKGS=(meson ninja-build pkg-config g++ libhdf5-dev libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
       libgtest-dev libgmock-dev libjpeg-dev libpng-dev zlib1g-dev dataset-fashion-mnist)
 
 SUDO=
@@ -40,4 +41,15 @@ if [ "${have%%+*}" != "$TORCH_VERSION" ]; then
     $PY -m venv "$VENV" >&2
     "$VENV/bin/python3" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" >&2
   fi
+fi
+
+# The tests' Python side, beside that torch: safetensors writes and reads the
+# files aq-export and aq-train --init-from are checked against, torchvision
+# (the release made for this torch) holds the reference models.
+TPY=$PY
+have=$(torch_version "$PY")
+[ "${have%%+*}" != "$TORCH_VERSION" ] && [ -x "$VENV/bin/python3" ] && TPY=$VENV/bin/python3
+if ! "$TPY" -c 'import safetensors.torch, torchvision' 2>/dev/null; then
+  echo "setup: installing safetensors and torchvision==$TORCHVISION_VERSION for the tests" >&2
+  "$TPY" -m pip install --quiet --disable-pip-version-check safetensors "torchvision==$TORCHVISION_VERSION" >&2
 fi

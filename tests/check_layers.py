@@ -17,14 +17,14 @@ RANK["data"] = RANK["base"]  # datasets need nothing of aq's but the logger
 
 # Public headers (libaq/include/aq/NAME.h) by layer.
 PUBLIC = {
-    "base": ["log", "memory", "config", "checkpoint"],
+    "base": ["log", "logging", "memory", "config", "checkpoint", "safetensors"],
     "data": ["data"],
     "engine": ["compress", "allocate"],
     "ops": ["layer_state", "functional", "sample_bits"],
     "modules": ["modules"],
     "adaptive": ["adaptive"],
     "models": ["models"],
-    "train": ["step", "optim", "loss", "evaluate", "train", "variance", "calibrate", "bench"],
+    "train": ["step", "optim", "loss", "evaluate", "train", "variance", "calibrate", "bench", "weights"],
     "cli": ["cli"],
 }
 HEADER_LAYER = {f"aq/{h}.h": layer for layer, hs in PUBLIC.items() for h in hs}

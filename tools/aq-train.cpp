@@ -89,6 +89,11 @@ int main(int argc, char** argv) {
   app.add_option("--val-batches", o.val_batches, "Evaluate on the first N test batches (0: all)")
       ->check(aq::cli::NonNegative)->capture_default_str()->group(r);
   app.add_option("--calibration", o.calibration, "Start adaptive precision from this aq-calibrate file")->group(r);
+  app.add_option("--init-from", o.init_from,
+                 "Start from these weights: an aq checkpoint or a safetensors file (not with --resume FILE)")
+      ->group(r);
+  app.add_flag("--reset-head", o.reset_head, "With --init-from: start the classifier afresh (another class count)")
+      ->group(r);
   bool check_data = false, overwrite = false;
   int64_t checkpoint_interval = 0, log_interval = -1;
   app.add_option("--log-interval", log_interval,

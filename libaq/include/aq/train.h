@@ -46,6 +46,12 @@ struct Options {
   bool overwrite = false;            // a fresh run may replace the workspace's checkpoint and metrics
   int64_t checkpoint_interval = 0;   // also write the checkpoint every N steps; 0: at epoch ends only
   std::string calibration;           // aq-calibrate's file: adaptive statistics to start from
+  // Starting weights (aq/weights.h: init_from): an aq checkpoint or a
+  // safetensors file; not with a resume of a given checkpoint (with "auto",
+  // used only when there is nothing to resume).  reset_head: the classifier
+  // starts afresh (another class count).
+  std::string init_from;
+  bool reset_head = false;
   bool gather_checkpoints = false;   // also keep checkpoint-<epoch>.h5
   bool evaluate = false;             // evaluate only
   c10::Device device{c10::kCPU};

@@ -14,4 +14,11 @@ spdlog::logger& log() {
   return *logger;
 }
 
+void set_log_level(LogLevel level) {
+  static constexpr spdlog::level::level_enum kLevels[] = {spdlog::level::debug, spdlog::level::info,
+                                                           spdlog::level::warn, spdlog::level::err,
+                                                           spdlog::level::off};
+  log().set_level(kLevels[static_cast<int>(level)]);
+}
+
 }  // namespace aq

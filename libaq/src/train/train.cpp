@@ -5,6 +5,7 @@
 #include "aq/loss.h"
 #include "aq/log.h"
 #include "aq/memory.h"
+#include "aq/weights.h"
 #include "aq_config.h"
 #include "fields.h"
 #include "run_control.h"
@@ -175,6 +176,9 @@ Partial Trainer::partial_now(const Partial& part, const torch::Tensor& loss_sum,
 }
 
 void Trainer::setup() {
+  if (!o_.init_from.empty() && !o_.resume.empty() && o_.resume != "auto")
+    throw std::invalid_argument("--init-from starts a new run, --resume continues one: give one of them");
+  if (o_.reset_head && o_.init_from.empty()) throw std::invalid_argument("--reset-head goes with --init-from");
   if (!resume_.empty()) resumed_ = ckpt::load(resume_);
   dataset_ = data::resolve_name(o_.data.dataset, o_.data.num_classes);
   if (resumed_) {
@@ -208,6 +212,8 @@ void Trainer::setup() {
     throw std::invalid_argument("--num-classes " + std::to_string(o_.data.num_classes) + " but " + dataset_ + " has " +
                                 std::to_string(info.num_classes) + " classes");
   model_ = models::build(o_.arch, info.channels, info.num_classes, o_.quant);
+  if (!o_.init_from.empty() && resumed_) log().info("--init-from {} not used: resuming {}", o_.init_from, resume_);
+  if (!o_.init_from.empty() && !resumed_) init_from(*model_, o_.init_from, o_.reset_head);
   model_->to(dev_);
   channels_last_ = !text_ && o_.channels_last.value_or(dev_.is_cuda());  // tokens are no images
   if (channels_last_) {
@@ -436,6 +442,8 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
   if (text_) c.counters["context"] = o_.data.context;
   c.counters["warmup_steps"] = o_.warmup_steps;
   c.meta["milestones"] = list_text(o_.milestones);
+  c.meta["mean"] = list_text(info.mean);  // the input normalisation, for aq-export
+  c.meta["std"] = list_text(info.std);
   c.scalars = {{"lr", lr_},
                {"peak_lr", o_.lr},
                {"warmup", o_.warmup},
@@ -470,7 +478,7 @@ int Trainer::run() {
     resolve_resume();
     setup();
     const auto r = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
-    if (obs_.evaluated) obs_.evaluated(resume_.empty() ? "(initial)" : resume_, r);
+    if (obs_.evaluated) obs_.evaluated(!resume_.empty() ? resume_ : !o_.init_from.empty() ? o_.init_from : "(initial)", r);
     return 0;
   }
   detail::make_folders(o_.workspace, false);
