@@ -190,7 +190,10 @@ void Trainer::setup() {
   if (o_.data.num_classes > 0 && o_.data.num_classes != info.num_classes)
     throw std::invalid_argument("--num-classes " + std::to_string(o_.data.num_classes) + " but " + dataset_ + " has " +
                                 std::to_string(info.num_classes) + " classes");
-  model_ = models::build(o_.arch, info.channels, info.num_classes, o_.quant);
+  models::ModelOptions mo;  // a ViT's position embeddings are for the dataset's image size
+  mo.image_height = info.height;
+  mo.image_width = info.width;
+  model_ = models::build(o_.arch, info.channels, info.num_classes, mo, o_.quant);
   model_->to(dev_);
   channels_last_ = o_.channels_last.value_or(dev_.is_cuda());
   if (channels_last_) {
