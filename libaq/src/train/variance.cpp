@@ -20,7 +20,8 @@ namespace {
 // them, in attention, GELU and the norms, reaches their gradients too).
 bool measured(const torch::nn::Module& m) {
   return dynamic_cast<const torch::nn::LinearImpl*>(&m) || dynamic_cast<const torch::nn::LayerNormImpl*>(&m) ||
-         dynamic_cast<const QRMSNormImpl*>(&m) || dynamic_cast<const torch::nn::EmbeddingImpl*>(&m) || dynamic_cast<const torch::nn::Conv1dImpl*>(&m) ||
+         dynamic_cast<const QRMSNormImpl*>(&m) || dynamic_cast<const torch::nn::EmbeddingImpl*>(&m) ||
+         dynamic_cast<const torch::nn::Conv1dImpl*>(&m) ||
          dynamic_cast<const torch::nn::Conv2dImpl*>(&m) || dynamic_cast<const torch::nn::Conv3dImpl*>(&m) ||
          dynamic_cast<const torch::nn::ConvTranspose1dImpl*>(&m) ||
          dynamic_cast<const torch::nn::ConvTranspose2dImpl*>(&m) ||
