@@ -57,7 +57,7 @@ TEST(ModelsLayout, UnknownArchitecturesAndCountsAreRejected) {
   EXPECT_THROW(aq::models::build("preact_resnet20x", 3, 10), std::invalid_argument);
   EXPECT_THROW(aq::models::build("resnet18", 0, 10), std::invalid_argument);
   EXPECT_THROW(aq::models::build("resnet18", 3, 0), std::invalid_argument);
-  EXPECT_EQ(aq::models::architectures().size(), 12u);
+  EXPECT_EQ(aq::models::architectures().size(), 15u);
 }
 
 TEST(ModelsLayout, FanInInitialisation) {

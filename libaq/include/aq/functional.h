@@ -62,6 +62,39 @@ at::Tensor avg_pool2d(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayR
                       bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override);
 at::Tensor adaptive_avg_pool2d(const at::Tensor& x, at::IntArrayRef output_size);
 
+// Transformer layers (docs/design.md §4).  Those that save a lossy copy
+// compress only when the configuration compresses and compress_bn is on (L2
+// and above, like BatchNorm); otherwise they are LibTorch's own op.
+
+// Layer norm over the trailing `normalized_shape`; saves x compressed plus
+// the per-row mean and rstd.  Under autocast it runs in float, as LibTorch's.
+at::Tensor layer_norm(const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, double eps, const QuantConfig& config,
+                      const LayerStatePtr& state);
+
+// RMS norm (at::rms_norm; eps unset: the input dtype's epsilon); saves x
+// compressed plus the per-row rstd.
+at::Tensor rms_norm(const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                    std::optional<double> eps, const QuantConfig& config, const LayerStatePtr& state);
+
+// GELU ("none" or "tanh") and SiLU; save their derivative at x compressed
+// (stochastic rounding, so the input gradient g * d_hat is unbiased).
+at::Tensor gelu(const at::Tensor& x, const std::string& approximate, const QuantConfig& config,
+                const LayerStatePtr& state);
+at::Tensor silu(const at::Tensor& x, const QuantConfig& config, const LayerStatePtr& state);
+
+// Softmax over `dim`; saves its output compressed.
+at::Tensor softmax(const at::Tensor& x, int64_t dim, const QuantConfig& config, const LayerStatePtr& state);
+
+// Multi-head self-attention through at::scaled_dot_product_attention
+// (flash / memory-efficient kernels where LibTorch picks them).  qkv is
+// [B, T, 3 C] (queries, keys, values, each C = heads * head_dim wide, head
+// h in columns [h d, (h + 1) d) of its third); returns [B, T, C] (heads
+// concatenated).  Saves qkv compressed; backward restores it and runs the
+// attention forward again under autograd to get its gradient.
+at::Tensor self_attention(const at::Tensor& qkv, int64_t heads, bool causal, const QuantConfig& config,
+                          const LayerStatePtr& state);
+
 // A state may be null (nullptr LayerStatePtr): nothing is recorded.
 
 }  // namespace functional

@@ -19,12 +19,15 @@
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/normalization.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/pooling.h>
 #include <torch/nn/modules/upsampling.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/pimpl.h>
+#include <torch/nn/cloneable.h>
 
 #include <memory>
 
@@ -204,6 +207,97 @@ class QUpsampleImpl : public torch::nn::UpsampleImpl, public QLayer {
   using torch::nn::UpsampleImpl::UpsampleImpl;
 };
 TORCH_MODULE(QUpsample);
+
+// --- Transformer layers (docs/design.md §4) --------------------------------
+// Norms, GELU, SiLU and softmax compress from L2 on (where BatchNorm does);
+// self-attention's queries, keys and values from L1 on (as linear inputs).
+
+// Layer norm: the twin's options (normalized_shape, eps, elementwise_affine)
+// and parameters; keeps its input compressed plus per-row mean and rstd.
+class QLayerNormImpl : public torch::nn::LayerNormImpl, public QLayer {
+ public:
+  using torch::nn::LayerNormImpl::LayerNormImpl;
+  torch::Tensor forward(const torch::Tensor& input);
+  void record_geometry() override;
+};
+TORCH_MODULE(QLayerNorm);
+
+// RMS norm (LibTorch's C++ API has no module for it: this one has Python's
+// nn.RMSNorm options and its "weight", initialised to ones); at::rms_norm's
+// result.  Keeps its input compressed plus the per-row rstd.
+struct RMSNormOptions {
+  /* implicit */ RMSNormOptions(std::vector<int64_t> normalized_shape) : normalized_shape_(std::move(normalized_shape)) {}
+  TORCH_ARG(std::vector<int64_t>, normalized_shape);
+  // Unset: the epsilon of the type at::rms_norm computes in.
+  TORCH_ARG(std::optional<double>, eps) = std::nullopt;
+  TORCH_ARG(bool, elementwise_affine) = true;
+};
+class QRMSNormImpl : public torch::nn::Cloneable<QRMSNormImpl>, public QLayer {
+ public:
+  explicit QRMSNormImpl(RMSNormOptions options_);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& input);
+  void record_geometry() override;
+  RMSNormOptions options;
+  torch::Tensor weight;
+};
+TORCH_MODULE(QRMSNorm);
+
+// GELU and SiLU keep their derivative at the input, compressed
+// (stochastically rounded: the input gradient stays unbiased).
+class QGELUImpl : public torch::nn::GELUImpl, public QLayer {
+ public:
+  using torch::nn::GELUImpl::GELUImpl;
+  torch::Tensor forward(const torch::Tensor& input);
+};
+TORCH_MODULE(QGELU);
+
+class QSiLUImpl : public torch::nn::SiLUImpl, public QLayer {
+ public:
+  using torch::nn::SiLUImpl::SiLUImpl;
+  torch::Tensor forward(const torch::Tensor& input);
+};
+TORCH_MODULE(QSiLU);
+
+// Softmax keeps its output compressed.
+class QSoftmaxImpl : public torch::nn::SoftmaxImpl, public QLayer {
+ public:
+  using torch::nn::SoftmaxImpl::SoftmaxImpl;
+  torch::Tensor forward(const torch::Tensor& input);
+};
+TORCH_MODULE(QSoftmax);
+
+// An embedding's backward reads only the indices, which LibTorch keeps as
+// they are: there is nothing to compress; the layer is its twin, listed so
+// that conversions and QModule see an aq layer.
+class QEmbeddingImpl : public torch::nn::EmbeddingImpl, public QLayer {
+ public:
+  using torch::nn::EmbeddingImpl::EmbeddingImpl;
+};
+TORCH_MODULE(QEmbedding);
+
+// Multi-head self-attention: qkv = Linear(C, 3 C), then
+// at::scaled_dot_product_attention per head (causal or not), then
+// proj = Linear(C, C).  Its own state is the attention's (queries, keys and
+// values compressed as one [B, T, 3 C] tensor); qkv and proj are QLinear
+// layers with theirs.  Input and output [B, T, C].
+struct SelfAttentionOptions {
+  SelfAttentionOptions(int64_t embed_dim, int64_t heads) : embed_dim_(embed_dim), heads_(heads) {}
+  TORCH_ARG(int64_t, embed_dim);
+  TORCH_ARG(int64_t, heads);
+  TORCH_ARG(bool, causal) = false;
+  TORCH_ARG(bool, bias) = true;
+};
+class QSelfAttentionImpl : public torch::nn::Cloneable<QSelfAttentionImpl>, public QLayer {
+ public:
+  explicit QSelfAttentionImpl(SelfAttentionOptions options_);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& input);
+  void record_geometry() override;
+  SelfAttentionOptions options;
+  QLinear qkv{nullptr}, proj{nullptr};
+};
+TORCH_MODULE(QSelfAttention);
 
 // QModule, ActNN's model conversion, as far as C++ allows.  LibTorch's
 // forward methods are not virtual and a user module calls its children

@@ -149,7 +149,8 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
       tool_ & kEval ? "Dataset (default: the checkpoint's)"
                     : "fashion-mnist, mnist, cifar10, cifar100, imagenet, synthetic or text (a folder of text files)",
       d);
-  add(kModel | kBenchAll, true, "--arch", v.arch, "preact_resnet20/32/44/56/110/164/1001, resnet18/34/50/101/152",
+  add(kModel | kBenchAll, true, "--arch", v.arch,
+      "preact_resnet20/32/44/56/110/164/1001, resnet18/34/50/101/152, vit_tiny, vit_small, gpt_small",
       d);
   if (bench)  // no dataset to take the class count from
     add(kBenchAll, false, "--num-classes,--classes", v.data.num_classes, "Classes", d, &Positive);

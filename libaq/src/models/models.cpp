@@ -1,6 +1,7 @@
 #include "aq/models.h"
 
 #include "aq/modules.h"
+#include "transformer.h"
 
 #include <torch/nn/init.h>
 #include <torch/nn/modules/container/sequential.h>
@@ -240,13 +241,28 @@ void init_fanin(nn::Module& model) {
 const std::vector<std::string>& architectures() {
   static const std::vector<std::string> names = {
       "preact_resnet20", "preact_resnet32", "preact_resnet44", "preact_resnet56", "preact_resnet110",
-      "preact_resnet164", "preact_resnet1001", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"};
+      "preact_resnet164", "preact_resnet1001", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+      "vit_tiny",        "vit_small",       "gpt_small"};
   return names;
 }
 
+ModelOptions options_from_parameters(const std::string& arch,
+                                     const std::vector<std::pair<std::string, torch::Tensor>>& parameters) {
+  return detail::options_from_parameters(arch, parameters);
+}
+
+bool is_vit(const std::string& arch) { return arch == "vit_tiny" || arch == "vit_small"; }
+bool is_gpt(const std::string& arch) { return arch == "gpt_small"; }
+
 ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes) {
-  if (in_channels < 1) throw std::invalid_argument("input channels must be positive, not " + std::to_string(in_channels));
+  return build(arch, in_channels, num_classes, ModelOptions());
+}
+
+ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes, const ModelOptions& options) {
+  if (in_channels < 1 && !is_gpt(arch))
+    throw std::invalid_argument("input channels must be positive, not " + std::to_string(in_channels));
   if (num_classes < 1) throw std::invalid_argument("--num-classes must be positive, not " + std::to_string(num_classes));
+  if (ModelPtr t = detail::build_transformer(arch, in_channels, num_classes, options)) return t;
   std::shared_ptr<Model> m;
   const std::string pre = "preact_resnet";
   if (arch.rfind(pre, 0) == 0 && arch.size() > pre.size()) {
@@ -288,7 +304,12 @@ ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes
 }
 
 ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes, const QuantConfig& config) {
-  auto m = build(arch, in_channels, num_classes);
+  return build(arch, in_channels, num_classes, ModelOptions(), config);
+}
+
+ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes, const ModelOptions& options,
+               const QuantConfig& config) {
+  auto m = build(arch, in_channels, num_classes, options);
   QModule(*m, config);
   return m;
 }

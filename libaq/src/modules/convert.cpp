@@ -76,6 +76,8 @@ std::shared_ptr<QImpl> twin_of(const std::shared_ptr<Twin>& t, const ConfigPtr& 
     q = std::make_shared<QImpl>(conv_options<2>(t->options));
   else if constexpr (std::is_base_of_v<torch::nn::Conv3dImpl, Twin>)
     q = std::make_shared<QImpl>(conv_options<3>(t->options));
+  else if constexpr (std::is_base_of_v<torch::nn::SiLUImpl, Twin>)
+    q = std::make_shared<QImpl>();
   else
     q = std::make_shared<QImpl>(t->options);
   // The twin's own tensors go where the original's are first, so that
@@ -108,6 +110,13 @@ std::shared_ptr<QImpl> twin_of(const std::shared_ptr<Twin>& t, const ConfigPtr& 
       share_buffer(*q, "num_batches_tracked", t->num_batches_tracked);
     }
   }
+  if constexpr (std::is_base_of_v<torch::nn::LayerNormImpl, Twin>) {
+    if (t->options.elementwise_affine()) {
+      share_param(*q, q->weight, "weight", t->weight);
+      share_param(*q, q->bias, "bias", t->bias);
+    }
+  }
+  if constexpr (std::is_base_of_v<torch::nn::EmbeddingImpl, Twin>) share_param(*q, q->weight, "weight", t->weight);
   q->set_config(c);
   q->train(t->is_training());
   return q;
@@ -140,6 +149,11 @@ bool push_twin(torch::nn::Sequential& out, const std::string& name, const std::s
   AQ_TWIN(QMaxPool3d, MaxPool3d)
   AQ_TWIN(QAvgPool2d, AvgPool2d)
   AQ_TWIN(QAdaptiveAvgPool2d, AdaptiveAvgPool2d)
+  AQ_TWIN(QLayerNorm, LayerNorm)
+  AQ_TWIN(QGELU, GELU)
+  AQ_TWIN(QSiLU, SiLU)
+  AQ_TWIN(QSoftmax, Softmax)
+  AQ_TWIN(QEmbedding, Embedding)
 #undef AQ_TWIN
   return false;
 }

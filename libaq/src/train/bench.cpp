@@ -192,7 +192,9 @@ std::vector<NamedConfig> exact_and_levels(const ModelOptions& o) {
 
 models::ModelPtr bench_model(const ModelOptions& o, const QuantConfig& config, const c10::Device& device) {
   torch::manual_seed(0);
-  auto model = models::build(o.arch, o.channels, o.classes, config);
+  models::ModelOptions mo;
+  mo.image_height = mo.image_width = o.image_size;
+  auto model = models::build(o.arch, o.channels, o.classes, mo, config);
   model->to(device);
   if (channels_last(o, device)) to_channels_last(*model);
   model->train();

@@ -67,7 +67,8 @@ models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::str
   const std::string arch = meta(c, "arch", source);
   models::ModelPtr m;
   try {
-    m = models::build(arch, counter(c, "in_channels", source), counter(c, "num_classes", source), config);
+    m = models::build(arch, counter(c, "in_channels", source), counter(c, "num_classes", source),
+                      models::options_from_parameters(arch, c.parameters), config);
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error(source + ": " + e.what());
   }

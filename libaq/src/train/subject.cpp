@@ -21,7 +21,10 @@ Subject open_subject(const std::string& resume, const data::DataOptions& data, c
   if (auto ctx = c.counters.find("context"); ctx != c.counters.end()) oo.context = ctx->second;  // a text run's
   if (data.num_classes > 0) oo.synthetic_classes = data.num_classes;
   auto set = data::open(s.dataset, data.data_dir, data::Split::kTrain, oo);
-  s.model = resume.empty() ? models::build(s.arch, set->info().channels, set->info().num_classes, config)
+  models::ModelOptions mo;
+  mo.image_height = set->info().height;
+  mo.image_width = set->info().width;
+  s.model = resume.empty() ? models::build(s.arch, set->info().channels, set->info().num_classes, mo, config)
                            : model_from_checkpoint(c, resume, config);
   s.model->to(device);
   data::LoaderOptions lo;

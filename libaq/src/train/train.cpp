@@ -211,7 +211,11 @@ void Trainer::setup() {
   if (o_.data.num_classes > 0 && o_.data.num_classes != info.num_classes)
     throw std::invalid_argument("--num-classes " + std::to_string(o_.data.num_classes) + " but " + dataset_ + " has " +
                                 std::to_string(info.num_classes) + " classes");
-  model_ = models::build(o_.arch, info.channels, info.num_classes, o_.quant);
+  models::ModelOptions mo;  // a ViT's position embeddings are for the dataset's image size, a GPT's for its context
+  mo.image_height = info.height;
+  mo.image_width = info.width;
+  if (info.sequence > 0) mo.context = std::max(mo.context, info.sequence);
+  model_ = models::build(o_.arch, info.channels, info.num_classes, mo, o_.quant);
   if (!o_.init_from.empty() && resumed_) log().info("--init-from {} not used: resuming {}", o_.init_from, resume_);
   if (!o_.init_from.empty() && !resumed_) init_from(*model_, o_.init_from, o_.reset_head);
   model_->to(dev_);

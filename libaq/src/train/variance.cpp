@@ -15,8 +15,13 @@ using train::detail::KeepBuffers;
 
 namespace {
 
-bool conv_or_linear(const torch::nn::Module& m) {
-  return dynamic_cast<const torch::nn::LinearImpl*>(&m) || dynamic_cast<const torch::nn::Conv1dImpl*>(&m) ||
+// The layers whose weight gradients are measured: conv and linear layers,
+// and the norms and embeddings of transformers (compression upstream of
+// them, in attention, GELU and the norms, reaches their gradients too).
+bool measured(const torch::nn::Module& m) {
+  return dynamic_cast<const torch::nn::LinearImpl*>(&m) || dynamic_cast<const torch::nn::LayerNormImpl*>(&m) ||
+         dynamic_cast<const QRMSNormImpl*>(&m) || dynamic_cast<const torch::nn::EmbeddingImpl*>(&m) ||
+         dynamic_cast<const torch::nn::Conv1dImpl*>(&m) ||
          dynamic_cast<const torch::nn::Conv2dImpl*>(&m) || dynamic_cast<const torch::nn::Conv3dImpl*>(&m) ||
          dynamic_cast<const torch::nn::ConvTranspose1dImpl*>(&m) ||
          dynamic_cast<const torch::nn::ConvTranspose2dImpl*>(&m) ||
@@ -44,9 +49,11 @@ std::vector<Result> measure(models::Model& model, data::Loader& loader, const c1
   std::vector<std::string> names;
   std::vector<torch::Tensor> weights;
   for (const auto& item : model.named_modules()) {
-    if (!conv_or_linear(*item.value())) continue;
+    if (!measured(*item.value())) continue;
+    const auto own = item.value()->named_parameters(false);
+    if (!own.contains("weight") || !own["weight"].requires_grad()) continue;  // a norm without affine weights
     names.push_back(item.key() + ".weight");
-    weights.push_back(item.value()->named_parameters(false)["weight"]);
+    weights.push_back(own["weight"]);
   }
   const KeepBuffers keep(model);
   std::vector<data::Batch> batches;

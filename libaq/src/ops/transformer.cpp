@@ -1,0 +1,298 @@
+// Transformer layers keeping compressed copies: layer and RMS norm (their
+// normalised input), GELU and SiLU (their derivative), softmax (its output) and
+// self-attention (its queries, keys and values).  docs/design.md §4.
+#include "aq/functional.h"
+
+#include "saved.h"
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
+
+#include <limits>
+#include <numeric>
+
+namespace aq {
+namespace {
+
+using namespace detail;
+
+// Norms, activations and softmax are compressed where BatchNorm is (L2 and
+// above); their exact forms keep what LibTorch keeps.
+bool compressing_norm(const QuantConfig& c, const at::Tensor& x, const at::Tensor& w) {
+  return c.compress_bn && compressing(c, x, w);
+}
+
+// The trailing dimensions a norm reduces over.
+std::vector<int64_t> trailing_dims(const at::Tensor& x, size_t k) {
+  std::vector<int64_t> dims(k);
+  std::iota(dims.begin(), dims.end(), x.dim() - static_cast<int64_t>(k));
+  return dims;
+}
+
+// What the allocation reads of a layer that is not a conv or linear layer:
+// no gradient term, no per-layer reallocation (as BatchNorm, §5).
+void record_other(LayerState* st, int64_t features) {
+  if (st) st->batch_norm = true, st->in_channels = std::max<int64_t>(1, features);
+}
+
+at::Tensor cat_parts(std::vector<at::Tensor>& parts) {
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
+}
+
+struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                            std::vector<int64_t> shape, double eps, const QuantConfig* c, const LayerStatePtr& st) {
+    // at::layer_norm is this op's first output.
+    auto [y, mean, rstd] = at::native_layer_norm(x, shape, present(w), present(b), eps);
+    ctx->save_for_backward({w, b, mean, rstd});
+    put_state(ctx, st);
+    record_other(st.get(), c10::multiply_integers(shape));
+    // The normalised input is what is compressed: every row at unit scale,
+    // so that a group spanning rows of very different spread (a ViT's class
+    // token beside its patches) resolves each; x = xn / rstd + mean.
+    save_compressed(ctx, (x - mean) * rstd, *c, st.get());
+    ctx->saved_data["shape"] = shape;
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor g = grads[0].contiguous();  // the CPU kernel reads it as laid out contiguously
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor w = present(saved[0]), b = present(saved[1]), mean = saved[2], rstd = saved[3];
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), w.defined() && ctx->needs_input_grad(1),
+                                      b.defined() && ctx->needs_input_grad(2)};
+    std::vector<at::Tensor> gx;
+    at::Tensor gw, gb;
+    for_each_micro_batch(ctx, packed_of(ctx), mean.scalar_type(), [&](int64_t s, int64_t e, const at::Tensor& xn) {
+      const at::Tensor m = mean.narrow(0, s, e - s), r = rstd.narrow(0, s, e - s);
+      const at::Tensor x = (xn / r + m).to(g.scalar_type());
+      auto [gx_part, gw_part, gb_part] = at::native_layer_norm_backward(g.narrow(0, s, e - s), x, shape, m, r, w, b, mask);
+      if (gx_part.defined()) gx.push_back(gx_part);
+      if (gw_part.defined()) gw = gw.defined() ? gw + gw_part : gw_part;
+      if (gb_part.defined()) gb = gb.defined() ? gb + gb_part : gb_part;
+    });
+    return {gx.empty() ? at::Tensor() : cat_parts(gx), gw, gb, {}, {}, {}, {}};
+  }
+};
+
+// eps unset: what at::rms_norm takes, the epsilon of the type it computes in.
+double rms_eps(const at::Tensor& x, std::optional<double> eps) {
+  if (eps) return *eps;
+  return x.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                        : static_cast<double>(std::numeric_limits<float>::epsilon());
+}
+at::ScalarType opmath(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            std::vector<int64_t> shape, std::optional<double> eps, const QuantConfig* c,
+                            const LayerStatePtr& st) {
+    const at::Tensor y = at::rms_norm(x, shape, present(w), eps);
+    const auto dims = trailing_dims(x, shape.size());
+    const at::Tensor rstd =
+        (x.to(opmath(x.scalar_type())).pow(2).mean(dims, /*keepdim=*/true) + rms_eps(x, eps)).rsqrt();
+    ctx->save_for_backward({w, rstd});
+    put_state(ctx, st);
+    record_other(st.get(), c10::multiply_integers(shape));
+    save_compressed(ctx, x.to(rstd.scalar_type()) * rstd, *c, st.get());  // normalised, as LayerNorm's
+    ctx->saved_data["ndims"] = static_cast<int64_t>(shape.size());
+    return y;
+  }
+  // y = w x r with r = (mean x^2 + eps)^-1/2:
+  //   dL/dw = sum over rows of g x r,
+  //   dL/dx = r (w g - x r mean(w g x r)).
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& g = grads[0];
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor w = present(saved[0]), rstd = saved[1];
+    const int64_t k = ctx->saved_data["ndims"].toInt();
+    const bool need_w = w.defined() && ctx->needs_input_grad(1);
+    const at::ScalarType t = rstd.scalar_type();
+    const at::Tensor wt = w.defined() ? w.to(t) : at::Tensor();
+    std::vector<at::Tensor> gx;
+    at::Tensor gw;
+    for_each_micro_batch(ctx, packed_of(ctx), t, [&](int64_t s, int64_t e, const at::Tensor& xn) {
+      const at::Tensor r = rstd.narrow(0, s, e - s);
+      const at::Tensor gs = g.narrow(0, s, e - s).to(t);
+      if (need_w) {
+        std::vector<int64_t> lead(xn.dim() - k);
+        std::iota(lead.begin(), lead.end(), 0);
+        const at::Tensor part = (gs * xn).sum(lead);
+        gw = gw.defined() ? gw + part : part;
+      }
+      if (ctx->needs_input_grad(0)) {
+        const at::Tensor wg = wt.defined() ? gs * wt : gs;
+        const auto dims = trailing_dims(xn, k);
+        gx.push_back((r * (wg - xn * (wg * xn).mean(dims, /*keepdim=*/true))).to(g.scalar_type()));
+      }
+    });
+    return {gx.empty() ? at::Tensor() : cat_parts(gx), gw.defined() ? gw.to(w.scalar_type()) : at::Tensor(), {}, {},
+            {}, {}};
+  }
+};
+
+// An elementwise activation whose backward is g times its derivative at x:
+// the derivative is what is kept (GELU's and SiLU's lie in [-0.17, 1.13] and
+// [-0.1, 1.1]: a narrow range, whatever x's).
+enum class Activation : int64_t { kGelu, kSilu };
+
+at::Tensor activation(const at::Tensor& x, Activation a, const std::string& approximate) {
+  return a == Activation::kGelu ? at::gelu(x, approximate) : at::silu(x);
+}
+at::Tensor derivative(const at::Tensor& x, Activation a, const std::string& approximate) {
+  const at::Tensor one = at::ones({}, x.options()).expand_as(x);
+  return a == Activation::kGelu ? at::gelu_backward(one, x, approximate) : at::silu_backward(one, x);
+}
+
+struct ActivationFn : torch::autograd::Function<ActivationFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t kind, const std::string& approximate,
+                            const QuantConfig* c, const LayerStatePtr& st) {
+    const auto a = static_cast<Activation>(kind);
+    at::Tensor y = activation(x, a, approximate);
+    put_state(ctx, st);
+    record_other(st.get(), x.dim() > 1 ? x.size(-1) : 1);
+    save_compressed(ctx, derivative(x, a, approximate), *c, st.get());
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& g = grads[0];
+    at::Tensor gx;
+    const Packed p = packed_of(ctx);
+    for_each_micro_batch(ctx, p, g.scalar_type(), [&](int64_t s, int64_t e, const at::Tensor& d) {
+      if (s == 0 && e == p.samples) {
+        gx = g * d;
+        return;
+      }
+      if (!gx.defined()) gx = at::empty_like(g);
+      at::Tensor part = gx.narrow(0, s, e - s);
+      at::mul_out(part, g.narrow(0, s, e - s), d);
+    });
+    return {gx, {}, {}, {}, {}};
+  }
+};
+
+struct SoftmaxFn : torch::autograd::Function<SoftmaxFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t dim, const QuantConfig* c,
+                            const LayerStatePtr& st) {
+    at::Tensor y = at::softmax(x, dim);
+    put_state(ctx, st);
+    record_other(st.get(), y.size(dim));
+    save_compressed(ctx, y, *c, st.get());
+    ctx->saved_data["dim"] = dim;
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& g = grads[0];
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    if (dim == 0) {  // the samples' dimension: no micro-batches
+      const at::Tensor y = restore(ctx, g.scalar_type());
+      return {at::_softmax_backward_data(g, y, dim, y.scalar_type()), {}, {}, {}};
+    }
+    std::vector<at::Tensor> gx;
+    const Packed p = packed_of(ctx);
+    for_each_micro_batch(ctx, p, g.scalar_type(), [&](int64_t s, int64_t e, const at::Tensor& ys) {
+      gx.push_back(at::_softmax_backward_data(g.narrow(0, s, e - s), ys, dim, ys.scalar_type()));
+    });
+    return {cat_parts(gx), {}, {}, {}};
+  }
+};
+
+// The attention itself, the same ops in the exact path, the compressed
+// forward and the recomputation in backward.
+at::Tensor attend(const at::Tensor& qkv, int64_t heads, bool causal) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  const auto parts = qkv.view({B, T, 3, heads, C / heads}).permute({2, 0, 3, 1, 4}).unbind(0);
+  const at::Tensor o = at::scaled_dot_product_attention(parts[0], parts[1], parts[2], std::nullopt, 0.0, causal);
+  return o.transpose(1, 2).reshape({B, T, C});
+}
+
+struct AttentionFn : torch::autograd::Function<AttentionFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& qkv, int64_t heads, bool causal,
+                            const QuantConfig* c, const LayerStatePtr& st) {
+    at::Tensor out = attend(qkv, heads, causal);
+    put_state(ctx, st);
+    record_other(st.get(), qkv.size(2));
+    save_compressed(ctx, qkv, *c, st.get());
+    auto& s = ctx->saved_data;
+    s["heads"] = heads;
+    s["causal"] = causal;
+    // Under autocast the attention ran in the lower precision; so does its
+    // recomputation (autocast is off in backward).
+    s["dtype"] = static_cast<int64_t>(out.scalar_type());
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& g = grads[0];
+    auto& s = ctx->saved_data;
+    const int64_t heads = s["heads"].toInt();
+    const bool causal = s["causal"].toBool();
+    const auto dtype = static_cast<at::ScalarType>(s["dtype"].toInt());
+    std::vector<at::Tensor> gx;
+    for_each_micro_batch(ctx, packed_of(ctx), dtype, [&](int64_t b, int64_t e, const at::Tensor& restored) {
+      at::AutoGradMode enable(true);
+      const at::Tensor x = restored.detach().requires_grad_(true);
+      const at::Tensor o = attend(x, heads, causal);
+      gx.push_back(torch::autograd::grad({o}, {x}, {g.narrow(0, b, e - b).to(dtype)})[0]);
+    });
+    return {cat_parts(gx), {}, {}, {}, {}};
+  }
+};
+
+}  // namespace
+
+namespace functional {
+
+at::Tensor layer_norm(const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, double eps, const QuantConfig& config,
+                      const LayerStatePtr& state) {
+  const at::Tensor w = maybe_bias(weight), b = maybe_bias(bias);
+  if (!compressing_norm(config, x, w) || x.dim() <= static_cast<int64_t>(normalized_shape.size()) || x.size(0) == 0)
+    return at::layer_norm(x, normalized_shape, w, b, eps);
+  // LibTorch's autocast runs layer_norm in float; native_layer_norm, which
+  // the compressed op calls, is not on its lists.
+  at::Tensor xf = x, wf = w, bf = b;
+  const auto type = x.device().type();
+  if (at::autocast::is_autocast_enabled(type) && x.is_floating_point() && x.scalar_type() != at::kDouble) {
+    xf = x.to(at::kFloat);
+    if (w.defined()) wf = w.to(at::kFloat);
+    if (b.defined()) bf = b.to(at::kFloat);
+  }
+  return LayerNormFn::apply(xf, placeholder(wf, x), placeholder(bf, x), normalized_shape.vec(), eps, &config, state);
+}
+
+at::Tensor rms_norm(const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                    std::optional<double> eps, const QuantConfig& config, const LayerStatePtr& state) {
+  const at::Tensor w = maybe_bias(weight);
+  if (!compressing_norm(config, x, w) || x.dim() <= static_cast<int64_t>(normalized_shape.size()) || x.size(0) == 0)
+    return at::rms_norm(x, normalized_shape, w, eps);
+  return RmsNormFn::apply(x, placeholder(w, x), normalized_shape.vec(), eps, &config, state);
+}
+
+at::Tensor gelu(const at::Tensor& x, const std::string& approximate, const QuantConfig& config,
+                const LayerStatePtr& state) {
+  if (!compressing_norm(config, x, at::Tensor()) || x.dim() == 0 || x.size(0) == 0) return at::gelu(x, approximate);
+  return ActivationFn::apply(x, static_cast<int64_t>(Activation::kGelu), approximate, &config, state);
+}
+
+at::Tensor silu(const at::Tensor& x, const QuantConfig& config, const LayerStatePtr& state) {
+  if (!compressing_norm(config, x, at::Tensor()) || x.dim() == 0 || x.size(0) == 0) return at::silu(x);
+  return ActivationFn::apply(x, static_cast<int64_t>(Activation::kSilu), std::string("none"), &config, state);
+}
+
+at::Tensor softmax(const at::Tensor& x, int64_t dim, const QuantConfig& config, const LayerStatePtr& state) {
+  if (!compressing_norm(config, x, at::Tensor()) || x.dim() == 0 || x.size(0) == 0) return at::softmax(x, dim);
+  return SoftmaxFn::apply(x, c10::maybe_wrap_dim(dim, x.dim()), &config, state);
+}
+
+at::Tensor self_attention(const at::Tensor& qkv, int64_t heads, bool causal, const QuantConfig& config,
+                          const LayerStatePtr& state) {
+  if (qkv.dim() != 3 || heads < 1 || qkv.size(2) % (3 * heads) != 0)
+    throw std::invalid_argument("aq: self_attention needs qkv [B, T, 3 C] with C a multiple of heads (" +
+                                std::to_string(heads) + "), not " + c10::str(qkv.sizes()));
+  if (!compressing(config, qkv, at::Tensor()) || qkv.size(0) == 0) return attend(qkv, heads, causal);
+  return AttentionFn::apply(qkv, heads, causal, &config, state);
+}
+
+}  // namespace functional
+}  // namespace aq
