@@ -18,6 +18,8 @@ namespace aq::train {
 struct EvalResult {
   double loss = 0, top1 = 0, top5 = 0;  // mean loss, accuracies in percent
   int64_t images = 0;
+  double loss_sum = 0;                  // the totals the figures come from
+  int64_t correct1 = 0, correct5 = 0;
   bool stopped = false;  // `stop` said so before the last batch: the figures are partial
 };
 // Evaluates `model` (eval mode, no gradients, the step's autocast) on the

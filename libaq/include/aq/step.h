@@ -11,6 +11,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -62,6 +63,9 @@ struct StepOptions {
   bool defer_reallocation = true;
   // Also sum what aq's layers report keeping (StepResult::aq_saved).
   bool count_saved = false;
+  // Called with the loss (scaled under fp16) just before its backward: a
+  // data-parallel run readies its gradient all-reduce here (aq/dist.h).
+  std::function<void(const torch::Tensor& loss)> before_backward;
 };
 
 struct StepResult {

@@ -113,10 +113,13 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
   EvalResult r;
   r.images = images;
   r.stopped = stopped;
+  r.loss_sum = loss_sum.item<double>();
+  r.correct1 = top1.item<int64_t>();
+  r.correct5 = top5.item<int64_t>();
   if (images) {
-    r.loss = loss_sum.item<double>() / images;
-    r.top1 = 100.0 * top1.item<int64_t>() / images;
-    r.top5 = 100.0 * top5.item<int64_t>() / images;
+    r.loss = r.loss_sum / images;
+    r.top1 = 100.0 * r.correct1 / images;
+    r.top5 = 100.0 * r.correct5 / images;
   }
   return r;
 }

@@ -79,12 +79,10 @@ StepResult Step::operator()(const torch::Tensor& images, const torch::Tensor& la
     for (const auto& m : model_.modules(/*include_self=*/false))
       if (auto* q = dynamic_cast<QLayer*>(m.get())) r.aq_saved += q->state()->saved_bytes;
   bool finite = true;
-  if (scaler_) {
-    (loss * scaler_->scale()).backward();
-    finite = scaler_->unscale(params_);
-  } else {
-    loss.backward();
-  }
+  const torch::Tensor to_backward = scaler_ ? loss * scaler_->scale() : loss;
+  if (options_.before_backward) options_.before_backward(to_backward);
+  to_backward.backward();
+  if (scaler_) finite = scaler_->unscale(params_);
   if (optimizer && finite) {
     optimizer->step();
     r.updated = true;
