@@ -8,7 +8,7 @@ set -euo pipefail
 TORCH_VERSION=2.11.0
 PY=${PYTHON:-python3}
 PKGS=(meson ninja-build pkg-config g++ libhdf5-dev libcli11-dev libspdlog-dev libfmt-dev
-      libgtest-dev libgmock-dev libjpeg-dev libpng-dev zlib1g-dev dataset-fashion-mnist)
+      libgtest-dev libgmock-dev libjpeg-dev libpng-dev zlib1g-dev dataset-fashion-mnist libgloo-dev)
 
 SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo

@@ -39,8 +39,8 @@ wait_ranks() {
 }
 close() { awk -v a="$1" -v t="$2" 'BEGIN { exit !(a + 0 <= t + 0) }'; }
 
-syn=(--dataset synthetic --arch resnet18 --image-size 8 --num-classes 4 --device cpu --seed 3 -j 0
-     --lr-schedule constant --lr 0.05 --val-batches 2 --log-interval 0)
+syn=(--dataset synthetic --arch preact_resnet20 --image-size 8 --num-classes 4 --device cpu --seed 3 -j 0
+     --lr-schedule constant --lr 0.01 --val-batches 2 --log-interval 0)
 
 # --- two ranks at B = one process at 2B -----------------------------------------------
 "$TRAIN" "${syn[@]}" -c fanin -b 8 --max-steps 3 --workspace "$tmp/one" >"$tmp/one.out" 2>"$tmp/one.err"; rc=$?
@@ -116,8 +116,8 @@ check "unreachable master: exit 1 within the timeout, one line" \
 
 # --- scripts/dist-train through torchrun ----------------------------------------------
 if python3 -c 'import torch.distributed.run' 2>/dev/null || command -v torchrun >/dev/null; then
-  AQ_BUILD=$(dirname "$(dirname "$TRAIN")") MASTER_PORT=$((port + 1)) "$DIST_TRAIN" 1 0 127.0.0.1 2 resnet18 "-c fanin" \
-    "$tmp/dt" "$tmp" "${syn[@]:2}" --max-steps 2 -b 2 >"$tmp/dt.out" 2>"$tmp/dt.err"; rc=$?
+  AQ_BUILD=$(dirname "$(dirname "$TRAIN")") MASTER_PORT=$((port + 1)) "$DIST_TRAIN" 1 0 127.0.0.1 2 preact_resnet20 "-c fanin" \
+    "$tmp/dt" "$tmp" --dataset synthetic "${syn[@]:4}" --max-steps 2 -b 2 >"$tmp/dt.out" 2>"$tmp/dt.err"; rc=$?
   check "dist-train 1 0 127.0.0.1 2 ...: trains through torchrun, one TSV, one checkpoint" \
     '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/dt.out") -eq 2 ] && [ -s "$tmp/dt/checkpoint.h5" ]'
 else

@@ -21,8 +21,10 @@ std::unique_ptr<DataParallel> DataParallel::connect(c10::Device& device, std::ch
                                   std::to_string(n) + " (one process per GPU)");
     device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(env->local_rank));
   }
-  log().info("rank {} of {} (local rank {}, from {}), master {}:{}, {}", env->rank, env->world_size, env->local_rank,
-             env->launcher, env->master_addr, env->master_port, device.str());
+  // Rank 0 speaks for all at info level (the others' lines are debug).
+  log().log(env->rank == 0 ? spdlog::level::info : spdlog::level::debug,
+            "rank {} of {} (local rank {}, from {}), master {}:{}, {}", env->rank, env->world_size, env->local_rank,
+            env->launcher, env->master_addr, env->master_port, device.str());
   auto g = dist::connect(*env, device, timeout);
   dist::set_current(g);
   return std::unique_ptr<DataParallel>(new DataParallel(std::move(g)));

@@ -630,7 +630,8 @@ int Trainer::run() {
     // longer than a cluster's grace period).
     const auto stop_by_signal = [&](int sig) {
       save(epoch_, batch_, ranks_sum(part), false);
-      log().warn("stopped by signal {} at epoch {}, batch {}: checkpoint written to {}; continue with --resume",
+      if (main_)
+        log().warn("stopped by signal {} at epoch {}, batch {}: checkpoint written to {}; continue with --resume",
                  sig, epoch_ + 1, batch_, in_workspace("checkpoint.h5"));
       return 128 + sig;
     };
