@@ -16,6 +16,10 @@
 #endif
 
 #include <ATen/ATen.h>
+#include <c10/util/Logging.h>
+
+#include <algorithm>
+#include <cstdlib>
 
 #include <map>
 #include <mutex>
@@ -63,6 +67,15 @@ std::shared_ptr<Group> connect(const Env& env, const c10::Device& device, std::c
   so.numWorkers = static_cast<int>(env.world_size);
   so.waitWorkers = true;
   so.timeout = timeout;
+  // c10d logs each failed connection attempt, with a stack trace, before it
+  // throws; the exception's one line is the message (TORCH_CPP_LOG_LEVEL,
+  // where set, keeps LibTorch's own choice).
+  const int log_level = FLAGS_caffe2_log_level;
+  if (!std::getenv("TORCH_CPP_LOG_LEVEL")) FLAGS_caffe2_log_level = std::max(log_level, 3);
+  struct Restore {
+    int level;
+    ~Restore() { FLAGS_caffe2_log_level = level; }
+  } restore{log_level};
   g->impl_->store = guarded("rendezvous at " + where + " (rank " + std::to_string(env.rank) + " of " +
                                 std::to_string(env.world_size) + ", timeout " +
                                 std::to_string(timeout.count() / 1000) + " s)",

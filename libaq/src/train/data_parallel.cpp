@@ -12,7 +12,14 @@
 namespace aq::train::detail {
 
 std::unique_ptr<DataParallel> DataParallel::connect(c10::Device& device, std::chrono::milliseconds timeout) {
-  const auto env = dist::read_env();
+  // A bad variable is the environment's fault, not the command line's:
+  // one line and exit 1, without the usage hint.
+  std::optional<dist::Env> env;
+  try {
+    env = dist::read_env();
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(e.what());
+  }
   if (!env) return nullptr;
   if (device.is_cuda()) {
     const int64_t n = static_cast<int64_t>(torch::cuda::device_count());

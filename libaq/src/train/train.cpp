@@ -513,7 +513,7 @@ int Trainer::run() {
     log().info("{} is already at step {} of --max-steps {}: nothing to do", resume_, step_, o_.max_steps);
     return 0;
   }
-  if (obs_.training) obs_.training();
+  if (obs_.training && main_) obs_.training();
   detail::Progress bar{main_ && o_.progress && isatty(STDERR_FILENO) && log().level() <= spdlog::level::info};
   StepOptions so;
   so.amp = o_.amp;
