@@ -498,9 +498,10 @@ int Trainer::run() {
     log().warn("stopped by signal {} before the first step", sig);
     return 128 + sig;
   }
-  if (main_)
-  for (const auto& f : detail::remove_stale_temporaries(o_.workspace))
-    log().info("removed {}, left by a run that was killed while writing a checkpoint", f);
+  if (main_) {
+    for (const auto& f : detail::remove_stale_temporaries(o_.workspace))
+      log().info("removed {}, left by a run that was killed while writing a checkpoint", f);
+  }
   const int64_t per_epoch = train_loader_->batches_per_epoch();
   if (per_epoch == 0) throw std::runtime_error(dataset_ + ": no training batch (dataset smaller than --batch-size with drop_last)");
   const int64_t total = per_epoch * o_.epochs;
