@@ -9,7 +9,7 @@ TORCH_VERSION=2.11.0
 TORCHVISION_VERSION=0.26.0  # torchvision's release for torch 2.11
 PY=${PYTHON:-python3}
 PKGS=(meson ninja-build pkg-config g++ libhdf5-dev libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
-      libgtest-dev libgmock-dev libjpeg-dev libpng-dev zlib1g-dev dataset-fashion-mnist)
+      libgtest-dev libgmock-dev libjpeg-dev libpng-dev zlib1g-dev dataset-fashion-mnist libgloo-dev)
 
 SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo

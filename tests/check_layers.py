@@ -14,11 +14,13 @@ import sys
 LAYERS = ["kernels", "base", "engine", "ops", "modules", "adaptive", "models", "train", "cli", "tools"]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 RANK["data"] = RANK["base"]  # datasets need nothing of aq's but the logger
+RANK["dist"] = RANK["base"]  # process groups need nothing of aq's but the logger
 
 # Public headers (libaq/include/aq/NAME.h) by layer.
 PUBLIC = {
     "base": ["log", "logging", "memory", "config", "checkpoint", "safetensors"],
     "data": ["data"],
+    "dist": ["dist"],
     "engine": ["compress", "allocate"],
     "ops": ["layer_state", "functional", "sample_bits"],
     "modules": ["modules"],

@@ -118,7 +118,6 @@ TEST(Config, BadValuesAreClearErrors) {
   expect_error("--group-size=16", "power of two");
   expect_error("--level L6", "unknown optimisation level 'L6'");
   expect_error("--level 3.2", "unknown optimisation level");
-  expect_error("-c qsyncbn", "not available yet");
   expect_error("-c resnet", "unknown configuration '-c resnet'");
   expect_error("--ca=maybe", "'maybe' is not a boolean");
   expect_error("--range-dtype fp16", "--range-dtype must be bf16 or fp32");

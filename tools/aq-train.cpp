@@ -118,6 +118,9 @@ int main(int argc, char** argv) {
   app.add_option("--checkpoint-interval", checkpoint_interval,
                  "Also write the checkpoint every N steps within an epoch (0: at epoch ends only)")
       ->check(aq::cli::NonNegative)->capture_default_str()->group(r);
+  app.add_option("--dist-timeout", o.dist_timeout,
+                 "Under torchrun or srun: seconds the rendezvous or any collective may take before the run fails")
+      ->check(CLI::PositiveNumber)->capture_default_str()->group(r);
   app.add_flag("--check-data", check_data,
                "Only read every image of both splits and report those that fail (TSV: split, images, bad)")
       ->group(r);
@@ -181,8 +184,6 @@ int main(int argc, char** argv) {
       return aq::cli::kOk;
     }
     if (!v.resume2.empty()) throw std::invalid_argument("--resume2 goes with --evaluate --training-only");
-    if (o.quant.scope == aq::Scope::kSyncBN)
-      throw std::invalid_argument("-c qsyncbn needs distributed training, which is not available yet");
     for (int i = 0; i < argc; ++i) o.command += (i ? " " : "") + std::string(argv[i]);
     aq::train::Observer obs;
     const bool text = aq::data::resolve_name(o.data.dataset, o.data.num_classes) == "text";

@@ -42,8 +42,6 @@ check "--workers 20000: exit 2" '[ $rc -eq 2 ] && grep -qx "aq-train: --workers:
 check "aq-eval -j 20000: exit 2" '[ $rc -eq 2 ] && grep -q "at most 1024" "$tmp/err"'
 "$TRAIN" --arch resnet19 --workspace "$tmp/w0" "$FMNIST" >/dev/null 2>"$tmp/err"; rc=$?
 check "unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
-"$TRAIN" -c qsyncbn >/dev/null 2>"$tmp/err"; rc=$?
-check "qsyncbn: not available yet, exit 2" '[ $rc -eq 2 ] && grep -q "not available yet" "$tmp/err"'
 "$TRAIN" --training-only >/dev/null 2>"$tmp/err"; rc=$?
 check "--training-only without --evaluate: exit 2" '[ $rc -eq 2 ] && grep -q "goes with --evaluate" "$tmp/err"'
 "$TRAIN" --workspace "$tmp/w0" "$tmp/nowhere" >"$tmp/out" 2>"$tmp/err"; rc=$?

@@ -126,6 +126,10 @@ struct LoaderOptions {
   uint64_t seed = 0;
   bool pin_memory = false;  // batches in pinned host memory (for CUDA)
   BadImages bad_images = BadImages::kFail;
+  // Data parallel: the epoch's batches are global batches of
+  // batch_size * shards samples, and this loader yields part `shard` of each
+  // (samples shard*batch_size .. +batch_size of it; none past the end).
+  int64_t shards = 1, shard = 0;
 };
 
 class Loader {

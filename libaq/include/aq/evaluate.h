@@ -19,6 +19,8 @@ struct EvalResult {
   double loss = 0, top1 = 0, top5 = 0;  // mean loss, accuracies in percent (token models: per token)
   int64_t images = 0;                   // samples
   int64_t tokens = 0;                   // token models: the targets scored; else 0
+  double loss_sum = 0;                  // the totals the figures come from
+  int64_t correct1 = 0, correct5 = 0;
   bool stopped = false;  // `stop` said so before the last batch: the figures are partial
 };
 // Evaluates `model` (eval mode, no gradients, the step's autocast) on the

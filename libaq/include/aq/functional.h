@@ -39,6 +39,17 @@ at::Tensor batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weig
                       const at::Tensor& running_var, double momentum, double eps,
                       const QuantConfig& config, const LayerStatePtr& state, bool overwrite_input = false);
 
+// batch_norm whose statistics (and running statistics) are those of every
+// rank's batch together, over dist::current()'s group (aq/dist.h), as
+// torch.nn.SyncBatchNorm's; the input gradient uses the global sums, the
+// weight and bias gradients are this rank's (averaged with the others by the
+// gradient reducer).  Saves x compressed.  Without a group (one process),
+// or where batch_norm would not compress: batch_norm itself.
+at::Tensor sync_batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, double momentum, double eps, const QuantConfig& config,
+                           const LayerStatePtr& state);
+
 // max(x, 0); saves a 1-bit mask.  inplace: x is overwritten and returned.
 // group_size > 0: the next layer compresses the output adaptively with
 // groups of that size, and on CUDA the same pass may work out their ranges

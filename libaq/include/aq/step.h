@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -85,6 +86,9 @@ struct StepOptions {
   // Gradients scaled to this global L2 norm at most before the update
   // (aq/optim.h's clip_grad_norm); 0: not clipped.
   double clip_grad_norm = 0;
+  // Called with the loss (scaled under fp16) just before its backward: a
+  // data-parallel run readies its gradient all-reduce here (aq/dist.h).
+  std::function<void(const torch::Tensor& loss)> before_backward;
 };
 
 struct StepResult {

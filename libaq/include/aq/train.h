@@ -65,6 +65,9 @@ struct Options {
   bool progress = true;              // progress bar on stderr when it is a terminal
   int64_t log_interval = -1;         // a log line every N steps; 0: none; -1: 100 when stderr is no terminal, else none
   std::string command;               // recorded in checkpoints
+  // Under torchrun or srun (aq/dist.h): seconds the rendezvous, and any
+  // later collective, may take before the run fails.
+  double dist_timeout = 600;
   // Settings given on the command line, by option name ("--batch-size",
   // "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
   // "--lr-schedule", "--warmup", "--warmup-steps", "--milestones", "--nesterov",

@@ -109,8 +109,6 @@ QuantConfig QuantConfig::for_level(Level level) {
 }
 
 void QuantConfig::validate() const {
-  if (scope == Scope::kSyncBN)
-    bad("-c qsyncbn is not available yet: synchronised BatchNorm arrives with distributed training");
   if (cabits < 1 || cabits > 8) bad("--cabits must be in 1..8, not " + std::to_string(cabits));
   if (ibits < 1 || ibits > 8) bad("--ibits must be in 1..8, not " + std::to_string(ibits));
   if (ibits < cabits)

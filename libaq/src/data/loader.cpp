@@ -80,7 +80,8 @@ Batch make_batch(const Dataset& ds, const LoaderOptions& o, bool pinned, const s
                  int64_t epoch, int64_t b, const std::atomic<uint64_t>* generation, uint64_t gen,
                  std::vector<std::string>& skipped) {
   const int64_t n = static_cast<int64_t>(order.size());
-  const int64_t lo = b * o.batch_size, hi = std::min(n, lo + o.batch_size), B = hi - lo;
+  const int64_t lo = std::min(n, (b * o.shards + o.shard) * o.batch_size), hi = std::min(n, lo + o.batch_size),
+                B = hi - lo;
   const Info& info = ds.info();
   if (info.sequence > 0) return make_token_batch(ds, pinned, order, lo, B, generation, gen);
   const int64_t per = info.channels * info.height * info.width;
@@ -122,6 +123,8 @@ Loader::Loader(std::shared_ptr<const Dataset> dataset, LoaderOptions options)
     : dataset_(std::move(dataset)), options_(options), state_(std::make_unique<State>()) {
   if (!dataset_) bad_arg("loader: no dataset");
   if (options_.batch_size < 1) bad_arg("batch size must be at least 1, not " + std::to_string(options_.batch_size));
+  if (options_.shards < 1 || options_.shard < 0 || options_.shard >= options_.shards)
+    bad_arg("loader: shard " + std::to_string(options_.shard) + " of " + std::to_string(options_.shards));
   if (options_.workers < 0) bad_arg("workers must be 0 or more, not " + std::to_string(options_.workers));
   State& s = *state_;
   s.pinned = options_.pin_memory && torch::cuda::is_available();
@@ -184,7 +187,7 @@ void Loader::stop_workers() {
 }
 
 int64_t Loader::batches_per_epoch() const {
-  const int64_t n = dataset_->size(), bs = options_.batch_size;
+  const int64_t n = dataset_->size(), bs = options_.batch_size * options_.shards;
   return options_.drop_last ? n / bs : (n + bs - 1) / bs;
 }
 

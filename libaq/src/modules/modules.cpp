@@ -104,6 +104,9 @@ torch::Tensor QBatchNormImpl<D, Twin>::forward(const torch::Tensor& input) {
     this->num_batches_tracked += 1;
     if (!o.momentum()) factor = 1.0 / this->num_batches_tracked.template item<double>();
   }
+  if (config().scope == Scope::kSyncBN)  // QSyncBatchNorm: statistics over every rank's batch
+    return functional::sync_batch_norm(input, maybe(this->weight), maybe(this->bias), this->running_mean,
+                                       this->running_var, factor, o.eps(), config(), state());
   return functional::batch_norm(input, maybe(this->weight), maybe(this->bias), this->running_mean,
                                 this->running_var, factor, o.eps(), config(), state(), overwrite_input);
 }

@@ -124,10 +124,13 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
   r.images = images;
   r.stopped = stopped;
   if (per_token) r.tokens = scored;
+  r.loss_sum = loss_sum.item<double>();
+  r.correct1 = top1.item<int64_t>();
+  r.correct5 = top5.item<int64_t>();
   if (scored) {
-    r.loss = loss_sum.item<double>() / scored;
-    r.top1 = 100.0 * top1.item<int64_t>() / scored;
-    r.top5 = 100.0 * top5.item<int64_t>() / scored;
+    r.loss = r.loss_sum / scored;
+    r.top1 = 100.0 * r.correct1 / scored;
+    r.top5 = 100.0 * r.correct5 / scored;
   }
   return r;
 }

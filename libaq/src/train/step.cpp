@@ -78,6 +78,7 @@ std::string capture_blocker(models::Model& model, const c10::Device& device, con
   if (!AQ_WITH_CUDA) return "aq was built without CUDA";
   if (!device.is_cuda()) return "they need a CUDA device";
   if (o.amp == Amp::kFloat16) return "fp16 loss scaling decides on the host whether to update";
+  if (o.before_backward) return "a data-parallel run's gradient all-reduce runs from the host";
   for (const auto& m : model.modules(/*include_self=*/false)) {
     if (batch_norm_without_momentum(*m)) return "a BatchNorm layer without momentum reads its batch count on the host";
     const auto* q = dynamic_cast<const QLayer*>(m.get());
@@ -162,12 +163,10 @@ StepResult Step::eager(const torch::Tensor& images, const torch::Tensor& labels,
     for (const auto& m : model_.modules(/*include_self=*/false))
       if (auto* q = dynamic_cast<QLayer*>(m.get())) r.aq_saved += q->state()->saved_bytes;
   bool finite = true;
-  if (scaler_) {
-    (loss * scaler_->scale()).backward();
-    finite = scaler_->unscale(params_);
-  } else {
-    loss.backward();
-  }
+  const torch::Tensor to_backward = scaler_ ? loss * scaler_->scale() : loss;
+  if (options_.before_backward) options_.before_backward(to_backward);
+  to_backward.backward();
+  if (scaler_) finite = scaler_->unscale(params_);
   if (options_.clip_grad_norm > 0 && finite) clip_grad_norm(params_, options_.clip_grad_norm);
   if (optimizer && finite) {
     optimizer->step();

@@ -7,6 +7,7 @@
 #include "aq/memory.h"
 #include "aq/weights.h"
 #include "aq_config.h"
+#include "data_parallel.h"
 #include "fields.h"
 #include "run_control.h"
 
@@ -85,6 +86,11 @@ class Trainer {
   std::vector<std::vector<double>> history_;
   std::optional<ckpt::Checkpoint> resumed_;
   bool channels_last_ = false;
+  // Data parallel (docs/distributed.md): null when this process runs alone;
+  // only rank 0 (main_) writes files and hands rows to the observer.
+  std::unique_ptr<detail::DataParallel> dp_;
+  bool main_ = true;
+  int64_t world_ = 1, rank_ = 0;
   std::string resume_;  // the checkpoint to continue from ("auto" resolved); empty: none
   double lr_ = 0;
 
@@ -98,6 +104,9 @@ class Trainer {
   void append_metrics(const EpochRow& row);
   Partial partial_now(const Partial& part, const torch::Tensor& loss_sum, const torch::Tensor& correct,
                       int64_t seen_now) const;
+  // The ranks' sums of loss, correct and seen together (activation figures
+  // stay rank 0's); `part` itself when alone.
+  Partial ranks_sum(const Partial& part);
 };
 
 bool exists(const std::string& path) {
@@ -175,6 +184,15 @@ Partial Trainer::partial_now(const Partial& part, const torch::Tensor& loss_sum,
   return p;
 }
 
+Partial Trainer::ranks_sum(const Partial& part) {
+  if (!dp_) return part;
+  std::vector<double> v{part.loss_sum, part.correct, part.seen};
+  dp_->sum(v);
+  Partial p = part;
+  p.loss_sum = v[0], p.correct = v[1], p.seen = v[2];
+  return p;
+}
+
 void Trainer::setup() {
   if (!o_.init_from.empty() && !o_.resume.empty() && o_.resume != "auto")
     throw std::invalid_argument("--init-from starts a new run, --resume continues one: give one of them");
@@ -237,8 +255,12 @@ void Trainer::setup() {
   lo.seed = seed_;
   lo.pin_memory = dev_.is_cuda();
   lo.bad_images = o_.data.bad_images;
+  lo.shards = world_;
+  lo.shard = rank_;
+  lo.drop_last = world_ > 1;  // every rank's batch full: the mean of their means is the global batch's
   train_loader_ = std::make_unique<data::Loader>(train_set_, lo);
   lo.shuffle = lo.augment = false;
+  lo.drop_last = false;  // every test image on exactly one rank
   test_loader_ = std::make_unique<data::Loader>(test_set_, lo);
   if (resumed_) {
     try {
@@ -255,6 +277,13 @@ void Trainer::setup() {
       calibrate::load(*model_, o_.calibration, {o_.arch, dataset_, o_.quant, train_set_->size()});
       log().info("adaptive statistics and per-layer budgets from {}", o_.calibration);
     }
+  }
+  if (dp_) {
+    dp_->make_equal(*model_, *opt_);
+    dp_->restore_rng(resumed_ ? &*resumed_ : nullptr, dev_, seed_, step_);
+    if (adaptive(o_.quant) && main_)
+      log().warn("{}: each rank keeps its own adaptive statistics and per-layer budgets; checkpoints hold rank 0's",
+                 o_.quant.to_flags());
   }
   if (text_) {
     log().info("{} on {} ({} train / {} validation windows of {} tokens), {} on {}, seed {}", o_.arch, dataset_,
@@ -401,6 +430,18 @@ void Trainer::restore(const ckpt::Checkpoint& c) {
   step_ = counter(c, "step", src);
   batch_ = counter(c, "batch", src);
   const int64_t per_epoch = train_loader_->batches_per_epoch();
+  const auto w = c.counters.find("world_size");
+  const int64_t saved_world = w == c.counters.end() ? 1 : w->second;
+  if (saved_world < 1) throw std::runtime_error(src + ": counter world_size is " + std::to_string(saved_world));
+  if (saved_world != world_) {
+    // The same place in the epoch's permutation, to a whole global batch of
+    // this run (the samples of a part-batch are seen again).
+    const int64_t done = batch_ * saved_world, b = done / world_;
+    log().warn("{} was written by {} rank(s), this run has {}: continuing at batch {} of epoch {} (not bit-exact)",
+               src, saved_world, world_, b, epoch_ + 1);
+    batch_ = b;
+    step_ = epoch_ * per_epoch + b;
+  }
   // A run never trains past its own epochs (a resume with fewer stops first).
   const auto run_epochs = c.counters.find("epochs");
   if (epoch_ < 0 || step_ < 0 || batch_ < 0 || batch_ > per_epoch ||
@@ -417,6 +458,7 @@ void Trainer::restore(const ckpt::Checkpoint& c) {
   partial_ = {scalar("partial_loss_sum"), scalar("partial_correct"), scalar("partial_seen"), scalar("partial_act_sum"),
               scalar("partial_act_n")};
   history_ = c.metric_rows;
+  if (!main_) partial_ = {};  // the checkpoint's sums are the ranks' together: counted once, on rank 0
   log().info("resuming from {}: epoch {}, batch {}, step {}", src, epoch_ + 1, batch_, step_);
 }
 
@@ -442,7 +484,8 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
                 {"image_size", info.height},
                 {"seed", static_cast<int64_t>(seed_)},
                 {"batch_size", o_.data.batch_size},
-                {"epochs", o_.epochs}};
+                {"epochs", o_.epochs},
+                {"world_size", world_}};
   if (text_) c.counters["context"] = o_.data.context;
   c.counters["warmup_steps"] = o_.warmup_steps;
   c.meta["milestones"] = list_text(o_.milestones);
@@ -471,6 +514,8 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
   c.adaptive = adaptive_state(*model_);
   c.rng.emplace_back("cpu", at::globalContext().defaultGenerator(c10::kCPU).get_state());
   if (dev_.is_cuda()) c.rng.emplace_back("cuda", at::globalContext().defaultGenerator(dev_).get_state());
+  if (dp_) dp_->gather_rng(c, dev_);  // a collective: every rank calls save()
+  if (!main_) return;
   c.metric_columns = EpochRow::columns(text_);
   c.metric_rows = history_;
   ckpt::save(in_workspace("checkpoint.h5"), c);
@@ -478,31 +523,46 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
 }
 
 int Trainer::run() {
+  dp_ = detail::DataParallel::connect(dev_, std::chrono::milliseconds(static_cast<int64_t>(o_.dist_timeout * 1000)));
+  if (dp_) {
+    main_ = dp_->main();
+    world_ = dp_->size();
+    rank_ = dp_->rank();
+    if (!main_ && log().level() < spdlog::level::warn) log().set_level(spdlog::level::warn);  // rank 0 speaks for all
+  }
   if (o_.evaluate) {
     resolve_resume();
     setup();
-    const auto r = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
-    if (obs_.evaluated) obs_.evaluated(!resume_.empty() ? resume_ : !o_.init_from.empty() ? o_.init_from : "(initial)", r);
+    if (dp_) dp_->equal_buffers(*model_);
+    auto r = evaluate(*model_, *test_loader_, dev_, o_.amp, o_.val_batches);
+    if (dp_) r = dp_->reduce(r);
+    if (obs_.evaluated && main_)
+      obs_.evaluated(!resume_.empty() ? resume_ : !o_.init_from.empty() ? o_.init_from : "(initial)", r);
     return 0;
   }
-  detail::make_folders(o_.workspace, false);
+  if (main_) detail::make_folders(o_.workspace, false);
   detail::SignalScope signals;  // before the workspace appears: scripts wait for it
-  detail::make_folders(o_.workspace);
-  detail::check_writable(o_.workspace, in_workspace(".aq-write-test." + std::to_string(::getpid())));
-  // Before the workspace's checkpoint is looked at: another run may be writing it.
-  const detail::WorkspaceLock lock(o_.workspace, in_workspace(".aq-train.lock"));
+  std::optional<detail::WorkspaceLock> lock;
+  if (main_) {
+    detail::make_folders(o_.workspace);
+    detail::check_writable(o_.workspace, in_workspace(".aq-write-test." + std::to_string(::getpid())));
+    // Before the workspace's checkpoint is looked at: another run may be writing it.
+    lock.emplace(o_.workspace, in_workspace(".aq-train.lock"));
+  }
   resolve_resume();
   setup();
-  if (const int sig = detail::signal_flag().load()) {
+  if (const int sig = dp_ ? dp_->agree(detail::signal_flag().load()) : detail::signal_flag().load()) {
     log().warn("stopped by signal {} before the first step", sig);
     return 128 + sig;
   }
-  for (const auto& f : detail::remove_stale_temporaries(o_.workspace))
-    log().info("removed {}, left by a run that was killed while writing a checkpoint", f);
+  if (main_) {
+    for (const auto& f : detail::remove_stale_temporaries(o_.workspace))
+      log().info("removed {}, left by a run that was killed while writing a checkpoint", f);
+  }
   const int64_t per_epoch = train_loader_->batches_per_epoch();
   if (per_epoch == 0) throw std::runtime_error(dataset_ + ": no training batch (dataset smaller than --batch-size with drop_last)");
   const int64_t total = per_epoch * o_.epochs;
-  start_metrics();
+  if (main_) start_metrics();
   if (epoch_ >= o_.epochs) {
     log().info("{} has already trained {} of --epochs {}: nothing to do", resume_, epoch_, o_.epochs);
     return 0;
@@ -511,8 +571,8 @@ int Trainer::run() {
     log().info("{} is already at step {} of --max-steps {}: nothing to do", resume_, step_, o_.max_steps);
     return 0;
   }
-  if (obs_.training) obs_.training();
-  detail::Progress bar{o_.progress && isatty(STDERR_FILENO) && log().level() <= spdlog::level::info};
+  if (obs_.training && main_) obs_.training();
+  detail::Progress bar{main_ && o_.progress && isatty(STDERR_FILENO) && log().level() <= spdlog::level::info};
   StepOptions so;
   so.amp = o_.amp;
   so.label_smoothing = o_.label_smoothing;
@@ -521,9 +581,19 @@ int Trainer::run() {
   so.graph_refresh = o_.graph_refresh;
   so.index_bound = train_set_->size();
   so.clip_grad_norm = o_.clip_grad_norm;
+  if (dp_) dp_->hook(*model_, so);
   Step train_step(*model_, dev_, so);
   LrSchedule schedule{o_.schedule, o_.lr, o_.warmup, o_.warmup_steps, o_.milestones, o_.epochs};
-  const auto& signal = detail::signal_flag();
+  // The stop signal as every rank sees it: a signal on any rank stops all
+  // after the same step (agreed after each step, a one-number all-reduce).
+  const auto& local_signal = detail::signal_flag();
+  int agreed = 0;
+  struct {
+    const std::atomic<int>& local;
+    const int& agreed;
+    bool dp;
+    int load() const { return dp ? agreed : local.load(); }
+  } signal{local_signal, agreed, dp_ != nullptr};
   bool saved_epoch = false;  // this process wrote the checkpoint of the last finished step
   using Clock = std::chrono::steady_clock;
   auto seconds = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
@@ -579,6 +649,7 @@ int Trainer::run() {
       seen_now += y.numel();
       ++step_;
       ++batch_;
+      if (dp_) agreed = dp_->agree(local_signal.load());
       if (bar.due(batch_, per_epoch)) {
         const double secs = seconds(Clock::now() - t0), seen = part.seen + seen_now;
         char text[160];
@@ -604,7 +675,7 @@ int Trainer::run() {
       }
       if (o_.checkpoint_interval > 0 && step_ % o_.checkpoint_interval == 0 && batch_ < per_epoch &&
           !signal.load()) {
-        save(epoch_, batch_, partial_now(part, loss_sum, correct, seen_now), false);
+        save(epoch_, batch_, ranks_sum(partial_now(part, loss_sum, correct, seen_now)), false);
         log().debug("checkpoint at step {}", step_);
       }
       if (signal.load() || (o_.max_steps > 0 && step_ >= o_.max_steps)) {
@@ -622,22 +693,38 @@ int Trainer::run() {
     // evaluation, or as soon as one comes during it (a large test set takes
     // longer than a cluster's grace period).
     const auto stop_by_signal = [&](int sig) {
-      save(epoch_, batch_, part, false);
-      log().warn("stopped by signal {} at epoch {}, batch {}: checkpoint written to {}; continue with --resume",
+      save(epoch_, batch_, ranks_sum(part), false);
+      if (main_)
+        log().warn("stopped by signal {} at epoch {}, batch {}: checkpoint written to {}; continue with --resume",
                  sig, epoch_ + 1, batch_, in_workspace("checkpoint.h5"));
       return 128 + sig;
     };
     if (const int sig = signal.load()) return stop_by_signal(sig);
     const auto peak = memory(dev_).peak;
     for (const auto& m : train_loader_->take_skipped()) log().warn("skipped: {}", m);
-    const auto val = evaluate(
-        *model_, *test_loader_, dev_, o_.amp, o_.val_batches, [&] { return signal.load() != 0; },
+    // Ranks evaluate their shards to the end: a stop on one rank alone
+    // would leave the others waiting in the reduction.
+    if (dp_) dp_->equal_buffers(*model_);
+    auto val = evaluate(
+        *model_, *test_loader_, dev_, o_.amp, o_.val_batches,
+        [&]() -> bool { return !dp_ && signal.load() != 0; },
         [&](int64_t done, int64_t n) {
           if (bar.due(done, n))
             bar.show("validating " + std::to_string(epoch_ + 1) + "/" + std::to_string(o_.epochs), done, n, "");
         });
     bar.end();
+    if (dp_) {
+      val = dp_->reduce(val);
+      agreed = dp_->agree(local_signal.load());
+      if (agreed) return stop_by_signal(agreed);
+    }
     if (val.stopped) return stop_by_signal(signal.load());
+    if (dp_) {  // the epoch's training figures of all ranks
+      part = ranks_sum(part);
+      std::vector<double> n{static_cast<double>(seen_now)};
+      dp_->sum(n);
+      seen_now = static_cast<int64_t>(n[0]);
+    }
     for (const auto& m : test_loader_->take_skipped()) log().warn("skipped: {}", m);
     const bool mid_epoch = stop && batch_ < per_epoch;
     EpochRow row;
@@ -658,8 +745,8 @@ int Trainer::run() {
     // not cost the epoch.
     if (mid_epoch) {
       save(epoch_, batch_, part, false);
-      append_metrics(row);
-      if (obs_.epoch) obs_.epoch(row);
+      if (main_) append_metrics(row);
+      if (obs_.epoch && main_) obs_.epoch(row);
       log().info("--max-steps {} reached at epoch {}, batch {}: checkpoint written", o_.max_steps, epoch_ + 1,
                  batch_);
       return 0;
@@ -667,8 +754,8 @@ int Trainer::run() {
     batch_ = 0;
     save(epoch_ + 1, 0, {}, o_.gather_checkpoints);
     saved_epoch = true;
-    append_metrics(row);
-    if (obs_.epoch) {
+    if (main_) append_metrics(row);
+    if (obs_.epoch && main_) {
       try {
         obs_.epoch(row);
       } catch (const std::exception& e) {
