@@ -5,6 +5,8 @@
 // run concurrently from several threads (the library's global state, its
 // error stack included, is shared).
 #include "aq/checkpoint.h"
+#include "files.h"
+
 
 #include <hdf5.h>
 
@@ -17,7 +19,6 @@
 #include <cstdio>
 #include <cstring>
 #include <optional>
-#include <random>
 #include <set>
 #include <stdexcept>
 #include <utility>
@@ -401,13 +402,6 @@ void fsync_path(const std::string& p, int flags, const std::string& what) {
   int err = errno;
   ::close(fd);
   if (r != 0) throw std::runtime_error(what + ": " + std::strerror(err));
-}
-
-std::string random_hex() {
-  std::random_device rd;
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%08x%08x", rd(), rd());
-  return buf;
 }
 
 // ---------------------------------------------------------------- load
@@ -848,12 +842,10 @@ void save(const std::string& path, const Checkpoint& c) {
     return std::runtime_error("cannot write checkpoint " + path + ": " + why);
   };
 
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
-  if (base.empty() || base == "." || base == "..") throw fail("not a file name");
-  const std::string tmp = (slash == std::string::npos ? "" : path.substr(0, slash + 1)) + "." + base + ".tmp-" +
-                          std::to_string(::getpid()) + "-" + random_hex();
+  const auto beside = files::temporary_beside(path);
+  if (!beside) throw fail("not a file name");
+  const std::string& dir = beside->dir;
+  const std::string& tmp = beside->tmp;
 
   // Create the temporary file ourselves: errno says why (missing folder, ...).
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);

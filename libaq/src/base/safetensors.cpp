@@ -4,6 +4,8 @@
 // tensor is made, so a corrupt file is an exception naming the file, never
 // a read past the end.
 #include "aq/safetensors.h"
+#include "files.h"
+
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -16,7 +18,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <random>
 #include <set>
 #include <stdexcept>
 #include <vector>
@@ -244,13 +245,6 @@ void write_all(int fd, const char* p, size_t n) {
   }
 }
 
-std::string random_hex() {
-  std::random_device rd;
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%08x%08x", rd(), rd());
-  return buf;
-}
-
 bool exists(const std::string& path) {
   struct stat st {};
   return ::lstat(path.c_str(), &st) == 0;
@@ -303,12 +297,10 @@ void save(const std::string& path, const ckpt::Tensors& tensors, const std::map<
   }
   auto fail = [&](const std::string& why) { return std::runtime_error("cannot write " + path + ": " + why); };
   if (!overwrite && exists(path)) throw std::runtime_error(path + " exists");
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
-  if (base.empty() || base == "." || base == "..") throw fail("not a file name");
-  const std::string tmp = (slash == std::string::npos ? "" : path.substr(0, slash + 1)) + "." + base + ".tmp-" +
-                          std::to_string(::getpid()) + "-" + random_hex();
+  const auto beside = files::temporary_beside(path);
+  if (!beside) throw fail("not a file name");
+  const std::string& dir = beside->dir;
+  const std::string& tmp = beside->tmp;
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
   if (fd < 0) throw fail("cannot create a file in " + dir + " (" + errno_text() + ")");
   try {
