@@ -7,7 +7,6 @@
 #include "aq/checkpoint.h"
 #include "files.h"
 
-
 #include <hdf5.h>
 
 #include <fcntl.h>

@@ -6,7 +6,6 @@
 #include "aq/safetensors.h"
 #include "files.h"
 
-
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
