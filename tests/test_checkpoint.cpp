@@ -1,6 +1,7 @@
 // Checkpoints: round trips of every dtype and field, order, atomic writes,
 // and one-line errors for every kind of bad input.
 #include "aq/checkpoint.h"
+#include "temp_dir.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
@@ -9,7 +10,6 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <sys/stat.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -39,18 +39,8 @@ using aq::ckpt::save;
 // crashes.)
 class CheckpointFixture : public ::testing::Test {
  protected:
-  void SetUp() override {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string tmpl = std::string(tmp && *tmp ? tmp : "/tmp") + "/aq-ckpt-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override {
-    if (!dir_.empty())
-      ::nftw(
-          dir_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-          FTW_DEPTH | FTW_PHYS);
-  }
+  TempDir tmp_{"aq-ckpt"};
+  const std::string dir_ = tmp_.str();
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
   std::vector<std::string> entries() const {
     std::vector<std::string> out;
@@ -68,7 +58,6 @@ class CheckpointFixture : public ::testing::Test {
       if (e.find(".tmp") != std::string::npos) out.push_back(e);
     return out;
   }
-  std::string dir_;
 };
 using CheckpointRoundTrip = CheckpointFixture;
 using CheckpointSave = CheckpointFixture;

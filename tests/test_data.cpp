@@ -1,6 +1,7 @@
 // Datasets and the loader: file formats and their errors, transforms,
 // determinism and resumption of the batch order, worker threads.
 #include "aq/data.h"
+#include "temp_dir.h"
 
 #include <gtest/gtest.h>
 #include <jpeglib.h>
@@ -22,7 +23,6 @@
 #include <thread>
 #include <vector>
 
-#include <ftw.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -47,28 +47,6 @@ bool path_exists(const fs::path& p) {
 }
 
 // A fresh folder under the temporary directory, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string tmpl = std::string(tmp && *tmp ? tmp : "/tmp") + "/aq-test-data-XXXXXX";
-    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    ::nftw(
-        path_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-        FTW_DEPTH | FTW_PHYS);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string str() const { return path_.string(); }
-  fs::path operator/(const std::string& p) const { return path_ / p; }
-
- private:
-  fs::path path_;
-};
-
 void write_bytes(const fs::path& path, const std::vector<uint8_t>& bytes) {
   make_dirs(path.parent_path());
   std::ofstream out(path, std::ios::binary);
@@ -137,7 +115,7 @@ void expect_error(F f, const std::vector<std::string>& parts) {
 // --- IDX ------------------------------------------------------------------------
 
 TEST(DataIdx, ReadsGzAndPlainFiles) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   write_mnist_split(dir, "train", 3, true);
   write_mnist_split(dir, "t10k", 2, false);
   auto train = aq::data::open("fmnist", dir.str(), Split::kTrain);
@@ -166,7 +144,7 @@ TEST(DataIdx, ReadsGzAndPlainFiles) {
 }
 
 TEST(DataIdx, MnistNormalisation) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   write_mnist_split(dir, "t10k", 2, true);
   auto ds = aq::data::open("mnist", dir.str(), Split::kTest);
   EXPECT_EQ(ds->info().name, "mnist");
@@ -176,7 +154,7 @@ TEST(DataIdx, MnistNormalisation) {
 }
 
 TEST(DataIdx, MissingFilesNameThemAndTheDebianPackage) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   expect_error<std::runtime_error>(
       [&] { aq::data::open("fashion-mnist", dir.str(), Split::kTrain); },
       {"train-images-idx3-ubyte.gz", "train-images-idx3-ubyte", dir.str(), "dataset-fashion-mnist"});
@@ -192,21 +170,21 @@ TEST(DataIdx, MissingFilesNameThemAndTheDebianPackage) {
 TEST(DataIdx, MalformedFilesAreNamed) {
   std::vector<uint8_t> px(3 * 784, 7), lab = {1, 2, 3};
   {
-    TempDir dir;  // bad magic
+    TempDir dir("aq-test-data");  // bad magic
     write_idx(dir / "train-images-idx3-ubyte.gz", true, 2052, {3, 28, 28}, px);
     write_idx(dir / "train-labels-idx1-ubyte.gz", true, 2049, {3}, lab);
     expect_error<std::runtime_error>([&] { aq::data::open("fashion-mnist", dir.str(), Split::kTrain); },
                                      {"train-images-idx3-ubyte.gz", "magic"});
   }
   {
-    TempDir dir;  // labels with an image magic
+    TempDir dir("aq-test-data");  // labels with an image magic
     write_idx(dir / "train-images-idx3-ubyte", false, 2051, {3, 28, 28}, px);
     write_idx(dir / "train-labels-idx1-ubyte", false, 2051, {3}, lab);
     expect_error<std::runtime_error>([&] { aq::data::open("fashion-mnist", dir.str(), Split::kTrain); },
                                      {"train-labels-idx1-ubyte", "magic"});
   }
   for (bool gz : {true, false}) {
-    TempDir dir;  // truncated pixels
+    TempDir dir("aq-test-data");  // truncated pixels
     const std::string z = gz ? ".gz" : "";
     write_idx(dir / ("train-images-idx3-ubyte" + z), gz, 2051, {3, 28, 28},
               std::vector<uint8_t>(px.begin(), px.begin() + 2 * 784 + 100));
@@ -215,28 +193,28 @@ TEST(DataIdx, MalformedFilesAreNamed) {
                                      {"train-images-idx3-ubyte" + z, "truncated"});
   }
   {
-    TempDir dir;  // truncated labels
+    TempDir dir("aq-test-data");  // truncated labels
     write_idx(dir / "t10k-images-idx3-ubyte.gz", true, 2051, {3, 28, 28}, px);
     write_idx(dir / "t10k-labels-idx1-ubyte.gz", true, 2049, {3}, {1, 2});
     expect_error<std::runtime_error>([&] { aq::data::open("mnist", dir.str(), Split::kTest); },
                                      {"t10k-labels-idx1-ubyte.gz", "truncated"});
   }
   {
-    TempDir dir;  // count mismatch
+    TempDir dir("aq-test-data");  // count mismatch
     write_idx(dir / "train-images-idx3-ubyte.gz", true, 2051, {3, 28, 28}, px);
     write_idx(dir / "train-labels-idx1-ubyte.gz", true, 2049, {2}, {1, 2});
     expect_error<std::runtime_error>([&] { aq::data::open("fashion-mnist", dir.str(), Split::kTrain); },
                                      {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "3", "2"});
   }
   {
-    TempDir dir;  // label out of range
+    TempDir dir("aq-test-data");  // label out of range
     write_idx(dir / "train-images-idx3-ubyte.gz", true, 2051, {3, 28, 28}, px);
     write_idx(dir / "train-labels-idx1-ubyte.gz", true, 2049, {3}, {1, 10, 3});
     expect_error<std::runtime_error>([&] { aq::data::open("fashion-mnist", dir.str(), Split::kTrain); },
                                      {"train-labels-idx1-ubyte.gz", "10"});
   }
   {
-    TempDir dir;  // not gzip data behind a .gz name, not an IDX header either
+    TempDir dir("aq-test-data");  // not gzip data behind a .gz name, not an IDX header either
     write_bytes(dir / "train-images-idx3-ubyte.gz", {1, 2, 3});
     write_idx(dir / "train-labels-idx1-ubyte.gz", true, 2049, {3}, lab);
     expect_error<std::runtime_error>([&] { aq::data::open("fashion-mnist", dir.str(), Split::kTrain); },
@@ -265,7 +243,7 @@ std::array<int, 3> which_crop(const std::vector<float>& x, uint32_t image, doubl
 }
 
 TEST(DataIdx, TrainAugmentationIsAShiftedOrFlippedCropOfThePaddedImage) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   write_mnist_split(dir, "train", 4, true);
   for (const std::string name : {"fashion-mnist", "mnist"}) {
     auto ds = aq::data::open(name, dir.str(), Split::kTrain);
@@ -291,7 +269,7 @@ TEST(DataIdx, TrainAugmentationIsAShiftedOrFlippedCropOfThePaddedImage) {
 }
 
 TEST(DataIdx, EvalTransformIsDeterministic) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   write_mnist_split(dir, "t10k", 2, true);
   auto ds = aq::data::open("fashion-mnist", dir.str(), Split::kTest);
   const auto a = get(*ds, 1, false, 1), b = get(*ds, 1, false, 999);
@@ -354,7 +332,7 @@ void check_cifar_sample(const aq::data::Dataset& ds, int64_t index, int record) 
 }
 
 TEST(DataCifar, Cifar10BothLayouts) {
-  TempDir flat, parent;
+  TempDir flat("aq-test-data"), parent("aq-test-data");
   for (int b = 1; b <= 5; ++b)
     write_bytes(flat / ("data_batch_" + std::to_string(b) + ".bin"), cifar_records(2 * (b - 1), 2, false));
   write_bytes(flat / "test_batch.bin", cifar_records(100, 3, false));
@@ -385,7 +363,7 @@ TEST(DataCifar, Cifar10BothLayouts) {
 }
 
 TEST(DataCifar, Cifar100UsesTheFineLabel) {
-  TempDir flat, parent;
+  TempDir flat("aq-test-data"), parent("aq-test-data");
   write_bytes(flat / "train.bin", cifar_records(0, 4, true));
   write_bytes(flat / "test.bin", cifar_records(10, 2, true));
   write_bytes(parent / "cifar-100-binary/train.bin", cifar_records(0, 4, true));
@@ -408,7 +386,7 @@ TEST(DataCifar, Cifar100UsesTheFineLabel) {
 }
 
 TEST(DataCifar, BadOrMissingFilesAreNamed) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   auto bytes = cifar_records(0, 2, false);
   bytes.resize(bytes.size() - 5);
   write_bytes(dir / "test_batch.bin", bytes);
@@ -426,7 +404,7 @@ TEST(DataCifar, BadOrMissingFilesAreNamed) {
 }
 
 TEST(DataCifar, TrainAugmentationShiftsAndFlips) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   write_bytes(dir / "test_batch.bin", cifar_records(0, 1, false));
   auto ds = aq::data::open("cifar10", dir.str(), Split::kTest);
   const auto& info = ds->info();
@@ -504,7 +482,7 @@ void expect_colour(const std::vector<float>& x, const aq::data::Info& info, std:
 }
 
 TEST(DataFolder, ClassesLabelsShapesAndColours) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   write_solid(dir / "train/cat/a.jpg", 40, 30, kRed);
   write_solid(dir / "train/cat/b.JPEG", 24, 50, kGrey, 1);  // grayscale
   write_solid(dir / "train/dog/c.jpeg", 300, 200, kBlue);   // decoded at a reduced scale
@@ -547,7 +525,7 @@ TEST(DataFolder, ClassesLabelsShapesAndColours) {
 }
 
 TEST(DataFolder, EvalResizesAndCropsTheCentre) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   // Left half red, right half blue: the centre crop keeps both halves in place.
   write_jpeg(dir / "train/a/halves.jpg", 64, 32, 3, [](int x, int) { return x < 32 ? kRed : kBlue; });
   // A horizontal ramp, decoded at a quarter of its size.
@@ -579,7 +557,7 @@ TEST(DataFolder, EvalResizesAndCropsTheCentre) {
 }
 
 TEST(DataFolder, CorruptAndTruncatedJpegsAreNamed) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   write_solid(dir / "train/a/good.jpg", 40, 40, kRed);
   write_bytes(dir / "train/a/garbage.jpg", {'n', 'o', 't', ' ', 'a', ' ', 'j', 'p', 'e', 'g', 0, 1, 2});
   write_jpeg(dir / "train/b/full.jpg", 64, 64, 3, [](int x, int y) { return std::array<int, 3>{x * 4, y * 4, 99}; });
@@ -604,25 +582,25 @@ TEST(DataFolder, CorruptAndTruncatedJpegsAreNamed) {
 
 TEST(DataFolder, FolderErrors) {
   {
-    TempDir dir;  // no train folder
+    TempDir dir("aq-test-data");  // no train folder
     expect_error<std::runtime_error>([&] { aq::data::open("imagenet", dir.str(), Split::kTrain); }, {"train"});
   }
   {
-    TempDir dir;  // no class folders
+    TempDir dir("aq-test-data");  // no class folders
     make_dirs(dir / "train");
     make_dirs(dir / "val");
     expect_error<std::runtime_error>([&] { aq::data::open("imagenet", dir.str(), Split::kTrain); },
                                      {(dir / "train").string()});
   }
   {
-    TempDir dir;  // class folders without images
+    TempDir dir("aq-test-data");  // class folders without images
     make_dirs(dir / "train/a");
     make_dirs(dir / "val/a");
     expect_error<std::runtime_error>([&] { aq::data::open("imagenet", dir.str(), Split::kTest); },
                                      {(dir / "val").string()});
   }
   {
-    TempDir dir;  // a validation class that training does not have
+    TempDir dir("aq-test-data");  // a validation class that training does not have
     write_solid(dir / "train/cat/a.jpg", 8, 8, kRed);
     write_solid(dir / "val/bird/b.jpg", 8, 8, kRed);
     EXPECT_NO_THROW(aq::data::open("imagenet", dir.str(), Split::kTrain));
@@ -707,7 +685,7 @@ std::array<int, 3> pil_cmyk(std::array<int, 4> stored) {
 }
 
 TEST(DataFolder, DecodesByContentEveryColourSpace) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   const std::array<int, 4> stored = {255, 127, 0, 191};  // ink 0, 128, 255, k 64
   write_cmyk_jpeg(dir / "train/a/cmyk.JPEG", 24, 24, stored, false);
   write_cmyk_jpeg(dir / "train/a/ycck.jpg", 24, 24, stored, true);
@@ -730,7 +708,7 @@ TEST(DataFolder, DecodesByContentEveryColourSpace) {
 }
 
 TEST(DataFolder, UnreadableImagesThrowBadImage) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   write_bytes(dir / "train/a/gif.jpg", {'G', 'I', 'F', '8', '9', 'a', 1, 0, 1, 0});
   write_png(dir / "train/a/good.png", 8, 8, PNG_COLOR_TYPE_RGB, 8, {1, 2, 3});
   std::ifstream in(dir / "train/a/good.png", std::ios::binary);
@@ -921,7 +899,7 @@ TEST(DataLoader, OrderDependsOnSeedAndEpochOnly) {
 }
 
 TEST(DataLoader, WorkersGiveTheSameBytes) {
-  TempDir dir;
+  TempDir dir("aq-test-data");
   write_mnist_split(dir, "train", 50, true);
   auto ds = aq::data::open("fashion-mnist", dir.str(), Split::kTrain);
   aq::data::LoaderOptions o;

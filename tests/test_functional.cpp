@@ -4,6 +4,7 @@
 #include "aq/functional.h"
 #include "aq/memory.h"
 #include "device_test.h"
+#include "grads.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -17,23 +18,6 @@ namespace F = aq::functional;
 
 class Ops : public DeviceTest {};
 AQ_PER_DEVICE(Ops);
-
-aq::QuantConfig bits(int b) {
-  aq::QuantConfig c;
-  c.cabits = c.ibits = b;
-  return c;
-}
-
-// Gradients of sum(out * probe) with respect to `leaves`.
-std::vector<torch::Tensor> grads(const std::function<torch::Tensor()>& f, const std::vector<torch::Tensor>& leaves,
-                                 const torch::Tensor& probe) {
-  for (auto t : leaves) t.mutable_grad() = torch::Tensor();
-  auto out = f();
-  (out * probe).sum().backward();
-  std::vector<torch::Tensor> g;
-  for (const auto& t : leaves) g.push_back(t.grad().clone());
-  return g;
-}
 
 // The worst-case error of the weight gradient of an op linear in x (linear,
 // convolution) at 8 bits: every restored element is off by less than one

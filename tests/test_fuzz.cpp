@@ -9,6 +9,7 @@
 // scripts/test.sh also runs this file under AddressSanitizer and UBSan.
 #include "aq/checkpoint.h"
 #include "aq/data.h"
+#include "temp_dir.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -18,7 +19,6 @@
 #include <png.h>
 #include <zlib.h>
 
-#include <ftw.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -142,18 +142,8 @@ void expect_clean(const std::function<void()>& f, int& loaded, int& refused, con
 
 class Fuzz : public ::testing::Test {
  protected:
-  void SetUp() override {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string tmpl = std::string(tmp && *tmp ? tmp : "/tmp") + "/aq-fuzz-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override {
-    ::nftw(
-        dir_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-        FTW_DEPTH | FTW_PHYS);
-  }
-  std::string dir_;
+  TempDir tmp_{"aq-fuzz"};
+  const std::string dir_ = tmp_.str();
 };
 
 aq::ckpt::Checkpoint seed_checkpoint(bool calibration) {

@@ -2,6 +2,7 @@
 // the split by position, window indices, the loader's token batches, and
 // the errors of bad folders.
 #include "aq/data.h"
+#include "temp_dir.h"
 
 #include <gtest/gtest.h>
 #include <zlib.h>
@@ -12,32 +13,12 @@
 #include <string>
 #include <vector>
 
-#include <ftw.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 namespace {
 
 using aq::data::Split;
-
-class TempDir {
- public:
-  TempDir() {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string tmpl = std::string(tmp && *tmp ? tmp : "/tmp") + "/aq-test-text-XXXXXX";
-    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    ::nftw(
-        path_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-        FTW_DEPTH | FTW_PHYS);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 void write(const std::string& path, const std::string& bytes) {
   FILE* f = std::fopen(path.c_str(), "wb");
@@ -78,18 +59,18 @@ std::string error_of(const std::string& dir, Split split, int64_t t) {
 // hidden ones skipped; the last tenth is validation; window i is bytes
 // [i T, i T + T] of its split.
 TEST(Text, CorpusSplitAndWindows) {
-  TempDir d;
-  ::mkdir((d.path() + "/b").c_str(), 0755);
+  TempDir d("aq-test-text");
+  ::mkdir((d.str() + "/b").c_str(), 0755);
   const std::string a = text_of(300, 1), b1 = text_of(250, 2), c = text_of(450, 3);
-  write(d.path() + "/a.txt", a);
-  write(d.path() + "/b/one", b1);
-  write_gz(d.path() + "/c.1.gz", c);
-  write(d.path() + "/.hidden", "never read");
+  write(d.str() + "/a.txt", a);
+  write(d.str() + "/b/one", b1);
+  write_gz(d.str() + "/c.1.gz", c);
+  write(d.str() + "/.hidden", "never read");
   const std::string corpus = a + b1 + c;  // "a.txt" < "b/one" < "c.1.gz"
   const size_t n = corpus.size(), val = n / 10;
   const int64_t T = 16;
-  const auto train = aq::data::open("text", d.path(), Split::kTrain, context(T));
-  const auto test = aq::data::open("text", d.path(), Split::kTest, context(T));
+  const auto train = aq::data::open("text", d.str(), Split::kTrain, context(T));
+  const auto test = aq::data::open("text", d.str(), Split::kTest, context(T));
   EXPECT_EQ(train->info().name, "text");
   EXPECT_EQ(train->info().sequence, T);
   EXPECT_EQ(train->info().num_classes, 256);
@@ -107,7 +88,7 @@ TEST(Text, CorpusSplitAndWindows) {
   }
   EXPECT_THROW(train->get_tokens(train->size(), w.data()), std::invalid_argument);
   // The same folder gives the same windows.
-  const auto again = aq::data::open("text", d.path(), Split::kTrain, context(T));
+  const auto again = aq::data::open("text", d.str(), Split::kTrain, context(T));
   std::vector<int64_t> w2(T + 1);
   again->get_tokens(5, w2.data());
   train->get_tokens(5, w.data());
@@ -118,10 +99,10 @@ TEST(Text, CorpusSplitAndWindows) {
 // with the windows' indices; the order depends only on (seed, epoch), and a
 // resumed epoch gives the same later batches.
 TEST(Text, LoaderBatchesOfTokens) {
-  TempDir d;
-  write(d.path() + "/only.txt", text_of(2000, 5));
+  TempDir d("aq-test-text");
+  write(d.str() + "/only.txt", text_of(2000, 5));
   const int64_t T = 8;
-  const auto train = aq::data::open("text", d.path(), Split::kTrain, context(T));
+  const auto train = aq::data::open("text", d.str(), Split::kTrain, context(T));
   aq::data::LoaderOptions lo;
   lo.batch_size = 4;
   lo.seed = 3;
@@ -151,21 +132,21 @@ TEST(Text, LoaderBatchesOfTokens) {
 }
 
 TEST(Text, BadFoldersOneClearError) {
-  TempDir d;
-  EXPECT_EQ(error_of(d.path() + "/missing", Split::kTrain, 8),
-            "text: " + d.path() + "/missing: no such folder (give a folder of text files)");
-  EXPECT_EQ(error_of(d.path(), Split::kTrain, 8), "text: " + d.path() + ": no files in it (give a folder of text files)");
-  write(d.path() + "/broken.gz", std::string("\x1f\x8b\x08\x00garbage that is not deflate", 30));
-  EXPECT_EQ(error_of(d.path(), Split::kTrain, 8), "text: " + d.path() + ": none of its 1 files can be read");
-  write(d.path() + "/short.txt", text_of(100, 1));  // 90 training bytes, 10 validation bytes
-  EXPECT_EQ(error_of(d.path(), Split::kTest, 10),
-            "text: " + d.path() +
+  TempDir d("aq-test-text");
+  EXPECT_EQ(error_of(d.str() + "/missing", Split::kTrain, 8),
+            "text: " + d.str() + "/missing: no such folder (give a folder of text files)");
+  EXPECT_EQ(error_of(d.str(), Split::kTrain, 8), "text: " + d.str() + ": no files in it (give a folder of text files)");
+  write(d.str() + "/broken.gz", std::string("\x1f\x8b\x08\x00garbage that is not deflate", 30));
+  EXPECT_EQ(error_of(d.str(), Split::kTrain, 8), "text: " + d.str() + ": none of its 1 files can be read");
+  write(d.str() + "/short.txt", text_of(100, 1));  // 90 training bytes, 10 validation bytes
+  EXPECT_EQ(error_of(d.str(), Split::kTest, 10),
+            "text: " + d.str() +
                 ": the validation split (the last 10% of 100 bytes) has 10 bytes, less than one window of 11 "
                 "(--context 10 + 1): give more text or a smaller --context");
-  EXPECT_EQ(error_of(d.path(), Split::kTest, 9), "no error");
-  EXPECT_NE(error_of(d.path(), Split::kTrain, 90).find("training split (the first 90% of 100 bytes) has 90 bytes"),
+  EXPECT_EQ(error_of(d.str(), Split::kTest, 9), "no error");
+  EXPECT_NE(error_of(d.str(), Split::kTrain, 90).find("training split (the first 90% of 100 bytes) has 90 bytes"),
             std::string::npos);
-  EXPECT_EQ(error_of(d.path(), Split::kTrain, 0), "text: --context must be at least 1, not 0");
+  EXPECT_EQ(error_of(d.str(), Split::kTrain, 0), "text: --context must be at least 1, not 0");
 }
 
 // The licence texts of a Debian machine: a small real corpus.

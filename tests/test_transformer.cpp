@@ -9,6 +9,7 @@
 #include "aq/models.h"
 #include "aq/modules.h"
 #include "device_test.h"
+#include "grads.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -23,22 +24,6 @@ namespace nn = torch::nn;
 
 class Transformer : public DeviceTest {};
 AQ_PER_DEVICE(Transformer);
-
-aq::QuantConfig bits(int b) {
-  aq::QuantConfig c;
-  c.cabits = c.ibits = b;
-  return c;
-}
-
-std::vector<torch::Tensor> grads(const std::function<torch::Tensor()>& f, const std::vector<torch::Tensor>& leaves,
-                                 const torch::Tensor& probe) {
-  for (auto t : leaves) t.mutable_grad() = torch::Tensor();
-  auto out = f();
-  (out * probe).sum().backward();
-  std::vector<torch::Tensor> g;
-  for (const auto& t : leaves) g.push_back(t.grad().clone());
-  return g;
-}
 
 // Per leaf: at 8 bits within `bound8` (elementwise) of the exact gradient;
 // at 2 bits the mean over S draws within 6 standard errors plus `bias2`
@@ -349,10 +334,11 @@ TEST_P(Transformer, ModelsTrainAtEveryLevel) {
         // below the gradient; at 2 bits it is finite (a step's noise in a
         // tiny model is larger than its gradient; docs/variance.md).
         EXPECT_TRUE(torch::isfinite(g).all().item<bool>()) << arch << " " << p.key();
-        if (level == aq::Level::L0)
+        if (level == aq::Level::L0) {
           EXPECT_LE(err, 1e-4 * ref + 1e-7) << arch << " L0 " << p.key();
-        else if (level == aq::Level::L1 || level == aq::Level::L2)
+        } else if (level == aq::Level::L1 || level == aq::Level::L2) {
           EXPECT_LE(err, 0.9 * ref + 1e-6) << arch << " " << aq::to_string(level) << " " << p.key();
+        }
       }
       if (aq::adaptive(cfg)) {
         EXPECT_GT(aq::adapt_layers(*model), 0) << arch;

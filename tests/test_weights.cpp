@@ -6,13 +6,13 @@
 #include "aq/models.h"
 #include "aq/safetensors.h"
 #include "aq/weights.h"
+#include "temp_dir.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -34,20 +34,9 @@ namespace st = aq::safetensors;
 
 class Weights : public ::testing::Test {
  protected:
-  void SetUp() override {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string tmpl = std::string(tmp && *tmp ? tmp : "/tmp") + "/aq-weights-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override {
-    if (!dir_.empty())
-      ::nftw(
-          dir_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-          FTW_DEPTH | FTW_PHYS);
-  }
+  TempDir tmp_{"aq-weights"};
+  const std::string dir_ = tmp_.str();
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
-  std::string dir_;
 };
 
 std::string read(const std::string& p) {
