@@ -73,7 +73,9 @@ TEST_P(AdamWEquals, LibTorchAdamW) {
     EXPECT_EQ(sa.step(), i == 3 ? 6 : 12);
     EXPECT_TRUE(bitwise_equal(sa.exp_avg(), sb.exp_avg()));
     EXPECT_TRUE(bitwise_equal(sa.exp_avg_sq(), sb.exp_avg_sq()));
-    if (amsgrad) EXPECT_TRUE(bitwise_equal(sa.max_exp_avg_sq(), sb.max_exp_avg_sq()));
+    if (amsgrad) {
+      EXPECT_TRUE(bitwise_equal(sa.max_exp_avg_sq(), sb.max_exp_avg_sq()));
+    }
   }
 }
 INSTANTIATE_TEST_SUITE_P(Optim, AdamWEquals, ::testing::Values(false, true));

@@ -135,9 +135,11 @@ TEST_P(StepGraphs, AdaptiveLevelsRecaptureAtEachRefreshAndOnNewShapes) {
   for (const auto& l : aq::layer_bits(*g.model)) reallocated += std::abs(l.budget - 2.0) > 1e-9;
   EXPECT_GT(reallocated, 0);
   // Every per-sample statistic was sized for the dataset before a capture.
-  for (const auto& m : g.model->modules(false))
-    if (auto* q = dynamic_cast<aq::QLayer*>(m.get()); q && q->state()->sample_stat.defined())
+  for (const auto& m : g.model->modules(false)) {
+    if (auto* q = dynamic_cast<aq::QLayer*>(m.get()); q && q->state()->sample_stat.defined()) {
       EXPECT_GE(q->state()->sample_stat.size(0), 64);
+    }
+  }
   // An epoch's last, smaller batch runs eagerly; the next full one captures anew.
   const Batch small = batch(11, 10, dev());
   EXPECT_FALSE((*g.step)(small.x, small.y, small.idx, g.opt.get()).replayed);

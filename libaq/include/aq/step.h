@@ -140,6 +140,13 @@ class Step {
   std::unique_ptr<Graph> graph_;
   std::string eager_reason_;
   int64_t captures_ = 0;
+  // The forward under autocast and the loss in fp32, with what they left
+  // allocated and what aq's layers kept (with count_saved).
+  struct Forward {
+    torch::Tensor logits, loss;
+    int64_t activations = 0, aq_saved = 0;
+  };
+  Forward forward_loss(const torch::Tensor& x, const torch::Tensor& y);
   StepResult eager(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
                    torch::optim::Optimizer* optimizer, bool reallocate);
   StepResult graphed(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,

@@ -251,15 +251,15 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
   RECORD_FUNCTION("aq::statistics", std::vector<c10::IValue>());
   if (!grad_sq.defined() || grad_sq.numel() == 0) return;
   const at::Tensor g = grad_sq.to(at::kFloat);
-  // The batch mean, into the tensor that holds it already where it can: a
-  // captured step's replays must carry it to the next step's forward.
-  auto set_mean = [&](const at::Tensor& mean) {
-    if (st.grad_mean.defined() && st.grad_mean.dim() == 0 && st.grad_mean.device() == g.device() &&
-        st.grad_mean.scalar_type() == at::kFloat)
-      st.grad_mean.copy_(mean);
-    else
-      st.grad_mean = mean.detach().clone();
+  // The batch mean goes into the tensor that holds it already where it can:
+  // a captured step's replays must carry it to the next step's forward.
+  auto mean_slot = [&]() -> at::Tensor& {
+    if (!(st.grad_mean.defined() && st.grad_mean.dim() == 0 && st.grad_mean.device() == g.device() &&
+          st.grad_mean.scalar_type() == at::kFloat))
+      st.grad_mean = at::empty({}, g.options());
+    return st.grad_mean;
   };
+  auto set_mean = [&](const at::Tensor& mean) { mean_slot().copy_(mean); };
   if (!usegradient || !indices.defined() || indices.numel() != g.numel()) {
     set_mean(g.mean());
     return;
@@ -281,10 +281,7 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
   if (kernels::update_sample_stat.has(g.device().type()) && g.numel() <= kernels::kAllocMaxSamples &&
       st.sample_stat.scalar_type() == at::kFloat && st.sample_stat.is_contiguous() &&
       nonnegative) {  // one launch instead of ~10
-    if (!(st.grad_mean.defined() && st.grad_mean.dim() == 0 && st.grad_mean.device() == g.device() &&
-          st.grad_mean.scalar_type() == at::kFloat))
-      st.grad_mean = at::empty({}, g.options());
-    kernels::update_sample_stat(g.device().type(), g.contiguous(), idx.contiguous(), st.sample_stat, st.grad_mean);
+    kernels::update_sample_stat(g.device().type(), g.contiguous(), idx.contiguous(), st.sample_stat, mean_slot());
     return;
   }
   const at::Tensor old = st.sample_stat.index({idx});

@@ -143,25 +143,33 @@ StepResult Step::operator()(const torch::Tensor& images, const torch::Tensor& la
   return eager(images, labels, indices, optimizer, reallocates_);
 }
 
+Step::Forward Step::forward_loss(const torch::Tensor& x, const torch::Tensor& y) {
+  Forward f;
+  const int64_t before = memory(device_).allocated;
+  {
+    AutocastScope ac(device_, options_.amp);
+    f.logits = model_.forward(x);
+  }
+  f.logits = f.logits.to(torch::kFloat);
+  f.loss = cross_entropy(f.logits, y, options_.label_smoothing);
+  f.activations = memory(device_).allocated - before;
+  if (options_.count_saved)
+    for (const auto& m : model_.modules(/*include_self=*/false))
+      if (auto* q = dynamic_cast<QLayer*>(m.get())) f.aq_saved += q->state()->saved_bytes;
+  return f;
+}
+
 StepResult Step::eager(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& indices,
                        torch::optim::Optimizer* optimizer, bool reallocate) {
   StepResult r;
   model_.zero_grad();
   auto x = images.to(device_, /*non_blocking=*/true);
   auto y = labels.to(device_, /*non_blocking=*/true);
-  const int64_t before = memory(device_).allocated;
   set_batch_indices(indices);
-  torch::Tensor logits;
-  {
-    AutocastScope ac(device_, options_.amp);
-    logits = model_.forward(x);
-  }
-  logits = logits.to(torch::kFloat);
-  auto loss = cross_entropy(logits, y, options_.label_smoothing);
-  r.activations = memory(device_).allocated - before;
-  if (options_.count_saved)
-    for (const auto& m : model_.modules(/*include_self=*/false))
-      if (auto* q = dynamic_cast<QLayer*>(m.get())) r.aq_saved += q->state()->saved_bytes;
+  const Forward f = forward_loss(x, y);
+  const torch::Tensor& loss = f.loss;
+  r.activations = f.activations;
+  r.aq_saved = f.aq_saved;
   bool finite = true;
   const torch::Tensor to_backward = scaler_ ? loss * scaler_->scale() : loss;
   if (options_.before_backward) options_.before_backward(to_backward);
@@ -174,7 +182,7 @@ StepResult Step::eager(const torch::Tensor& images, const torch::Tensor& labels,
   }
   if (reallocate) adapt_layers(model_, options_.defer_reallocation);
   r.loss = loss.detach();
-  r.logits = logits.detach();
+  r.logits = f.logits.detach();
   r.labels = y;
   return r;
 }
@@ -274,24 +282,14 @@ void Step::capture_step(const torch::Tensor& x, const torch::Tensor& labels, con
   g.graph = std::make_unique<at::cuda::CUDAGraph>();
   g.graph->capture_begin();
   try {
-    const int64_t before = memory(device_).allocated;
-    torch::Tensor logits;
-    {
-      AutocastScope ac(device_, options_.amp);
-      logits = model_.forward(g.x);
-    }
-    logits = logits.to(torch::kFloat);
-    auto loss = cross_entropy(logits, g.y, options_.label_smoothing);
-    g.activations = memory(device_).allocated - before;
-    g.aq_saved = 0;
-    if (options_.count_saved)
-      for (const auto& m : model_.modules(/*include_self=*/false))
-        if (auto* q = dynamic_cast<QLayer*>(m.get())) g.aq_saved += q->state()->saved_bytes;
-    loss.backward();
+    const Forward f = forward_loss(g.x, g.y);
+    g.activations = f.activations;
+    g.aq_saved = f.aq_saved;
+    f.loss.backward();
     if (options_.clip_grad_norm > 0) clip_grad_norm(params_, options_.clip_grad_norm);
     if (update) update->update();
-    g.loss = loss.detach();
-    g.logits = logits.detach();
+    g.loss = f.loss.detach();
+    g.logits = f.logits.detach();
   } catch (...) {
     try {
       g.graph->capture_end();
