@@ -8,9 +8,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 P=${AQ_PREFIX:-/tmp/aq-prefix}
-if [ ! -d "$P/usr/include/spdlog" ]; then
-  for f in .gpu/debs/*.deb; do dpkg -x "$f" "$P"; done
-fi
+mkdir -p "$P/.unpacked"
+for f in .gpu/debs/*.deb; do
+  s=$P/.unpacked/$(basename "$f")
+  [ -f "$s" ] || { dpkg -x "$f" "$P" && touch "$s"; }
+done
 # zlib1g-dev's libz.so points at /lib/...: aim it at the machine's own zlib.
 z=$(ls /lib/x86_64-linux-gnu/libz.so.1 /usr/lib/x86_64-linux-gnu/libz.so.1 2>/dev/null | head -1)
 [ -n "$z" ] && ln -sf "$z" "$P/usr/lib/x86_64-linux-gnu/libz.so"

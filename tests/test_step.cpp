@@ -10,6 +10,10 @@
 #include "device_test.h"
 
 #include <ATen/Context.h>
+#include <ATen/core/CachingHostAllocator.h>
+
+#include <atomic>
+#include <thread>
 
 namespace {
 
@@ -146,6 +150,33 @@ TEST_P(StepGraphs, AdaptiveLevelsRecaptureAtEachRefreshAndOnNewShapes) {
   const Batch full = batch(12, 16, dev());
   EXPECT_TRUE((*g.step)(full.x, full.y, full.idx, g.opt.get()).replayed);
   EXPECT_EQ(g.step->captures(), 4);
+}
+
+// aq-train's loader threads pin their batches while the step is captured.
+TEST_P(StepGraphs, CaptureIsNotBrokenByOtherThreadsPinningMemory) {
+  if (!dev().is_cuda()) GTEST_SKIP() << "CUDA graphs need a CUDA device";
+  aq::train::StepOptions o;
+  o.cuda_graphs = true;
+  o.graph_warmup = 1;
+  o.index_bound = 64;
+  Trainee g = make("L3", dev(), o);
+  std::atomic<bool> done{false};
+  std::thread loader([&] {
+    while (!done) {
+      // A fresh cudaHostAlloc and cudaFreeHost each time round.
+      (void)torch::empty({1 << 20}, torch::TensorOptions().pinned_memory(true));
+      at::getHostAllocator(at::kCUDA)->empty_cache();
+    }
+  });
+  int replayed = 0;
+  for (int i = 0; i < 6; ++i) {
+    const Batch b = batch(i, 16, dev());
+    replayed += (*g.step)(b.x, b.y, b.idx, g.opt.get()).replayed;
+  }
+  done = true;
+  loader.join();
+  EXPECT_EQ(g.step->eager_reason(), "");
+  EXPECT_EQ(replayed, 5);
 }
 
 TEST_P(StepGraphs, WhatCannotBeCapturedRunsEagerlyWithAReason) {

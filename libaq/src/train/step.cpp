@@ -17,6 +17,7 @@
 
 #if AQ_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -256,6 +257,19 @@ StepResult Step::graphed(const torch::Tensor& images, const torch::Tensor& label
   return r;
 }
 
+namespace {
+// A capture that failed before its end leaves the device's Philox state
+// marked as capturing, and every eager draw after it would throw: the state
+// is replaced by a fresh one at the same seed and offset.
+void release_generator(const c10::Device& device) {
+  auto gen = at::cuda::detail::getDefaultCUDAGenerator(device.index());
+  const std::lock_guard<std::mutex> lock(gen.mutex());
+  auto* impl = gen.get<at::CUDAGeneratorImpl>();
+  const auto state = c10::make_intrusive<at::CUDAGeneratorState>(impl->current_seed(), impl->philox_offset_per_thread());
+  impl->graphsafe_set_state(c10::make_intrusive<at::CUDAGeneratorImpl>(device.index(), state));
+}
+}  // namespace
+
 void Step::capture_step(const torch::Tensor& x, const torch::Tensor& labels, const torch::Tensor& indices,
                         GraphSafeOptimizer* update) {
   Graph& g = *graph_;
@@ -280,7 +294,10 @@ void Step::capture_step(const torch::Tensor& x, const torch::Tensor& labels, con
   if (update) update->sync();
   c10::cuda::device_synchronize();
   g.graph = std::make_unique<at::cuda::CUDAGraph>();
-  g.graph->capture_begin();
+  // Thread-local capture: the loader's threads allocate pinned host memory
+  // while the step is captured, and in global mode any thread's unsafe call
+  // (cudaHostAlloc, an event query) invalidates the capture.
+  g.graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
   try {
     const Forward f = forward_loss(g.x, g.y);
     g.activations = f.activations;
@@ -297,6 +314,7 @@ void Step::capture_step(const torch::Tensor& x, const torch::Tensor& labels, con
     }
     g.graph.reset();
     (void)cudaGetLastError();
+    release_generator(device_);
     throw;
   }
   g.graph->capture_end();
