@@ -164,7 +164,9 @@ TEST(DistGroup, ReducerAveragesGradients) {
   ASSERT_EQ(grads[0].size(), ps.size());
   for (size_t i = 0; i < ps.size(); ++i) {
     EXPECT_TRUE(torch::equal(grads[0][i], grads[1][i]));
-    EXPECT_TRUE(torch::allclose(grads[0][i], ps[i].grad(), 1e-5, 1e-6));
+    EXPECT_TRUE(torch::allclose(grads[0][i], ps[i].grad(), 1e-5, 1e-6))
+        << "parameter " << i << ": reduced " << grads[0][i].norm().item<double>() << ", whole batch "
+        << ps[i].grad().norm().item<double>() << ", max diff " << (grads[0][i] - ps[i].grad()).abs().max().item<double>();
   }
 }
 

@@ -234,6 +234,7 @@ TEST_P(Transformer, ModulesAreTheirTwins) {
   auto qi = q->begin();
   for (; pi != plain->end(); ++pi, ++qi) {
     const torch::Tensor ye = pi->forward(in), yq = qi->forward(in);
+    EXPECT_TRUE(torch::equal(ye, pi->forward(in))) << pi->ptr()->name() << " is not deterministic here";
     EXPECT_TRUE(torch::equal(ye, yq)) << pi->ptr()->name() << ": max diff "
                                       << (ye.to(torch::kDouble) - yq.to(torch::kDouble)).abs().max().item<double>();
     in = ye;
