@@ -45,30 +45,36 @@ struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
                             std::vector<int64_t> shape, double eps, const QuantConfig* c, const LayerStatePtr& st) {
     // at::layer_norm is this op's first output.
     auto [y, mean, rstd] = at::native_layer_norm(x, shape, present(w), present(b), eps);
-    ctx->save_for_backward({w, b, mean, rstd});
+    ctx->save_for_backward({w, b, rstd});
     put_state(ctx, st);
     record_other(st.get(), c10::multiply_integers(shape));
     // The normalised input is what is compressed: every row at unit scale,
     // so that a group spanning rows of very different spread (a ViT's class
-    // token beside its patches) resolves each; x = xn / rstd + mean.
-    save_compressed(ctx, (x - mean) * rstd, *c, st.get());
+    // token beside its patches) resolves each.  LibTorch's own kernel
+    // writes it in one pass (a broadcast subtract and multiply take two,
+    // each slower).
+    save_compressed(ctx, std::get<0>(at::native_layer_norm(x, shape, {}, {}, eps)), *c, st.get());
     ctx->saved_data["shape"] = shape;
     return y;
   }
+  // LayerNorm's input gradient is rstd times a function of xn, w and g
+  // alone, and its parameters' gradients need only xn and g: LibTorch's
+  // backward run on xn with mean 0 and rstd 1, the input gradient scaled
+  // by rstd after, is the backward on x without rebuilding x.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor g = grads[0].contiguous();  // the CPU kernel reads it as laid out contiguously
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor w = present(saved[0]), b = present(saved[1]), mean = saved[2], rstd = saved[3];
+    const at::Tensor w = present(saved[0]), b = present(saved[1]), rstd = saved[2];
     const auto shape = ctx->saved_data["shape"].toIntVector();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), w.defined() && ctx->needs_input_grad(1),
                                       b.defined() && ctx->needs_input_grad(2)};
     std::vector<at::Tensor> gx;
     at::Tensor gw, gb;
-    for_each_micro_batch(ctx, packed_of(ctx), mean.scalar_type(), [&](int64_t s, int64_t e, const at::Tensor& xn) {
-      const at::Tensor m = mean.narrow(0, s, e - s), r = rstd.narrow(0, s, e - s);
-      const at::Tensor x = (xn / r + m).to(g.scalar_type());
-      auto [gx_part, gw_part, gb_part] = at::native_layer_norm_backward(g.narrow(0, s, e - s), x, shape, m, r, w, b, mask);
-      if (gx_part.defined()) gx.push_back(gx_part);
+    for_each_micro_batch(ctx, packed_of(ctx), rstd.scalar_type(), [&](int64_t s, int64_t e, const at::Tensor& xn) {
+      const at::Tensor r = rstd.narrow(0, s, e - s);
+      auto [gx_part, gw_part, gb_part] = at::native_layer_norm_backward(
+          g.narrow(0, s, e - s), xn.to(g.scalar_type()), shape, at::zeros_like(r), at::ones_like(r), w, b, mask);
+      if (gx_part.defined()) gx.push_back(gx_part.mul_(r));
       if (gw_part.defined()) gw = gw.defined() ? gw + gw_part : gw_part;
       if (gb_part.defined()) gb = gb.defined() ? gb + gb_part : gb_part;
     });
