@@ -8,6 +8,7 @@
 #include "aq/log.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <iostream>
 #include <map>
@@ -29,11 +30,15 @@ int main(int argc, char** argv) {
   aq::cli::OptionTable table(app, aq::cli::kEval, defaults);
   std::vector<std::string> files;
   int64_t max_batches = 0;
+  double dist_timeout_s = 600;
   app.add_option("checkpoints", files, "HDF5 checkpoints written by aq-train ('-': standard input)")->required();
   app.add_option("--max-batches", max_batches, "Evaluate the first N batches only (0: all)")
       ->check(aq::cli::NonNegative)->capture_default_str();
+  app.add_option("--dist-timeout", dist_timeout_s,
+                 "Under torchrun or srun: seconds the rendezvous or any collective may take before the run fails")
+      ->check(CLI::PositiveNumber)->capture_default_str();
   return aq::cli::run(app, argc, argv, [&]() -> int {
-    const auto dev = table.apply_common();
+    auto dev = table.apply_common();
     const auto a = table.amp();
     const auto& v = table.values;
     const std::string& dataset = v.data.dataset;
@@ -46,8 +51,10 @@ int main(int argc, char** argv) {
     // The header follows the first checkpoint read: images or text.  The
     // other kind after it cannot share its columns.
     int kind = -1;  // -1: no header yet, 0: images, 1: text
+    bool main_printer = true;
     auto header = [&](int k) {
       kind = k;
+      if (!main_printer) return;
       std::printf(k ? "file\tloss\tppl\tacc\ttop5\ttokens\n" : "file\tloss\ttop1\ttop5\timages\n");
       try {
         aq::cli::flush_stdout();
@@ -55,8 +62,21 @@ int main(int argc, char** argv) {
         throw StdoutError(e.what());  // not one file's error: the run ends
       }
     };
+    // Under torchrun or srun the ranks share each checkpoint's test set;
+    // rank 0 prints.
+    const auto ranks = aq::train::EvalRanks::connect(dev, std::chrono::milliseconds(static_cast<int64_t>(dist_timeout_s * 1000)));
+    const bool main_rank = !ranks || ranks->rank() == 0;
+    main_printer = main_rank;
+    if (ranks && std::count(files.begin(), files.end(), "-"))
+      throw std::invalid_argument("standard input ('-') cannot be shared by the ranks of a launcher");
     int status = aq::cli::kOk;
     for (const auto& f : files) {
+      aq::train::EvalResult r;
+      bool failed = true;
+      auto fail = [&](const std::string& line) {
+        std::cerr << "aq-eval: " << line << "\n";
+        status = aq::cli::kRuntime;
+      };
       try {
         const auto c = aq::ckpt::load(f);
         auto model = aq::train::model_from_checkpoint(c, f, exact);
@@ -86,33 +106,39 @@ int main(int argc, char** argv) {
         lo.workers = v.data.workers;
         lo.pin_memory = dev.is_cuda();
         lo.bad_images = v.data.bad_images;
+        if (ranks) lo.shards = ranks->size(), lo.shard = ranks->rank();
         aq::data::Loader loader(sets[key], lo);
-        const auto r = aq::train::evaluate(*model, loader, dev, a, max_batches);
+        r = aq::train::evaluate(*model, loader, dev, a, max_batches);
         for (const auto& m : loader.take_skipped()) aq::log().warn("skipped: {}", m);
-        if (kind)
-          std::printf("%s\t%.6f\t%.4f\t%.2f\t%.2f\t%lld\n", f.c_str(), r.loss, std::exp(r.loss), r.top1, r.top5,
-                      static_cast<long long>(r.tokens));
-        else
-          std::printf("%s\t%.6f\t%.2f\t%.2f\t%lld\n", f.c_str(), r.loss, r.top1, r.top5,
-                      static_cast<long long>(r.images));
-        std::fflush(stdout);  // a write error: exit 1 at the end, every file still evaluated
+        failed = false;
       } catch (const StdoutError&) {
         throw;
       } catch (const std::out_of_range&) {
-        std::cerr << "aq-eval: " << f << ": checkpoint lacks dataset/num_classes/in_channels metadata\n";
-        status = aq::cli::kRuntime;
+        fail(f + ": checkpoint lacks dataset/num_classes/in_channels metadata");
       } catch (const std::invalid_argument& e) {
-        std::cerr << "aq-eval: " << f << ": " << e.what() << "\n";
-        status = aq::cli::kRuntime;
+        fail(f + ": " + e.what());
       } catch (const std::runtime_error& e) {
         const std::string m = e.what();
-        std::cerr << "aq-eval: " << m.substr(0, m.find('\n')) << "\n";
-        status = aq::cli::kRuntime;
+        fail(m.substr(0, m.find('\n')));
       } catch (const std::exception& e) {  // LibTorch's errors among them: the next file is still evaluated
         const std::string m = e.what();
-        std::cerr << "aq-eval: " << f << ": " << m.substr(0, m.find('\n')) << "\n";
-        status = aq::cli::kRuntime;
+        fail(f + ": " + m.substr(0, m.find('\n')));
       }
+      if (ranks) {
+        try {
+          r = ranks->reduce(r, failed);
+        } catch (const std::runtime_error& e) {
+          if (!failed) fail(f + ": " + e.what());
+          continue;
+        }
+      }
+      if (failed || !main_rank) continue;
+      if (kind)
+        std::printf("%s\t%.6f\t%.4f\t%.2f\t%.2f\t%lld\n", f.c_str(), r.loss, std::exp(r.loss), r.top1, r.top5,
+                    static_cast<long long>(r.tokens));
+      else
+        std::printf("%s\t%.6f\t%.2f\t%.2f\t%lld\n", f.c_str(), r.loss, r.top1, r.top5, static_cast<long long>(r.images));
+      std::fflush(stdout);  // a write error: exit 1 at the end, every file still evaluated
     }
     if (kind < 0) header(0);
     return status;

@@ -6,19 +6,20 @@
 # one rank stops both after the same step with one checkpoint, and --resume
 # continues bit-exactly (and on another number of ranks); evaluation is
 # sharded with every image counted once; a bad environment fails at once;
-# scripts/dist-train through torchrun.
-#   aq_dist.sh AQ_TRAIN CKPT_DIFF DIST_TRAIN
+# scripts/dist-train through torchrun; aq-eval shares its work the same way.
+#   aq_dist.sh AQ_TRAIN CKPT_DIFF DIST_TRAIN AQ_EVAL
 set -u
 TRAIN=$1
 DIFF=$2
 DIST_TRAIN=$3
+EVAL=$4
 fail=0
 check() { if ! eval "$2"; then echo "FAIL: $1" >&2; [ -n "${AQ_DEBUG:-}" ] && tail -n 3 "$tmp"/*.err >&2; fail=1; fi; }
 tmp=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; [ -n "${AQ_KEEP:-}" ] && echo "kept $tmp" >&2 || rm -rf "$tmp"' EXIT
 export OMP_NUM_THREADS=1
 port=$((20000 + ($$ * 7 + RANDOM) % 30000))
 
-# ranks NAME N ARGS...: N ranks of aq-train in the background, their output in
+# ranks NAME N ARGS...: N ranks of $PROG (aq-train) in the background, their output in
 # $tmp/NAME.<rank>.{out,err}, their pids in $pids.
 ranks() {
   local name=$1 n=$2
@@ -27,7 +28,7 @@ ranks() {
   pids=()
   for ((r = 0; r < n; r++)); do
     RANK=$r WORLD_SIZE=$n LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-      "$TRAIN" "$@" >"$tmp/$name.$r.out" 2>"$tmp/$name.$r.err" &
+      "${PROG:-$TRAIN}" "$@" >"$tmp/$name.$r.out" 2>"$tmp/$name.$r.err" &
     pids+=($!)
   done
 }
@@ -103,6 +104,16 @@ wait_ranks
 e1=$(tail -1 "$tmp/ev1.out"); e3=$(tail -1 "$tmp/ev.0.out")
 check "evaluation on three ranks: the same totals as one process ($e1 / $e3)" \
   '[ $rc -eq 0 ] && [ "$rcs" = "0 0 0" ] && [ "$(echo "$e1" | cut -f2-)" = "$(echo "$e3" | cut -f2-)" ] && [ ! -s "$tmp/ev.1.out" ]'
+
+# --- aq-eval on three ranks: the same figures as one process, printed once ------------
+ev=(--device cpu -j 0 -b 3)
+"$EVAL" "${ev[@]}" "$tmp/one/checkpoint.h5" >"$tmp/aqe1.out" 2>"$tmp/aqe1.err"; rc=$?
+PROG=$EVAL ranks aqe 3 "${ev[@]}" "$tmp/one/checkpoint.h5" "$tmp/missing.h5"
+wait_ranks
+check "aq-eval on three ranks: rank 0 prints the one-process figures ($(tail -1 "$tmp/aqe1.out") / $(tail -1 "$tmp/aqe.0.out"))" \
+  '[ $rc -eq 0 ] && [ "$rcs" = "1 1 1" ] && diff -q "$tmp/aqe1.out" "$tmp/aqe.0.out" >/dev/null && [ ! -s "$tmp/aqe.1.out" ] && [ ! -s "$tmp/aqe.2.out" ]'
+check "aq-eval on three ranks: a file none can read is one error line on each, the others still evaluated" \
+  '[ $(grep -c "missing.h5" "$tmp/aqe.1.err") -eq 1 ] && [ $(wc -l <"$tmp/aqe.0.out") -eq 2 ]'
 
 # --- a bad environment: one line, non-zero, never a hang ------------------------------
 env RANK=0 WORLD_SIZE=2 MASTER_PORT=1 "$TRAIN" "${syn[@]}" --workspace "$tmp/x" >/dev/null 2>"$tmp/bad.err"; rc=$?

@@ -9,8 +9,10 @@
 
 #include <c10/core/Device.h>
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 
 namespace aq::train {
@@ -30,6 +32,32 @@ struct EvalResult {
 EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Device& device, Amp amp,
                     int64_t max_batches = 0, const std::function<bool()>& stop = {},
                     const std::function<void(int64_t done, int64_t batches)>& progress = {});
+
+namespace detail {
+class DataParallel;
+}
+
+// Ranks that evaluate together, as a launcher started them (torchrun's or
+// srun's variables, docs/distributed.md): each evaluates its shard of the
+// test set (data::LoaderOptions::shards, shard) and the totals are summed.
+class EvalRanks {
+ public:
+  // Null when no launcher's variables are set.  A CUDA `device` becomes
+  // cuda:LOCAL_RANK.  Throws on a bad environment or a rendezvous that
+  // fails within `timeout`.
+  static std::unique_ptr<EvalRanks> connect(c10::Device& device, std::chrono::milliseconds timeout);
+  ~EvalRanks();
+  int64_t rank() const;
+  int64_t size() const;
+  // Every rank's totals summed, the figures from them.  Every rank calls it
+  // once per evaluation, `failed` where its own part failed: then it throws
+  // std::runtime_error on every rank.
+  EvalResult reduce(const EvalResult& mine, bool failed);
+
+ private:
+  explicit EvalRanks(std::unique_ptr<detail::DataParallel> dp);
+  std::unique_ptr<detail::DataParallel> dp_;
+};
 
 // The model a checkpoint describes (arch, in_channels, num_classes from its
 // metadata), with its parameters and buffers, converted by `config`.

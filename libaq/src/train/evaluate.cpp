@@ -1,5 +1,7 @@
 #include "aq/evaluate.h"
 
+#include "data_parallel.h"
+
 #include "aq/log.h"
 #include "aq/loss.h"
 #include "aq/step.h"
@@ -133,6 +135,23 @@ EvalResult evaluate(models::Model& model, data::Loader& loader, const c10::Devic
     r.top5 = 100.0 * r.correct5 / scored;
   }
   return r;
+}
+
+EvalRanks::EvalRanks(std::unique_ptr<detail::DataParallel> dp) : dp_(std::move(dp)) {}
+EvalRanks::~EvalRanks() = default;
+
+std::unique_ptr<EvalRanks> EvalRanks::connect(c10::Device& device, std::chrono::milliseconds timeout) {
+  auto dp = detail::DataParallel::connect(device, timeout);
+  if (!dp) return nullptr;
+  return std::unique_ptr<EvalRanks>(new EvalRanks(std::move(dp)));
+}
+
+int64_t EvalRanks::rank() const { return dp_->rank(); }
+int64_t EvalRanks::size() const { return dp_->size(); }
+
+EvalResult EvalRanks::reduce(const EvalResult& mine, bool failed) {
+  if (dp_->agree(failed ? 1 : 0)) throw std::runtime_error("the evaluation failed on another rank");
+  return dp_->reduce(mine);
 }
 
 }  // namespace aq::train
