@@ -22,7 +22,7 @@ PUBLIC = {
     "data": ["data"],
     "dist": ["dist"],
     "engine": ["compress", "allocate"],
-    "ops": ["layer_state", "functional", "sample_bits"],
+    "ops": ["layer_state", "functional", "sample_bits", "recompute"],
     "modules": ["modules"],
     "adaptive": ["adaptive"],
     "models": ["models"],

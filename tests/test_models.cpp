@@ -1,12 +1,14 @@
 // ActNN's architectures: layouts and names (torchvision's for the
-// ImageNet-style nets), shapes, what -c changes, the memory they hold, and
-// loading a state into them.
+// ImageNet-style nets), shapes, what -c changes, the memory they hold,
+// loading a state into them, and their blocks recomputed in backward.
 #include "aq/adaptive.h"
 #include "aq/models.h"
 #include "aq/modules.h"
 #include "aq/evaluate.h"
+#include "aq/loss.h"
 #include "aq/memory.h"
 #include "aq/optim.h"
+#include "aq/step.h"
 #include "device_test.h"
 
 #include <gtest/gtest.h>
@@ -162,6 +164,108 @@ TEST_P(Models, SwappingKeepsTheGradients) {
   if (dev().is_cuda()) {
     EXPECT_LT(held4 * 2, held3) << "L3 " << held3 << " bytes, L4 " << held4;
   }
+}
+
+// Activation checkpointing (ModelOptions::recompute_blocks): with every block
+// recomputed in backward, one training step computes the plain model's loss
+// and gradients, leaves the BatchNorm running statistics and the random
+// generators where the plain step leaves them (dropout draws the same masks
+// again), and holds less for backward.  Under bf16 autocast too: the
+// recomputation runs under the forward's autocast, on autograd's thread.
+TEST_P(Models, RecomputedBlocksComputeThePlainModelsStep) {
+  aq::install_cpu_memory_counter();
+  aq::QuantConfig exact;
+  exact.scope = aq::Scope::kNone;
+  struct Case {
+    std::string arch;
+    int64_t channels, classes, image;
+    double dropout;
+    aq::train::Amp amp;
+  };
+  const std::vector<Case> cases = {
+      {"preact_resnet20", 1, 10, 28, 0, aq::train::Amp::kOff},
+      {"resnet18", 3, 10, 32, 0, aq::train::Amp::kOff},
+      {"vit_tiny", 1, 10, 28, 0, aq::train::Amp::kOff},
+      {"vit_tiny", 1, 10, 28, 0.1, aq::train::Amp::kOff},
+      {"gpt_small", 1, 256, 16, 0.1, aq::train::Amp::kOff},
+      {"resnet18", 3, 10, 32, 0, aq::train::Amp::kBFloat16},
+      {"vit_tiny", 1, 10, 28, 0.1, aq::train::Amp::kBFloat16},
+      {"gpt_small", 1, 256, 16, 0, aq::train::Amp::kBFloat16},
+  };
+  for (const auto& c : cases) {
+    const std::string what = c.arch + " dropout " + std::to_string(c.dropout) + " amp " + aq::train::to_string(c.amp);
+    const bool tokens = aq::train::takes_tokens(c.arch);
+    aq::models::ModelOptions o;
+    o.layers = 2, o.width = 32, o.heads = 4, o.context = c.image;  // transformers: tiny
+    o.image_height = o.image_width = c.image;
+    o.dropout = c.dropout;
+    torch::manual_seed(3);
+    const auto x = tokens ? torch::randint(c.classes, {4, c.image}, torch::TensorOptions().dtype(torch::kLong))
+                          : torch::randn({4, c.channels, c.image, c.image});
+    const auto y = torch::randint(c.classes, tokens ? std::vector<int64_t>{4, c.image} : std::vector<int64_t>{4},
+                                  torch::TensorOptions().dtype(torch::kLong));
+    struct Ran {
+      double loss;
+      int64_t activations;
+      std::vector<torch::Tensor> grads, buffers;
+      torch::Tensor next_random;
+    };
+    auto run = [&](bool recompute) {
+      o.recompute_blocks = recompute;
+      torch::manual_seed(0);  // the same weights
+      auto model = aq::models::build(c.arch, c.channels, c.classes, o, exact);
+      EXPECT_EQ(model->recomputes_blocks(), recompute);
+      model->to(dev());
+      model->train();
+      aq::train::StepOptions so;
+      so.amp = c.amp;
+      so.quant = exact;
+      aq::train::Step step(*model, dev(), so);
+      torch::manual_seed(7);  // the same dropout masks
+      const auto r = step(x, y, torch::arange(4, torch::kLong));
+      Ran out{r.loss.item<double>(), r.activations, {}, {}, torch::rand({4}, dev())};
+      for (const auto& p : model->parameters()) out.grads.push_back(p.grad().defined() ? p.grad().clone() : p.grad());
+      for (const auto& b : model->buffers()) out.buffers.push_back(b.clone());
+      return out;
+    };
+    const Ran plain = run(false), ckpt = run(true);
+    EXPECT_NEAR(ckpt.loss, plain.loss, 1e-6 * std::max(1.0, std::abs(plain.loss))) << what;
+    ASSERT_EQ(ckpt.grads.size(), plain.grads.size()) << what;
+    // The same operations on the same values (bitwise equal on the CPU);
+    // the tolerances leave room for kernels that sum in no fixed order
+    // (cuDNN's, atomically), whose bf16 sums move by a bf16 rounding.
+    const double tol = c.amp == aq::train::Amp::kOff ? 1e-5 : 1e-2;
+    for (size_t i = 0; i < plain.grads.size(); ++i) {
+      ASSERT_EQ(ckpt.grads[i].defined(), plain.grads[i].defined()) << what << " parameter " << i;
+      if (!plain.grads[i].defined()) continue;
+      const double scale = plain.grads[i].abs().max().item<double>() + 1e-12;
+      EXPECT_LE((ckpt.grads[i] - plain.grads[i]).abs().max().item<double>(), tol * scale) << what << " parameter " << i;
+    }
+    ASSERT_EQ(ckpt.buffers.size(), plain.buffers.size()) << what;
+    for (size_t i = 0; i < plain.buffers.size(); ++i)
+      EXPECT_LE((ckpt.buffers[i].to(torch::kDouble) - plain.buffers[i].to(torch::kDouble)).abs().max().item<double>(),
+                1e-5)
+          << what << " buffer " << i;
+    EXPECT_TRUE(torch::equal(ckpt.next_random, plain.next_random)) << what << ": the generators moved on differently";
+    EXPECT_LT(ckpt.activations, plain.activations) << what;
+  }
+}
+
+TEST(ModelsLayout, RecomputedBlocksAreForTheExactModel) {
+  aq::models::ModelOptions o;
+  o.recompute_blocks = true;
+  EXPECT_THROW(aq::models::build("preact_resnet20", 1, 10, o, aq::QuantConfig::for_level(aq::Level::L3)),
+               std::invalid_argument);
+  auto names = [](const aq::models::ModelPtr& m) {
+    std::vector<std::string> n;
+    for (const auto& p : m->named_parameters()) n.push_back(p.key());
+    return n;
+  };
+  // Parameter names (and so checkpoints and exported weights) do not change.
+  torch::manual_seed(0);
+  const auto r = aq::models::build("resnet18", 3, 10, o);
+  EXPECT_TRUE(r->recomputes_blocks());
+  EXPECT_EQ(names(r), names(aq::models::build("resnet18", 3, 10)));
 }
 
 // Adaptive precision: per-sample bits vary, per-layer budgets move and

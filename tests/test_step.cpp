@@ -30,11 +30,13 @@ Trainee make(const std::string& level, const torch::Device& dev, aq::train::Step
   Trainee r;
   torch::manual_seed(0);
   aq::QuantConfig c;
-  if (level == "exact")
+  aq::models::ModelOptions mo;
+  if (level == "exact" || level == "ckpt")
     c.scope = aq::Scope::kNone;
   else
     c = aq::QuantConfig::for_level(aq::parse_level(level));
-  r.model = aq::models::build("preact_resnet20", 1, 10, c);
+  mo.recompute_blocks = level == "ckpt";  // every block recomputed in backward
+  r.model = aq::models::build("preact_resnet20", 1, 10, mo, c);
   r.model->to(dev);
   r.model->train();
   r.opt = std::make_unique<aq::train::SGD>(r.model->parameters(),
@@ -80,11 +82,12 @@ struct DeterministicCudnn {
 TEST_P(StepGraphs, ReplaysComputeWhatEagerStepsCompute) {
   if (!dev().is_cuda()) GTEST_SKIP() << "CUDA graphs need a CUDA device";
   const DeterministicCudnn det;
-  // exact, and L2: 4-bit stochastic rounding everywhere, no reallocation,
-  // so that eager and captured runs are the same computation.  A replay
-  // reusing its capture's random numbers would differ from the eager run
-  // by whole quantization steps.
-  for (const std::string level : {"exact", "L2"}) {
+  // exact, exact with its blocks recomputed in backward (their BatchNorm
+  // statistics put back after the recomputation), and L2: 4-bit stochastic
+  // rounding everywhere, no reallocation, so that eager and captured runs
+  // are the same computation.  A replay reusing its capture's random
+  // numbers would differ from the eager run by whole quantization steps.
+  for (const std::string level : {"exact", "ckpt", "L2"}) {
     aq::train::StepOptions eager_o, graph_o;
     graph_o.cuda_graphs = true;
     graph_o.graph_warmup = 2;
@@ -202,6 +205,20 @@ TEST_P(StepGraphs, WhatCannotBeCapturedRunsEagerlyWithAReason) {
   EXPECT_NE(reason("L3", aq::train::StepOptions{}).find("dataset's size"), std::string::npos);
   // Without per-sample gradient statistics the dataset's size is not needed.
   EXPECT_EQ(reason("L2", aq::train::StepOptions{}), "");
+  // Recomputed blocks with dropout read and set the generators' state on the host.
+  aq::models::ModelOptions mo;
+  mo.layers = 1, mo.width = 32, mo.heads = 4, mo.image_height = mo.image_width = 28;
+  mo.dropout = 0.1;
+  mo.recompute_blocks = true;
+  aq::QuantConfig exact;
+  exact.scope = aq::Scope::kNone;
+  auto vit = aq::models::build("vit_tiny", 1, 10, mo, exact);
+  vit->to(dev());
+  vit->train();
+  aq::train::StepOptions so;
+  so.cuda_graphs = true;
+  so.quant = exact;
+  EXPECT_NE(aq::train::Step(*vit, dev(), so).eager_reason().find("dropout"), std::string::npos);
 }
 
 }  // namespace

@@ -70,6 +70,15 @@ check "step --profile: scope, host and kernel rows per level" \
    grep -q "^L3	scope	aq::compress	" "$tmp/prof" && grep -q "^L3	scope	aq::allocate	" "$tmp/prof" &&
    grep -q "^exact	all	device	" "$tmp/prof" && grep -q "^L3	kernel	" "$tmp/prof"'
 cat "$tmp/out" >&2
+# ckpt: the exact model with every block recomputed in backward, measured
+# like the levels; it keeps only each block's input for backward.
+"$BENCH" step --device cpu --arch vit_tiny --channels 1 --classes 10 --image-size 28 -b 8 --levels ckpt,L3 --steps 1 --warmup 1 \
+  --profile-steps 0 -q >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "step --levels ckpt,L3: exits 0, exact, ckpt and L3 rows" '[ $rc -eq 0 ] && [ "$(cut -f6 "$tmp/out" | tr "\n" " ")" = "level exact ckpt L3 " ]'
+check "step: ckpt holds >= 4x less than exact" '[ -n "$(awk -F"\t" "\$6==\"ckpt\" && \$12 >= 4 && \$11 > 0" "$tmp/out")" ]'
+cat "$tmp/out" >&2
+"$BENCH" memory --device cpu --arch preact_resnet20 --levels L3,ckpt2 >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "memory --levels with an unknown level: exit 2, naming ckpt among the levels" '[ $rc -eq 2 ] && grep -q "ckpt2" "$tmp/err" && grep -q "or ckpt" "$tmp/err" && [ ! -s "$tmp/out" ]'
 "$BENCH" max-batch --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 --levels L3 --limit-mb 48 --start 8 --steps 1 --resolution 4 -q >"$tmp/out" 2>"$tmp/err"; rc=$?
 check "max-batch: exits 0, exact and L3" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/out") -eq 3 ] && head -1 "$tmp/out" | grep -qx "device	arch	image	amp	level	max_batch	ratio	trials"'
 check "max-batch: L3 fits over 2x the exact batch in the same memory" '[ -n "$(awk -F"\t" "\$5==\"L3\" && \$7 >= 2" "$tmp/out")" ]'

@@ -121,7 +121,8 @@ class ModelCommand {
         ->check(aq::cli::Positive)
         ->capture_default_str()
         ->group(g);
-    sub_->add_option("--levels", options.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5")
+    sub_->add_option("--levels", options.levels, "Levels besides the exact model: L0, L1, L2, L3, L3.1, L4, L5, and ckpt (the exact "
+                     "model with every block recomputed in backward)")
         ->delimiter(',')
         ->capture_default_str()
         ->group(g);

@@ -71,7 +71,9 @@ struct ModelOptions {
   // Token models (gpt_*, aq/loss.h's takes_tokens): random tokens of this
   // many per sample, `classes` the vocabulary; image_size and channels unused.
   int64_t context = 1024;
-  std::vector<std::string> levels;  // besides the exact model: L0 .. L5
+  // Besides the exact model: L0 .. L5, and ckpt (the exact model with every
+  // block recomputed in backward: activation checkpointing, aq/recompute.h).
+  std::vector<std::string> levels;
   train::Amp amp = train::Amp::kOff;
   int64_t micro_batch_bytes = QuantConfig().micro_batch_bytes;  // L3.1, L4, L5
   std::optional<bool> channels_last;  // unset: on CUDA, as a CNN is run on a GPU
@@ -80,17 +82,18 @@ struct ModelOptions {
 bool channels_last(const ModelOptions& options, const c10::Device& device);
 
 struct NamedConfig {
-  std::string name;  // exact, or the level's name
+  std::string name;  // exact, ckpt, or the level's name
   QuantConfig config;
+  bool recompute_blocks = false;  // ckpt
 };
-// The exact model first (the baseline of every ratio), then each level;
-// throws std::invalid_argument for an unknown level.
+// The exact model first (the baseline of every ratio), then each level in
+// the order given; throws std::invalid_argument for an unknown level.
 std::vector<NamedConfig> exact_and_levels(const ModelOptions& options);
 
 // The model every benchmark measures for one configuration: built from seed
 // 0 (so that every level starts from the same weights), on `device`,
 // channels-last where asked, in training mode.
-models::ModelPtr bench_model(const ModelOptions& options, const QuantConfig& config, const c10::Device& device);
+models::ModelPtr bench_model(const ModelOptions& options, const NamedConfig& config, const c10::Device& device);
 
 // Runs f and says whether it fit in device memory: false when it ran out
 // (LibTorch's error, or cuBLAS's and cuDNN's own allocation failures, which

@@ -32,11 +32,20 @@ class Model : public torch::nn::Module {
  public:
   using torch::nn::Module::Module;
   virtual torch::Tensor forward(const torch::Tensor& x) = 0;
+  // Activation checkpointing (aq/recompute.h): each block (a ResNet's
+  // residual block, a transformer block) keeps only its input for backward
+  // and is run again there.  For a model whose layers do not compress: a
+  // compressing layer would compress in the recomputation as well.
+  void set_recompute_blocks(bool on) { recompute_blocks_ = on; }
+  bool recomputes_blocks() const { return recompute_blocks_; }
+
+ private:
+  bool recompute_blocks_ = false;
 };
 using ModelPtr = std::shared_ptr<Model>;
 
 // What the transformers take besides channels and classes (0: the
-// architecture's own).
+// architecture's own), and what every architecture takes.
 struct ModelOptions {
   int64_t image_height = 224, image_width = 224;  // ViT: the images' size
   int64_t patch_size = 0;  // ViT: 0: 4 for images up to 64 pixels a side, else 16
@@ -46,6 +55,7 @@ struct ModelOptions {
   // width is given and the heads are not.
   int64_t layers = 0, width = 0, heads = 0;
   double dropout = 0;       // after embeddings, attention and MLP (GPT and ViT)
+  bool recompute_blocks = false;  // Model::set_recompute_blocks
 };
 
 // Builds `arch` (see architectures()); throws std::invalid_argument for an
@@ -56,7 +66,9 @@ struct ModelOptions {
 ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes);
 ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes, const ModelOptions& options);
 
-// Builds and applies the configuration: QModule(model, config).
+// Builds and applies the configuration: QModule(model, config); throws
+// std::invalid_argument for recompute_blocks with a configuration that
+// compresses.
 ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes, const QuantConfig& config);
 ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes, const ModelOptions& options,
                const QuantConfig& config);

@@ -73,9 +73,9 @@ struct StepOptions {
   // `graph_refresh` steps, instead of after every step; the per-sample
   // allocation inside each layer still runs in every step.  Where a step
   // cannot be captured (not CUDA, fp16 loss scaling, L4/L5 swapping,
-  // BatchNorm without momentum, an optimizer that is not a
-  // GraphSafeOptimizer, a capture that fails) it runs eagerly, said once in
-  // the log.
+  // BatchNorm without momentum, recomputed blocks with dropout, an optimizer
+  // that is not a GraphSafeOptimizer, a capture that fails) it runs eagerly,
+  // said once in the log.
   bool cuda_graphs = false;
   int64_t graph_refresh = 200;
   int64_t graph_warmup = 3;

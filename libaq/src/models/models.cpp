@@ -1,6 +1,7 @@
 #include "aq/models.h"
 
 #include "aq/modules.h"
+#include "aq/recompute.h"
 #include "transformer.h"
 
 #include <torch/nn/init.h>
@@ -31,6 +32,14 @@ QReLU relu() { return QReLU(nn::ReLUOptions(/*inplace=*/true)); }
 // The blocks' forward passes take one statement per step and overwrite their
 // running tensor: a nested expression would keep every intermediate until its
 // end, and a shortcut computed first would be held through the whole branch.
+
+// A stage of residual blocks; recomputed: each block on its own.
+torch::Tensor run_stage(nn::Sequential& stage, torch::Tensor h, bool recompute) {
+  if (!recompute) return stage->forward(h);
+  for (const auto& block : *stage)
+    h = aq::recompute(block.ptr(), [b = block](const torch::Tensor& x) mutable { return b.forward(x); }, h);
+  return h;
+}
 
 // --- CIFAR-style pre-activation ResNets (He et al., ECCV 2016) -------------
 
@@ -111,7 +120,7 @@ class PreActResNet : public Model {
   }
   torch::Tensor forward(const torch::Tensor& x) override {
     auto h = conv1_(x);
-    for (auto& l : layers_) h = l->forward(h);
+    for (auto& l : layers_) h = run_stage(l, std::move(h), recomputes_blocks());
     return fc_(pool_(relu_(bn_(h))).flatten(1));
   }
 
@@ -210,7 +219,7 @@ class ResNet : public Model {
   torch::Tensor forward(const torch::Tensor& x) override {
     auto h = relu_(bn1_(conv1_(x)));
     h = maxpool_(h);
-    for (auto& l : layers_) h = l->forward(h);
+    for (auto& l : layers_) h = run_stage(l, std::move(h), recomputes_blocks());
     return fc_(pool_(h).flatten(1));
   }
 
@@ -300,6 +309,7 @@ ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes
     throw std::invalid_argument("unknown architecture '" + arch + "' (known: " + known + ")");
   }
   init_fanin(*m);
+  m->set_recompute_blocks(options.recompute_blocks);
   return m;
 }
 
@@ -309,6 +319,9 @@ ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes
 
 ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes, const ModelOptions& options,
                const QuantConfig& config) {
+  if (options.recompute_blocks && config.compresses())
+    throw std::invalid_argument("recomputed blocks are for the exact model: level " + to_string(config.level) +
+                                " compresses (recomputation would compress again)");
   auto m = build(arch, in_channels, num_classes, options);
   QModule(*m, config);
   return m;

@@ -2,6 +2,7 @@
 #include "transformer.h"
 
 #include "aq/modules.h"
+#include "aq/recompute.h"
 
 #include <torch/nn/init.h>
 #include <torch/nn/modules/container/modulelist.h>
@@ -53,8 +54,11 @@ nn::ModuleList blocks(int64_t layers, int64_t width, int64_t heads, bool causal,
   for (int64_t i = 0; i < layers; ++i) list->push_back(Block(width, heads, causal, dropout));
   return list;
 }
-torch::Tensor run_blocks(const nn::ModuleList& list, torch::Tensor h) {
-  for (const auto& m : *list) h = m->as<BlockImpl>()->forward(std::move(h));
+torch::Tensor run_blocks(const nn::ModuleList& list, torch::Tensor h, bool recompute) {
+  for (const auto& m : *list) {
+    if (recompute) h = aq::recompute(std::dynamic_pointer_cast<BlockImpl>(m), h);
+    else h = m->as<BlockImpl>()->forward(std::move(h));
+  }
   return h;
 }
 
@@ -123,7 +127,7 @@ class ViT : public Model {
     if (cls_token.defined()) h = torch::cat({cls_token.to(h.scalar_type()).expand({h.size(0), 1, h.size(2)}), h}, 1);
     h = h + pos_embed;
     h = drop(h);
-    h = run_blocks(layers, std::move(h));
+    h = run_blocks(layers, std::move(h), recomputes_blocks());
     h = norm(h);
     h = cls_token.defined() ? h.select(1, 0) : h.mean(1);
     return head(h);
@@ -162,7 +166,7 @@ class GPT : public Model {
     torch::Tensor h = tok_embed(tokens);
     h = h + pos_embed(positions);
     h = drop(h);
-    h = run_blocks(layers, std::move(h));
+    h = run_blocks(layers, std::move(h), recomputes_blocks());
     h = norm(h);
     return head(h);
   }
@@ -193,6 +197,7 @@ ModelPtr build_transformer(const std::string& arch, int64_t in_channels, int64_t
     return nullptr;
   }
   init_transformer(*m, s.layers);
+  m->set_recompute_blocks(o.recompute_blocks);
   return m;
 }
 

@@ -182,7 +182,16 @@ std::vector<NamedConfig> exact_and_levels(const ModelOptions& o) {
   configs.push_back({"exact", exact});
   for (const auto& l : o.levels) {
     if (l == "exact") continue;
-    const auto level = parse_level(l);
+    if (l == "ckpt") {
+      configs.push_back({"ckpt", exact, /*recompute_blocks=*/true});
+      continue;
+    }
+    Level level;
+    try {
+      level = parse_level(l);
+    } catch (const std::invalid_argument&) {
+      throw std::invalid_argument("unknown level '" + l + "' in --levels (use L0, L1, L2, L3, L3.1, L4, L5 or ckpt)");
+    }
     auto c = QuantConfig::for_level(level);
     c.micro_batch_bytes = o.micro_batch_bytes;
     configs.push_back({to_string(level), c});
@@ -190,11 +199,12 @@ std::vector<NamedConfig> exact_and_levels(const ModelOptions& o) {
   return configs;
 }
 
-models::ModelPtr bench_model(const ModelOptions& o, const QuantConfig& config, const c10::Device& device) {
+models::ModelPtr bench_model(const ModelOptions& o, const NamedConfig& config, const c10::Device& device) {
   torch::manual_seed(0);
   models::ModelOptions mo;
   mo.image_height = mo.image_width = o.image_size;
-  auto model = models::build(o.arch, o.channels, o.classes, mo, config);
+  mo.recompute_blocks = config.recompute_blocks;
+  auto model = models::build(o.arch, o.channels, o.classes, mo, config.config);
   model->to(device);
   if (channels_last(o, device)) to_channels_last(*model);
   model->train();
@@ -274,12 +284,13 @@ std::vector<MemoryRow> bench_memory(const MemoryOptions& a, const c10::Device& d
   begin(report);
   std::vector<MemoryRow> rows;
   double exact_act = 0, exact_peak = 0;
-  for (const auto& [name, cfg] : configs) {
+  for (const auto& c : configs) {
+    const std::string& name = c.name;
     MemoryRow row;
     row.level = name;
     row.fits = fits_in_memory(dev, [&] {
-      auto model = bench_model(a, cfg, dev);
-      row.memory = measure_step(*model, x, y, idx, dev, step_options(a, cfg), a.trace_ops);
+      auto model = bench_model(a, c, dev);
+      row.memory = measure_step(*model, x, y, idx, dev, step_options(a, c.config), a.trace_ops);
     });
     set_batch_indices(torch::Tensor());
     if (!row.fits) {
@@ -463,11 +474,12 @@ std::vector<StepRow> bench_step(const StepBenchOptions& a, const c10::Device& de
   std::vector<StepRow> rows;
   SyncCounter syncs(dev.is_cuda());
   double exact_ips = 0, exact_act = 0, exact_peak = 0;
-  for (const auto& [name, cfg] : configs) {
+  for (const auto& c : configs) {
+    const std::string& name = c.name;
     for (const bool graph : graph_modes) {
-      auto model = bench_model(a, cfg, dev);
+      auto model = bench_model(a, c, dev);
       train::SGD opt(model->parameters(), sgd_options());
-      auto so = step_options(a, cfg);
+      auto so = step_options(a, c.config);
       so.cuda_graphs = graph;
       so.graph_refresh = a.graph_refresh;
       so.index_bound = a.batch_size;
@@ -532,16 +544,17 @@ std::vector<MaxBatchRow> bench_max_batch(const MaxBatchOptions& a, const c10::De
   if (dev.is_cuda()) torch::empty({1}, torch::TensorOptions().device(dev));
   std::vector<MaxBatchRow> rows;
   int64_t exact_max = 0;
-  for (const auto& [name, cfg] : configs) {
+  for (const auto& c : configs) {
+    const std::string& name = c.name;
     int trials = 0;
     auto fits = [&](int64_t b) {
       ++trials;
       const int64_t base = memory(dev).allocated;
       reset_peak(dev);
       bool ok = fits_in_memory(dev, [&] {
-        auto model = bench_model(a, cfg, dev);
+        auto model = bench_model(a, c, dev);
         train::SGD opt(model->parameters(), sgd_options());
-        train::Step step(*model, dev, step_options(a, cfg));
+        train::Step step(*model, dev, step_options(a, c.config));
         const auto batch = random_batch(a, b, dev);
         for (int i = 0; i < a.steps; ++i) {
           step(batch.images, batch.labels, batch.indices, &opt);

@@ -3,6 +3,7 @@
 #include "aq/adaptive.h"
 #include "aq/loss.h"
 #include "aq/optim.h"
+#include "aq/recompute.h"
 #include "aq/sample_bits.h"
 #include "aq/memory.h"
 #include "aq/modules.h"
@@ -80,6 +81,8 @@ std::string capture_blocker(models::Model& model, const c10::Device& device, con
   if (!device.is_cuda()) return "they need a CUDA device";
   if (o.amp == Amp::kFloat16) return "fp16 loss scaling decides on the host whether to update";
   if (o.before_backward) return "a data-parallel run's gradient all-reduce runs from the host";
+  if (model.recomputes_blocks() && draws_random_numbers(model))
+    return "recomputed blocks with dropout put the random generators' state back from the host";
   for (const auto& m : model.modules(/*include_self=*/false)) {
     if (batch_norm_without_momentum(*m)) return "a BatchNorm layer without momentum reads its batch count on the host";
     const auto* q = dynamic_cast<const QLayer*>(m.get());
