@@ -7,6 +7,7 @@
 #include "aq/modules.h"
 #include "aq/optim.h"
 #include "aq/step.h"
+#include "device_test.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -243,6 +244,36 @@ struct Samples {
   }
 };
 
+// Four L3 steps (two epochs) of rank `rank` of `world` over `data`, the Mlp
+// (weights fixed) on `dev`, the step's gather `gather`: the layers' adaptive
+// state.  Ranks as threads build their models one at a time (the generator
+// is the process's).
+Adaptive run_mlp(const Samples& data, int world, int rank, const aq::AllGather& gather, const torch::Device& dev) {
+  static std::mutex seed_mu;
+  const aq::QuantConfig c;  // L3: 2 of 8 bits, per sample and per layer, gradient statistics
+  std::shared_ptr<Mlp> m;
+  {
+    std::lock_guard<std::mutex> lock(seed_mu);
+    torch::manual_seed(5);
+    m = std::make_shared<Mlp>();
+  }
+  aq::QModule(*m, c);
+  m->to(dev);
+  aq::train::StepOptions so;
+  so.quant = c;
+  so.index_bound = 16;
+  so.all_gather = gather;
+  aq::train::Step step(*m, dev, so);
+  for (int s = 0; s < 4; ++s) {
+    const auto idx = data.indices(s, rank, world);
+    step(data.x.index({idx}).to(dev), data.y.index({idx}), idx);
+  }
+  Adaptive a = adaptive_of(*m);
+  for (auto* map : {&a.stat, &a.mean})
+    for (auto& [name, t] : *map) t = t.cpu();
+  return a;
+}
+
 // Two ranks at batch 4 after L3 steps that cover two epochs: the per-sample
 // gradient statistics (keyed by dataset index), batch means and per-layer
 // budgets are bit-identical on both ranks, and the same as one process's at
@@ -256,31 +287,10 @@ struct Samples {
 TEST(DistAdaptive, StatisticsAndBudgetsFollowSamplesAcrossRanks) {
   torch::manual_seed(11);
   const Samples data;
-  const aq::QuantConfig c;  // L3: 2 of 8 bits, per sample and per layer, gradient statistics
+  const aq::QuantConfig c;
   ASSERT_TRUE(aq::adaptive(c) && c.perlayer && c.usegradient);
-  auto build = [&] {
-    torch::manual_seed(5);
-    auto m = std::make_shared<Mlp>();
-    aq::QModule(*m, c);
-    return m;
-  };
-  std::mutex seed_mu;  // the generator is the process's: ranks build one at a time
   auto run = [&](int world, int rank, const aq::AllGather& gather) {
-    std::shared_ptr<Mlp> m;
-    {
-      std::lock_guard<std::mutex> lock(seed_mu);
-      m = build();
-    }
-    aq::train::StepOptions so;
-    so.quant = c;
-    so.index_bound = 16;
-    so.all_gather = gather;
-    aq::train::Step step(*m, torch::kCPU, so);
-    for (int s = 0; s < 4; ++s) {
-      const auto idx = data.indices(s, rank, world);
-      step(data.x.index({idx}), data.y.index({idx}), idx);
-    }
-    return adaptive_of(*m);
+    return run_mlp(data, world, rank, gather, torch::kCPU);
   };
   const Adaptive one = run(1, 0, {});
   ASSERT_EQ(one.stat.size(), 3u);
@@ -290,12 +300,6 @@ TEST(DistAdaptive, StatisticsAndBudgetsFollowSamplesAcrossRanks) {
   double moved = 0;  // budgets away from cabits: the reallocation decided something
   for (const auto& [name, b] : one.budget) moved += std::abs(b - c.cabits);
   EXPECT_GT(moved, 0.1);
-
-  // A gather over one rank changes nothing, bit for bit.
-  const Adaptive alone = run(1, 0, [](const at::Tensor& t) { return t.unsqueeze(0); });
-  for (const auto& [name, t] : one.stat) EXPECT_TRUE(torch::equal(alone.stat.at(name), t)) << name;
-  for (const auto& [name, t] : one.mean) EXPECT_TRUE(torch::equal(alone.mean.at(name), t)) << name;
-  EXPECT_EQ(alone.budget, one.budget);
 
   std::vector<Adaptive> two(2);
   ranks(2, [&](aq::dist::Group& g) {
@@ -313,6 +317,29 @@ TEST(DistAdaptive, StatisticsAndBudgetsFollowSamplesAcrossRanks) {
   }
   EXPECT_EQ(two[0].budget, two[1].budget);
   EXPECT_EQ(two[0].budget, one.budget);
+}
+
+class DistAdaptiveDevice : public DeviceTest {};
+AQ_PER_DEVICE(DistAdaptiveDevice);
+
+// A gather over one rank (each tensor as it is) changes nothing, bit for
+// bit: the shared update and the allocation over gathered units are the
+// process's own, on a device too (indices gathered there, the tables sized
+// by the dataset's size instead of read-back indices).
+TEST_P(DistAdaptiveDevice, GatherOverOneRankChangesNothing) {
+  const Samples data;
+  const Adaptive own = run_mlp(data, 1, 0, {}, dev());
+  const Adaptive gathered = run_mlp(data, 1, 0, [](const at::Tensor& t) { return t.unsqueeze(0); }, dev());
+  ASSERT_EQ(own.stat.size(), 3u);
+  for (const auto& [name, t] : own.stat) {
+    // Gathered on a device, the tables were sized to the dataset at once.
+    const at::Tensor g = gathered.stat.at(name);
+    ASSERT_GE(g.size(0), 16) << name;
+    ASSERT_GE(t.size(0), 16) << name;
+    EXPECT_TRUE(torch::equal(g.narrow(0, 0, 16), t.narrow(0, 0, 16))) << name;
+  }
+  for (const auto& [name, t] : own.mean) EXPECT_TRUE(torch::equal(gathered.mean.at(name), t)) << name;
+  EXPECT_EQ(gathered.budget, own.budget);
 }
 
 // Two ranks training preact_resnet20 at L3 (SGD, gradients averaged, each
