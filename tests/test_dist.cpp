@@ -1,12 +1,20 @@
-// The launcher's environment, SLURM's host lists, and the process group and
-// gradient reducer over Gloo with ranks as threads of this process.
+// The launcher's environment, SLURM's host lists, the process group and
+// gradient reducer, and adaptive precision across ranks, over Gloo with
+// ranks as threads of this process.
+#include "aq/adaptive.h"
 #include "aq/dist.h"
+#include "aq/models.h"
+#include "aq/modules.h"
+#include "aq/optim.h"
+#include "aq/step.h"
+#include "device_test.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
 #include <map>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -179,6 +187,204 @@ TEST(DistGroup, UnreachableMasterTimesOut) {
   } catch (const std::runtime_error& err) {
     EXPECT_NE(std::string(err.what()).find("rendezvous at 127.0.0.1:9"), std::string::npos) << err.what();
   }
+}
+
+// --- Adaptive precision across ranks -----------------------------------------------
+
+// Every aq layer's adaptive state by layer name.
+struct Adaptive {
+  std::map<std::string, torch::Tensor> stat, mean;
+  std::map<std::string, double> budget;
+};
+Adaptive adaptive_of(torch::nn::Module& model) {
+  Adaptive a;
+  for (const auto& item : model.named_modules()) {
+    auto* q = dynamic_cast<aq::QLayer*>(item.value().get());
+    if (!q) continue;
+    const aq::LayerState& st = *q->state();
+    if (st.sample_stat.defined()) a.stat[item.key()] = st.sample_stat.clone();
+    if (st.grad_mean.defined()) a.mean[item.key()] = st.grad_mean.clone();
+    if (aq::adaptive(q->config()) && st.last_bits.defined() && !st.batch_norm) a.budget[item.key()] = st.budget;
+  }
+  for (const auto& [name, t] : aq::adaptive_state(model))  // pending (deferred) budgets too
+    if (name.size() > 15 && name.compare(name.size() - 15, 15, ".aq_budget_next") == 0)
+      a.budget[name] = t.item<double>();
+  return a;
+}
+
+// Three aq linear layers: their output gradients come from the weights and
+// the exact forward alone (a linear layer's saved input only enters its
+// weight gradient; ReLU's mask is exact), not from how activations were
+// compressed.  So with fixed weights, ranks that allocate bits over their own
+// half-batch see the same output gradients as one process over the whole.
+struct Mlp : aq::models::Model {
+  aq::QLinear fc1{nullptr}, fc2{nullptr}, fc3{nullptr};
+  aq::QReLU relu1, relu2;
+  Mlp() {
+    fc1 = register_module("fc1", aq::QLinear(12, 32));
+    relu1 = register_module("relu1", aq::QReLU());
+    fc2 = register_module("fc2", aq::QLinear(32, 32));
+    relu2 = register_module("relu2", aq::QReLU());
+    fc3 = register_module("fc3", aq::QLinear(32, 4));
+  }
+  torch::Tensor forward(const torch::Tensor& x) override { return fc3(relu2(fc2(relu1(fc1(x))))); }
+};
+
+// A dataset of 16 samples, a new permutation each epoch, global batches of
+// 8: over two epochs every sample moves to whichever rank its new place
+// gives it.  indices(): rank r's part of step s's global batch.
+struct Samples {
+  torch::Tensor x = torch::randn({16, 12}, torch::TensorOptions().dtype(torch::kFloat));
+  torch::Tensor y = torch::randint(4, {16}, torch::kLong);
+  std::vector<torch::Tensor> order;  // per epoch
+  Samples() {
+    for (int e = 0; e < 2; ++e) order.push_back(torch::randperm(16, torch::kLong));
+  }
+  torch::Tensor indices(int step, int rank, int world) const {
+    const int64_t b = 8 / world;
+    return order[step / 2].narrow(0, (step % 2) * 8 + rank * b, b).clone();
+  }
+};
+
+// Four L3 steps (two epochs) of rank `rank` of `world` over `data`, the Mlp
+// (weights fixed) on `dev`, the step's gather `gather`: the layers' adaptive
+// state.  Ranks as threads build their models one at a time (the generator
+// is the process's).
+Adaptive run_mlp(const Samples& data, int world, int rank, const aq::AllGather& gather, const torch::Device& dev) {
+  static std::mutex seed_mu;
+  const aq::QuantConfig c;  // L3: 2 of 8 bits, per sample and per layer, gradient statistics
+  std::shared_ptr<Mlp> m;
+  {
+    std::lock_guard<std::mutex> lock(seed_mu);
+    torch::manual_seed(5);
+    m = std::make_shared<Mlp>();
+  }
+  aq::QModule(*m, c);
+  m->to(dev);
+  aq::train::StepOptions so;
+  so.quant = c;
+  so.index_bound = 16;
+  so.all_gather = gather;
+  aq::train::Step step(*m, dev, so);
+  for (int s = 0; s < 4; ++s) {
+    const auto idx = data.indices(s, rank, world);
+    step(data.x.index({idx}).to(dev), data.y.index({idx}), idx);
+  }
+  Adaptive a = adaptive_of(*m);
+  for (auto* map : {&a.stat, &a.mean})
+    for (auto& [name, t] : *map) t = t.cpu();
+  return a;
+}
+
+// Two ranks at batch 4 after L3 steps that cover two epochs: the per-sample
+// gradient statistics (keyed by dataset index), batch means and per-layer
+// budgets are bit-identical on both ranks, and the same as one process's at
+// batch 8 over the same samples: the statistics to float tolerance, as the
+// ranks' output gradients of half-batch losses (scaled back by 1/ranks^2)
+// equal the whole batch's; the budgets, means of whole bits allocated from
+// sensitivities that differ by rounding only, exactly.
+// Weights stay fixed (no update): with updates, the compressed activations,
+// whose bits each rank allocates over its own half-batch, would move the
+// weights apart, and with them the gradients the statistics record.
+TEST(DistAdaptive, StatisticsAndBudgetsFollowSamplesAcrossRanks) {
+  torch::manual_seed(11);
+  const Samples data;
+  const aq::QuantConfig c;
+  ASSERT_TRUE(aq::adaptive(c) && c.perlayer && c.usegradient);
+  auto run = [&](int world, int rank, const aq::AllGather& gather) {
+    return run_mlp(data, world, rank, gather, torch::kCPU);
+  };
+  const Adaptive one = run(1, 0, {});
+  ASSERT_EQ(one.stat.size(), 3u);
+  ASSERT_EQ(one.budget.size(), 6u);  // budgets applied and pending
+  for (const auto& [name, t] : one.stat)
+    EXPECT_TRUE(t.size(0) >= 16 && (t.narrow(0, 0, 16) >= 0).all().item<bool>()) << name << ": every sample seen";
+  double moved = 0;  // budgets away from cabits: the reallocation decided something
+  for (const auto& [name, b] : one.budget) moved += std::abs(b - c.cabits);
+  EXPECT_GT(moved, 0.1);
+
+  std::vector<Adaptive> two(2);
+  ranks(2, [&](aq::dist::Group& g) {
+    two[g.rank()] = run(2, static_cast<int>(g.rank()), [&g](const at::Tensor& t) { return g.all_gather(t); });
+  });
+  ASSERT_EQ(two[0].stat.size(), 3u);
+  for (const auto& [name, t] : two[0].stat) {
+    EXPECT_TRUE(torch::equal(two[1].stat.at(name), t)) << name << ": ranks differ";
+    EXPECT_TRUE(torch::allclose(t, one.stat.at(name), 1e-5, 1e-12))
+        << name << ": max diff " << (t - one.stat.at(name)).abs().max().item<float>();
+  }
+  for (const auto& [name, t] : two[0].mean) {
+    EXPECT_TRUE(torch::equal(two[1].mean.at(name), t)) << name;
+    EXPECT_TRUE(torch::allclose(t, one.mean.at(name), 1e-5, 1e-12)) << name;
+  }
+  EXPECT_EQ(two[0].budget, two[1].budget);
+  EXPECT_EQ(two[0].budget, one.budget);
+}
+
+class DistAdaptiveDevice : public DeviceTest {};
+AQ_PER_DEVICE(DistAdaptiveDevice);
+
+// A gather over one rank (each tensor as it is) changes nothing, bit for
+// bit: the shared update and the allocation over gathered units are the
+// process's own, on a device too (indices gathered there, the tables sized
+// by the dataset's size instead of read-back indices).
+TEST_P(DistAdaptiveDevice, GatherOverOneRankChangesNothing) {
+  const Samples data;
+  const Adaptive own = run_mlp(data, 1, 0, {}, dev());
+  const Adaptive gathered = run_mlp(data, 1, 0, [](const at::Tensor& t) { return t.unsqueeze(0); }, dev());
+  ASSERT_EQ(own.stat.size(), 3u);
+  for (const auto& [name, t] : own.stat) {
+    // Gathered on a device, the tables were sized to the dataset at once.
+    const at::Tensor g = gathered.stat.at(name);
+    ASSERT_GE(g.size(0), 16) << name;
+    ASSERT_GE(t.size(0), 16) << name;
+    EXPECT_TRUE(torch::equal(g.narrow(0, 0, 16), t.narrow(0, 0, 16))) << name;
+  }
+  for (const auto& [name, t] : own.mean) EXPECT_TRUE(torch::equal(gathered.mean.at(name), t)) << name;
+  EXPECT_EQ(gathered.budget, own.budget);
+}
+
+// Two ranks training preact_resnet20 at L3 (SGD, gradients averaged, each
+// rank's own stochastic rounding and BatchNorm batch): after a few steps
+// every rank holds the same per-sample statistics, batch means and
+// per-layer budgets, bit for bit.  Not compared with one process: the
+// ranks' compressed activations differ from its, and so do the gradients.
+TEST(DistAdaptive, RanksTrainingAgree) {
+  std::vector<Adaptive> two(2);
+  ranks(2, [&](aq::dist::Group& g) {
+    const aq::QuantConfig c;
+    static std::mutex seed_mu;
+    aq::models::ModelPtr m;
+    {
+      std::lock_guard<std::mutex> lock(seed_mu);
+      torch::manual_seed(3);
+      m = aq::models::build("preact_resnet20", 3, 4, c);
+    }
+    m->train();
+    aq::dist::broadcast_from_root(g, m->parameters());
+    aq::train::SGD opt(m->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+    aq::dist::GradientReducer reducer(g, m->parameters());
+    aq::train::StepOptions so;
+    so.quant = c;
+    so.index_bound = 64;
+    so.before_backward = [&reducer](const torch::Tensor& loss) { reducer.prepare(loss); };
+    so.all_gather = [&g](const at::Tensor& t) { return g.all_gather(t); };
+    aq::train::Step step(*m, torch::kCPU, so);
+    for (int s = 0; s < 3; ++s) {
+      const auto idx = torch::arange(4, torch::kLong) + 8 * s + 4 * g.rank();
+      torch::manual_seed(100 + 10 * s + g.rank());  // each rank's own images
+      step(torch::randn({4, 3, 8, 8}), torch::randint(4, {4}, torch::kLong), idx, &opt);
+    }
+    two[g.rank()] = adaptive_of(*m);
+  });
+  ASSERT_GT(two[0].stat.size(), 10u);
+  for (const auto& [name, t] : two[0].stat) {
+    EXPECT_TRUE(torch::equal(two[1].stat.at(name), t)) << name;
+    EXPECT_EQ((t >= 0).sum().item<int64_t>(), 24) << name << ": the 24 samples of both ranks seen";
+  }
+  for (const auto& [name, t] : two[0].mean) EXPECT_TRUE(torch::equal(two[1].mean.at(name), t)) << name;
+  ASSERT_GT(two[0].budget.size(), 10u);
+  EXPECT_EQ(two[0].budget, two[1].budget);
 }
 
 }  // namespace

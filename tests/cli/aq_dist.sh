@@ -4,7 +4,8 @@
 # two ranks at batch B equal one process at 2B; QSyncBatchNorm on two ranks
 # equals BatchNorm over the union batch; rank 0 alone writes; a SIGTERM to
 # one rank stops both after the same step with one checkpoint, and --resume
-# continues bit-exactly (and on another number of ranks); evaluation is
+# continues bit-exactly, adaptive state included (and on another number of
+# ranks); evaluation is
 # sharded with every image counted once; a bad environment fails at once;
 # scripts/dist-train through torchrun; aq-eval shares its work the same way.
 #   aq_dist.sh AQ_TRAIN CKPT_DIFF DIST_TRAIN AQ_EVAL
@@ -76,7 +77,9 @@ d=$("$DIFF" --buffers "$tmp/qbn/checkpoint.h5" "$tmp/qsync1/checkpoint.h5")
 check "QSyncBN in one process is QBN (max diff $d)" '[ "$d" = 0 ]'
 
 # --- SIGTERM to one rank: both stop after the same step, one checkpoint, exact resume ---
-ranks sig 2 "${syn[@]}" -c quantize --cabits=2 --ibits=2 -b 4 --max-steps 100000 --log-interval 1 --workspace "$tmp/sig"
+# At L3: the ranks share their adaptive statistics and budgets, so rank 0's
+# checkpoint holds every rank's state and the resumed run continues exactly.
+ranks sig 2 "${syn[@]}" -c quantize -b 4 --max-steps 100000 --log-interval 1 --workspace "$tmp/sig"
 for _ in $(seq 1 600); do grep -q " step 2/" "$tmp/sig.0.err" 2>/dev/null && break; sleep 0.1; done
 kill -TERM "${pids[1]}"
 wait_ranks
@@ -84,15 +87,17 @@ step=$(grep -o "stopped by signal 15 at epoch 1, batch [0-9]*" "$tmp/sig.0.err" 
 check "SIGTERM to rank 1: both exit 143, rank 0 wrote the checkpoint" \
   '[ "$rcs" = "143 143" ] && [ -n "$step" ] && [ -s "$tmp/sig/checkpoint.h5" ] && ! ls "$tmp/sig" | grep -q tmp'
 end=$((step + 2))
-ranks ref 2 "${syn[@]}" -c quantize --cabits=2 --ibits=2 -b 4 --max-steps "$end" --workspace "$tmp/ref"
+ranks ref 2 "${syn[@]}" -c quantize -b 4 --max-steps "$end" --workspace "$tmp/ref"
 wait_ranks
-ranks res 2 "${syn[@]}" -c quantize --cabits=2 --ibits=2 -b 4 --max-steps "$end" --workspace "$tmp/sig" --resume auto
+ranks res 2 "${syn[@]}" -c quantize -b 4 --max-steps "$end" --workspace "$tmp/sig" --resume auto
 wait_ranks
-d=$("$DIFF" "$tmp/ref/checkpoint.h5" "$tmp/sig/checkpoint.h5")
-check "resumed on two ranks: bit-exact with the run never stopped (step $step to $end, max diff $d)" \
+d=$("$DIFF" --adaptive "$tmp/ref/checkpoint.h5" "$tmp/sig/checkpoint.h5")
+check "resumed on two ranks: bit-exact with the run never stopped, adaptive state included (step $step to $end, max diff $d)" \
   '[ "$rcs" = "0 0" ] && [ "$d" = 0 ]'
+check "the ranks' adaptive states agree at every checkpoint" \
+  '! grep -q "differs between the ranks" "$tmp"/sig.0.err "$tmp"/ref.0.err "$tmp"/res.0.err'
 cp -r "$tmp/sig" "$tmp/sig3"
-ranks three 3 "${syn[@]}" -c quantize --cabits=2 --ibits=2 -b 4 --max-steps $((end + 2)) --workspace "$tmp/sig3" --resume auto
+ranks three 3 "${syn[@]}" -c quantize -b 4 --max-steps $((end + 2)) --workspace "$tmp/sig3" --resume auto
 wait_ranks
 check "resumed on three ranks: continues (not bit-exact, said so)" \
   '[ "$rcs" = "0 0 0" ] && grep -q "written by 2 rank(s), this run has 3" "$tmp/three.0.err"'

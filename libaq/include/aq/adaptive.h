@@ -15,11 +15,34 @@
 
 #include <torch/nn/module.h>
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace aq {
+
+// Data-parallel runs (docs/distributed.md): every rank's `tensor` (the same
+// shape and device on each) stacked along a new first dimension in rank
+// order, as aq::dist::Group::all_gather.  The functions that take one are
+// called by every rank, on the same model, after the same step.
+using AllGather = std::function<at::Tensor(const at::Tensor&)>;
+
+// Marks every aq layer of `model`: on, its backward leaves the gradient
+// statistics to share_gradient_stats; off (the default), it updates them
+// itself.
+void set_shared_gradient_stats(torch::nn::Module& model, bool on);
+
+// After each backward of a model marked so: every rank's per-sample squared
+// output-gradient norms of each adaptive layer are gathered, scaled by
+// 1/ranks^2 (a rank's loss is its own batch's mean, 1/ranks of the union
+// batch's), and every rank updates its statistics from all of them, keyed
+// by dataset index, in rank order: each then holds what one process over
+// the union batch (rank 0's samples first) would, and a sample's history is
+// there for whichever rank sees it next.  index_bound > 0 (the dataset's
+// size) sizes the tables without reading indices back from a device.  A
+// null gather: this process's update alone.
+void share_gradient_stats(torch::nn::Module& model, const AllGather& gather = {}, int64_t index_bound = 0);
 
 // Per-layer reallocation across the model's adaptive conv/linear layers
 // (perlayer): units are (layer, sample) weighted by elements per sample,
@@ -33,7 +56,11 @@ namespace aq {
 // own; a step then waits for nothing, and a budget takes effect one step
 // later (the forward after next).  Checkpoints keep the pending budgets
 // (adaptive_state), so a resumed run continues exactly.
-int64_t adapt_layers(torch::nn::Module& model, bool defer = false);
+//
+// gather (data-parallel runs, see AllGather above): every rank's units of
+// its last batch take part, each layer's in rank order, so that every rank
+// computes the same budgets, those of one process over the union batch.
+int64_t adapt_layers(torch::nn::Module& model, bool defer = false, const AllGather& gather = {});
 // Sets the budgets a deferred adapt_layers() left pending (waiting for their
 // copy if it has not finished).
 void apply_pending_budgets(torch::nn::Module& model);

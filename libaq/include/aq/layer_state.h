@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 namespace aq {
@@ -59,6 +60,16 @@ struct LayerState : torch::CustomClassHolder {
   // ||dL/dy_n||^2 (usegradient; -1: not seen yet), or the batch mean of the
   // last backward (float, 0-d; !usegradient).  On the layer's device.
   at::Tensor sample_stat, grad_mean;
+  // Data-parallel runs (aq/adaptive.h, share_gradient_stats): when set, a
+  // backward records grad_sq but leaves the statistics alone, noting here
+  // the update it would have made, which share_gradient_stats then makes on
+  // every rank from all the ranks' grad_sq: the ranks' tables stay equal.
+  bool share_stats = false;
+  struct DueStats {
+    bool usegradient = true;
+    at::Tensor indices;  // of grad_sq's samples (undefined: the batch mean only)
+  };
+  std::optional<DueStats> due_stats;
 };
 using LayerStatePtr = c10::intrusive_ptr<LayerState>;
 inline LayerStatePtr make_layer_state() { return c10::make_intrusive<LayerState>(); }

@@ -3,6 +3,7 @@
 // take its gradients, aq-bench times and measures it.
 #pragma once
 
+#include "aq/adaptive.h"
 #include "aq/config.h"
 #include "aq/models.h"
 
@@ -89,6 +90,12 @@ struct StepOptions {
   // Called with the loss (scaled under fp16) just before its backward: a
   // data-parallel run readies its gradient all-reduce here (aq/dist.h).
   std::function<void(const torch::Tensor& loss)> before_backward;
+  // A data-parallel run's gather over the ranks (aq/adaptive.h): the
+  // adaptive layers' gradient statistics are then updated from every rank's
+  // after each backward (share_gradient_stats) and the per-layer
+  // reallocation decides from every rank's units, so that all ranks keep
+  // the same statistics and budgets.  Steps then run eagerly.
+  AllGather all_gather;
 };
 
 struct StepResult {
@@ -134,6 +141,7 @@ class Step {
   c10::Device device_;
   StepOptions options_;
   bool reallocates_;
+  bool shares_stats() const { return static_cast<bool>(options_.all_gather); }
   std::vector<torch::Tensor> params_;
   std::optional<GradScaler> scaler_;
   struct Graph;  // the captured step (CUDA builds)

@@ -76,7 +76,89 @@ void apply_pending_budgets(torch::nn::Module& model) {
   }
 }
 
-int64_t adapt_layers(torch::nn::Module& model, bool defer) {
+namespace {
+// The model's aq layers, itself included, in a fixed order (every rank's the
+// same); works for a model not held by a shared_ptr, as a destructor needs.
+std::vector<QLayer*> q_layers(torch::nn::Module& model) {
+  std::vector<QLayer*> out;
+  if (auto* q = dynamic_cast<QLayer*>(&model)) out.push_back(q);
+  for (const auto& m : model.modules(/*include_self=*/false))
+    if (auto* q = dynamic_cast<QLayer*>(m.get())) out.push_back(q);
+  return out;
+}
+}  // namespace
+
+void set_shared_gradient_stats(torch::nn::Module& model, bool on) {
+  for (QLayer* q : q_layers(model)) {
+    q->state()->share_stats = on;
+    if (!on) q->state()->due_stats.reset();
+  }
+}
+
+void share_gradient_stats(torch::nn::Module& model, const AllGather& gather, int64_t index_bound) {
+  RECORD_FUNCTION("aq::statistics", std::vector<c10::IValue>());
+  std::vector<LayerState*> due;
+  for (QLayer* q : q_layers(model))
+    if (q->state()->due_stats && q->state()->grad_sq.defined()) due.push_back(q->state().get());
+  if (due.empty()) return;
+  if (!gather) {
+    for (LayerState* st : due) {
+      update_gradient_stats(*st, st->due_stats->usegradient, st->grad_sq, st->due_stats->indices);
+      st->due_stats.reset();
+    }
+    return;
+  }
+  // One gather of doubles (int64 indices below 2^53 and float norms are
+  // exact in them): the distinct index tensors (every layer of a batch has
+  // the batch's), then each layer's norms.
+  const at::Device dev = due.front()->grad_sq.device();
+  std::vector<at::Tensor> parts, distinct;
+  std::vector<int64_t> slot(due.size(), -1);  // the layer's index tensor in `distinct`
+  for (size_t i = 0; i < due.size(); ++i) {
+    const at::Tensor& idx = due[i]->due_stats->indices;
+    if (!due[i]->due_stats->usegradient || !idx.defined() || idx.numel() != due[i]->grad_sq.numel()) continue;
+    for (size_t k = 0; k < distinct.size() && slot[i] < 0; ++k)
+      if (distinct[k].is_same(idx)) slot[i] = static_cast<int64_t>(k);
+    if (slot[i] < 0) {
+      slot[i] = static_cast<int64_t>(distinct.size());
+      distinct.push_back(idx);
+      const at::Tensor d = idx.to(at::kDouble).reshape({-1});  // host indices: pinned, no wait for the device
+      parts.push_back(dev.is_cuda() && d.is_cpu() ? d.pin_memory().to(dev, /*non_blocking=*/true) : d.to(dev));
+    }
+  }
+  for (LayerState* st : due) parts.push_back(st->grad_sq.to(dev, at::kDouble).reshape({-1}));
+  const at::Tensor all = gather(at::cat(parts));  // [ranks, entries]
+  const int64_t ranks = all.size(0);
+  // Each part of every rank, rank 0's first: the union batch in its order.
+  int64_t at_ = 0;
+  auto next = [&](int64_t n) {
+    const at::Tensor t = all.narrow(1, at_, n).reshape({-1});
+    at_ += n;
+    return t;
+  };
+  std::vector<at::Tensor> union_indices;
+  for (const auto& idx : distinct) {
+    at::Tensor u = next(idx.numel()).to(at::kLong);
+    // Device indices must fit tables sized beforehand; else they are read
+    // back, as a batch's host indices are, to size them.
+    if (!u.is_cpu() && index_bound <= 0) u = u.cpu();
+    union_indices.push_back(u);
+  }
+  const double scale = 1.0 / static_cast<double>(ranks * ranks);
+  for (size_t i = 0; i < due.size(); ++i) {
+    LayerState& st = *due[i];
+    const at::Tensor g = (next(st.grad_sq.numel()) * scale).to(at::kFloat);
+    at::Tensor idx;
+    if (slot[i] >= 0) {
+      idx = union_indices[static_cast<size_t>(slot[i])];
+      if (!idx.is_cpu()) reserve_sample_stat(st, index_bound, idx.device());
+    }
+    update_gradient_stats(st, st.due_stats->usegradient, g, idx);
+    st.due_stats.reset();
+  }
+}
+
+int64_t adapt_layers(torch::nn::Module& model, bool defer, const AllGather& gather) {
   RECORD_FUNCTION("aq::allocate", std::vector<c10::IValue>());
   if (defer) apply_pending_budgets(model);  // the previous call's: its copy is done by now
   const auto layers = adaptive_layers(model, /*perlayer_only=*/true);
@@ -84,6 +166,8 @@ int64_t adapt_layers(torch::nn::Module& model, bool defer) {
   // Units (layer, sample) on the device; the allocation runs there too, and
   // only the units' bits come back.
   std::vector<at::Tensor> cost, weight;
+  std::vector<int64_t> elements;  // per sample, per owner layer
+  std::vector<int> cabits;
   auto pending = std::make_shared<PendingBudgets>();
   std::map<const LayerState*, size_t> unit_of;  // owner layer -> its entry in cost
   double budget = 0;
@@ -94,11 +178,8 @@ int64_t adapt_layers(torch::nn::Module& model, bool defer) {
     const QuantConfig& c = l.layer->config();
     unit_of[&st] = cost.size();
     cost.push_back(sensitivity_tensor(st, c, st.range_sq, st.sample_elements, st.indices));
-    const int64_t n = cost.back().size(0);
-    weight.push_back(at::full({n}, std::max<int64_t>(1, st.sample_elements),
-                              cost.back().options().dtype(at::kLong)));
-    pending->count.push_back(n);
-    budget += static_cast<double>(c.cabits) * static_cast<double>(st.sample_elements) * static_cast<double>(n);
+    elements.push_back(st.sample_elements);
+    cabits.push_back(c.cabits);
     ibits = c.ibits;
   }
   // A layer that used another's compressed copy holds no bits of its own:
@@ -112,8 +193,28 @@ int64_t adapt_layers(torch::nn::Module& model, bool defer) {
                        sensitivity_tensor(st, l.layer->config(), st.range_sq, st.sample_elements, st.indices);
   }
   if (cost.empty()) return 0;
-  const at::Tensor bits = allocate_bits_tensor(at::cat(cost), at::cat(weight),
-                                               static_cast<int64_t>(std::floor(budget)), ibits);
+  at::Tensor units = at::cat(cost);
+  int64_t ranks = 1;
+  if (gather) {
+    // Each layer's units of every rank together, rank 0's first: the units
+    // of one process over the union batch, in its order.
+    const at::Tensor all = gather(units);  // [ranks, units]
+    ranks = all.size(0);
+    std::vector<at::Tensor> per_layer;
+    int64_t at_ = 0;
+    for (const auto& c : cost) {
+      per_layer.push_back(all.narrow(1, at_, c.size(0)).reshape({-1}));
+      at_ += c.size(0);
+    }
+    units = at::cat(per_layer);
+  }
+  for (size_t i = 0; i < cost.size(); ++i) {
+    const int64_t n = cost[i].size(0) * ranks;
+    weight.push_back(at::full({n}, std::max<int64_t>(1, elements[i]), units.options().dtype(at::kLong)));
+    pending->count.push_back(n);
+    budget += static_cast<double>(cabits[i]) * static_cast<double>(elements[i]) * static_cast<double>(n);
+  }
+  const at::Tensor bits = allocate_bits_tensor(units, at::cat(weight), static_cast<int64_t>(std::floor(budget)), ibits);
   if (bits.is_cpu()) {
     pending->host_bits = bits;
   } else {

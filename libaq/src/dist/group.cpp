@@ -138,11 +138,11 @@ void Group::broadcast(std::vector<at::Tensor>& t, int64_t root) {
 }
 
 at::Tensor Group::all_gather(const at::Tensor& tensor) {
-  auto in = tensor.contiguous();
+  auto in = tensor.contiguous().view({-1});  // Gloo wants the output's shape flat like the input's
   auto out = at::empty({size_ * in.numel()}, in.options());
   guarded("all-gather", [&] { return impl_->pg->_allgather_base(out, in)->wait(); });
   std::vector<int64_t> shape{size_};
-  for (auto s : in.sizes()) shape.push_back(s);
+  for (auto s : tensor.sizes()) shape.push_back(s);
   return out.view(shape);
 }
 

@@ -413,8 +413,13 @@ void record_grad(AutogradContext* ctx, const at::Tensor& g) {
   st->grad_sq = fused.defined() ? fused
                 : dims.empty()  ? g.to(at::kFloat).pow(2)
                                 : at::linalg_vector_norm(g, 2, dims, /*keepdim=*/false, at::kFloat).pow(2);
-  update_gradient_stats(*st, s["usegradient"].toBool(), st->grad_sq,
-                        s.count("indices") ? s["indices"].toTensor() : at::Tensor());
+  const bool usegradient = s["usegradient"].toBool();
+  const at::Tensor indices = s.count("indices") ? s["indices"].toTensor() : at::Tensor();
+  if (st->share_stats) {
+    st->due_stats = LayerState::DueStats{usegradient, indices};
+    return;
+  }
+  update_gradient_stats(*st, usegradient, st->grad_sq, indices);
 }
 
 void save_packed_mask(AutogradContext* ctx, const at::Tensor& source, const at::Tensor& packed, double scale,

@@ -66,6 +66,27 @@ void DataParallel::equal_buffers(models::Model& model) { dist::broadcast_from_ro
 void DataParallel::hook(models::Model& model, StepOptions& options) {
   reducer_ = std::make_unique<dist::GradientReducer>(*group_, model.parameters());
   options.before_backward = [r = reducer_.get()](const torch::Tensor& loss) { r->prepare(loss); };
+  options.all_gather = [g = group_.get()](const at::Tensor& t) { return g->all_gather(t); };
+}
+
+std::string DataParallel::differing(const std::vector<std::pair<std::string, at::Tensor>>& state) {
+  // Entries can differ in number only if something is already wrong: the
+  // counts first, so that the fingerprints' gather has one shape on all.
+  const auto n = static_cast<int64_t>(state.size());
+  const auto counts = group_->all_gather(torch::full({1}, n, torch::kLong));
+  if (!torch::equal(counts, counts[0].expand_as(counts))) return "(the number of entries)";
+  if (n == 0) return "";
+  auto fp = torch::empty({n, 2}, torch::kDouble);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& t = state[static_cast<size_t>(i)].second;
+    fp[i][0] = static_cast<double>(t.numel());
+    fp[i][1] = t.to(torch::kDouble).sum();
+  }
+  const auto all = group_->all_gather(fp);  // [ranks, n, 2]
+  for (int64_t r = 1; r < size(); ++r)
+    for (int64_t i = 0; i < n; ++i)
+      if (!torch::allclose(all[r][i], all[0][i], 0, 0, /*equal_nan=*/true)) return state[static_cast<size_t>(i)].first;
+  return "";
 }
 
 int DataParallel::agree(int value) {

@@ -13,6 +13,8 @@
 
 #include <chrono>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace aq::train::detail {
@@ -34,8 +36,13 @@ class DataParallel {
   void make_equal(models::Model& model, torch::optim::Optimizer& opt);
   // Rank 0's buffers (running statistics) on every rank.
   void equal_buffers(models::Model& model);
-  // The step's gradients averaged over the ranks while backward runs.
+  // The step's gradients averaged over the ranks while backward runs; its
+  // adaptive statistics and per-layer budgets decided from every rank's.
   void hook(models::Model& model, StepOptions& options);
+  // The first entry of an adaptive state (aq/adaptive.h) in which some rank
+  // differs from rank 0 (compared by size and sum, NaN equal to NaN); ""
+  // when all agree.  A collective.
+  std::string differing(const std::vector<std::pair<std::string, at::Tensor>>& adaptive_state);
   // The largest of the ranks' values (stop signals): every rank the same.
   int agree(int value);
   // Sums over the ranks, in place (CPU doubles).

@@ -81,6 +81,7 @@ std::string capture_blocker(models::Model& model, const c10::Device& device, con
   if (!device.is_cuda()) return "they need a CUDA device";
   if (o.amp == Amp::kFloat16) return "fp16 loss scaling decides on the host whether to update";
   if (o.before_backward) return "a data-parallel run's gradient all-reduce runs from the host";
+  if (o.all_gather) return "a data-parallel run's adaptive statistics are gathered from the host";
   if (model.recomputes_blocks() && draws_random_numbers(model))
     return "recomputed blocks with dropout put the random generators' state back from the host";
   for (const auto& m : model.modules(/*include_self=*/false)) {
@@ -122,6 +123,7 @@ Step::Step(models::Model& model, const c10::Device& device, StepOptions options)
       reallocates_(adaptive(options_.quant) && options_.quant.perlayer),
       params_(model.parameters()) {
   if (options_.amp == Amp::kFloat16) scaler_.emplace(device);
+  if (shares_stats()) set_shared_gradient_stats(model_, true);
   if (!options_.cuda_graphs) return;
   eager_reason_ = capture_blocker(model_, device_, options_);
   if (!eager_reason_.empty()) {
@@ -133,7 +135,9 @@ Step::Step(models::Model& model, const c10::Device& device, StepOptions options)
 #endif
 }
 
-Step::~Step() = default;
+Step::~Step() {
+  if (shares_stats()) set_shared_gradient_stats(model_, false);
+}
 
 void Step::fall_back(const std::string& why) {
   eager_reason_ = why;
@@ -184,7 +188,8 @@ StepResult Step::eager(const torch::Tensor& images, const torch::Tensor& labels,
     optimizer->step();
     r.updated = true;
   }
-  if (reallocate) adapt_layers(model_, options_.defer_reallocation);
+  if (shares_stats()) share_gradient_stats(model_, options_.all_gather, options_.index_bound);
+  if (reallocate) adapt_layers(model_, options_.defer_reallocation, options_.all_gather);
   r.loss = loss.detach();
   r.logits = f.logits.detach();
   r.labels = y;
@@ -278,7 +283,7 @@ void Step::capture_step(const torch::Tensor& x, const torch::Tensor& labels, con
   Graph& g = *graph_;
   // Per-layer budgets from the statistics of the last step that ran: they
   // size the packed copies, which the graph then keeps.
-  if (reallocates_) adapt_layers(model_, /*defer=*/false);
+  if (reallocates_) adapt_layers(model_, /*defer=*/false, options_.all_gather);
   g.graph.reset();
   g.x = at::empty_strided(x.sizes(), x.strides(), x.options());
   g.y = at::empty(labels.sizes(), labels.options().device(device_));

@@ -281,9 +281,6 @@ void Trainer::setup() {
   if (dp_) {
     dp_->make_equal(*model_, *opt_);
     dp_->restore_rng(resumed_ ? &*resumed_ : nullptr, dev_, seed_, step_);
-    if (adaptive(o_.quant) && main_)
-      log().warn("{}: each rank keeps its own adaptive statistics and per-layer budgets; checkpoints hold rank 0's",
-                 o_.quant.to_flags());
   }
   if (text_) {
     log().info("{} on {} ({} train / {} validation windows of {} tokens), {} on {}, seed {}", o_.arch, dataset_,
@@ -512,6 +509,13 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
   for (const auto& b : model_->named_buffers()) c.buffers.emplace_back(b.key(), b.value());
   c.optimizer = optimizer_state(*opt_, named_params());
   c.adaptive = adaptive_state(*model_);
+  // Every rank's statistics and budgets are the same by construction
+  // (StepOptions::all_gather), so rank 0's are the run's merged state; a
+  // difference would be a fault, and the log says so.
+  if (dp_) {
+    if (const std::string bad = dp_->differing(c.adaptive); !bad.empty() && main_)
+      log().warn("adaptive state {} differs between the ranks; the checkpoint holds rank 0's", bad);
+  }
   c.rng.emplace_back("cpu", at::globalContext().defaultGenerator(c10::kCPU).get_state());
   if (dev_.is_cuda()) c.rng.emplace_back("cuda", at::globalContext().defaultGenerator(dev_).get_state());
   if (dp_) dp_->gather_rng(c, dev_);  // a collective: every rank calls save()
