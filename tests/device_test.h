@@ -25,3 +25,16 @@ class DeviceTest : public ::testing::TestWithParam<std::string> {
 #define AQ_PER_DEVICE(Suite)                                                              \
   INSTANTIATE_TEST_SUITE_P(Device, Suite, ::testing::Values("cpu", "cuda"),               \
                            [](const auto& info) { return std::string(info.param); })
+
+// Deterministic cuDNN for comparisons of two computations, restored after.
+struct DeterministicCudnn {
+  bool det = at::globalContext().deterministicCuDNN(), bench = at::globalContext().benchmarkCuDNN();
+  DeterministicCudnn() {
+    at::globalContext().setDeterministicCuDNN(true);
+    at::globalContext().setBenchmarkCuDNN(false);
+  }
+  ~DeterministicCudnn() {
+    at::globalContext().setDeterministicCuDNN(det);
+    at::globalContext().setBenchmarkCuDNN(bench);
+  }
+};

@@ -66,19 +66,6 @@ double max_diff(torch::nn::Module& a, torch::nn::Module& b) {
   return d;
 }
 
-// Deterministic cuDNN for the comparisons, restored after.
-struct DeterministicCudnn {
-  bool det = at::globalContext().deterministicCuDNN(), bench = at::globalContext().benchmarkCuDNN();
-  DeterministicCudnn() {
-    at::globalContext().setDeterministicCuDNN(true);
-    at::globalContext().setBenchmarkCuDNN(false);
-  }
-  ~DeterministicCudnn() {
-    at::globalContext().setDeterministicCuDNN(det);
-    at::globalContext().setBenchmarkCuDNN(bench);
-  }
-};
-
 TEST_P(StepGraphs, ReplaysComputeWhatEagerStepsCompute) {
   if (!dev().is_cuda()) GTEST_SKIP() << "CUDA graphs need a CUDA device";
   const DeterministicCudnn det;
