@@ -131,6 +131,7 @@ int main(int argc, char** argv) {
     o.seed_given = v.seed_given;
     o.data = v.data;
     o.arch = v.arch;
+    o.layers = v.layers, o.width = v.width, o.heads = v.heads, o.dropout = v.dropout;
     o.quant = table.quant();
     o.amp = table.amp();
     o.epochs = v.epochs;
@@ -156,7 +157,8 @@ int main(int argc, char** argv) {
     o.progress = v.verbosity >= 0;
     for (const char* name : {"--batch-size", "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
                              "--lr-schedule", "--warmup", "--milestones", "--nesterov", "--amp", "--optimizer",
-                             "--betas", "--eps", "--warmup-steps", "--clip-grad-norm", "--context"})
+                             "--betas", "--eps", "--warmup-steps", "--clip-grad-norm", "--context", "--layers",
+                             "--width", "--heads", "--dropout"})
       if (app.count(name)) o.given.insert(name);
     for (const char* name : {"--qconfig", "--level", "--ca", "--cabits", "--ibits", "--pergroup", "--perlayer",
                              "--usegradient", "--group-size", "--range-dtype", "--rounding"})

@@ -2,7 +2,8 @@
 # aq-train's options for transformers from the shell: --dataset text's bad
 # folders and --check-data, the optimizer options' usage errors, a short
 # AdamW run with warm-up, cosine and clipping, and its resume refusing
-# another optimizer.  (A text training run needs a token architecture.)
+# another optimizer; a transformer's shape options and their resume.  (A text
+# training run needs a token architecture.)
 #   aq_train_text.sh AQ_TRAIN
 set -u
 TRAIN=$1
@@ -52,5 +53,20 @@ check "AdamW run: step 3 at the peak lr (the cosine's first step after 2 warm-up
 check "resume with another optimizer: exit 2, naming it" '[ $rc -eq 2 ] && grep -q "^aq-train: --optimizer sgd-nesterov conflicts with .*adamw" "$tmp/err"'
 "$TRAIN" "${run[@]}" --resume auto --max-steps 4 >"$tmp/b.tsv" 2>"$tmp/err"; rc=$?
 check "resume of the AdamW run: exit 0, step 4" '[ $rc -eq 0 ] && [ "$(tail -1 "$tmp/b.tsv" | cut -f2)" = 4 ]'
+
+# --- a transformer's shape from the command line, kept by its checkpoint -------------
+gpt=(--dataset text --arch gpt_small --context 16 -b 4 --device cpu --seed 3 --val-batches 1 -q)
+"$TRAIN" "${gpt[@]}" --workspace "$tmp/g" --layers 2 --width 32 --heads 4 --dropout 0.1 --max-steps 2 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "gpt_small --layers 2 --width 32 --heads 4 --dropout 0.1: trains" '[ $rc -eq 0 ]'
+"$TRAIN" "${gpt[@]}" --workspace "$tmp/g" --resume auto --max-steps 3 "$tmp/corpus" >"$tmp/g.tsv" 2>"$tmp/err"; rc=$?
+check "its resume without the shape options: the same model, step 3" '[ $rc -eq 0 ] && [ "$(tail -1 "$tmp/g.tsv" | cut -f2)" = 3 ]'
+"$(dirname "$TRAIN")/aq-eval" --device cpu --data "$tmp/corpus" "$tmp/g/checkpoint.h5" >"$tmp/ge.tsv" 2>"$tmp/err"; rc=$?
+check "aq-eval rebuilds it (4 heads, as recorded)" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/ge.tsv") -eq 2 ]'
+"$TRAIN" "${gpt[@]}" --workspace "$tmp/g" --resume auto --width 64 --max-steps 4 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with another --width: exit 2, naming it" '[ $rc -eq 2 ] && grep -q "^aq-train: --width 64 conflicts with" "$tmp/err"'
+"$TRAIN" --dataset synthetic --arch preact_resnet20 --image-size 8 --device cpu --workspace "$tmp/r" --layers 3 >/dev/null 2>"$tmp/err"; rc=$?
+check "--layers on a ResNet: exit 2" '[ $rc -eq 2 ] && grep -q "are for transformers" "$tmp/err"'
+"$TRAIN" "${gpt[@]}" --workspace "$tmp/h" --width 30 --heads 4 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "a width the heads do not divide: exit 2" '[ $rc -eq 2 ] && grep -q "not a multiple of its 4 heads" "$tmp/err"'
 
 exit $fail

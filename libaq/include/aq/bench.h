@@ -71,6 +71,9 @@ struct ModelOptions {
   // Token models (gpt_*, aq/loss.h's takes_tokens): random tokens of this
   // many per sample, `classes` the vocabulary; image_size and channels unused.
   int64_t context = 1024;
+  // Transformers' shape (models::ModelOptions; 0: the architecture's own).
+  int64_t layers = 0, width = 0, heads = 0;
+  double dropout = 0;
   // Besides the exact model: L0 .. L5, and ckpt (the exact model with every
   // block recomputed in backward: activation checkpointing, aq/recompute.h).
   std::vector<std::string> levels;

@@ -75,6 +75,9 @@ struct Values {
   data::DataOptions data;
   std::string arch = "preact_resnet20";
   std::string amp = "off";
+  // Transformers' shape (models::ModelOptions; 0: the architecture's own).
+  int64_t layers = 0, width = 0, heads = 0;
+  double dropout = 0;
   // Training (aq-train; ActNN's data configuration, accepted by the others).
   int64_t epochs = 20;
   double lr = 0.1, momentum = 0.9, weight_decay = 1e-4, label_smoothing = 0.0;

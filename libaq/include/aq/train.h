@@ -26,6 +26,9 @@ struct Options {
   int64_t val_batches = 0;       // evaluate on the first N test batches; 0: all
   // Model and quantization.
   std::string arch = "preact_resnet20";
+  // Transformers' shape (models::ModelOptions; 0: the architecture's own).
+  int64_t layers = 0, width = 0, heads = 0;
+  double dropout = 0;
   QuantConfig quant;
   // Optimisation.
   int64_t epochs = 20;
@@ -71,7 +74,8 @@ struct Options {
   // Settings given on the command line, by option name ("--batch-size",
   // "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
   // "--lr-schedule", "--warmup", "--warmup-steps", "--milestones", "--nesterov",
-  // "--amp", "--optimizer", "--betas", "--eps", "--clip-grad-norm", "--context", and
+  // "--amp", "--optimizer", "--betas", "--eps", "--clip-grad-norm", "--context", "--layers",
+  // "--width", "--heads", "--dropout", and
   // "quantization" for any quantization flag).  With --resume the run keeps
   // the checkpoint's settings: one given here that differs is refused
   // (std::invalid_argument), except --epochs, which moves the end of the run

@@ -174,6 +174,15 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
   add(kTrain | kBenchAll, false, "--context,--seq-len", v.data.context,
       bench ? "Tokens per sample of token models (gpt_*)" : "Tokens per sample of --dataset text (windows of N+1 bytes)", d,
       &Positive);
+  add(kTrain | kBenchAll, false, "--layers", v.layers, "Transformers: blocks (0: the architecture's own)", d,
+      &NonNegative);
+  add(kTrain | kBenchAll, false, "--width", v.width, "Transformers: embedding width (0: the architecture's own)", d,
+      &NonNegative);
+  add(kTrain | kBenchAll, false, "--heads", v.heads,
+      "Transformers: attention heads, dividing the width (0: the architecture's own, or width / 64 with --width)", d,
+      &NonNegative);
+  add(kTrain | kBenchAll, false, "--dropout", v.dropout,
+      "Transformers: dropout after the embeddings, attention and MLP, in [0, 1)", d, &Fraction);
   add(kModel | kEval | kBenchAll, false, "--amp", v.amp,
       "Autocast: off, bf16 or fp16 (fp16 with dynamic loss scaling)", d);
   // ActNN's training configuration.

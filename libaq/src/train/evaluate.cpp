@@ -68,9 +68,11 @@ models::ModelPtr model_from_checkpoint(const ckpt::Checkpoint& c, const std::str
                                        const QuantConfig& config) {
   const std::string arch = meta(c, "arch", source);
   models::ModelPtr m;
+  auto options = models::options_from_parameters(arch, c.parameters);
+  // Heads leave no trace in the parameters' shapes: aq-train records them.
+  if (auto h = c.counters.find("heads"); h != c.counters.end()) options.heads = h->second;
   try {
-    m = models::build(arch, counter(c, "in_channels", source), counter(c, "num_classes", source),
-                      models::options_from_parameters(arch, c.parameters), config);
+    m = models::build(arch, counter(c, "in_channels", source), counter(c, "num_classes", source), options, config);
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error(source + ": " + e.what());
   }

@@ -233,7 +233,19 @@ void Trainer::setup() {
   mo.image_height = info.height;
   mo.image_width = info.width;
   if (info.sequence > 0) mo.context = std::max(mo.context, info.sequence);
+  const bool transformer = models::is_vit(o_.arch) || models::is_gpt(o_.arch);
+  if (!transformer && (o_.layers || o_.width || o_.heads || o_.dropout > 0))
+    throw std::invalid_argument("--layers, --width, --heads and --dropout are for transformers (vit_*, gpt_*), not " +
+                                o_.arch);
+  mo.layers = o_.layers, mo.width = o_.width, mo.heads = o_.heads, mo.dropout = o_.dropout;
   model_ = models::build(o_.arch, info.channels, info.num_classes, mo, o_.quant);
+  if (transformer) {  // the shape built, which checkpoints record: a resume or aq-eval builds it again
+    std::vector<std::pair<std::string, torch::Tensor>> params;
+    for (const auto& p : model_->named_parameters()) params.emplace_back(p.key(), p.value());
+    const auto built = models::options_from_parameters(o_.arch, params);
+    o_.layers = built.layers, o_.width = built.width;
+    o_.heads = o_.heads > 0 ? o_.heads : std::max<int64_t>(1, built.width / 64);
+  }
   if (!o_.init_from.empty() && resumed_) log().info("--init-from {} not used: resuming {}", o_.init_from, resume_);
   if (!o_.init_from.empty() && !resumed_) init_from(*model_, o_.init_from, o_.reset_head);
   model_->to(dev_);
@@ -351,6 +363,10 @@ void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
   scalar_setting("label_smoothing", "--label-smoothing", o_.label_smoothing);
   scalar_setting("warmup", "--warmup", o_.warmup);
   counter_setting("context", "--context", o_.data.context);
+  counter_setting("layers", "--layers", o_.layers);
+  counter_setting("width", "--width", o_.width);
+  counter_setting("heads", "--heads", o_.heads);
+  scalar_setting("dropout", "--dropout", o_.dropout);
   if (c.counters.count("warmup_steps")) {  // may be 0, which counter_setting refuses
     const int64_t w = c.counters.at("warmup_steps");
     if (w < 0) throw std::runtime_error(src + ": counter warmup_steps is " + std::to_string(w));
@@ -484,6 +500,10 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
                 {"epochs", o_.epochs},
                 {"world_size", world_}};
   if (text_) c.counters["context"] = o_.data.context;
+  if (models::is_vit(o_.arch) || models::is_gpt(o_.arch)) {
+    c.counters["layers"] = o_.layers, c.counters["width"] = o_.width, c.counters["heads"] = o_.heads;
+    c.scalars["dropout"] = o_.dropout;
+  }
   c.counters["warmup_steps"] = o_.warmup_steps;
   c.meta["milestones"] = list_text(o_.milestones);
   c.meta["mean"] = list_text(info.mean);  // the input normalisation, for aq-export
