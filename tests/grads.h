@@ -26,3 +26,28 @@ inline std::vector<torch::Tensor> grads(const std::function<torch::Tensor()>& f,
   for (const auto& t : leaves) g.push_back(t.grad().clone());
   return g;
 }
+
+// Per leaf, over S draws of grads(f): the elementwise mean and sample
+// standard deviation (double).
+struct Draws {
+  std::vector<torch::Tensor> mean, sd;
+};
+inline Draws draw_grads(const std::function<torch::Tensor()>& f, const std::vector<torch::Tensor>& leaves,
+                        const torch::Tensor& probe, int S) {
+  std::vector<torch::Tensor> sum, sq;
+  for (int s = 0; s < S; ++s) {
+    const auto g = grads(f, leaves, probe);
+    sum.resize(g.size()), sq.resize(g.size());
+    for (size_t i = 0; i < g.size(); ++i) {
+      const auto gd = g[i].to(torch::kDouble);
+      sum[i] = s ? sum[i] + gd : gd;
+      sq[i] = s ? sq[i] + gd * gd : gd * gd;
+    }
+  }
+  Draws d;
+  for (size_t i = 0; i < sum.size(); ++i) {
+    d.mean.push_back(sum[i] / S);
+    d.sd.push_back(torch::sqrt(torch::clamp_min(sq[i] / S - d.mean[i] * d.mean[i], 0) * S / (S - 1)));
+  }
+  return d;
+}

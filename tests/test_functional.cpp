@@ -53,18 +53,10 @@ void check_gradients(const std::function<torch::Tensor(const aq::QuantConfig&)>&
   }
   const auto c2 = bits(2);
   const int S = 200;
-  std::vector<torch::Tensor> sum(ge.size()), sq(ge.size());
-  for (int s = 0; s < S; ++s) {
-    const auto g = grads([&] { return q(c2); }, leaves, probe);
-    for (size_t i = 0; i < g.size(); ++i) {
-      const auto gd = g[i].to(torch::kDouble);
-      sum[i] = s ? sum[i] + gd : gd;
-      sq[i] = s ? sq[i] + gd * gd : gd * gd;
-    }
-  }
+  const Draws d = draw_grads([&] { return q(c2); }, leaves, probe, S);
   for (size_t i = 0; i < ge.size(); ++i) {
-    const auto mean = sum[i] / S;
-    const auto sd = torch::sqrt(torch::clamp_min(sq[i] / S - mean * mean, 0) * S / (S - 1));
+    const auto& mean = d.mean[i];
+    const auto& sd = d.sd[i];
     const auto err = (mean - ge[i].to(torch::kDouble)).abs();
     const auto tol = 6 * sd / std::sqrt(double(S)) + 1e-6 * (ge[i].abs().max().item<double>() + 1e-12);
     EXPECT_TRUE((err <= tol).all().item<bool>()) << "2-bit mean gradient " << i << ": worst excess "

@@ -39,18 +39,10 @@ void check(const std::function<torch::Tensor(const aq::QuantConfig&)>& q, const 
     const auto excess = (g8[i] - ge[i]).abs() - bound8[i] - 1e-5 * scale;
     EXPECT_LE(excess.max().item<double>(), 0) << "8-bit gradient " << i;
   }
-  std::vector<torch::Tensor> sum(ge.size()), sq(ge.size());
-  for (int s = 0; s < S; ++s) {
-    const auto g = grads([&] { return q(bits(2)); }, leaves, probe);
-    for (size_t i = 0; i < g.size(); ++i) {
-      const auto gd = g[i].to(torch::kDouble);
-      sum[i] = s ? sum[i] + gd : gd;
-      sq[i] = s ? sq[i] + gd * gd : gd * gd;
-    }
-  }
+  const Draws d = draw_grads([&] { return q(bits(2)); }, leaves, probe, S);
   for (size_t i = 0; i < ge.size(); ++i) {
-    const auto mean = sum[i] / S;
-    const auto sd = torch::sqrt(torch::clamp_min(sq[i] / S - mean * mean, 0) * S / (S - 1));
+    const auto& mean = d.mean[i];
+    const auto& sd = d.sd[i];
     // An element rarely rounded the other way may show no spread in S
     // draws: its spread is then taken from the bound on a rounding's.
     const auto spread = i < sd_floor.size() && sd_floor[i].defined() ? torch::maximum(sd, sd_floor[i].to(torch::kDouble)) : sd;

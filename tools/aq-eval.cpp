@@ -45,16 +45,22 @@ int main(int argc, char** argv) {
     const bool image_size_given = app.count("--image-size") > 0;
     if (std::count(files.begin(), files.end(), "-") > 1)
       throw std::invalid_argument("standard input ('-') can be read only once");
+    // Under torchrun or srun the ranks share each checkpoint's test set;
+    // rank 0 prints.
+    const auto ranks =
+        aq::train::EvalRanks::connect(dev, std::chrono::milliseconds(static_cast<int64_t>(dist_timeout_s * 1000)));
+    const bool main_rank = !ranks || ranks->rank() == 0;
+    if (ranks && std::count(files.begin(), files.end(), "-"))
+      throw std::invalid_argument("standard input ('-') cannot be shared by the ranks of a launcher");
     aq::QuantConfig exact;
     exact.scope = aq::Scope::kNone;
     std::map<std::string, std::shared_ptr<const aq::data::Dataset>> sets;
     // The header follows the first checkpoint read: images or text.  The
     // other kind after it cannot share its columns.
     int kind = -1;  // -1: no header yet, 0: images, 1: text
-    bool main_printer = true;
     auto header = [&](int k) {
       kind = k;
-      if (!main_printer) return;
+      if (!main_rank) return;
       std::printf(k ? "file\tloss\tppl\tacc\ttop5\ttokens\n" : "file\tloss\ttop1\ttop5\timages\n");
       try {
         aq::cli::flush_stdout();
@@ -62,13 +68,6 @@ int main(int argc, char** argv) {
         throw StdoutError(e.what());  // not one file's error: the run ends
       }
     };
-    // Under torchrun or srun the ranks share each checkpoint's test set;
-    // rank 0 prints.
-    const auto ranks = aq::train::EvalRanks::connect(dev, std::chrono::milliseconds(static_cast<int64_t>(dist_timeout_s * 1000)));
-    const bool main_rank = !ranks || ranks->rank() == 0;
-    main_printer = main_rank;
-    if (ranks && std::count(files.begin(), files.end(), "-"))
-      throw std::invalid_argument("standard input ('-') cannot be shared by the ranks of a launcher");
     int status = aq::cli::kOk;
     for (const auto& f : files) {
       aq::train::EvalResult r;

@@ -81,6 +81,12 @@ ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes
 ModelOptions options_from_parameters(const std::string& arch,
                                      const std::vector<std::pair<std::string, torch::Tensor>>& parameters);
 
+// The layers, width and heads a transformer of `arch` is built with from
+// `options` (its zeros resolved as build() resolves them); `options`
+// unchanged for any other architecture.  Throws std::invalid_argument as
+// build() does for heads that do not divide the width.
+ModelOptions resolved_shape(const std::string& arch, const ModelOptions& options);
+
 // Whether `arch` is a transformer that reads images (vit_*) or tokens (gpt_*).
 bool is_vit(const std::string& arch);
 bool is_gpt(const std::string& arch);

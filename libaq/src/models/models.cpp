@@ -260,6 +260,10 @@ ModelOptions options_from_parameters(const std::string& arch,
   return detail::options_from_parameters(arch, parameters);
 }
 
+ModelOptions resolved_shape(const std::string& arch, const ModelOptions& options) {
+  return detail::resolved_shape(arch, options);
+}
+
 bool is_vit(const std::string& arch) { return arch == "vit_tiny" || arch == "vit_small"; }
 bool is_gpt(const std::string& arch) { return arch == "gpt_small"; }
 

@@ -181,21 +181,33 @@ class GPT : public Model {
   int64_t context_;
 };
 
+// The architecture's own layers, width and heads; false for a non-transformer.
+bool default_shape(const std::string& arch, Shape& d) {
+  if (arch == "vit_tiny") d = Shape{12, 192, 3};
+  else if (arch == "vit_small") d = Shape{12, 384, 6};
+  else if (arch == "gpt_small") d = Shape{12, 768, 12};
+  else return false;
+  return true;
+}
+
 }  // namespace
+
+ModelOptions resolved_shape(const std::string& arch, const ModelOptions& o) {
+  ModelOptions r = o;
+  Shape d{};
+  if (!default_shape(arch, d)) return r;
+  const Shape s = shape_of(o, d);
+  r.layers = s.layers, r.width = s.width, r.heads = s.heads;
+  return r;
+}
 
 ModelPtr build_transformer(const std::string& arch, int64_t in_channels, int64_t num_classes,
                            const ModelOptions& o) {
-  ModelPtr m;
-  Shape s{};
-  if (arch == "vit_tiny" || arch == "vit_small") {
-    s = shape_of(o, arch == "vit_tiny" ? Shape{12, 192, 3} : Shape{12, 384, 6});
-    m = std::make_shared<ViT>(in_channels, num_classes, o, s);
-  } else if (arch == "gpt_small") {
-    s = shape_of(o, Shape{12, 768, 12});
-    m = std::make_shared<GPT>(num_classes, o, s);
-  } else {
-    return nullptr;
-  }
+  Shape d{};
+  if (!default_shape(arch, d)) return nullptr;
+  const Shape s = shape_of(o, d);
+  ModelPtr m = arch == "gpt_small" ? ModelPtr(std::make_shared<GPT>(num_classes, o, s))
+                                   : ModelPtr(std::make_shared<ViT>(in_channels, num_classes, o, s));
   init_transformer(*m, s.layers);
   m->set_recompute_blocks(o.recompute_blocks);
   return m;

@@ -10,6 +10,7 @@ namespace aq::models::detail {
 ModelPtr build_transformer(const std::string& arch, int64_t in_channels, int64_t num_classes,
                            const ModelOptions& o);
 
+ModelOptions resolved_shape(const std::string& arch, const ModelOptions& o);
 ModelOptions options_from_parameters(const std::string& arch,
                                      const std::vector<std::pair<std::string, torch::Tensor>>& parameters);
 

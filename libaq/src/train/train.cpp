@@ -240,11 +240,8 @@ void Trainer::setup() {
   mo.layers = o_.layers, mo.width = o_.width, mo.heads = o_.heads, mo.dropout = o_.dropout;
   model_ = models::build(o_.arch, info.channels, info.num_classes, mo, o_.quant);
   if (transformer) {  // the shape built, which checkpoints record: a resume or aq-eval builds it again
-    std::vector<std::pair<std::string, torch::Tensor>> params;
-    for (const auto& p : model_->named_parameters()) params.emplace_back(p.key(), p.value());
-    const auto built = models::options_from_parameters(o_.arch, params);
-    o_.layers = built.layers, o_.width = built.width;
-    o_.heads = o_.heads > 0 ? o_.heads : std::max<int64_t>(1, built.width / 64);
+    const auto built = models::resolved_shape(o_.arch, mo);
+    o_.layers = built.layers, o_.width = built.width, o_.heads = built.heads;
   }
   if (!o_.init_from.empty() && resumed_) log().info("--init-from {} not used: resuming {}", o_.init_from, resume_);
   if (!o_.init_from.empty() && !resumed_) init_from(*model_, o_.init_from, o_.reset_head);
