@@ -9,6 +9,7 @@
 #include "aq/step.h"
 #include "device_test.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -156,8 +157,10 @@ TEST(DistGroup, ReducerAveragesGradients) {
   auto whole = build();
   torch::nn::functional::cross_entropy(whole->forward(x), y).backward();
   std::vector<std::vector<at::Tensor>> grads(2);
+  // Built here: the threads would seed and draw from the one process generator at once.
+  std::vector<torch::nn::Sequential> models{build(), build()};
   ranks(2, [&](aq::dist::Group& g) {
-    auto m = build();
+    auto& m = models[g.rank()];
     aq::dist::GradientReducer reducer(g, m->parameters(), /*bucket_mb=*/1);
     for (int step = 0; step < 2; ++step) {  // the second after the buckets' rebuild
       m->zero_grad();
@@ -372,8 +375,9 @@ TEST(DistAdaptive, RanksTrainingAgree) {
     aq::train::Step step(*m, torch::kCPU, so);
     for (int s = 0; s < 3; ++s) {
       const auto idx = torch::arange(4, torch::kLong) + 8 * s + 4 * g.rank();
-      torch::manual_seed(100 + 10 * s + g.rank());  // each rank's own images
-      step(torch::randn({4, 3, 8, 8}), torch::randint(4, {4}, torch::kLong), idx, &opt);
+      // Each rank's own images, from its own generator (the process's is shared by the threads).
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(100 + 10 * s + g.rank());
+      step(torch::randn({4, 3, 8, 8}, gen), torch::randint(4, {4}, gen, torch::kLong), idx, &opt);
     }
     two[g.rank()] = adaptive_of(*m);
   });
