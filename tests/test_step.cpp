@@ -13,6 +13,7 @@
 #include <ATen/core/CachingHostAllocator.h>
 
 #include <atomic>
+#include <optional>
 #include <thread>
 
 namespace {
@@ -22,11 +23,13 @@ AQ_PER_DEVICE(StepGraphs);
 
 struct Trainee {
   aq::models::ModelPtr model;
-  std::unique_ptr<aq::train::SGD> opt;
+  std::unique_ptr<torch::optim::Optimizer> opt;
   std::unique_ptr<aq::train::Step> step;
 };
 
-Trainee make(const std::string& level, const torch::Device& dev, aq::train::StepOptions so) {
+// With aq's SGD, or its AdamW with `adamw`.
+Trainee make(const std::string& level, const torch::Device& dev, aq::train::StepOptions so,
+             const std::optional<torch::optim::AdamWOptions>& adamw = std::nullopt) {
   Trainee r;
   torch::manual_seed(0);
   aq::QuantConfig c;
@@ -39,8 +42,11 @@ Trainee make(const std::string& level, const torch::Device& dev, aq::train::Step
   r.model = aq::models::build("preact_resnet20", 1, 10, mo, c);
   r.model->to(dev);
   r.model->train();
-  r.opt = std::make_unique<aq::train::SGD>(r.model->parameters(),
-                                           torch::optim::SGDOptions(0.05).momentum(0.9).weight_decay(5e-4));
+  if (adamw)
+    r.opt = std::make_unique<aq::train::AdamW>(r.model->parameters(), *adamw);
+  else
+    r.opt = std::make_unique<aq::train::SGD>(r.model->parameters(),
+                                             torch::optim::SGDOptions(0.05).momentum(0.9).weight_decay(5e-4));
   so.quant = c;
   r.step = std::make_unique<aq::train::Step>(*r.model, dev, so);
   return r;
@@ -104,6 +110,48 @@ TEST_P(StepGraphs, ReplaysComputeWhatEagerStepsCompute) {
     for (size_t i = 0; i < be.size(); ++i)
       EXPECT_LE((be[i].to(torch::kDouble) - bg[i].to(torch::kDouble)).abs().max().item<double>(), 1e-5)
           << level << " buffer " << i;
+  }
+}
+
+// AdamW's update is captured too (its learning rate and step counts read
+// from device memory): replays compute what eager steps compute with the
+// learning rate changing at every step, and an eager step between replays
+// (an epoch's last, smaller batch) counts steps as the replays do.
+TEST_P(StepGraphs, AdamWUpdateIsCapturedAndReplaysComputeWhatEagerStepsCompute) {
+  if (!dev().is_cuda()) GTEST_SKIP() << "CUDA graphs need a CUDA device";
+  const DeterministicCudnn det;
+  aq::train::StepOptions eager_o, graph_o;
+  graph_o.cuda_graphs = true;
+  graph_o.graph_warmup = 2;
+  graph_o.index_bound = 64;
+  const auto adamw = torch::optim::AdamWOptions(1e-3).weight_decay(0.05).amsgrad(true);
+  Trainee e = make("exact", dev(), eager_o, adamw), g = make("exact", dev(), graph_o, adamw);
+  ASSERT_EQ(g.step->eager_reason(), "");
+  // Full batches but the 8th: replays from the 3rd, the 8th eager, a new capture at the 9th.
+  auto run = [&](Trainee& t, std::vector<double>& losses) {
+    int replayed = 0;
+    for (int i = 0; i < 10; ++i) {
+      aq::train::set_lr(*t.opt, 1e-3 * (i + 1) / 10);
+      const Batch b = batch(i, i == 7 ? 10 : 16, dev());
+      const auto r = (*t.step)(b.x, b.y, b.idx, t.opt.get());
+      EXPECT_TRUE(r.updated) << i;
+      losses.push_back(r.loss.item<double>());
+      replayed += r.replayed;
+    }
+    return replayed;
+  };
+  std::vector<double> eager_loss, graph_loss;
+  EXPECT_EQ(run(e, eager_loss), 0);
+  EXPECT_EQ(run(g, graph_loss), 7);
+  EXPECT_EQ(g.step->eager_reason(), "");
+  EXPECT_EQ(g.step->captures(), 2);
+  for (size_t i = 0; i < eager_loss.size(); ++i)
+    EXPECT_NEAR(graph_loss[i], eager_loss[i], 1e-5 * std::max(1.0, std::abs(eager_loss[i]))) << "step " << i;
+  EXPECT_LE(max_diff(*e.model, *g.model), 1e-5);
+  // Every parameter counted its 10 steps on the host, where checkpoints read them.
+  for (const auto& p : g.model->parameters()) {
+    const auto& st = static_cast<const torch::optim::AdamWParamState&>(*g.opt->state().at(p.unsafeGetTensorImpl()));
+    EXPECT_EQ(st.step(), 10);
   }
 }
 

@@ -39,6 +39,17 @@ class GraphSafeOptimizer {
   // Whether update() makes no host decision that a replay would repeat
   // stale: every parameter with a gradient has its state.
   virtual bool ready() const = 0;
+
+ protected:
+  // step(closure): the closure's loss, then sync() and update().
+  torch::Tensor step_with(const torch::optim::Optimizer::LossClosure& closure);
+  // The lr of a parameter group on a CUDA device (float: what the fused kernels read).
+  at::Tensor& lr_on(size_t group, const c10::Device& device);
+  // Sets lr_on() of every group on every CUDA device holding its parameters.
+  void sync_lr(const std::vector<torch::optim::OptimizerParamGroup>& groups);
+
+ private:
+  std::map<std::tuple<size_t, c10::DeviceType, c10::DeviceIndex>, at::Tensor> lr_;
 };
 
 class SGD : public torch::optim::SGD, public GraphSafeOptimizer {
@@ -48,22 +59,27 @@ class SGD : public torch::optim::SGD, public GraphSafeOptimizer {
   void sync() override;
   void update() override;
   bool ready() const override;
-
- private:
-  // The lr of a parameter group on a CUDA device (float: what the fused kernel reads).
-  at::Tensor& lr_on(size_t group, const c10::Device& device);
-  std::map<std::tuple<size_t, c10::DeviceType, c10::DeviceIndex>, at::Tensor> lr_;
 };
 
 // LibTorch's AdamW (decoupled weight decay, bias-corrected moments, amsgrad:
 // the same options and state, AdamWParamState) with the update made by
 // LibTorch's multi-tensor kernels: the same operations in the same order as
 // torch::optim::AdamW::step, on lists of the parameters that share a device,
-// dtype and step count.  Gradients are not modified.
-class AdamW : public torch::optim::AdamW {
+// dtype and step count.  Gradients are not modified.  On CUDA, parameters
+// alike their gradients and moments are updated by one fused launch per
+// device and dtype (at::_fused_adamw_), reading the learning rate and each
+// parameter's step count from device memory, so that a CUDA graph can
+// capture it: update() counts the steps on the device, sync() on the host
+// (AdamWParamState::step, what checkpoints keep).  Not ready() while a
+// parameter with a gradient would take the multi-tensor path, whose lr and
+// bias corrections a capture would keep.
+class AdamW : public torch::optim::AdamW, public GraphSafeOptimizer {
  public:
   using torch::optim::AdamW::AdamW;
   torch::Tensor step(LossClosure closure = nullptr) override;
+  void sync() override;
+  void update() override;
+  bool ready() const override;
 };
 
 enum class OptimizerKind { kSGD, kAdamW };

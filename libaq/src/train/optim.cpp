@@ -4,6 +4,8 @@
 #include <torch/optim/sgd.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <memory>
 #include <sstream>
 #include <cmath>
 #include <map>
@@ -57,7 +59,7 @@ double LrSchedule::at(int64_t t, int64_t total, int64_t per_epoch) const {
   }
 }
 
-torch::Tensor SGD::step(LossClosure closure) {
+torch::Tensor GraphSafeOptimizer::step_with(const torch::optim::Optimizer::LossClosure& closure) {
   torch::Tensor loss;
   if (closure) {
     at::AutoGradMode enable_grad(true);
@@ -68,24 +70,28 @@ torch::Tensor SGD::step(LossClosure closure) {
   return loss;
 }
 
-at::Tensor& SGD::lr_on(size_t group, const c10::Device& device) {
+at::Tensor& GraphSafeOptimizer::lr_on(size_t group, const c10::Device& device) {
   at::Tensor& t = lr_[{group, device.type(), device.index()}];
   if (!t.defined()) t = at::empty({}, at::TensorOptions().dtype(at::kFloat).device(device));
   return t;
 }
 
-void SGD::sync() {
+void GraphSafeOptimizer::sync_lr(const std::vector<torch::optim::OptimizerParamGroup>& groups) {
   torch::NoGradGuard no_grad;
-  for (size_t g = 0; g < param_groups_.size(); ++g) {
-    const double lr = static_cast<const torch::optim::SGDOptions&>(param_groups_[g].options()).lr();
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const double lr = groups[g].options().get_lr();
     std::vector<c10::Device> seen;
-    for (const auto& p : param_groups_[g].params()) {
+    for (const auto& p : groups[g].params()) {
       if (!p.is_cuda() || std::find(seen.begin(), seen.end(), p.device()) != seen.end()) continue;
       seen.push_back(p.device());
       lr_on(g, p.device()).fill_(lr);
     }
   }
 }
+
+torch::Tensor SGD::step(LossClosure closure) { return step_with(closure); }
+
+void SGD::sync() { sync_lr(param_groups_); }
 
 bool SGD::ready() const {
   for (const auto& group : param_groups_) {
@@ -97,16 +103,20 @@ bool SGD::ready() const {
 }
 
 namespace {
+
+// The multi-tensor kernels take lists of one device and dtype.
+using ListKey = std::tuple<c10::DeviceType, c10::DeviceIndex, c10::ScalarType>;
+ListKey list_key(const at::Tensor& t) { return {t.device().type(), t.device().index(), t.scalar_type()}; }
+
 // One fused launch (learning rate read on the device) needs tensors alike:
-// a parameter, its gradient and its buffer with the same strides.
-bool fusable(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-             const std::vector<at::Tensor>& bufs) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (!params[i].is_non_overlapping_and_dense() || grads[i].strides() != params[i].strides()) return false;
-    if (!bufs.empty() && (!bufs[i].defined() || bufs[i].strides() != params[i].strides())) return false;
-  }
+// a dense parameter, and its gradient and state of its dtype and strides.
+bool fusable(const at::Tensor& p, std::initializer_list<at::Tensor> with) {
+  if (!p.is_non_overlapping_and_dense()) return false;
+  for (const auto& t : with)
+    if (!t.defined() || t.scalar_type() != p.scalar_type() || t.strides() != p.strides()) return false;
   return true;
 }
+
 }  // namespace
 
 void SGD::update() {
@@ -114,24 +124,27 @@ void SGD::update() {
   for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
     auto& group = param_groups_[gi];
     const auto& o = static_cast<const torch::optim::SGDOptions&>(group.options());
-    // The multi-tensor kernels take lists of one device and dtype.
     struct Lists {
       std::vector<at::Tensor> params, grads, bufs;
+      bool fusable = true;
     };
-    std::map<std::tuple<c10::DeviceType, c10::DeviceIndex, c10::ScalarType>, Lists> lists;
+    std::map<ListKey, Lists> lists;
     for (const auto& p : group.params()) {
       if (!p.grad().defined()) continue;
-      Lists& l = lists[{p.device().type(), p.device().index(), p.scalar_type()}];
+      Lists& l = lists[list_key(p)];
       l.params.push_back(p);
       l.grads.push_back(p.grad());
       if (o.momentum() != 0) {
         auto it = state_.find(p.unsafeGetTensorImpl());
         l.bufs.push_back(it == state_.end() ? at::Tensor()
                                             : static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer());
+        l.fusable = l.fusable && fusable(p, {p.grad(), l.bufs.back()});
+      } else {
+        l.fusable = l.fusable && fusable(p, {p.grad()});
       }
     }
     for (auto& [key, l] : lists) {
-      if (std::get<0>(key) == c10::kCUDA && fusable(l.params, l.grads, l.bufs)) {
+      if (std::get<0>(key) == c10::kCUDA && l.fusable) {
         at::_fused_sgd_(l.params, l.grads, l.bufs, o.weight_decay(), o.momentum(),
                         lr_on(gi, l.params[0].device()), o.dampening(), o.nesterov(), /*maximize=*/false,
                         /*is_first_step=*/false);
@@ -168,71 +181,133 @@ void SGD::update() {
 
 namespace {
 
-// The multi-tensor kernels take lists of one device and dtype.
-using ListKey = std::tuple<c10::DeviceType, c10::DeviceIndex, c10::ScalarType>;
-ListKey list_key(const at::Tensor& t) { return {t.device().type(), t.device().index(), t.scalar_type()}; }
+// AdamW's state with, on CUDA, the step count in device memory too (float:
+// what the fused kernel reads), kept equal to the host's: update() adds
+// there, which a replay repeats, and sync() here.
+struct AdamWState : torch::optim::AdamWParamState {
+  AdamWState() = default;
+  explicit AdamWState(const torch::optim::AdamWParamState& s) : torch::optim::AdamWParamState(s) {}
+  at::Tensor device_step;
+};
+
+// Whether at::_fused_adamw_ updates a parameter (with a gradient).
+bool fused_adamw(const at::Tensor& p, const torch::optim::AdamWParamState& st, bool amsgrad) {
+  return p.is_cuda() && fusable(p, {p.grad(), st.exp_avg(), st.exp_avg_sq()}) &&
+         (!amsgrad || fusable(p, {st.max_exp_avg_sq()}));
+}
+
+struct AdamWLists {
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+};
+
+// torch::optim::AdamW::step's operations on parameters that all made `step` steps.
+void foreach_adamw(AdamWLists& l, int64_t step, const torch::optim::AdamWOptions& o) {
+  const double beta1 = std::get<0>(o.betas()), beta2 = std::get<1>(o.betas());
+  const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(step)),
+               bias_correction2 = 1 - std::pow(beta2, static_cast<double>(step));
+  if (o.weight_decay() != 0) at::_foreach_mul_(l.params, 1 - o.lr() * o.weight_decay());
+  at::_foreach_mul_(l.exp_avgs, beta1);
+  at::_foreach_add_(l.exp_avgs, l.grads, 1 - beta1);
+  at::_foreach_mul_(l.exp_avg_sqs, beta2);
+  at::_foreach_addcmul_(l.exp_avg_sqs, l.grads, l.grads, 1 - beta2);
+  std::vector<at::Tensor> denom;
+  if (o.amsgrad()) {
+    at::_foreach_maximum_(l.max_exp_avg_sqs, l.exp_avg_sqs);
+    denom = at::_foreach_sqrt(l.max_exp_avg_sqs);
+  } else {
+    denom = at::_foreach_sqrt(l.exp_avg_sqs);
+  }
+  at::_foreach_div_(denom, std::sqrt(bias_correction2));
+  at::_foreach_add_(denom, o.eps());
+  at::_foreach_addcdiv_(l.params, l.exp_avgs, denom, -(o.lr() / bias_correction1));
+}
 
 }  // namespace
 
-torch::Tensor AdamW::step(LossClosure closure) {
+torch::Tensor AdamW::step(LossClosure closure) { return step_with(closure); }
+
+void AdamW::sync() {
   torch::NoGradGuard no_grad;
-  torch::Tensor loss;
-  if (closure) {
-    at::AutoGradMode enable_grad(true);
-    loss = closure();
-  }
+  sync_lr(param_groups_);
   for (auto& group : param_groups_) {
-    const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
-    const double beta1 = std::get<0>(o.betas()), beta2 = std::get<1>(o.betas());
-    struct Lists {
-      std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
-    };
-    // The bias corrections depend on the step count: one list per count
-    // (parameters without a gradient at some step fall behind the others).
-    std::map<std::pair<ListKey, int64_t>, Lists> lists;
+    const bool amsgrad = static_cast<const torch::optim::AdamWOptions&>(group.options()).amsgrad();
     for (const auto& p : group.params()) {
       if (!p.grad().defined()) continue;
       TORCH_CHECK(!p.grad().is_sparse(), "AdamW does not support sparse gradients");
-      void* key = p.unsafeGetTensorImpl();
-      auto it = state_.find(key);
-      if (it == state_.end()) {
-        auto st = std::make_unique<torch::optim::AdamWParamState>();
-        st->step(0);
-        st->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        st->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        if (o.amsgrad()) st->max_exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        it = state_.emplace(key, std::move(st)).first;
+      auto& slot = state_[p.unsafeGetTensorImpl()];
+      auto* st = dynamic_cast<AdamWState*>(slot.get());
+      if (!st) {
+        // A first step, or state restored from a checkpoint, which counts
+        // steps on the host only.
+        std::unique_ptr<AdamWState> s;
+        if (slot) {
+          s = std::make_unique<AdamWState>(static_cast<const torch::optim::AdamWParamState&>(*slot));
+        } else {
+          s = std::make_unique<AdamWState>();
+          s->step(0);
+          s->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+          s->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+          if (amsgrad) s->max_exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        }
+        if (p.is_cuda())
+          s->device_step = at::full({}, static_cast<double>(s->step()), p.options().dtype(at::kFloat));
+        st = s.get();
+        slot = std::move(s);
       }
-      auto& st = static_cast<torch::optim::AdamWParamState&>(*it->second);
-      st.step(st.step() + 1);
-      Lists& l = lists[{list_key(p), st.step()}];
-      l.params.push_back(p);
-      l.grads.push_back(p.grad());
-      l.exp_avgs.push_back(st.exp_avg());
-      l.exp_avg_sqs.push_back(st.exp_avg_sq());
-      if (o.amsgrad()) l.max_exp_avg_sqs.push_back(st.max_exp_avg_sq());
-    }
-    for (auto& [key, l] : lists) {
-      const double step = static_cast<double>(key.second);
-      const double bias_correction1 = 1 - std::pow(beta1, step), bias_correction2 = 1 - std::pow(beta2, step);
-      if (o.weight_decay() != 0) at::_foreach_mul_(l.params, 1 - o.lr() * o.weight_decay());
-      at::_foreach_mul_(l.exp_avgs, beta1);
-      at::_foreach_add_(l.exp_avgs, l.grads, 1 - beta1);
-      at::_foreach_mul_(l.exp_avg_sqs, beta2);
-      at::_foreach_addcmul_(l.exp_avg_sqs, l.grads, l.grads, 1 - beta2);
-      std::vector<at::Tensor> denom;
-      if (o.amsgrad()) {
-        at::_foreach_maximum_(l.max_exp_avg_sqs, l.exp_avg_sqs);
-        denom = at::_foreach_sqrt(l.max_exp_avg_sqs);
-      } else {
-        denom = at::_foreach_sqrt(l.exp_avg_sqs);
-      }
-      at::_foreach_div_(denom, std::sqrt(bias_correction2));
-      at::_foreach_add_(denom, o.eps());
-      at::_foreach_addcdiv_(l.params, l.exp_avgs, denom, -(o.lr() / bias_correction1));
+      st->step(st->step() + 1);
     }
   }
-  return loss;
+}
+
+bool AdamW::ready() const {
+  for (const auto& group : param_groups_) {
+    const bool amsgrad = static_cast<const torch::optim::AdamWOptions&>(group.options()).amsgrad();
+    for (const auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      auto it = state_.find(p.unsafeGetTensorImpl());
+      if (it == state_.end()) return false;
+      const auto* st = dynamic_cast<const AdamWState*>(it->second.get());
+      if (!st || !st->device_step.defined() || !fused_adamw(p, *st, amsgrad)) return false;
+    }
+  }
+  return true;
+}
+
+void AdamW::update() {
+  torch::NoGradGuard no_grad;
+  for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
+    auto& group = param_groups_[gi];
+    const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    // The fused kernel reads each parameter's step count; the multi-tensor
+    // path takes the bias corrections as scalars: one list per count there
+    // (parameters without a gradient at some step fall behind the others).
+    std::map<std::tuple<ListKey, bool, int64_t>, AdamWLists> lists;
+    for (const auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      auto it = state_.find(p.unsafeGetTensorImpl());
+      auto* st = it == state_.end() ? nullptr : dynamic_cast<AdamWState*>(it->second.get());
+      TORCH_CHECK(st && st->device_step.defined() == p.is_cuda(),
+                  "AdamW: a parameter with a gradient has no state from sync()");
+      const bool fused = fused_adamw(p, *st, o.amsgrad());
+      AdamWLists& l = lists[{list_key(p), fused, fused ? 0 : st->step()}];
+      l.params.push_back(p);
+      l.grads.push_back(p.grad());
+      l.exp_avgs.push_back(st->exp_avg());
+      l.exp_avg_sqs.push_back(st->exp_avg_sq());
+      if (o.amsgrad()) l.max_exp_avg_sqs.push_back(st->max_exp_avg_sq());
+      if (p.is_cuda()) l.steps.push_back(st->device_step);
+    }
+    for (auto& [key, l] : lists) {
+      if (!l.steps.empty()) at::_foreach_add_(l.steps, 1);
+      if (std::get<1>(key)) {
+        at::_fused_adamw_(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.max_exp_avg_sqs, l.steps,
+                          lr_on(gi, l.params[0].device()), std::get<0>(o.betas()), std::get<1>(o.betas()),
+                          o.weight_decay(), o.eps(), o.amsgrad(), /*maximize=*/false);
+      } else {
+        foreach_adamw(l, std::get<2>(key), o);
+      }
+    }
+  }
 }
 
 OptimizerKind parse_optimizer(const std::string& s) {
