@@ -91,13 +91,16 @@ TEST(Config, LevelsSetDefaultsFlagsOverride) {
 TEST(Config, RoundTripThroughSeedSpelling) {
   for (const char* line : {"-c quantize --cabits=2 --ibits=8 --usegradient=False",
                            "-c qlinear --level L4 --group-size 128 --range-dtype fp32",
-                           "-c quantize --ca=False --rounding nearest --level L1"}) {
+                           "-c quantize --ca=False --rounding nearest --level L1",
+                           "--level L3 --attention-bits 8", "--level L2 --attention-bits 0"}) {
     auto c = parse(line);
     auto again = parse(c.to_flags());
     EXPECT_EQ(again.to_flags(), c.to_flags()) << line;
     EXPECT_EQ(again.swap, c.swap);
     EXPECT_EQ(again.compress_bn, c.compress_bn);
+    EXPECT_EQ(again.attention_bits, c.attention_bits);
   }
+  EXPECT_EQ(parse("--attention-bits 6").attention_bits, 6);
 }
 
 void expect_error(const std::string& line, const std::string& needle) {
@@ -116,6 +119,8 @@ TEST(Config, BadValuesAreClearErrors) {
   expect_error("--cabits=4 --ibits=2", "--ibits (2) must be at least --cabits (4)");
   expect_error("--group-size=100", "power of two");
   expect_error("--group-size=16", "power of two");
+  expect_error("--attention-bits 9", "--attention-bits must be in 0..8, not 9");
+  expect_error("--attention-bits -1", "--attention-bits must be in 0..8");
   expect_error("--level L6", "unknown optimisation level 'L6'");
   expect_error("--level 3.2", "unknown optimisation level");
   expect_error("-c resnet", "unknown configuration '-c resnet'");

@@ -55,7 +55,7 @@ class QuantOptions {
  private:
   CLI::App& app_;
   std::string scope_ = "quantize", level_ = "L3", ca_, cabits_, ibits_, pergroup_, perlayer_,
-              usegradient_, group_size_, range_dtype_, rounding_;
+              usegradient_, group_size_, attention_bits_, range_dtype_, rounding_;
 };
 
 // Configurations from text: one per line (or separated by ';'), in ActNN's

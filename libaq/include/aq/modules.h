@@ -55,6 +55,10 @@ class QLayer {
   LayerStatePtr state_ = make_layer_state();
 };
 
+// Its forward is at::linear's, in training and in evaluation: what
+// PyTorch's nn.Linear computes (the bias added in the product's epilogue).
+// LibTorch's C++ torch::nn::Linear adds the bias after the product for
+// inputs other than 2-D, which on CUDA rounds differently, by an ulp.
 class QLinearImpl : public torch::nn::LinearImpl, public QLayer {
  public:
   using torch::nn::LinearImpl::LinearImpl;

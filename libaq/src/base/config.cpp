@@ -114,6 +114,8 @@ void QuantConfig::validate() const {
   if (ibits < cabits)
     bad("--ibits (" + std::to_string(ibits) + ") must be at least --cabits (" + std::to_string(cabits) +
         "): bits are only ever taken away from the initial allocation");
+  if (attention_bits < 0 || attention_bits > 8)
+    bad("--attention-bits must be in 0..8, not " + std::to_string(attention_bits));
   if (group_size < 32 || group_size > (int64_t(1) << 20) || (group_size & (group_size - 1)) != 0)
     bad("--group-size must be a power of two from 32 to 2^20, not " + std::to_string(group_size));
   if (range_dtype != c10::kFloat && range_dtype != c10::kBFloat16)
@@ -125,6 +127,7 @@ std::string QuantConfig::to_flags() const {
                   " --ibits=" + std::to_string(ibits) + " --pergroup=" + tf(pergroup) + " --perlayer=" +
                   tf(perlayer) + " --usegradient=" + tf(usegradient) + " --level " + to_string(level);
   if (group_size != 256) s += " --group-size " + std::to_string(group_size);
+  if (attention_bits != for_level(level).attention_bits) s += " --attention-bits " + std::to_string(attention_bits);
   if (range_dtype == c10::kFloat) s += " --range-dtype fp32";
   if (!stochastic) s += " --rounding nearest";
   return s;
@@ -157,6 +160,7 @@ QuantConfig QuantConfig::from_flags(const std::string& flags) {
     else if (k == "--perlayer") c.perlayer = parse_bool(v);
     else if (k == "--usegradient") c.usegradient = parse_bool(v);
     else if (k == "--group-size") c.group_size = parse_int(k, v);
+    else if (k == "--attention-bits") c.attention_bits = parse_int(k, v);
     else if (k == "--range-dtype") c.range_dtype = parse_range_dtype(v);
     else if (k == "--rounding") c.stochastic = parse_rounding(v);
     else if (k != "--level") bad("configuration '" + flags + "': unknown flag " + k);

@@ -80,6 +80,9 @@ QuantOptions::QuantOptions(CLI::App& app, bool ignored) : app_(app) {
   app.add_option("--perlayer", perlayer_, "Reallocate bits across layers: True/False (level default)")->group(g);
   app.add_option("--usegradient", usegradient_, "Per-sample gradient statistics: True/False (default True)")->group(g);
   app.add_option("--group-size", group_size_, "Elements per quantization group (default 256)")->group(g);
+  app.add_option("--attention-bits", attention_bits_,
+                 "Self-attention's q, k, v: bits per element, uniform, 1..8; 0: as every layer (level default)")
+      ->group(g);
   app.add_option("--range-dtype", range_dtype_, "Storage of group ranges: bf16 or fp32 (default bf16)")->group(g);
   app.add_option("--rounding", rounding_, "stochastic (default) or nearest (biased; for experiments)")->group(g);
 }
@@ -99,6 +102,7 @@ QuantConfig QuantOptions::resolve() const {
   if (given("--cabits")) c.cabits = parse_int("--cabits", cabits_);
   if (given("--ibits")) c.ibits = parse_int("--ibits", ibits_);
   if (given("--group-size")) c.group_size = parse_int("--group-size", group_size_);
+  if (given("--attention-bits")) c.attention_bits = parse_int("--attention-bits", attention_bits_);
   if (given("--range-dtype")) c.range_dtype = parse_range_dtype(range_dtype_);
   if (given("--rounding")) c.stochastic = parse_rounding(rounding_);
   c.validate();
