@@ -131,6 +131,10 @@ class ModelCommand {
         ->check(aq::cli::Positive)
         ->capture_default_str()
         ->group(g);
+    sub_->add_option("--attention-bits", options.attention_bits,
+                     "Self-attention's q, k, v at these bits, uniform, 0..8, at every level (0: as every layer; "
+                     "default: the level's)")
+        ->group(g);
     sub_->add_option("--channels-last", channels_last_, "auto (on CUDA), True or False")
         ->capture_default_str()
         ->group(g);

@@ -21,6 +21,7 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -79,6 +80,7 @@ struct ModelOptions {
   std::vector<std::string> levels;
   train::Amp amp = train::Amp::kOff;
   int64_t micro_batch_bytes = QuantConfig().micro_batch_bytes;  // L3.1, L4, L5
+  std::optional<int> attention_bits;  // QuantConfig::attention_bits of every level; unset: the level's
   std::optional<bool> channels_last;  // unset: on CUDA, as a CNN is run on a GPU
 };
 
