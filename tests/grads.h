@@ -13,6 +13,7 @@
 inline aq::QuantConfig bits(int b) {
   aq::QuantConfig c;
   c.cabits = c.ibits = b;
+  c.attention_bits = 0;  // attention at b bits too
   return c;
 }
 

@@ -179,6 +179,7 @@ TEST_P(Transformer, SelfAttentionMatchesSdpa) {
   const auto a = grads([&] { return F::self_attention(qkv, 2, true, c2, bits_st); }, {qkv}, probe)[0];
   torch::manual_seed(5);
   l31.cabits = l31.ibits = 2;
+  l31.attention_bits = 0;
   const auto b = grads([&] { return F::self_attention(qkv, 2, true, l31, bits_st); }, {qkv}, probe)[0];
   EXPECT_TRUE(torch::allclose(a, b, 1e-5, 1e-6));
   EXPECT_THROW(F::self_attention(qkv, 5, false, c2, st), std::invalid_argument);

@@ -37,8 +37,9 @@ struct QuantConfig {
   bool compress_bn = true;   // BatchNorm inputs compressed (L1: false)
   int64_t group_size = 256;  // elements per group, power of two 32..2^20
   // Self-attention's q, k, v at this many bits per group, uniform (0: the
-  // bits every layer gets).  Its gradient is not linear in them (docs/design.md §4).
-  int attention_bits = 0;
+  // bits every layer gets, as L0-L2 have it).  Its gradient is not linear
+  // in them, and at 2 bits visibly biased (docs/design.md §4).
+  int attention_bits = 8;
   bool stochastic = true;    // stochastic rounding (false: nearest, biased)
   c10::ScalarType range_dtype = c10::kBFloat16;  // storage of group bounds
   bool micro_batch_backward = false;  // L3.1, L4, L5: inputs restored in micro-batches in backward

@@ -76,6 +76,8 @@ bool parse_bool(const std::string& s) {
 QuantConfig QuantConfig::for_level(Level level) {
   QuantConfig c;
   c.level = level;
+  // L0-L2 keep every layer at one setting; L3 and up give attention 8 bits.
+  if (level == Level::L0 || level == Level::L1 || level == Level::L2) c.attention_bits = 0;
   switch (level) {
     case Level::L0:  // nothing compressed; masks and pool indices stay compact
       c.ca = false;
