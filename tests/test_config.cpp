@@ -92,7 +92,8 @@ TEST(Config, RoundTripThroughSeedSpelling) {
   for (const char* line : {"-c quantize --cabits=2 --ibits=8 --usegradient=False",
                            "-c qlinear --level L4 --group-size 128 --range-dtype fp32",
                            "-c quantize --ca=False --rounding nearest --level L1",
-                           "--level L3 --attention-bits 8", "--level L2 --attention-bits 0"}) {
+                           "--level L3 --attention-bits 0", "--level L2 --attention-bits 8",
+                           "--level L4 --attention-bits 4"}) {
     auto c = parse(line);
     auto again = parse(c.to_flags());
     EXPECT_EQ(again.to_flags(), c.to_flags()) << line;
@@ -101,6 +102,10 @@ TEST(Config, RoundTripThroughSeedSpelling) {
     EXPECT_EQ(again.attention_bits, c.attention_bits);
   }
   EXPECT_EQ(parse("--attention-bits 6").attention_bits, 6);
+  // The level's default: 8 from L3 up, none below.
+  EXPECT_EQ(parse("--level L3.1").attention_bits, 8);
+  EXPECT_EQ(parse("--level L2").attention_bits, 0);
+  EXPECT_EQ(aq::QuantConfig().attention_bits, aq::QuantConfig::for_level(aq::Level::L3).attention_bits);
 }
 
 void expect_error(const std::string& line, const std::string& needle) {
