@@ -302,6 +302,11 @@ TEST_F(ResumeRefuses, CalibrationOfAnotherDatasetOrConfiguration) {
   }
   {
     auto d = c;
+    d.meta["config"] = "-c quantize --level L3 --attention-bits 0";
+    EXPECT_EQ(error_for(d).rfind(o.calibration + ": calibration for -c quantize --level L3 --attention-bits 0", 0), 0u);
+  }
+  {
+    auto d = c;
     d.adaptive.emplace_back("layer9.conv1.aq_budget", torch::full({}, 2.0, torch::kDouble));
     EXPECT_EQ(error_for(d), o.calibration + ": state 'layer9.conv1.aq_budget' is for a layer the preact_resnet20 "
                                             "does not have");

@@ -84,7 +84,7 @@ void load(models::Model& model, const std::string& path, const Match& match) {
     const QuantConfig& mine = match.config;
     if (theirs.cabits != mine.cabits || theirs.ibits != mine.ibits || theirs.pergroup != mine.pergroup ||
         theirs.perlayer != mine.perlayer || theirs.usegradient != mine.usegradient ||
-        theirs.group_size != mine.group_size)
+        theirs.group_size != mine.group_size || theirs.attention_bits != mine.attention_bits)
       throw std::runtime_error(path + ": calibration for " + cf->second + ", the run uses " + mine.to_flags());
   }
   std::set<std::string> layers;
