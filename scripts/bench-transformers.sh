@@ -4,7 +4,8 @@
 # bf16, exact, ckpt and L3 in the same process, then gpt_small's activation
 # memory and largest batch.  Run it on a GPU machine with aq built:
 #   scripts/bench-transformers.sh [BUILD_DIR] [OUT_DIR] [extra aq-bench options]
-# (e.g. --attention-bits 0 for L3 with attention at its adaptive 2 bits).
+# (options the script does not set, e.g. --attention-bits 0 for L3 with
+# attention at its adaptive 2 bits).
 # Prints each table (aq-bench's TSV) after a line naming it; OUT_DIR
 # (default results/bench-transformers) keeps each table's TSV and log.
 set -uo pipefail
