@@ -131,7 +131,7 @@ int main(int argc, char** argv) {
     o.seed_given = v.seed_given;
     o.data = v.data;
     o.arch = v.arch;
-    o.layers = v.layers, o.width = v.width, o.heads = v.heads, o.dropout = v.dropout;
+    o.layers = v.layers, o.width = v.width, o.heads = v.heads, o.dropout = v.dropout, o.pool = v.pool;
     o.quant = table.quant();
     o.amp = table.amp();
     o.epochs = v.epochs;
@@ -158,10 +158,10 @@ int main(int argc, char** argv) {
     for (const char* name : {"--batch-size", "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
                              "--lr-schedule", "--warmup", "--milestones", "--nesterov", "--amp", "--optimizer",
                              "--betas", "--eps", "--warmup-steps", "--clip-grad-norm", "--context", "--layers",
-                             "--width", "--heads", "--dropout"})
+                             "--width", "--heads", "--dropout", "--pool"})
       if (app.count(name)) o.given.insert(name);
     for (const char* name : {"--qconfig", "--level", "--ca", "--cabits", "--ibits", "--pergroup", "--perlayer",
-                             "--usegradient", "--group-size", "--range-dtype", "--rounding"})
+                             "--usegradient", "--group-size", "--attention-bits", "--range-dtype", "--rounding"})
       if (app.count(name)) o.given.insert("quantization");
     o.overwrite = overwrite;
     o.checkpoint_interval = checkpoint_interval;

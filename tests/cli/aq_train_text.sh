@@ -2,7 +2,8 @@
 # aq-train's options for transformers from the shell: --dataset text's bad
 # folders and --check-data, the optimizer options' usage errors, a short
 # AdamW run with warm-up, cosine and clipping, and its resume refusing
-# another optimizer; a transformer's shape options and their resume.  (A text
+# another optimizer; a transformer's shape options and their resume; a ViT's
+# pooling.  (A text
 # training run needs a token architecture.)
 #   aq_train_text.sh AQ_TRAIN
 set -u
@@ -68,5 +69,24 @@ check "resume with another --width: exit 2, naming it" '[ $rc -eq 2 ] && grep -q
 check "--layers on a ResNet: exit 2" '[ $rc -eq 2 ] && grep -q "are for transformers" "$tmp/err"'
 "$TRAIN" "${gpt[@]}" --workspace "$tmp/h" --width 30 --heads 4 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
 check "a width the heads do not divide: exit 2" '[ $rc -eq 2 ] && grep -q "not a multiple of its 4 heads" "$tmp/err"'
+
+# --- a ViT classifying the mean of its patch tokens: --pool mean ---------------------
+vit=(--dataset synthetic --arch vit_tiny --image-size 8 --num-classes 4 -b 4 --device cpu --seed 3 --val-batches 1
+     --layers 1 --width 32 --heads 2 -q)
+"$TRAIN" "${vit[@]}" --workspace "$tmp/v" --pool mean --max-steps 2 >/dev/null 2>"$tmp/err"; rc=$?
+check "vit_tiny --pool mean: trains" '[ $rc -eq 0 ]'
+"$TRAIN" "${vit[@]}" --workspace "$tmp/v" --resume auto --max-steps 3 >"$tmp/v.tsv" 2>"$tmp/err"; rc=$?
+check "its resume without --pool: the same model, step 3" '[ $rc -eq 0 ] && [ "$(tail -1 "$tmp/v.tsv" | cut -f2)" = 3 ]'
+"$TRAIN" "${vit[@]}" --workspace "$tmp/v" --resume auto --pool cls --max-steps 4 >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with --pool cls: exit 2, naming it" '[ $rc -eq 2 ] && grep -q "^aq-train: --pool cls conflicts with" "$tmp/err"'
+"$TRAIN" "${vit[@]}" --workspace "$tmp/v" --resume auto --attention-bits 0 --max-steps 4 >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with other attention bits: exit 2, naming them" \
+  '[ $rc -eq 2 ] && grep -q "^aq-train: quantization flags .*--attention-bits 0 conflicts with" "$tmp/err"'
+"$(dirname "$TRAIN")/aq-eval" --device cpu --dataset synthetic "$tmp/v/checkpoint.h5" >"$tmp/ve.tsv" 2>"$tmp/err"; rc=$?
+check "aq-eval rebuilds it (no class token)" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/ve.tsv") -eq 2 ]'
+"$TRAIN" "${vit[@]}" --workspace "$tmp/v2" --pool max >/dev/null 2>"$tmp/err"; rc=$?
+check "--pool max: exit 2" '[ $rc -eq 2 ] && grep -q "pool" "$tmp/err"'
+"$TRAIN" "${gpt[@]}" --workspace "$tmp/v3" --pool mean "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "--pool on gpt_small: exit 2" '[ $rc -eq 2 ] && grep -q "^aq-train: --pool is for the ViTs" "$tmp/err"'
 
 exit $fail

@@ -152,6 +152,7 @@ class ModelCommand {
     options_.image_size = v.data.image_size;
     options_.context = v.data.context;
     options_.layers = v.layers, options_.width = v.width, options_.heads = v.heads, options_.dropout = v.dropout;
+    options_.class_token = v.pool == "cls";
     // Token models: the vocabulary is bytes unless --classes says otherwise,
     // and the output's image column holds the sequence length.
     if (aq::train::takes_tokens(options_.arch)) {

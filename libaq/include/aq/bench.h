@@ -75,6 +75,7 @@ struct ModelOptions {
   // Transformers' shape (models::ModelOptions; 0: the architecture's own).
   int64_t layers = 0, width = 0, heads = 0;
   double dropout = 0;
+  bool class_token = true;  // ViTs: false classifies the mean of the patch tokens
   // Besides the exact model: L0 .. L5, and ckpt (the exact model with every
   // block recomputed in backward: activation checkpointing, aq/recompute.h).
   std::vector<std::string> levels;

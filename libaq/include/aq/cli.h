@@ -78,6 +78,7 @@ struct Values {
   // Transformers' shape (models::ModelOptions; 0: the architecture's own).
   int64_t layers = 0, width = 0, heads = 0;
   double dropout = 0;
+  std::string pool = "cls";  // ViTs: cls (the class token) or mean (of the patch tokens)
   // Training (aq-train; ActNN's data configuration, accepted by the others).
   int64_t epochs = 20;
   double lr = 0.1, momentum = 0.9, weight_decay = 1e-4, label_smoothing = 0.0;

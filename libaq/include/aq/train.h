@@ -29,6 +29,7 @@ struct Options {
   // Transformers' shape (models::ModelOptions; 0: the architecture's own).
   int64_t layers = 0, width = 0, heads = 0;
   double dropout = 0;
+  std::string pool = "cls";  // ViTs: cls or mean (models::ModelOptions::class_token)
   QuantConfig quant;
   // Optimisation.
   int64_t epochs = 20;
@@ -75,7 +76,7 @@ struct Options {
   // "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
   // "--lr-schedule", "--warmup", "--warmup-steps", "--milestones", "--nesterov",
   // "--amp", "--optimizer", "--betas", "--eps", "--clip-grad-norm", "--context", "--layers",
-  // "--width", "--heads", "--dropout", and
+  // "--width", "--heads", "--dropout", "--pool", and
   // "quantization" for any quantization flag).  With --resume the run keeps
   // the checkpoint's settings: one given here that differs is refused
   // (std::invalid_argument), except --epochs, which moves the end of the run

@@ -187,6 +187,9 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
       &NonNegative);
   add(kTrain | kBenchAll, false, "--dropout", v.dropout,
       "Transformers: dropout after the embeddings, attention and MLP, in [0, 1)", d, &Fraction);
+  if (auto* o = add(kTrain | kBenchAll, false, "--pool", v.pool,
+                    "ViTs: classify the class token (cls) or the mean of the patch tokens (mean)", d))
+    o->check(CLI::IsMember({"cls", "mean"}));
   add(kModel | kEval | kBenchAll, false, "--amp", v.amp,
       "Autocast: off, bf16 or fp16 (fp16 with dynamic loss scaling)", d);
   // ActNN's training configuration.

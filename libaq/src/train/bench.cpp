@@ -207,6 +207,7 @@ models::ModelPtr bench_model(const ModelOptions& o, const NamedConfig& config, c
   mo.image_height = mo.image_width = o.image_size;
   if (train::takes_tokens(o.arch)) mo.context = o.context;
   mo.layers = o.layers, mo.width = o.width, mo.heads = o.heads, mo.dropout = o.dropout;
+  mo.class_token = o.class_token;
   mo.recompute_blocks = config.recompute_blocks;
   auto model = models::build(o.arch, o.channels, o.classes, mo, config.config);
   model->to(device);

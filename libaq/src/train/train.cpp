@@ -237,7 +237,11 @@ void Trainer::setup() {
   if (!transformer && (o_.layers || o_.width || o_.heads || o_.dropout > 0))
     throw std::invalid_argument("--layers, --width, --heads and --dropout are for transformers (vit_*, gpt_*), not " +
                                 o_.arch);
+  if (o_.pool != "cls" && o_.pool != "mean") throw std::invalid_argument("--pool must be cls or mean, not " + o_.pool);
+  if (!models::is_vit(o_.arch) && o_.pool != "cls")
+    throw std::invalid_argument("--pool is for the ViTs (vit_*), not " + o_.arch);
   mo.layers = o_.layers, mo.width = o_.width, mo.heads = o_.heads, mo.dropout = o_.dropout;
+  mo.class_token = o_.pool == "cls";
   model_ = models::build(o_.arch, info.channels, info.num_classes, mo, o_.quant);
   if (transformer) {  // the shape built, which checkpoints record: a resume or aq-eval builds it again
     const auto built = models::resolved_shape(o_.arch, mo);
@@ -364,6 +368,10 @@ void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
   counter_setting("width", "--width", o_.width);
   counter_setting("heads", "--heads", o_.heads);
   scalar_setting("dropout", "--dropout", o_.dropout);
+  meta_setting("pool", "--pool", o_.pool, [&](const std::string& v) {
+    if (v != "cls" && v != "mean") throw std::invalid_argument("not cls or mean");
+    o_.pool = v;
+  });
   if (c.counters.count("warmup_steps")) {  // may be 0, which counter_setting refuses
     const int64_t w = c.counters.at("warmup_steps");
     if (w < 0) throw std::runtime_error(src + ": counter warmup_steps is " + std::to_string(w));
@@ -501,6 +509,7 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
     c.counters["layers"] = o_.layers, c.counters["width"] = o_.width, c.counters["heads"] = o_.heads;
     c.scalars["dropout"] = o_.dropout;
   }
+  if (models::is_vit(o_.arch)) c.meta["pool"] = o_.pool;
   c.counters["warmup_steps"] = o_.warmup_steps;
   c.meta["milestones"] = list_text(o_.milestones);
   c.meta["mean"] = list_text(info.mean);  // the input normalisation, for aq-export
