@@ -23,6 +23,10 @@ check "bad size exits 2" '[ $rc -eq 2 ] && grep -q "bad size unit" "$tmp/err"'
 check "a bad second size: exit 2, one line, nothing measured or printed" '[ $rc -eq 2 ] && grep -q "size must be positive" "$tmp/err" && [ ! -s "$tmp/out" ]'
 "$BENCH" kernels --device cpu --sizes 64K --dtypes fp32,fp64 >"$tmp/out" 2>"$tmp/err"; rc=$?
 check "a bad second dtype: exit 2, nothing on stdout" '[ $rc -eq 2 ] && grep -q "unknown dtype" "$tmp/err" && [ ! -s "$tmp/out" ]'
+"$BENCH" memory --device cpu --arch preact_resnet20 --image-size 8 -b 2 --layers 3 >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "--layers on a ResNet: exit 2, nothing measured" '[ $rc -eq 2 ] && grep -q "are for transformers" "$tmp/err" && [ ! -s "$tmp/out" ]'
+"$BENCH" step --device cpu --arch gpt_small --context 8 -b 2 --pool mean >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "--pool on gpt_small: exit 2" '[ $rc -eq 2 ] && grep -q "pool is for the ViTs" "$tmp/err" && [ ! -s "$tmp/out" ]'
 "$BENCH" kernels --bits 9 >/dev/null 2>"$tmp/err"; rc=$?
 check "bits 9 exits 2" '[ $rc -eq 2 ]'
 "$BENCH" kernels --dtypes fp64 --sizes 64K >/dev/null 2>"$tmp/err"; rc=$?

@@ -6,6 +6,7 @@
 #include "aq/cli.h"
 #include "aq/loss.h"
 #include "aq/log.h"
+#include "aq/models.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -151,6 +152,11 @@ class ModelCommand {
     options_.classes = v.data.num_classes;
     options_.image_size = v.data.image_size;
     options_.context = v.data.context;
+    const bool vit = aq::models::is_vit(v.arch), transformer = vit || aq::models::is_gpt(v.arch);
+    if (!transformer && (v.layers || v.width || v.heads || v.dropout > 0))
+      throw std::invalid_argument("--layers, --width, --heads and --dropout are for transformers (vit_*, gpt_*), not " +
+                                  v.arch);
+    if (!vit && v.pool != "cls") throw std::invalid_argument("--pool is for the ViTs (vit_*), not " + v.arch);
     options_.layers = v.layers, options_.width = v.width, options_.heads = v.heads, options_.dropout = v.dropout;
     options_.class_token = v.pool == "cls";
     // Token models: the vocabulary is bytes unless --classes says otherwise,
