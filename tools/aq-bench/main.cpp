@@ -152,13 +152,12 @@ class ModelCommand {
     options_.classes = v.data.num_classes;
     options_.image_size = v.data.image_size;
     options_.context = v.data.context;
-    const bool vit = aq::models::is_vit(v.arch), transformer = vit || aq::models::is_gpt(v.arch);
-    if (!transformer && (v.layers || v.width || v.heads || v.dropout > 0))
-      throw std::invalid_argument("--layers, --width, --heads and --dropout are for transformers (vit_*, gpt_*), not " +
-                                  v.arch);
-    if (!vit && v.pool != "cls") throw std::invalid_argument("--pool is for the ViTs (vit_*), not " + v.arch);
+    aq::models::ModelOptions shape;
+    shape.layers = v.layers, shape.width = v.width, shape.heads = v.heads, shape.dropout = v.dropout;
+    shape.class_token = v.pool == "cls";
+    aq::models::check_options(v.arch, shape);
     options_.layers = v.layers, options_.width = v.width, options_.heads = v.heads, options_.dropout = v.dropout;
-    options_.class_token = v.pool == "cls";
+    options_.class_token = shape.class_token;
     // Token models: the vocabulary is bytes unless --classes says otherwise,
     // and the output's image column holds the sequence length.
     if (aq::train::takes_tokens(options_.arch)) {

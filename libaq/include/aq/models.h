@@ -90,6 +90,12 @@ ModelOptions resolved_shape(const std::string& arch, const ModelOptions& options
 // Whether `arch` is a transformer that reads images (vit_*) or tokens (gpt_*).
 bool is_vit(const std::string& arch);
 bool is_gpt(const std::string& arch);
+
+// What the tools refuse: a transformer's shape (layers, width, heads,
+// dropout) for another architecture, and no class token for all but the
+// ViTs.  Throws std::invalid_argument naming the options (build() ignores
+// what an architecture does not take).
+void check_options(const std::string& arch, const ModelOptions& options);
 const std::vector<std::string>& architectures();
 
 }  // namespace aq::models

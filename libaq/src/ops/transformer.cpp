@@ -219,13 +219,9 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
     at::Tensor out = attend(qkv, heads, causal);
     put_state(ctx, st);
     record_other(st.get(), qkv.size(2));
-    if (c->attention_bits > 0) {
-      QuantConfig uniform = *c;
-      uniform.cabits = uniform.ibits = c->attention_bits;
-      save_compressed(ctx, qkv, uniform, st.get());
-    } else {
-      save_compressed(ctx, qkv, *c, st.get());
-    }
+    QuantConfig qc = *c;
+    if (c->attention_bits > 0) qc.cabits = qc.ibits = c->attention_bits;  // uniform
+    save_compressed(ctx, qkv, qc, st.get());
     auto& s = ctx->saved_data;
     s["heads"] = heads;
     s["causal"] = causal;

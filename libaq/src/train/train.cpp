@@ -234,14 +234,10 @@ void Trainer::setup() {
   mo.image_width = info.width;
   if (info.sequence > 0) mo.context = std::max(mo.context, info.sequence);
   const bool transformer = models::is_vit(o_.arch) || models::is_gpt(o_.arch);
-  if (!transformer && (o_.layers || o_.width || o_.heads || o_.dropout > 0))
-    throw std::invalid_argument("--layers, --width, --heads and --dropout are for transformers (vit_*, gpt_*), not " +
-                                o_.arch);
   if (o_.pool != "cls" && o_.pool != "mean") throw std::invalid_argument("--pool must be cls or mean, not " + o_.pool);
-  if (!models::is_vit(o_.arch) && o_.pool != "cls")
-    throw std::invalid_argument("--pool is for the ViTs (vit_*), not " + o_.arch);
   mo.layers = o_.layers, mo.width = o_.width, mo.heads = o_.heads, mo.dropout = o_.dropout;
   mo.class_token = o_.pool == "cls";
+  models::check_options(o_.arch, mo);
   model_ = models::build(o_.arch, info.channels, info.num_classes, mo, o_.quant);
   if (transformer) {  // the shape built, which checkpoints record: a resume or aq-eval builds it again
     const auto built = models::resolved_shape(o_.arch, mo);
