@@ -199,6 +199,7 @@ TEST_P(Modules, AutocastBFloat16) {
   auto gq = q->weight.grad().clone(), gcq = qc->weight.grad().clone();
   (yt.to(torch::kFloat).sum() + yct.to(torch::kFloat).sum()).backward();
   EXPECT_EQ(gq.scalar_type(), torch::kFloat);
+  EXPECT_EQ(x.grad().scalar_type(), torch::kFloat);  // back through the lowering of the kept input
   EXPECT_LE((gq - t->weight.grad()).abs().max().item<double>(), 0.03 * t->weight.grad().abs().max().item<double>());
   EXPECT_LE((gcq - tc->weight.grad()).abs().max().item<double>(), 0.03 * tc->weight.grad().abs().max().item<double>());
 }

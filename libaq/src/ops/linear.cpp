@@ -120,7 +120,13 @@ namespace functional {
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const QuantConfig& config, const LayerStatePtr& state) {
   if (!compressing(config, x, weight)) return at::linear(x, weight, maybe_bias(bias));
-  return LinearFn::apply(x, weight, placeholder(bias, x), &config, state);
+  // Under autocast the input kept is the lowered one that the product reads,
+  // as autocast's own linear keeps for its weight gradient: a float input (a
+  // LayerNorm's output) would be read and restored at twice the bytes for
+  // the same values.  The weight stays as it is (autocast lowers it inside
+  // the product): keeping a lowered copy for backward would hold one more
+  // copy of every weight.
+  return LinearFn::apply(autocast_lower(x, x), weight, placeholder(bias, x), &config, state);
 }
 
 at::Tensor convolution(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -445,7 +445,10 @@ at::Tensor maybe_bias(const std::optional<at::Tensor>& b) { return b ? *b : at::
 
 at::Tensor autocast_lower(const at::Tensor& t, const at::Tensor& x) {
   const auto type = x.device().type();
-  if (!t.defined() || !t.is_floating_point() || !at::autocast::is_autocast_enabled(type)) return t;
+  // Autocast leaves double alone.
+  if (!t.defined() || !t.is_floating_point() || t.scalar_type() == at::kDouble ||
+      !at::autocast::is_autocast_enabled(type))
+    return t;
   return t.to(at::autocast::get_autocast_dtype(type));
 }
 
