@@ -334,3 +334,26 @@ TEST_P(Modules, OwnerOutlivesTheLayerThatSharedItsCopy) {
     EXPECT_EQ(a->state()->last_bits.sum().item<int64_t>(), 2 * 5);
   }
 }
+
+// A layer gone, what its state held goes with it, though the thread still
+// remembers its compression (a weak reference, for sharing): on a device
+// that memory would otherwise stay taken until the thread ends.
+TEST_P(Modules, AGoneLayerLetsGoOfItsTensors) {
+  auto cfg = std::make_shared<aq::QuantConfig>(aq::QuantConfig::for_level(aq::Level::L3));
+  at::Tensor last_bits, range_sq;
+  c10::weak_intrusive_ptr<aq::LayerState> weak{c10::intrusive_ptr<aq::LayerState>()};
+  {
+    aq::QLinear fc(nn::LinearOptions(64, 8));
+    fc->set_config(cfg);
+    fc->to(dev());
+    fc(torch::randn({6, 64}, dev()).requires_grad_()).sum().backward();
+    last_bits = fc->state()->last_bits;
+    range_sq = fc->state()->range_sq;
+    ASSERT_TRUE(last_bits.defined() && range_sq.defined());
+    EXPECT_GT(last_bits.use_count(), 1);
+    weak = c10::weak_intrusive_ptr<aq::LayerState>(fc->state());
+  }
+  EXPECT_TRUE(weak.expired());
+  EXPECT_EQ(last_bits.use_count(), 1);
+  EXPECT_EQ(range_sq.use_count(), 1);
+}

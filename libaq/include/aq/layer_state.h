@@ -70,6 +70,18 @@ struct LayerState : torch::CustomClassHolder {
     at::Tensor indices;  // of grad_sq's samples (undefined: the batch mean only)
   };
   std::optional<DueStats> due_stats;
+
+  // Runs when the last owner lets go.  Weak references (the compressions a
+  // thread remembers for sharing, other layers' sharers) keep only the
+  // object's shell: what it holds, device memory included, goes now, not
+  // when the last weak reference does (a thread's exit, after the CUDA
+  // runtime's own teardown there).
+  void release_resources() override {
+    bits = range_sq = grad_sq = indices = last_bits = sample_stat = grad_mean = at::Tensor();
+    pending.reset();
+    sharers.clear();
+    due_stats.reset();
+  }
 };
 using LayerStatePtr = c10::intrusive_ptr<LayerState>;
 inline LayerStatePtr make_layer_state() { return c10::make_intrusive<LayerState>(); }
