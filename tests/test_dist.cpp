@@ -14,12 +14,25 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
 #include <thread>
 
 namespace {
+
+// c10d's flight recorder, where a build turns it on, enters each process
+// group into a process-wide map on the group's first collective without
+// holding its lock (FlightRecorder::recordWithResetEnabled).  Ranks as
+// threads of one process start their groups' first collectives at once and
+// corrupt that map; ranks as processes, as the launchers run them, never
+// share it.  Off before any group exists.
+[[maybe_unused]] const bool flight_recorder_off = [] {
+  setenv("TORCH_FR_BUFFER_SIZE", "0", 1);
+  setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "0", 1);
+  return true;
+}();
 
 using aq::dist::expand_nodelist;
 using aq::dist::read_env;
