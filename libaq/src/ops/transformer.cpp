@@ -205,12 +205,15 @@ struct SoftmaxFn : torch::autograd::Function<SoftmaxFn> {
 };
 
 // The attention itself, the same ops in the exact path, the compressed
-// forward and the recomputation in backward.
-at::Tensor attend(const at::Tensor& qkv, int64_t heads, bool causal) {
+// forward and the recomputation in backward: per head, [B, heads, T, C /
+// heads], and (attend) back in the tokens' layout [B, T, C].
+at::Tensor attend_heads(const at::Tensor& qkv, int64_t heads, bool causal) {
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   const auto parts = qkv.view({B, T, 3, heads, C / heads}).permute({2, 0, 3, 1, 4}).unbind(0);
-  const at::Tensor o = at::scaled_dot_product_attention(parts[0], parts[1], parts[2], std::nullopt, 0.0, causal);
-  return o.transpose(1, 2).reshape({B, T, C});
+  return at::scaled_dot_product_attention(parts[0], parts[1], parts[2], std::nullopt, 0.0, causal);
+}
+at::Tensor attend(const at::Tensor& qkv, int64_t heads, bool causal) {
+  return attend_heads(qkv, heads, causal).transpose(1, 2).reshape({qkv.size(0), qkv.size(1), qkv.size(2) / 3});
 }
 
 struct AttentionFn : torch::autograd::Function<AttentionFn> {
@@ -240,8 +243,12 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
     for_each_micro_batch(ctx, packed_of(ctx), dtype, [&](int64_t b, int64_t e, const at::Tensor& restored) {
       at::AutoGradMode enable(true);
       const at::Tensor x = restored.detach().requires_grad_(true);
-      const at::Tensor o = attend(x, heads, causal);
-      gx.push_back(torch::autograd::grad({o}, {x}, {g.narrow(0, b, e - b).to(dtype)})[0]);
+      // Recomputed per head only: the gradient in that layout is a view of
+      // g (what the layout change's backward would hand over), and the
+      // change itself, a copy of the output, is not needed again.
+      const at::Tensor o = attend_heads(x, heads, causal);
+      const at::Tensor go = g.narrow(0, b, e - b).to(dtype).reshape({e - b, x.size(1), heads, -1}).transpose(1, 2);
+      gx.push_back(torch::autograd::grad({o}, {x}, {go})[0]);
     });
     return {cat_parts(gx), {}, {}, {}, {}};
   }
