@@ -22,9 +22,9 @@
 
 namespace {
 
-// c10d's flight recorder, where a build turns it on, enters each process
-// group into a process-wide map on the group's first collective without
-// holding its lock (FlightRecorder::recordWithResetEnabled).  Ranks as
+// c10d's flight recorder (on unless TORCH_FR_BUFFER_SIZE is 0) enters each
+// process group into a process-wide map on the group's first collective
+// without holding its lock (FlightRecorder::recordWithResetEnabled).  Ranks as
 // threads of one process start their groups' first collectives at once and
 // corrupt that map; ranks as processes, as the launchers run them, never
 // share it.  Off before any group exists.
