@@ -21,7 +21,6 @@
 #include <functional>
 #include <map>
 #include <optional>
-#include <optional>
 #include <string>
 #include <vector>
 

@@ -266,6 +266,8 @@ ModelOptions resolved_shape(const std::string& arch, const ModelOptions& options
 
 bool is_vit(const std::string& arch) { return arch == "vit_tiny" || arch == "vit_small"; }
 
+bool is_gpt(const std::string& arch) { return arch == "gpt_small"; }
+
 void check_options(const std::string& arch, const ModelOptions& options) {
   const bool vit = is_vit(arch);
   if (!vit && !is_gpt(arch) && (options.layers || options.width || options.heads || options.dropout > 0))
@@ -273,7 +275,6 @@ void check_options(const std::string& arch, const ModelOptions& options) {
                                 arch);
   if (!vit && !options.class_token) throw std::invalid_argument("--pool is for the ViTs (vit_*), not " + arch);
 }
-bool is_gpt(const std::string& arch) { return arch == "gpt_small"; }
 
 ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes) {
   return build(arch, in_channels, num_classes, ModelOptions());

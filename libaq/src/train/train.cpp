@@ -37,6 +37,12 @@ namespace aq::train {
 
 namespace {
 
+// A ViT's --pool: its class token (cls) or the mean of its patch tokens (mean) classifies.
+bool class_token_of(const std::string& pool) {
+  if (pool != "cls" && pool != "mean") throw std::invalid_argument("--pool must be cls or mean, not " + pool);
+  return pool == "cls";
+}
+
 using detail::counter;
 using detail::meta;
 using detail::shape;
@@ -234,9 +240,8 @@ void Trainer::setup() {
   mo.image_width = info.width;
   if (info.sequence > 0) mo.context = std::max(mo.context, info.sequence);
   const bool transformer = models::is_vit(o_.arch) || models::is_gpt(o_.arch);
-  if (o_.pool != "cls" && o_.pool != "mean") throw std::invalid_argument("--pool must be cls or mean, not " + o_.pool);
   mo.layers = o_.layers, mo.width = o_.width, mo.heads = o_.heads, mo.dropout = o_.dropout;
-  mo.class_token = o_.pool == "cls";
+  mo.class_token = class_token_of(o_.pool);
   models::check_options(o_.arch, mo);
   model_ = models::build(o_.arch, info.channels, info.num_classes, mo, o_.quant);
   if (transformer) {  // the shape built, which checkpoints record: a resume or aq-eval builds it again
@@ -365,7 +370,7 @@ void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
   counter_setting("heads", "--heads", o_.heads);
   scalar_setting("dropout", "--dropout", o_.dropout);
   meta_setting("pool", "--pool", o_.pool, [&](const std::string& v) {
-    if (v != "cls" && v != "mean") throw std::invalid_argument("not cls or mean");
+    class_token_of(v);
     o_.pool = v;
   });
   if (c.counters.count("warmup_steps")) {  // may be 0, which counter_setting refuses
