@@ -69,18 +69,39 @@ TEST_P(Transformer, LayerNormMatchesLibTorch) {
   auto st = aq::make_layer_state();
   EXPECT_TRUE(torch::equal(F::layer_norm(x, {32}, w, b, 1e-5, bits(2), st), torch::layer_norm(x, {32}, w, b, 1e-5)));
   auto exact = [&] { return torch::layer_norm(x, {32}, w, b, 1e-5); };
-  auto q = [&](const aq::QuantConfig& c) { return F::layer_norm(x, {32}, w, b, 1e-5, c, st); };
-  // The normalised input xn is kept; each restored element within a step.
-  // dL/dw = sum g xn (linear in xn_hat: unbiased); dL/dx has the bias
-  // rstd / D * w g Var(xn_hat) (docs/design.md §4).
   const auto rstd = 1 / torch::sqrt(x.detach().var(-1, false, true) + 1e-5);
   const auto xn = (x.detach() - x.detach().mean(-1, true)) * rstd;
-  const auto gw_bound = (probe.abs() * step(xn, 8)).sum(std::vector<int64_t>{0, 1});
-  const auto gx_bound = 0.05 * torch::ones_like(x) * (probe * w.detach()).abs().max() * rstd.max();
-  const auto gx_bias = rstd / 32 * (w.detach() * probe).abs() * std::pow(step(xn, 2), 2) / 4;
-  check(q, exact, {x, w, b}, probe, {gx_bound, gw_bound, torch::zeros_like(b)}, {gx_bias, torch::Tensor(), torch::Tensor()});
-  EXPECT_EQ(st->sample_elements, 5 * 32);
-  EXPECT_LT(st->saved_bytes * 8, x.numel() * 4);
+  // Groups of 256 span rows: the normalised input xn is kept.  Groups of 32
+  // are rows: the input is, and its error in xn is rstd times its own.
+  for (const int64_t G : {256, 32}) {
+    SCOPED_TRACE(G);
+    auto q = [&](aq::QuantConfig c) {
+      c.group_size = G;
+      return F::layer_norm(x, {32}, w, b, 1e-5, c, st);
+    };
+    // Each restored element within a step.  dL/dw = sum g xn (linear in
+    // xn_hat: unbiased); dL/dx has the bias rstd / D * w g Var(xn_hat)
+    // (docs/design.md §4).
+    auto xn_step = [&](int bits) { return G == 256 ? step(xn, bits) * torch::ones_like(rstd) : step(x.detach(), bits) * rstd; };
+    const auto gw_bound = (probe.abs() * xn_step(8)).sum(std::vector<int64_t>{0, 1});
+    const auto gx_bound = 0.05 * torch::ones_like(x) * (probe * w.detach()).abs().max() * rstd.max();
+    const auto gx_bias = rstd / 32 * (w.detach() * probe).abs() * xn_step(2).pow(2) / 4;
+    check(q, exact, {x, w, b}, probe, {gx_bound, gw_bound, torch::zeros_like(b)},
+          {gx_bias, torch::Tensor(), torch::Tensor()});
+    EXPECT_EQ(st->sample_elements, 5 * 32);
+    EXPECT_LT(st->saved_bytes * 8, x.numel() * 4);
+  }
+  // Adaptive: the samples are weighed by the ranges of xn, whichever is kept.
+  for (const int64_t G : {256, 32}) {
+    aq::QuantConfig c;
+    c.group_size = G;
+    auto sa = aq::make_layer_state();
+    F::layer_norm(x, {32}, w, b, 1e-5, c, sa);
+    ASSERT_TRUE(sa->range_sq.defined());
+    const auto v = G == 256 ? xn.reshape({8, 1, -1}) : xn.reshape({8, -1, G});  // a sample is 160 elements
+    const auto want = (std::get<0>(v.max(2)) - std::get<0>(v.min(2))).pow(2).sum(1).to(torch::kFloat);
+    EXPECT_TRUE(torch::allclose(sa->range_sq, want, 1e-3, 1e-4)) << G << ": " << sa->range_sq << want;
+  }
 }
 
 TEST_P(Transformer, RMSNormMatchesLibTorch) {

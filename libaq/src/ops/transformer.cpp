@@ -3,6 +3,7 @@
 // self-attention (its queries, keys and values).  docs/design.md §4.
 #include "aq/functional.h"
 
+#include "offer.h"
 #include "saved.h"
 
 #include <ATen/ATen.h>
@@ -40,41 +41,72 @@ at::Tensor cat_parts(std::vector<at::Tensor>& parts) {
   return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
 }
 
+// Where a norm's rows are whole groups, the input itself is compressed: a
+// group's bounds then span one row, and quantising x over them is quantising
+// the normalised row, up to its shift and scale.  Else the normalised input
+// is: every row at unit scale, so that a group spanning rows of very
+// different spread (a ViT's class token beside its patches) resolves each.
+bool rows_are_groups(const QuantConfig& c, const at::Tensor& x, int64_t row) {
+  return c.pergroup && x.is_contiguous() && row > 0 && row % c.group_size == 0;
+}
+
+// The allocation weighs a norm's samples by the ranges of the normalised
+// input (its gradient's error is rstd times the input's): x's per-group
+// ranges scaled by their rows' rstd, offered to the allocation as [N, groups].
+void offer_normalised_ranges(const at::Tensor& x, const at::Tensor& rstd, int64_t row, int64_t G) {
+  const int64_t n = x.size(0), per_row = row / G;
+  auto [mn, mx] = at::aminmax(x.view({-1, per_row, G}), 2);
+  const at::Tensor r = (mx.to(at::kFloat) - mn.to(at::kFloat)) * rstd.reshape({-1, 1}).to(at::kFloat);
+  group_range_offer().offer(x, r.pow(2).reshape({n, -1}), G);
+}
+
 struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                             std::vector<int64_t> shape, double eps, const QuantConfig* c, const LayerStatePtr& st) {
     // at::layer_norm is this op's first output.
     auto [y, mean, rstd] = at::native_layer_norm(x, shape, present(w), present(b), eps);
-    ctx->save_for_backward({w, b, rstd});
     put_state(ctx, st);
-    record_other(st.get(), c10::multiply_integers(shape));
-    // The normalised input is what is compressed: every row at unit scale,
-    // so that a group spanning rows of very different spread (a ViT's class
-    // token beside its patches) resolves each.  LibTorch's own kernel
-    // writes it in one pass (a broadcast subtract and multiply take two,
-    // each slower).
-    save_compressed(ctx, std::get<0>(at::native_layer_norm(x, shape, {}, {}, eps)), *c, st.get());
+    const int64_t row = c10::multiply_integers(shape);
+    record_other(st.get(), row);
+    const bool input = rows_are_groups(*c, x, row);
+    if (input) {
+      if (st && adaptive(*c) && !st->bits.defined()) offer_normalised_ranges(x, rstd, row, c->group_size);
+      save_compressed(ctx, x, *c, st.get());
+      ctx->save_for_backward({w, b, mean, rstd});
+    } else {
+      // LibTorch's own kernel writes the normalised input in one pass (a
+      // broadcast subtract and multiply take two, each slower).
+      save_compressed(ctx, std::get<0>(at::native_layer_norm(x, shape, {}, {}, eps)), *c, st.get());
+      ctx->save_for_backward({w, b, rstd});
+    }
     ctx->saved_data["shape"] = shape;
     return y;
   }
-  // LayerNorm's input gradient is rstd times a function of xn, w and g
-  // alone, and its parameters' gradients need only xn and g: LibTorch's
-  // backward run on xn with mean 0 and rstd 1, the input gradient scaled
-  // by rstd after, is the backward on x without rebuilding x.
+  // From the restored input: LibTorch's backward as it is.  From the
+  // normalised input: LayerNorm's input gradient is rstd times a function of
+  // xn, w and g alone, and its parameters' gradients need only xn and g, so
+  // LibTorch's backward run on xn with mean 0 and rstd 1, the input gradient
+  // scaled by rstd after, is the backward on x without rebuilding x.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor g = grads[0].contiguous();  // the CPU kernel reads it as laid out contiguously
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor w = present(saved[0]), b = present(saved[1]), rstd = saved[2];
+    const bool input = saved.size() == 4;
+    const at::Tensor w = present(saved[0]), b = present(saved[1]), rstd = saved.back();
+    const at::Tensor mean = input ? saved[2] : at::Tensor();
     const auto shape = ctx->saved_data["shape"].toIntVector();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), w.defined() && ctx->needs_input_grad(1),
                                       b.defined() && ctx->needs_input_grad(2)};
     std::vector<at::Tensor> gx;
     at::Tensor gw, gb;
-    for_each_micro_batch(ctx, packed_of(ctx), rstd.scalar_type(), [&](int64_t s, int64_t e, const at::Tensor& xn) {
+    const Packed p = packed_of(ctx);
+    for_each_micro_batch(ctx, p, input ? p.dtype : rstd.scalar_type(), [&](int64_t s, int64_t e, const at::Tensor& xr) {
       const at::Tensor r = rstd.narrow(0, s, e - s);
-      auto [gx_part, gw_part, gb_part] = at::native_layer_norm_backward(
-          g.narrow(0, s, e - s), xn.to(g.scalar_type()), shape, at::zeros_like(r), at::ones_like(r), w, b, mask);
-      if (gx_part.defined()) gx.push_back(gx_part.mul_(r));
+      const at::Tensor gs = g.narrow(0, s, e - s);
+      auto [gx_part, gw_part, gb_part] =
+          input ? at::native_layer_norm_backward(gs, xr, shape, mean.narrow(0, s, e - s), r, w, b, mask)
+                : at::native_layer_norm_backward(gs, xr.to(g.scalar_type()), shape, at::zeros_like(r),
+                                                 at::ones_like(r), w, b, mask);
+      if (gx_part.defined()) gx.push_back(input ? gx_part : gx_part.mul_(r));
       if (gw_part.defined()) gw = gw.defined() ? gw + gw_part : gw_part;
       if (gb_part.defined()) gb = gb.defined() ? gb + gb_part : gb_part;
     });
