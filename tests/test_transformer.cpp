@@ -139,6 +139,31 @@ TEST_P(Transformer, GeluAndSiluKeepAnUnbiasedDerivative) {
   EXPECT_LT(st->saved_bytes * 8, x.numel() * 4);
 }
 
+// Where samples are whole groups, GELU's derivative and output are weighed
+// by their own group ranges (on CUDA worked out as the GELU writes them).
+TEST_P(Transformer, GeluWeighsItsDerivativeAndItsReaderByTheirRanges) {
+  auto range_sq = [](const torch::Tensor& t) {
+    const auto v = t.detach().to(torch::kFloat).reshape({4, -1, 256});
+    return (std::get<0>(v.max(2)) - std::get<0>(v.min(2))).pow(2).sum(1);
+  };
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    for (const std::string approximate : {"none", "tanh"}) {
+      SCOPED_TRACE(approximate + (dtype == torch::kFloat ? " float" : " bf16"));
+      auto x = (torch::randn({4, 4, 512}, opts()) * 3).to(dtype).requires_grad_();
+      auto w = torch::randn({8, 512}, opts()).to(dtype).requires_grad_();  // the linear keeps y for its gradient
+      auto sg = aq::make_layer_state(), sl = aq::make_layer_state();
+      const aq::QuantConfig c;  // adaptive, groups of 256
+      const auto y = F::gelu(x, approximate, c, sg);
+      EXPECT_TRUE(torch::equal(y, torch::gelu(x, approximate)));
+      F::linear(y, w, std::nullopt, c, sl);
+      const auto d = torch::gelu_backward(torch::ones_like(x), x.detach(), approximate);
+      ASSERT_TRUE(sg->range_sq.defined() && sl->range_sq.defined());
+      EXPECT_TRUE(torch::allclose(sg->range_sq, range_sq(d), 2e-2)) << sg->range_sq << range_sq(d);
+      EXPECT_TRUE(torch::allclose(sl->range_sq, range_sq(y))) << sl->range_sq << range_sq(y);
+    }
+  }
+}
+
 TEST_P(Transformer, SoftmaxBiasIsWithinItsBound) {
   auto x = (torch::randn({6, 4, 12}, opts()) * 2).requires_grad_();
   auto probe = torch::randn({6, 4, 12}, opts());

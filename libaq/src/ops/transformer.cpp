@@ -3,6 +3,7 @@
 // self-attention (its queries, keys and values).  docs/design.md §4.
 #include "aq/functional.h"
 
+#include "activation.h"
 #include "offer.h"
 #include "saved.h"
 
@@ -183,15 +184,45 @@ at::Tensor derivative(const at::Tensor& x, Activation a, const std::string& appr
   return a == Activation::kGelu ? at::gelu_backward(one, x, approximate) : at::silu_backward(one, x);
 }
 
+// GELU and its derivative from one read of x where a kernel does both (CUDA),
+// with the group ranges of each for the allocations that compress them
+// (the derivative here, the output in the next layer): r2 [N, groups] when
+// the samples are whole groups, else undefined.
+struct ActivationValues {
+  at::Tensor y, d, r2_y, r2_d;
+};
+ActivationValues activation_values(const at::Tensor& x, Activation a, const std::string& approximate,
+                                   const QuantConfig& c) {
+  const auto type = x.device().type();
+  const auto dt = x.scalar_type();
+  const bool fused = a == Activation::kGelu && kernels::gelu_and_derivative.has(type) && x.is_contiguous() &&
+                     (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) &&
+                     reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
+                     x.numel() % kernels::activation_chunk(x.element_size()) == 0;
+  if (!fused) return {activation(x, a, approximate), derivative(x, a, approximate), {}, {}};
+  ActivationValues v{at::empty_like(x, at::MemoryFormat::Contiguous), at::empty_like(x, at::MemoryFormat::Contiguous),
+                     {}, {}};
+  const int64_t n = x.size(0), per_sample = x.numel() / n, G = c.group_size;
+  if (c.pergroup && G % kernels::activation_chunk(x.element_size()) == 0 && per_sample % G == 0) {
+    v.r2_y = at::empty({n, per_sample / G}, x.options().dtype(at::kFloat));
+    v.r2_d = at::empty_like(v.r2_y);
+  }
+  kernels::gelu_and_derivative(type, x, approximate == "tanh", v.y, v.d, G,
+                               v.r2_y.defined() ? v.r2_y.data_ptr<float>() : nullptr,
+                               v.r2_d.defined() ? v.r2_d.data_ptr<float>() : nullptr);
+  return v;
+}
+
 struct ActivationFn : torch::autograd::Function<ActivationFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t kind, const std::string& approximate,
-                            const QuantConfig* c, const LayerStatePtr& st) {
-    const auto a = static_cast<Activation>(kind);
-    at::Tensor y = activation(x, a, approximate);
+                            const QuantConfig* c, const LayerStatePtr& st, at::Tensor* r2_y) {
+    ActivationValues v = activation_values(x, static_cast<Activation>(kind), approximate, *c);
     put_state(ctx, st);
     record_other(st.get(), x.dim() > 1 ? x.size(-1) : 1);
-    save_compressed(ctx, derivative(x, a, approximate), *c, st.get());
-    return y;
+    if (v.r2_d.defined()) group_range_offer().offer(v.d, std::move(v.r2_d), c->group_size);
+    save_compressed(ctx, v.d, *c, st.get());
+    *r2_y = std::move(v.r2_y);
+    return v.y;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& g = grads[0];
@@ -206,9 +237,19 @@ struct ActivationFn : torch::autograd::Function<ActivationFn> {
       at::Tensor part = gx.narrow(0, s, e - s);
       at::mul_out(part, g.narrow(0, s, e - s), d);
     });
-    return {gx, {}, {}, {}, {}};
+    return {gx, {}, {}, {}, {}, {}};
   }
 };
+
+// The activation, and its output's group ranges offered to the layer that
+// reads it next.
+at::Tensor apply_activation(const at::Tensor& x, Activation a, const std::string& approximate,
+                            const QuantConfig& config, const LayerStatePtr& state) {
+  at::Tensor r2;
+  at::Tensor y = ActivationFn::apply(x, static_cast<int64_t>(a), approximate, &config, state, &r2);
+  if (r2.defined()) group_range_offer().offer(y, std::move(r2), config.group_size);
+  return y;
+}
 
 struct SoftmaxFn : torch::autograd::Function<SoftmaxFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t dim, const QuantConfig* c,
@@ -319,12 +360,12 @@ at::Tensor rms_norm(const at::Tensor& x, at::IntArrayRef normalized_shape, const
 at::Tensor gelu(const at::Tensor& x, const std::string& approximate, const QuantConfig& config,
                 const LayerStatePtr& state) {
   if (!compressing_norm(config, x, at::Tensor()) || x.dim() == 0 || x.size(0) == 0) return at::gelu(x, approximate);
-  return ActivationFn::apply(x, static_cast<int64_t>(Activation::kGelu), approximate, &config, state);
+  return apply_activation(x, Activation::kGelu, approximate, config, state);
 }
 
 at::Tensor silu(const at::Tensor& x, const QuantConfig& config, const LayerStatePtr& state) {
   if (!compressing_norm(config, x, at::Tensor()) || x.dim() == 0 || x.size(0) == 0) return at::silu(x);
-  return ActivationFn::apply(x, static_cast<int64_t>(Activation::kSilu), std::string("none"), &config, state);
+  return apply_activation(x, Activation::kSilu, "none", config, state);
 }
 
 at::Tensor softmax(const at::Tensor& x, int64_t dim, const QuantConfig& config, const LayerStatePtr& state) {

@@ -1,0 +1,120 @@
+// CUDA GELU and its derivative (see activation.h): a warp reads a group as
+// 16-byte vectors, writes both results and reduces their group ranges.
+#include "activation.h"
+
+#include "cuda_common.cuh"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+
+namespace aq::kernels {
+namespace {
+
+// The forward in LibTorch's arithmetic (float opmath, the same operations in
+// the same order, so the same bits); the derivative as its gelu_backward
+// computes it with an incoming gradient of 1.
+template <bool kTanh>
+__device__ __forceinline__ void gelu_pair(float x, float& y, float& d) {
+  if (kTanh) {
+    constexpr float kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
+    constexpr float kKappa = 0.044715;
+    const float x_sq = x * x;
+    const float inner = kBeta * (x + kKappa * (x_sq * x));
+    const float t = ::tanhf(inner);
+    y = 0.5f * x * (1.0f + t);
+    const float half_x = 0.5f * x, right = 1.0f + t;
+    const float slope = kBeta * (1.0f + 3.0f * kKappa * x_sq);
+    d = 0.5f * right + half_x * (1.0f - t * t) * slope;
+  } else {
+    constexpr float kAlpha = M_SQRT1_2;
+    constexpr float kBeta = M_2_SQRTPI * M_SQRT1_2 * 0.5;
+    const float e = ::erff(x * kAlpha);
+    y = x * 0.5f * (1.0f + e);
+    const float cdf = 0.5f * (1.0f + e);
+    const float pdf = ::expf(-0.5f * x * x) * kBeta;
+    d = cdf + x * pdf;
+  }
+}
+
+// Warp w takes group w (chunks_per_group chunks of 32 vectors), grid-stride.
+template <typename scalar_t, bool kTanh>
+__global__ void gelu_and_derivative_kernel(const scalar_t* __restrict__ x, int64_t groups, int chunks_per_group,
+                                           scalar_t* __restrict__ y, scalar_t* __restrict__ d,
+                                           float* __restrict__ r2_y, float* __restrict__ r2_d) {
+  constexpr int E = 16 / sizeof(scalar_t);
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); k < groups;
+       k += warps) {
+    float ylo = INFINITY, yhi = -INFINITY, dlo = INFINITY, dhi = -INFINITY;
+    bool ynan = false, dnan = false;
+    for (int c = 0; c < chunks_per_group; ++c) {
+      const int64_t v = (k * chunks_per_group + c) * 32 + lane;
+      const uint4 raw = reinterpret_cast<const uint4*>(x)[v];
+      scalar_t xs[E], ys[E], ds[E];
+      memcpy(xs, &raw, 16);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        float fy, fd;
+        gelu_pair<kTanh>(static_cast<float>(xs[e]), fy, fd);
+        ys[e] = static_cast<scalar_t>(fy);
+        ds[e] = static_cast<scalar_t>(fd);
+        // The stored values' ranges, as the range pass would read them.
+        fy = static_cast<float>(ys[e]);
+        fd = static_cast<float>(ds[e]);
+        ylo = fminf(ylo, fy), yhi = fmaxf(yhi, fy), ynan |= fy != fy;
+        dlo = fminf(dlo, fd), dhi = fmaxf(dhi, fd), dnan |= fd != fd;
+      }
+      uint4 out;
+      memcpy(&out, ys, 16);
+      reinterpret_cast<uint4*>(y)[v] = out;
+      memcpy(&out, ds, 16);
+      reinterpret_cast<uint4*>(d)[v] = out;
+    }
+    if (r2_y) {
+      const float ry = warp_group_range_sq(ylo, yhi, ynan);
+      const float rd = warp_group_range_sq(dlo, dhi, dnan);
+      if (lane == 0) r2_y[k] = ry, r2_d[k] = rd;
+    }
+  }
+}
+
+void gelu_and_derivative_cuda(const at::Tensor& x, bool tanh, at::Tensor& y, at::Tensor& d, int64_t group_size,
+                              float* r2_y, float* r2_d) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  const int64_t chunk = activation_chunk(x.element_size());
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && d.is_contiguous() && aligned(x) && aligned(y) &&
+                  aligned(d) && y.numel() == n && d.numel() == n && y.scalar_type() == x.scalar_type() &&
+                  d.scalar_type() == x.scalar_type() && n % chunk == 0,
+              "aq: gelu_and_derivative: x, y and d must be contiguous, aligned, alike and whole chunks of ", chunk);
+  const bool ranges = r2_y && r2_d;
+  TORCH_CHECK(!ranges || (group_size % chunk == 0 && n % group_size == 0),
+              "aq: gelu_and_derivative: group ranges need groups of whole chunks of ", chunk);
+  const int per_group = ranges ? static_cast<int>(group_size / chunk) : 1;
+  const int64_t groups = n / (chunk * per_group);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AQ_DISPATCH_FLOATS(x.scalar_type(), "aq_gelu_and_derivative_cuda", [&] {
+    auto launch = [&](auto kernel) {
+      kernel<<<grid_for(groups * 32, 256), 256, 0, stream>>>(x.const_data_ptr<scalar_t>(), groups, per_group,
+                                                             y.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(),
+                                                             ranges ? r2_y : nullptr, ranges ? r2_d : nullptr);
+    };
+    if (tanh)
+      launch(gelu_and_derivative_kernel<scalar_t, true>);
+    else
+      launch(gelu_and_derivative_kernel<scalar_t, false>);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+AQ_REGISTER_KERNEL(gelu_and_derivative, c10::kCUDA, gelu_and_derivative_cuda);
+
+}  // namespace aq::kernels
