@@ -97,7 +97,37 @@ allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq
     if (!isfinite(c[j])) c[j] = shared_value;
 
   const int m = p.ibits - 1;  // candidates per sample: b = ibits .. 2
-  auto key = [&](int j, int b) { return static_cast<uint64_t>(__double_as_longlong(__dmul_rn(c[j], p.dinv[b]))); };
+  auto key_of = [&](double v, int b) { return static_cast<uint64_t>(__double_as_longlong(__dmul_rn(v, p.dinv[b]))); };
+  auto key = [&](int j, int b) { return key_of(c[j], b); };
+  if (p.removals > 0 && p.removals < m * N && m * N <= kAllocThreads) {
+    // Few candidates (a small batch): thread q takes candidate q = i m +
+    // (ibits - b), in the greedy's tie order, and counts the candidates
+    // before it in (key, q) order; the first `removals` go.  No radix
+    // rounds, two barriers.
+    __shared__ double cs[kAllocThreads];
+    __shared__ uint64_t keys[kAllocThreads];
+    __shared__ int removed[kAllocThreads];
+    const int M = static_cast<int>(m * N);
+    if (t < N) cs[t] = c[0], removed[t] = 0;
+    __syncthreads();
+    uint64_t mine = 0;
+    if (t < M) keys[t] = mine = key_of(cs[t / m], p.ibits - t % m);
+    __syncthreads();
+    if (t < M) {
+      int before = 0;
+      for (int q = 0; q < M; ++q) {
+        const uint64_t k = keys[q];
+        before += k < mine || (k == mine && q < t);
+      }
+      if (before < p.removals) atomicAdd(&removed[t / m], 1);
+    }
+    __syncthreads();
+    const int b = t < N ? p.ibits - removed[t] : 0;
+    int64_t start = 0;
+    ScanL(tmp.scan).ExclusiveSum(static_cast<int64_t>(b) * p.words_per_bit, start);
+    if (t < N) bits[t] = b, word_offset[t] = start;
+    return;
+  }
   const int rounds = static_cast<int>((N + kAllocThreads - 1) / kAllocThreads);  // the same for every thread
   const int lane = t & 31;
   uint64_t K = 0;

@@ -821,8 +821,9 @@ TEST_P(AllocateTensor, NoHostSynchronisation) {
 // the word offsets quantize() would compute.
 TEST_P(AllocateTensor, ChooseBitsIsTheGreedyOnTheSensitivities) {
   std::mt19937_64 rng(99);
-  for (int trial = 0; trial < 60; ++trial) {
-    const int64_t n = std::vector<int64_t>{1, 2, 7, 64, 256, 513, 1000, 4096}[trial % 8];
+  // 16 and 73: the CUDA kernel's path for at most 512 candidate removals.
+  for (int trial = 0; trial < 80; ++trial) {
+    const int64_t n = std::vector<int64_t>{1, 2, 7, 16, 64, 73, 256, 513, 1000, 4096}[trial % 10];
     const int64_t c_in = 4, hw = trial % 3 == 0 ? 40 : 64;  // 40: not a multiple of 32 per sample
     aq::QuantConfig c = aq::QuantConfig::for_level(aq::Level::L3);
     c.ibits = 2 + trial % 7;
