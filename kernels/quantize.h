@@ -29,4 +29,15 @@ using DequantizeFn = void(const Plan& plan, const at::Tensor& packed, const at::
                           const at::Tensor& sample_bits, const at::Tensor& word_offset, at::Tensor& out);
 inline Kernel<DequantizeFn> dequantize{"dequantize"};
 
+// out = g * the restored tensor (g and out [N*D] in the packed tensor's
+// memory order and dtype; each restored value rounded to that dtype before
+// the product, as multiplying the two tensors would), and group_sq (float
+// [N*ngroups]) each group's sum of out^2: an elementwise backward and its
+// gradient's per-sample norms from one pass.  Per-group ranges only.  CUDA
+// only: elsewhere the library dequantizes and multiplies.
+using DequantizeMulFn = void(const Plan& plan, const at::Tensor& packed, const at::Tensor& mn, const at::Tensor& mx,
+                             const at::Tensor& sample_bits, const at::Tensor& word_offset, const at::Tensor& g,
+                             at::Tensor& out, at::Tensor& group_sq);
+inline Kernel<DequantizeMulFn> dequantize_mul{"dequantize_mul"};
+
 }  // namespace aq::kernels

@@ -282,11 +282,15 @@ __device__ __forceinline__ void decode_unit(const Grid& g, uint64_t c, scalar_t 
 // The same teams, but a lane's unit is 16 bytes of output (E = 4 fp32 or 8
 // 16-bit elements), so that every store instruction of a team covers
 // contiguous memory: lane t writes units k team + t of its group.
-template <typename scalar_t, int P>
+// With MUL, y = g * the restored values (rounded to scalar_t first, as a
+// multiplication of the two tensors would see them; g laid out like y), and
+// group_sq[gi] = the sum of y^2 over group gi, in float.
+template <typename scalar_t, int P, bool MUL = false>
 __global__ void __launch_bounds__(kWarps * 32)
     dequantize_kernel(Plan p, Teams tm, const uint8_t* __restrict__ packed, const void* mn, const void* mx,
                       bool bf16, const int32_t* __restrict__ sbits, const int64_t* __restrict__ woff,
-                      scalar_t* __restrict__ y) {
+                      scalar_t* __restrict__ y, const scalar_t* __restrict__ gin = nullptr,
+                      float* __restrict__ group_sq = nullptr) {
   constexpr int E = 16 / sizeof(scalar_t);
   constexpr int U = 8 * P / E;  // units per lane per chunk
   const int lane = threadIdx.x & 31, t = lane & ((1 << tm.team_log2) - 1);
@@ -302,6 +306,20 @@ __global__ void __launch_bounds__(kWarps * 32)
     const Grid grid = make_grid(load_range(mn, bf16, ri), load_range(mx, bf16, ri), g.s.b);
     const uint8_t* gb = packed + 4 * g.s.word + g.d0 * g.s.b / 8;
     scalar_t* yg = y + g.n * p.D + g.d0;
+    const scalar_t* gg = MUL ? gin + g.n * p.D + g.d0 : nullptr;
+    float sq = 0.0f;
+    // out *= g's unit u (E elements from element d), summing the squares.
+    auto times_g = [&](scalar_t (&out)[E], int d, int r) {
+      if constexpr (MUL) {
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          if (i >= r) break;
+          out[i] = static_cast<scalar_t>(static_cast<float>(gg[d + i]) * static_cast<float>(out[i]));
+          const float v = static_cast<float>(out[i]);
+          sq = __fmaf_rn(v, v, sq);
+        }
+      }
+    };
     const bool full = tm.vec && g.left == p.G && is_finite(grid.step2);
     with_bits(g.s.b, [&](auto b_tag) {
       constexpr int B = decltype(b_tag)::value;
@@ -315,6 +333,17 @@ __global__ void __launch_bounds__(kWarps * 32)
             const int u = ((c * U + j) << tm.team_log2) | t;
             scalar_t out[E];
             decode_unit<E, B, true>(grid, codes[j], out);
+            if constexpr (MUL) {
+              scalar_t gv[E];
+              const uint4 raw = reinterpret_cast<const uint4*>(gg)[u];
+              memcpy(gv, &raw, 16);
+#pragma unroll
+              for (int i = 0; i < E; ++i) {
+                out[i] = static_cast<scalar_t>(static_cast<float>(gv[i]) * static_cast<float>(out[i]));
+                const float v = static_cast<float>(out[i]);
+                sq = __fmaf_rn(v, v, sq);
+              }
+            }
             uint4 v;
             memcpy(&v, out, 16);
             reinterpret_cast<uint4*>(yg)[u] = v;
@@ -328,12 +357,19 @@ __global__ void __launch_bounds__(kWarps * 32)
           scalar_t out[E];
           decode_unit<E, B, false>(grid, load_unit_codes<E, B>(gb, u), out);
           const int r = g.left - d < E ? g.left - d : E;
+          times_g(out, d, r);
 #pragma unroll
           for (int i = 0; i < E; ++i)
             if (i < r) yg[d + i] = out[i];
         }
       }
     });
+    if constexpr (MUL) {  // the team's lanes hold the same group
+      const int team = 1 << tm.team_log2;
+      const unsigned mask = team == 32 ? 0xffffffffu : ((1u << team) - 1u) << (lane & ~(team - 1));
+      for (int o = team >> 1; o > 0; o >>= 1) sq += __shfl_xor_sync(mask, sq, o);
+      if (t == 0) group_sq[gi] = sq;
+    }
   }
 }
 void quantize_cuda(const Plan& plan, const at::Tensor& x, const at::Tensor& sample_bits,
@@ -388,9 +424,39 @@ void dequantize_cuda(const Plan& plan, const at::Tensor& packed, const at::Tenso
   });
 }
 
+void dequantize_mul_cuda(const Plan& plan, const at::Tensor& packed, const at::Tensor& mn, const at::Tensor& mx,
+                         const at::Tensor& sample_bits, const at::Tensor& word_offset, const at::Tensor& g,
+                         at::Tensor& out, at::Tensor& group_sq) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t groups = plan.N * plan.ngroups;
+  if (groups == 0) return;
+  TORCH_CHECK(plan.pergroup && g.scalar_type() == out.scalar_type() && group_sq.numel() == groups &&
+                  group_sq.scalar_type() == at::kFloat && group_sq.is_contiguous(),
+              "aq: dequantize_mul: per-group ranges, g of the output's dtype and float group sums needed");
+  const bool bf16 = mn.scalar_type() == at::kBFloat16;
+  const int32_t* sb = plan.bits ? nullptr : sample_bits.const_data_ptr<int32_t>();
+  const int64_t* wo = plan.bits ? nullptr : word_offset.const_data_ptr<int64_t>();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AQ_DISPATCH_FLOATS(out.scalar_type(), "aq_dequantize_mul_cuda", [&] {
+    scalar_t* yp = out.data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    with_pieces<scalar_t>(plan, [&](auto p_tag) {
+      constexpr int P = decltype(p_tag)::value;
+      Teams tm = teams_for(plan, P, yp);
+      tm.vec = tm.vec && reinterpret_cast<uintptr_t>(gp) % 16 == 0;
+      dequantize_kernel<scalar_t, P, true>
+          <<<blocks_for<dequantize_kernel<scalar_t, P, true>>(groups, tm), kWarps * 32, 0, stream>>>(
+              plan, tm, packed.const_data_ptr<uint8_t>(), mn.const_data_ptr(), mx.const_data_ptr(), bf16, sb, wo, yp,
+              gp, group_sq.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
 }  // namespace
 
 AQ_REGISTER_KERNEL(quantize, c10::kCUDA, quantize_cuda);
+AQ_REGISTER_KERNEL(dequantize_mul, c10::kCUDA, dequantize_mul_cuda);
 AQ_REGISTER_KERNEL(dequantize, c10::kCUDA, dequantize_cuda);
 
 }  // namespace aq::kernels

@@ -459,6 +459,45 @@ TEST_P(Engine, SlicesRestoreTheirSamples) {
   }
 }
 
+// g times the restored tensor: the product of the two tensors, bit for bit,
+// and (where one pass gives them, CUDA) each sample's sum of squares of it.
+// Every dtype, uniform and per-sample bits, whole groups, a tail group, a
+// sample of fewer elements than a group, an odd sample length, NaN.
+TEST_P(Engine, DequantizeTimesAGradient) {
+  for (const auto dt : {torch::kFloat, torch::kHalf, torch::kBFloat16}) {
+    for (const std::vector<int64_t>& shape :
+         std::vector<std::vector<int64_t>>{{4, 2, 512}, {3, 1000}, {5, 40}, {2, 3, 7}}) {
+      for (const bool per_sample : {false, true}) {
+        SCOPED_TRACE(::testing::Message() << c10::toString(dt) << " " << c10::IntArrayRef(shape) << " " << per_sample);
+        auto x = torch::randn(shape, opts()).mul(3).to(dt);
+        if (shape[0] == 5) x.view(-1)[17] = std::numeric_limits<float>::quiet_NaN();
+        const auto g = torch::randn(shape, opts()).to(dt);
+        const Packed p = per_sample ? aq::quantize(x, torch::randint(1, 9, {shape[0]}, opts(torch::kInt)), CompressOptions{})
+                                    : aq::quantize(x, 3, {});
+        torch::Tensor sq;
+        const auto out = aq::dequantize_mul(p, g, &sq);
+        const auto want = g * aq::dequantize(p);
+        EXPECT_EQ(out.scalar_type(), dt);
+        EXPECT_TRUE(torch::allclose(out, want, 0, 0, /*equal_nan=*/true));
+        if (dev().is_cuda()) {
+          ASSERT_TRUE(sq.defined());
+          const auto ref = want.to(torch::kFloat).pow(2).reshape({shape[0], -1}).sum(1);
+          EXPECT_TRUE(torch::allclose(sq, ref, 1e-4, 1e-5, /*equal_nan=*/true)) << sq << ref;
+        }
+      }
+    }
+  }
+  // A gradient laid out otherwise, or of another dtype: the product all the same.
+  const auto x = torch::randn({4, 64}, opts());
+  const Packed p = aq::quantize(x, 4, {});
+  const auto gt = torch::randn({64, 4}, opts()).t();
+  torch::Tensor sq;
+  EXPECT_TRUE(torch::equal(aq::dequantize_mul(p, gt, &sq), gt * aq::dequantize(p)));
+  EXPECT_FALSE(sq.defined());
+  const auto gd = torch::randn({4, 64}, opts(torch::kDouble));
+  EXPECT_TRUE(torch::equal(aq::dequantize_mul(p, gd), gd * aq::dequantize(p).to(torch::kDouble)));
+}
+
 TEST_P(Engine, BF16RangeStorageRoundsOutward) {
   auto x = torch::randn({16, 256}, opts()) * 1000;
   Packed p = aq::quantize(x, 2);  // bf16 storage by default

@@ -164,6 +164,26 @@ TEST_P(Transformer, GeluWeighsItsDerivativeAndItsReaderByTheirRanges) {
   }
 }
 
+// The linear layer before a GELU gets its gradient statistics (on CUDA from
+// the GELU's backward pass, which wrote that gradient): each sample's
+// squared norm of g_y times GELU's derivative, up to the 7-8-bit rounding.
+TEST_P(Transformer, GeluHandsItsGradientNormsToTheLayerBefore) {
+  const auto x = torch::randn({4, 8, 256}, opts());
+  const auto w1 = (torch::randn({256, 256}, opts()) / 16).requires_grad_();
+  const auto w2 = (torch::randn({16, 256}, opts()) / 16).requires_grad_();
+  const auto probe = torch::randn({4, 8, 16}, opts());
+  aq::QuantConfig c;
+  c.cabits = 7;  // adaptive, 7 to 8 bits
+  auto s1 = aq::make_layer_state(), sg = aq::make_layer_state(), s2 = aq::make_layer_state();
+  const auto h = F::linear(x, w1, std::nullopt, c, s1);
+  const auto out = F::linear(F::gelu(h, "none", c, sg), w2, std::nullopt, c, s2);
+  (out * probe).sum().backward();
+  ASSERT_TRUE(s1->grad_sq.defined());
+  const auto d = torch::gelu_backward(torch::ones_like(h), h.detach(), "none");
+  const auto want = (probe.matmul(w2.detach()) * d).pow(2).sum({1, 2});
+  EXPECT_TRUE(torch::allclose(s1->grad_sq, want, 2e-2)) << s1->grad_sq << want;
+}
+
 TEST_P(Transformer, SoftmaxBiasIsWithinItsBound) {
   auto x = (torch::randn({6, 4, 12}, opts()) * 2).requires_grad_();
   auto probe = torch::randn({6, 4, 12}, opts());

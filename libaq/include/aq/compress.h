@@ -80,6 +80,11 @@ Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample, int64_t 
 at::Tensor samples_in_memory_order(const at::Tensor& x);
 // Restores a tensor of the input's shape, strides, dtype and device.
 at::Tensor dequantize(const Packed& packed);
+// g * dequantize(packed) in g's dtype (an elementwise backward).  Where the
+// device has a kernel for it and g is laid out like the packed tensor, one
+// pass, which also gives each sample's sum of squares of the product (float
+// [N]) in *sample_sq; otherwise *sample_sq is left undefined.
+at::Tensor dequantize_mul(const Packed& packed, const at::Tensor& g, at::Tensor* sample_sq = nullptr);
 
 // Bit streams of small integers (ReLU/dropout masks, max-pool window argmax):
 // code i occupies bits [i*bits, (i+1)*bits) of a little-endian stream padded to

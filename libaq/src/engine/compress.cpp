@@ -264,6 +264,30 @@ at::Tensor dequantize(const Packed& p) {
   return out;
 }
 
+at::Tensor dequantize_mul(const Packed& p, const at::Tensor& g, at::Tensor* sample_sq) {
+  if (sample_sq) *sample_sq = at::Tensor();
+  if (!p.data.defined()) fail("dequantize_mul: empty Packed object");
+  const auto dev = p.data.device();
+  const bool fused = g.defined() && kernels::dequantize_mul.has(dev.type()) && p.pergroup && g.device() == dev &&
+                     g.scalar_type() == p.dtype && g.sizes() == at::IntArrayRef(p.sizes) &&
+                     g.strides() == at::IntArrayRef(p.strides) && g.is_non_overlapping_and_dense() &&
+                     p.samples * p.sample_elements > 0;
+  if (!fused) return at::mul(g, dequantize(p).to(g.scalar_type()));
+  RECORD_FUNCTION("aq::decompress", std::vector<c10::IValue>());
+  const kernels::Plan plan = plan_of(p);
+  if (p.mn.numel() != p.samples * plan.ngroups || p.mx.numel() != p.mn.numel() || p.mn.device() != dev ||
+      p.mx.device() != dev)
+    fail("dequantize_mul: group bounds do not match the packed tensor");
+  if (plan.bits == 0 && (!p.bits.defined() || !p.word_offset.defined() ||
+                         p.bits.device() != dev || p.word_offset.device() != dev))
+    fail("dequantize_mul: per-sample bits or word offsets missing");
+  at::Tensor out = at::empty_strided(p.sizes, p.strides, g.options());
+  at::Tensor sq = at::empty({p.samples, plan.ngroups}, g.options().dtype(at::kFloat));
+  kernels::dequantize_mul(dev.type(), plan, p.data, p.mn, p.mx, p.bits, p.word_offset, g, out, sq);
+  if (sample_sq) *sample_sq = sq.sum(1);
+  return out;
+}
+
 int64_t packed_bits_nbytes(int64_t n, int64_t bits) { return (n + 31) / 32 * bits * 4; }
 
 at::Tensor pack_bits(const at::Tensor& codes, int64_t bits) {

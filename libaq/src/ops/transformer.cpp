@@ -226,13 +226,17 @@ struct ActivationFn : torch::autograd::Function<ActivationFn> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& g = grads[0];
-    at::Tensor gx;
     const Packed p = packed_of(ctx);
+    if (ctx->saved_data["chunk"].toInt() == 0) {
+      // With the product's per-sample norms, for the layer before (a linear
+      // layer's gradient statistics), where one pass gives both.
+      at::Tensor sq;
+      at::Tensor gx = dequantize_mul(p, g, &sq);
+      if (sq.defined()) grad_sq_offer().offer(gx, std::move(sq));
+      return {gx, {}, {}, {}, {}, {}};
+    }
+    at::Tensor gx;
     for_each_micro_batch(ctx, p, g.scalar_type(), [&](int64_t s, int64_t e, const at::Tensor& d) {
-      if (s == 0 && e == p.samples) {
-        gx = g * d;
-        return;
-      }
       if (!gx.defined()) gx = at::empty_like(g);
       at::Tensor part = gx.narrow(0, s, e - s);
       at::mul_out(part, g.narrow(0, s, e - s), d);
