@@ -402,9 +402,11 @@ void quantize_cuda(const Plan& plan, const at::Tensor& x, const at::Tensor& samp
   });
 }
 
-void dequantize_cuda(const Plan& plan, const at::Tensor& packed, const at::Tensor& mn,
-                     const at::Tensor& mx, const at::Tensor& sample_bits,
-                     const at::Tensor& word_offset, at::Tensor& out) {
+// Both dequantize ops' launch; g and group_sq only with MUL.
+template <bool MUL>
+void launch_dequantize(const Plan& plan, const at::Tensor& packed, const at::Tensor& mn, const at::Tensor& mx,
+                       const at::Tensor& sample_bits, const at::Tensor& word_offset, at::Tensor& out,
+                       const at::Tensor& g = {}, float* group_sq = nullptr) {
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t groups = plan.N * plan.ngroups;
   if (groups == 0) return;
@@ -414,49 +416,38 @@ void dequantize_cuda(const Plan& plan, const at::Tensor& packed, const at::Tenso
   auto stream = at::cuda::getCurrentCUDAStream();
   AQ_DISPATCH_FLOATS(out.scalar_type(), "aq_dequantize_cuda", [&] {
     scalar_t* yp = out.data_ptr<scalar_t>();
+    const scalar_t* gp = MUL ? g.const_data_ptr<scalar_t>() : nullptr;
     with_pieces<scalar_t>(plan, [&](auto p_tag) {
       constexpr int P = decltype(p_tag)::value;
-      const Teams tm = teams_for(plan, P, yp);
-      dequantize_kernel<scalar_t, P><<<blocks_for<dequantize_kernel<scalar_t, P>>(groups, tm), kWarps * 32, 0, stream>>>(
-          plan, tm, packed.const_data_ptr<uint8_t>(), mn.const_data_ptr(), mx.const_data_ptr(), bf16, sb, wo, yp);
+      Teams tm = teams_for(plan, P, yp);
+      tm.vec = tm.vec && reinterpret_cast<uintptr_t>(gp) % 16 == 0;
+      constexpr auto kernel = dequantize_kernel<scalar_t, P, MUL>;
+      kernel<<<blocks_for<kernel>(groups, tm), kWarps * 32, 0, stream>>>(
+          plan, tm, packed.const_data_ptr<uint8_t>(), mn.const_data_ptr(), mx.const_data_ptr(), bf16, sb, wo, yp, gp,
+          group_sq);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+void dequantize_cuda(const Plan& plan, const at::Tensor& packed, const at::Tensor& mn, const at::Tensor& mx,
+                     const at::Tensor& sample_bits, const at::Tensor& word_offset, at::Tensor& out) {
+  launch_dequantize<false>(plan, packed, mn, mx, sample_bits, word_offset, out);
 }
 
 void dequantize_mul_cuda(const Plan& plan, const at::Tensor& packed, const at::Tensor& mn, const at::Tensor& mx,
                          const at::Tensor& sample_bits, const at::Tensor& word_offset, const at::Tensor& g,
                          at::Tensor& out, at::Tensor& group_sq) {
-  const c10::cuda::CUDAGuard guard(out.device());
-  const int64_t groups = plan.N * plan.ngroups;
-  if (groups == 0) return;
-  TORCH_CHECK(plan.pergroup && g.scalar_type() == out.scalar_type() && group_sq.numel() == groups &&
+  TORCH_CHECK(plan.pergroup && g.scalar_type() == out.scalar_type() && group_sq.numel() == plan.N * plan.ngroups &&
                   group_sq.scalar_type() == at::kFloat && group_sq.is_contiguous(),
               "aq: dequantize_mul: per-group ranges, g of the output's dtype and float group sums needed");
-  const bool bf16 = mn.scalar_type() == at::kBFloat16;
-  const int32_t* sb = plan.bits ? nullptr : sample_bits.const_data_ptr<int32_t>();
-  const int64_t* wo = plan.bits ? nullptr : word_offset.const_data_ptr<int64_t>();
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AQ_DISPATCH_FLOATS(out.scalar_type(), "aq_dequantize_mul_cuda", [&] {
-    scalar_t* yp = out.data_ptr<scalar_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    with_pieces<scalar_t>(plan, [&](auto p_tag) {
-      constexpr int P = decltype(p_tag)::value;
-      Teams tm = teams_for(plan, P, yp);
-      tm.vec = tm.vec && reinterpret_cast<uintptr_t>(gp) % 16 == 0;
-      dequantize_kernel<scalar_t, P, true>
-          <<<blocks_for<dequantize_kernel<scalar_t, P, true>>(groups, tm), kWarps * 32, 0, stream>>>(
-              plan, tm, packed.const_data_ptr<uint8_t>(), mn.const_data_ptr(), mx.const_data_ptr(), bf16, sb, wo, yp,
-              gp, group_sq.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  launch_dequantize<true>(plan, packed, mn, mx, sample_bits, word_offset, out, g, group_sq.data_ptr<float>());
 }
 
 }  // namespace
 
 AQ_REGISTER_KERNEL(quantize, c10::kCUDA, quantize_cuda);
-AQ_REGISTER_KERNEL(dequantize_mul, c10::kCUDA, dequantize_mul_cuda);
 AQ_REGISTER_KERNEL(dequantize, c10::kCUDA, dequantize_cuda);
+AQ_REGISTER_KERNEL(dequantize_mul, c10::kCUDA, dequantize_mul_cuda);
 
 }  // namespace aq::kernels
