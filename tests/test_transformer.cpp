@@ -73,10 +73,15 @@ TEST_P(Transformer, LayerNormMatchesLibTorch) {
   const auto xn = (x.detach() - x.detach().mean(-1, true)) * rstd;
   // Groups of 256 span rows: the normalised input xn is kept.  Groups of 32
   // are rows: the input is, and its error in xn is rstd times its own.
-  for (const int64_t G : {256, 32}) {
-    SCOPED_TRACE(G);
+  // Either restored all at once, or (L3.1) three samples at a time.
+  for (const auto& run : {std::pair<int64_t, bool>{256, false}, {32, false}, {256, true}, {32, true}}) {
+    const int64_t G = run.first;
+    const bool micro = run.second;
+    SCOPED_TRACE(::testing::Message() << G << (micro ? " micro-batched" : ""));
     auto q = [&](aq::QuantConfig c) {
       c.group_size = G;
+      c.micro_batch_backward = micro;
+      c.micro_batch_bytes = 3 * 5 * 32 * 4;
       return F::layer_norm(x, {32}, w, b, 1e-5, c, st);
     };
     // Each restored element within a step.  dL/dw = sum g xn (linear in
