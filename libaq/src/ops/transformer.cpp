@@ -81,6 +81,7 @@ struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
       ctx->save_for_backward({w, b, rstd});
     }
     ctx->saved_data["shape"] = shape;
+    ctx->saved_data["input"] = input;
     return y;
   }
   // From the restored input: LibTorch's backward as it is.  From the
@@ -91,7 +92,7 @@ struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor g = grads[0].contiguous();  // the CPU kernel reads it as laid out contiguously
     const auto saved = ctx->get_saved_variables();
-    const bool input = saved.size() == 4;
+    const bool input = ctx->saved_data["input"].toBool();
     const at::Tensor w = present(saved[0]), b = present(saved[1]), rstd = saved.back();
     const at::Tensor mean = input ? saved[2] : at::Tensor();
     const auto shape = ctx->saved_data["shape"].toIntVector();
