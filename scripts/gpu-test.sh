@@ -4,7 +4,8 @@
 # Debian packages into a private prefix, builds with CUDA, runs every test
 # (CUDA tests included) and then whatever command is given, e.g.
 #   scripts/gpu-test.sh build/tools/aq-bench kernels
-# Set AQ_SKIP_TESTS=1 to only build and run the command.
+# Set AQ_SKIP_TESTS=1 to only build and run the command, and AQ_TARGETS to
+# build only those ninja targets (e.g. "tests/test_transformer").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 P=${AQ_PREFIX:-/tmp/aq-prefix}
@@ -31,7 +32,8 @@ B=${AQ_BUILD:-build-gpu}
 if [ ! -f "$B/build.ninja" ]; then
   meson setup "$B" -Dcuda=enabled || exit 1
 fi
-ninja -C "$B" || exit 1
+# shellcheck disable=SC2086
+ninja -C "$B" ${AQ_TARGETS:-} || exit 1
 status=0
 if [ -z "${AQ_SKIP_TESTS:-}" ]; then
   meson test -C "$B" --print-errorlogs --num-processes 4
