@@ -246,6 +246,22 @@ Packed quantize(const at::Tensor& x, const at::Tensor& bits_per_sample, int64_t 
   return quantize_impl(x, 0, bits_per_sample, total_bits, options, word_offset);
 }
 
+namespace {
+// The kernels' plan of a packed tensor to restore, after checking that its
+// group bounds and per-sample bits are there, on its data's device.
+kernels::Plan restore_plan(const Packed& p, const char* op) {
+  const auto dev = p.data.device();
+  const kernels::Plan plan = plan_of(p);
+  const int64_t groups = p.pergroup ? p.samples * plan.ngroups : 1;
+  if (p.mn.numel() != groups || p.mx.numel() != groups || p.mn.device() != dev || p.mx.device() != dev)
+    fail(std::string(op) + ": group bounds do not match the packed tensor");
+  if (plan.bits == 0 && (!p.bits.defined() || !p.word_offset.defined() ||
+                         p.bits.device() != dev || p.word_offset.device() != dev))
+    fail(std::string(op) + ": per-sample bits or word offsets missing");
+  return plan;
+}
+}  // namespace
+
 at::Tensor dequantize(const Packed& p) {
   RECORD_FUNCTION("aq::decompress", std::vector<c10::IValue>());
   if (!p.data.defined()) fail("dequantize: empty Packed object");
@@ -253,13 +269,7 @@ at::Tensor dequantize(const Packed& p) {
   check_device(p.data, "packed data");
   at::Tensor out = at::empty_strided(p.sizes, p.strides, at::TensorOptions().dtype(p.dtype).device(dev));
   if (p.samples * p.sample_elements == 0) return out;
-  const kernels::Plan plan = plan_of(p);
-  const int64_t groups = p.pergroup ? p.samples * plan.ngroups : 1;
-  if (p.mn.numel() != groups || p.mx.numel() != groups || p.mn.device() != dev || p.mx.device() != dev)
-    fail("dequantize: group bounds do not match the packed tensor");
-  if (plan.bits == 0 && (!p.bits.defined() || !p.word_offset.defined() ||
-                         p.bits.device() != dev || p.word_offset.device() != dev))
-    fail("dequantize: per-sample bits or word offsets missing");
+  const kernels::Plan plan = restore_plan(p, "dequantize");
   kernels::dequantize(dev.type(), plan, p.data, p.mn, p.mx, p.bits, p.word_offset, out);
   return out;
 }
@@ -274,13 +284,7 @@ at::Tensor dequantize_mul(const Packed& p, const at::Tensor& g, at::Tensor* samp
                      p.samples * p.sample_elements > 0;
   if (!fused) return at::mul(g, dequantize(p).to(g.scalar_type()));
   RECORD_FUNCTION("aq::decompress", std::vector<c10::IValue>());
-  const kernels::Plan plan = plan_of(p);
-  if (p.mn.numel() != p.samples * plan.ngroups || p.mx.numel() != p.mn.numel() || p.mn.device() != dev ||
-      p.mx.device() != dev)
-    fail("dequantize_mul: group bounds do not match the packed tensor");
-  if (plan.bits == 0 && (!p.bits.defined() || !p.word_offset.defined() ||
-                         p.bits.device() != dev || p.word_offset.device() != dev))
-    fail("dequantize_mul: per-sample bits or word offsets missing");
+  const kernels::Plan plan = restore_plan(p, "dequantize_mul");
   at::Tensor out = at::empty_strided(p.sizes, p.strides, g.options());
   at::Tensor sq = at::empty({p.samples, plan.ngroups}, g.options().dtype(at::kFloat));
   kernels::dequantize_mul(dev.type(), plan, p.data, p.mn, p.mx, p.bits, p.word_offset, g, out, sq);
