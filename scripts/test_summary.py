@@ -4,7 +4,10 @@ folders (the main build and the sanitizer build of scripts/test.sh).
 
 GoogleTest binaries count per test case (from their JUnit XML); every other
 test counts as one.  Prints 'N passed, N failed, N skipped' over all of them
-and exits 1 if anything failed or nothing ran."""
+and exits 1 if anything failed or nothing ran.  Before that line it names
+each failure (a test case, or a test and the FAIL lines of its output, else
+its last lines), since
+CI keeps only the tail of the output."""
 import json
 import os
 import sys
@@ -13,6 +16,7 @@ import xml.etree.ElementTree as ET
 builds = sys.argv[1:] or ["build"]
 passed = failed = skipped = 0
 runs = []
+failures = []
 for build in builds:
     try:
         runs += [json.loads(line) for line in open(os.path.join(build, "meson-logs", "testlog.json")) if line.strip()]
@@ -33,6 +37,7 @@ for run in runs:
         counted = True
         if case.find("failure") is not None or case.find("error") is not None:
             failed += 1
+            failures.append(f"{name}: {case.get('classname')}.{case.get('name')}")
         elif case.get("result") == "skipped" or case.find("skipped") is not None:
             skipped += 1
         else:
@@ -45,5 +50,11 @@ for run in runs:
             passed += 1
         else:
             failed += 1
+            lines = run.get("stdout", "").splitlines()
+            said = [l for l in lines if l.startswith("FAIL")] or lines[-8:]
+            failures.append(f"{name}: {run['result']} after {run.get('duration', 0):.0f} s"
+                            + "".join(f"\n  {l}" for l in said[:10]))
+for f in failures:
+    print("failed:", f)
 print(f"{passed} passed, {failed} failed, {skipped} skipped")
 sys.exit(1 if failed or passed == 0 else 0)

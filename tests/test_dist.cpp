@@ -122,7 +122,8 @@ TEST(DistEnv, Nodelist) {
 // `world` ranks as threads, each running f(group).
 template <class F>
 void ranks(int world, F f) {
-  const int port = 20000 + static_cast<int>(::getpid() % 20000);
+  // Below Linux's ephemeral ports (32768 up), which the ranks' own connections take.
+  const int port = 20000 + static_cast<int>(::getpid() % 12000);
   std::vector<std::thread> t;
   std::vector<std::string> errors(world);
   for (int r = 0; r < world; ++r)

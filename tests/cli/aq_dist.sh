@@ -18,7 +18,8 @@ fail=0
 check() { if ! eval "$2"; then echo "FAIL: $1" >&2; [ -n "${AQ_DEBUG:-}" ] && tail -n 3 "$tmp"/*.err >&2; fail=1; fi; }
 tmp=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; [ -n "${AQ_KEEP:-}" ] && echo "kept $tmp" >&2 || rm -rf "$tmp"' EXIT
 export OMP_NUM_THREADS=1
-port=$((20000 + ($$ * 7 + RANDOM) % 30000))
+# Below Linux's ephemeral ports (32768 up), which the ranks' own connections take.
+port=$((20000 + ($$ * 7 + RANDOM) % 12000))
 
 # ranks NAME N ARGS...: N ranks of $PROG (aq-train) in the background, their output in
 # $tmp/NAME.<rank>.{out,err}, their pids in $pids.

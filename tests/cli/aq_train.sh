@@ -99,10 +99,11 @@ small=(--seed 3 --epochs 2 -b 32 --val-batches 2 -q --device cpu "$FMNIST")
 check "resumed run equals the uninterrupted one" '[ -s "$tmp/r1.eval" ] && cmp -s "$tmp/r1.eval" "$tmp/r2.eval"'
 
 # --- SIGTERM: finish the step, checkpoint, exit 143; then resume ---------------------
-"$TRAIN" --seed 3 --epochs 2 -b 32 --val-batches 2 --device cpu --workspace "$tmp/s" "$FMNIST" >"$tmp/s.tsv" 2>"$tmp/s.err" &
+# Killed after its first step (a run stopped before any step writes no checkpoint).
+"$TRAIN" --seed 3 --epochs 2 -b 32 --val-batches 2 --device cpu --log-interval 1 --workspace "$tmp/s" "$FMNIST" \
+  >"$tmp/s.tsv" 2>"$tmp/s.err" &
 pid=$!
-for _ in $(seq 1 150); do [ -d "$tmp/s" ] && break; sleep 0.2; done
-sleep 3
+for _ in $(seq 1 1200); do grep -q " step 1/" "$tmp/s.err" 2>/dev/null && break; sleep 0.1; done
 kill -TERM $pid; wait $pid; rc=$?
 check "SIGTERM: exit 143 with a checkpoint" '[ $rc -eq 143 ] && [ -s "$tmp/s/checkpoint.h5" ] && grep -q "continue with --resume" "$tmp/s.err"'
 "$TRAIN" "${small[@]}" --max-steps 45 --resume "$tmp/s/checkpoint.h5" --workspace "$tmp/s" >"$tmp/s2.tsv" 2>&1; rc=$?
@@ -262,13 +263,16 @@ def split(prefix, n):
 split("train", 32)
 split("t10k", 20000)
 EOF
-"$TRAIN" --threads 1 --seed 1 --epochs 1 -b 16 --device cpu --workspace "$tmp/sigeval" "$tmp/bigtest" >/dev/null 2>"$tmp/err" &
+# Its evaluation of 20000 images takes about 35 s; the signal comes a second
+# after the second (last) step.
+"$TRAIN" --threads 1 --seed 1 --epochs 1 -b 16 --device cpu --log-interval 1 --workspace "$tmp/sigeval" "$tmp/bigtest" \
+  >/dev/null 2>"$tmp/err" &
 pid=$!
-for _ in $(seq 1 150); do [ -s "$tmp/sigeval/.aq-train.lock" ] && break; sleep 0.2; done
-sleep 3  # the 2 training steps are done: evaluating
+for _ in $(seq 1 1200); do grep -q " step 2/" "$tmp/err" 2>/dev/null && break; sleep 0.1; done
+sleep 1
 t0=$(date +%s%N); kill -TERM $pid; wait $pid; rc=$?; t1=$(date +%s%N)
-check "SIGTERM during evaluation: exit 143 within 3 s, checkpoint of step 2" \
-  '[ $rc -eq 143 ] && [ $(( (t1 - t0) / 1000000 )) -lt 3000 ] && grep -q "stopped by signal 15 at epoch 1, batch 2" "$tmp/err" && [ -s "$tmp/sigeval/checkpoint.h5" ]'
+check "SIGTERM during evaluation: exit 143 within 10 s ($(( (t1 - t0) / 1000000 )) ms), checkpoint of step 2" \
+  '[ $rc -eq 143 ] && [ $(( (t1 - t0) / 1000000 )) -lt 10000 ] && grep -q "stopped by signal 15 at epoch 1, batch 2" "$tmp/err" && [ -s "$tmp/sigeval/checkpoint.h5" ]'
 "$TRAIN" --threads 1 --val-batches 2 --device cpu -q --resume "$tmp/sigeval/checkpoint.h5" --workspace "$tmp/sigeval" "$tmp/bigtest" >"$tmp/sigeval.tsv" 2>&1; rc=$?
 check "... and the resumed run evaluates and ends the epoch" '[ $rc -eq 0 ] && [ "$(col step "$tmp/sigeval.tsv")" = 2 ]'
 
