@@ -48,6 +48,11 @@ struct LayerState : torch::CustomClassHolder {
   // (its host copy, shared by the model's layers, and this layer's entry).
   std::shared_ptr<PendingBudgets> pending;
   size_t pending_unit = 0;
+  // Kept by a model's first adaptive layer for adapt_layers(): the weight of
+  // each (layer, sample) unit (the layer's elements per sample), layer after
+  // layer, for the shapes in `unit_key` (each layer's units and elements).
+  at::Tensor unit_weights;
+  std::vector<int64_t> unit_key;
   // Sharing (a tensor saved by several layers is compressed once): the
   // layer whose copy this one used in its last forward (null: its own), and
   // the layers that used this one's; their sensitivities add to this
@@ -77,7 +82,7 @@ struct LayerState : torch::CustomClassHolder {
   // when the last weak reference does (a thread's exit, after the CUDA
   // runtime's own teardown there).
   void release_resources() override {
-    bits = range_sq = grad_sq = indices = last_bits = sample_stat = grad_mean = at::Tensor();
+    bits = range_sq = grad_sq = indices = last_bits = sample_stat = grad_mean = unit_weights = at::Tensor();
     pending.reset();
     sharers.clear();
     due_stats.reset();

@@ -165,7 +165,7 @@ int64_t adapt_layers(torch::nn::Module& model, bool defer, const AllGather& gath
   if (layers.empty()) return 0;
   // Units (layer, sample) on the device; the allocation runs there too, and
   // only the units' bits come back.
-  std::vector<at::Tensor> cost, weight;
+  std::vector<at::Tensor> cost;
   std::vector<int64_t> elements;  // per sample, per owner layer
   std::vector<int> cabits;
   auto pending = std::make_shared<PendingBudgets>();
@@ -208,13 +208,25 @@ int64_t adapt_layers(torch::nn::Module& model, bool defer, const AllGather& gath
     }
     units = at::cat(per_layer);
   }
+  std::vector<int64_t> key;
   for (size_t i = 0; i < cost.size(); ++i) {
     const int64_t n = cost[i].size(0) * ranks;
-    weight.push_back(at::full({n}, std::max<int64_t>(1, elements[i]), units.options().dtype(at::kLong)));
+    key.insert(key.end(), {n, elements[i]});
     pending->count.push_back(n);
     budget += static_cast<double>(cabits[i]) * static_cast<double>(elements[i]) * static_cast<double>(n);
   }
-  const at::Tensor bits = allocate_bits_tensor(units, at::cat(weight), static_cast<int64_t>(std::floor(budget)), ibits);
+  // The weights change with the shapes only: built once (a launch per
+  // layer), not every step.
+  LayerState& keeper = *layers.front().layer->state();
+  if (!keeper.unit_weights.defined() || keeper.unit_key != key || keeper.unit_weights.device() != units.device()) {
+    std::vector<at::Tensor> weight;
+    for (size_t i = 0; i < key.size(); i += 2)
+      weight.push_back(at::full({key[i]}, std::max<int64_t>(1, key[i + 1]), units.options().dtype(at::kLong)));
+    keeper.unit_weights = at::cat(weight);
+    keeper.unit_key = std::move(key);
+  }
+  const at::Tensor bits =
+      allocate_bits_tensor(units, keeper.unit_weights, static_cast<int64_t>(std::floor(budget)), ibits);
   if (bits.is_cpu()) {
     pending->host_bits = bits;
   } else {

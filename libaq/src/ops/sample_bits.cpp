@@ -259,9 +259,10 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
       st.grad_mean = at::empty({}, g.options());
     return st.grad_mean;
   };
-  auto set_mean = [&](const at::Tensor& mean) { mean_slot().copy_(mean); };
+  // One reduction writing the slot (a step has one per layer).
+  auto set_mean = [&] { at::mean_out(mean_slot(), g, at::IntArrayRef{0}); };
   if (!usegradient || !indices.defined() || indices.numel() != g.numel()) {
-    set_mean(g.mean());
+    set_mean();
     return;
   }
   // Host indices are checked and size the statistics here; device indices
@@ -286,7 +287,7 @@ void update_gradient_stats(LayerState& st, bool usegradient, const at::Tensor& g
   }
   const at::Tensor old = st.sample_stat.index({idx});
   st.sample_stat.index_put_({idx}, at::where(old >= 0, 0.5 * old + 0.5 * g, g));
-  set_mean(g.mean());
+  set_mean();
 }
 
 }  // namespace aq
