@@ -377,6 +377,35 @@ TEST_P(Models, DeferredBudgetsApplyAtTheNextCall) {
   aq::set_batch_indices(torch::Tensor());
 }
 
+// The allocation's unit weights follow the batch's shape: after a batch of
+// another size, and one of other images, the budgets are those of a call
+// that builds its weights afresh.
+TEST_P(Models, BudgetsFollowTheBatchShape) {
+  const auto cfg = aq::QuantConfig::for_level(aq::Level::L3);
+  auto a = aq::models::build("preact_resnet20", 1, 10, cfg);
+  a->to(dev());
+  auto budgets = [&] {
+    std::vector<double> out;
+    for (const auto& m : a->modules(false))
+      if (auto* q = dynamic_cast<aq::QLayer*>(m.get())) out.push_back(q->state()->budget);
+    return out;
+  };
+  for (const auto& [n, side] : std::vector<std::pair<int64_t, int64_t>>{{8, 28}, {5, 28}, {5, 20}}) {
+    auto x = torch::randn({n, 1, side, side}, opts()) * torch::linspace(0.2, 3.0, n, opts()).view({n, 1, 1, 1});
+    auto y = torch::randint(10, {n}, opts(torch::kLong));
+    aq::set_batch_indices(torch::arange(n, torch::kLong));
+    a->zero_grad();
+    torch::nn::functional::cross_entropy(a->forward(x), y).backward();
+    EXPECT_GT(aq::adapt_layers(*a), 10);
+    const auto kept = budgets();
+    for (const auto& m : a->modules(false))
+      if (auto* q = dynamic_cast<aq::QLayer*>(m.get())) q->state()->unit_weights = torch::Tensor();
+    aq::adapt_layers(*a);
+    EXPECT_EQ(budgets(), kept) << "batch " << n << " of " << side << "x" << side;
+  }
+  aq::set_batch_indices(torch::Tensor());
+}
+
 TEST(ModelsState, LoadStateChecksNamesAndShapes) {
   auto m = aq::models::build("preact_resnet20", 1, 10);
   auto src = aq::models::build("preact_resnet20", 1, 10);
