@@ -3,8 +3,8 @@
 # folders and --check-data, the optimizer options' usage errors, a short
 # AdamW run with warm-up, cosine and clipping, and its resume refusing
 # another optimizer; a transformer's shape options and their resume; a ViT's
-# pooling.  (A text
-# training run needs a token architecture.)
+# pooling; aq-variance and aq-calibrate on transformers, fresh or from those
+# checkpoints.  (A text training run needs a token architecture.)
 #   aq_train_text.sh AQ_TRAIN
 set -u
 TRAIN=$1
@@ -88,5 +88,26 @@ check "aq-eval rebuilds it (no class token)" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/
 check "--pool max: exit 2" '[ $rc -eq 2 ] && grep -q "pool" "$tmp/err"'
 "$TRAIN" "${gpt[@]}" --workspace "$tmp/v3" --pool mean "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
 check "--pool on gpt_small: exit 2" '[ $rc -eq 2 ] && grep -q "^aq-train: --pool is for the ViTs" "$tmp/err"'
+
+# --- aq-variance and aq-calibrate on transformers --------------------------------------
+VAR=$(dirname "$TRAIN")/aq-variance CAL=$(dirname "$TRAIN")/aq-calibrate
+small=(--dataset text --arch gpt_small --context 16 --layers 2 --width 32 --heads 4 -b 2 -K 2 --device cpu --seed 1)
+"$VAR" "${small[@]}" -S 2 "$tmp/corpus" >"$tmp/var.tsv" 2>"$tmp/err"; rc=$?
+check "aq-variance on a fresh gpt_small of 2 blocks, 32 wide: both blocks' layers and the total" \
+  '[ $rc -eq 0 ] && grep -q "	blocks.1.fc2.weight	" "$tmp/var.tsv" && ! grep -q "	blocks.2\." "$tmp/var.tsv" && [ $(grep -c "	total	" "$tmp/var.tsv") -eq 1 ]'
+"$CAL" "${small[@]}" "$tmp/corpus" >"$tmp/cal.tsv" 2>"$tmp/err"; rc=$?
+check "aq-calibrate on it: a row for each block's GELU" '[ $rc -eq 0 ] && [ $(grep -c "^blocks.[01].gelu	2048	" "$tmp/cal.tsv") -eq 2 ]'
+"$VAR" --resume "$tmp/g/checkpoint.h5" -b 2 -K 1 -S 2 --device cpu "$tmp/corpus" >"$tmp/var2.tsv" 2>"$tmp/err"; rc=$?
+check "aq-variance --resume of the 2-block run: its model, without the shape options" \
+  '[ $rc -eq 0 ] && grep -q "	blocks.1.fc2.weight	" "$tmp/var2.tsv"'
+"$VAR" --resume "$tmp/g/checkpoint.h5" --width 64 -b 2 -K 1 --device cpu "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-variance --resume with another --width: exit 2, naming both" \
+  '[ $rc -eq 2 ] && grep -q "^aq-variance: --width 64 conflicts with .*g/checkpoint.h5, whose model has 32" "$tmp/err"'
+"$CAL" --resume "$tmp/v/checkpoint.h5" --pool cls -b 2 -K 1 --device cpu >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-calibrate --resume of the mean-pooled ViT with --pool cls: exit 2" \
+  '[ $rc -eq 2 ] && grep -q "^aq-calibrate: --pool cls conflicts with .*whose model has mean" "$tmp/err"'
+"$VAR" --dataset text --arch preact_resnet20 -b 2 -K 1 --device cpu "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-variance: an image model on text: exit 2, one line and the hint" \
+  '[ $rc -eq 2 ] && head -1 "$tmp/err" | grep -q "^aq-variance: --arch preact_resnet20 takes images; --dataset text needs a token model"'
 
 exit $fail

@@ -152,9 +152,7 @@ class ModelCommand {
     options_.classes = v.data.num_classes;
     options_.image_size = v.data.image_size;
     options_.context = v.data.context;
-    aq::models::ModelOptions shape;
-    shape.layers = v.layers, shape.width = v.width, shape.heads = v.heads, shape.dropout = v.dropout;
-    shape.class_token = v.pool == "cls";
+    const aq::models::ModelOptions shape = table_->shape();
     aq::models::check_options(v.arch, shape);
     options_.layers = v.layers, options_.width = v.width, options_.heads = v.heads, options_.dropout = v.dropout;
     options_.class_token = shape.class_token;

@@ -12,6 +12,7 @@
 
 #include <c10/core/Device.h>
 
+#include <set>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,10 @@ namespace aq::calibrate {
 struct RunOptions {
   data::DataOptions data;
   std::string arch = "preact_resnet20", resume, output;
+  // As aq::variance::RunOptions's: a fresh model's shape, and the options
+  // given, which must agree with a checkpoint's model.
+  models::ModelOptions shape;
+  std::set<std::string> given;
   int64_t batches = 10;
   QuantConfig config;
   train::Amp amp = train::Amp::kOff;

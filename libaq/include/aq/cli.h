@@ -10,6 +10,7 @@
 
 #include "aq/config.h"
 #include "aq/data.h"
+#include "aq/models.h"
 #include "aq/step.h"
 #include "aq/variance.h"
 
@@ -18,6 +19,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -106,6 +109,11 @@ class OptionTable {
   c10::Device apply_common() const;
   QuantConfig quant() const;  // the tool must take the quantization options
   train::Amp amp() const;
+  // A transformer's shape from --layers, --width, --heads, --dropout and
+  // --pool (the others at ModelOptions' defaults).
+  models::ModelOptions shape() const;
+  // Those of `names` the command line gave.
+  std::set<std::string> given(std::initializer_list<const char*> names) const;
 
  private:
   template <typename T>

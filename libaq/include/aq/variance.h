@@ -11,6 +11,7 @@
 
 #include <c10/core/Device.h>
 
+#include <set>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,13 @@ std::vector<Result> measure(models::Model& model, data::Loader& loader, const c1
 struct RunOptions {
   data::DataOptions data;
   std::string arch = "preact_resnet20", resume, output;
+  // A fresh model's shape (layers, width, heads, class_token; 0: the
+  // architecture's own); its image size and context come from the data.
+  models::ModelOptions shape;
+  // Options the command line gave ("--context", "--layers", "--width",
+  // "--heads", "--pool"): with `resume`, one that differs from the
+  // checkpoint's model is refused.
+  std::set<std::string> given;
   std::vector<QuantConfig> configs;
   Options options;
   train::Amp amp = train::Amp::kOff;

@@ -175,20 +175,23 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
   add(kModel | kEval | kBench, true, "-b,--batch-size", v.data.batch_size, "Batch size", d, &Positive);
   add(kModel | kEval | kBenchAll, false, "--image-size", v.data.image_size,
       bench ? "Image side" : "Image side for imagenet and synthetic data", d, &Positive);
-  add(kTrain | kBenchAll, false, "--context,--seq-len", v.data.context,
-      bench ? "Tokens per sample of token models (gpt_*)" : "Tokens per sample of --dataset text (windows of N+1 bytes)", d,
-      &Positive);
-  add(kTrain | kBenchAll, false, "--layers", v.layers, "Transformers: blocks (0: the architecture's own)", d,
-      &NonNegative);
-  add(kTrain | kBenchAll, false, "--width", v.width, "Transformers: embedding width (0: the architecture's own)", d,
-      &NonNegative);
-  add(kTrain | kBenchAll, false, "--heads", v.heads,
-      "Transformers: attention heads, dividing the width (0: the architecture's own, or width / 64 with --width)", d,
-      &NonNegative);
+  // The measuring tools take a checkpoint's shape; these build a fresh model.
+  const std::string own = tool_ & kMeasure ? "; with --resume: the checkpoint's)" : ")";
+  add(kTrain | kMeasure | kBenchAll, false, "--context,--seq-len", v.data.context,
+      bench ? "Tokens per sample of token models (gpt_*)"
+            : "Tokens per sample of --dataset text (windows of N+1 bytes" + own,
+      d, &Positive);
+  add(kTrain | kMeasure | kBenchAll, false, "--layers", v.layers,
+      "Transformers: blocks (0: the architecture's own" + own, d, &NonNegative);
+  add(kTrain | kMeasure | kBenchAll, false, "--width", v.width,
+      "Transformers: embedding width (0: the architecture's own" + own, d, &NonNegative);
+  add(kTrain | kMeasure | kBenchAll, false, "--heads", v.heads,
+      "Transformers: attention heads, dividing the width (0: the architecture's own, or width / 64 with --width" + own,
+      d, &NonNegative);
   add(kTrain | kBenchAll, false, "--dropout", v.dropout,
       "Transformers: dropout after the embeddings, attention and MLP, in [0, 1)", d, &Fraction);
-  if (auto* o = add(kTrain | kBenchAll, false, "--pool", v.pool,
-                    "ViTs: classify the class token (cls) or the mean of the patch tokens (mean)", d))
+  if (auto* o = add(kTrain | kMeasure | kBenchAll, false, "--pool", v.pool,
+                    "ViTs: classify the class token (cls) or the mean of the patch tokens (mean" + own, d))
     o->check(CLI::IsMember({"cls", "mean"}));
   add(kModel | kEval | kBenchAll, false, "--amp", v.amp,
       "Autocast: off, bf16 or fp16 (fp16 with dynamic loss scaling)", d);
@@ -255,6 +258,20 @@ QuantConfig OptionTable::quant() const {
 }
 
 train::Amp OptionTable::amp() const { return train::parse_amp(values.amp); }
+
+models::ModelOptions OptionTable::shape() const {
+  models::ModelOptions s;
+  s.layers = values.layers, s.width = values.width, s.heads = values.heads, s.dropout = values.dropout;
+  s.class_token = values.pool == "cls";
+  return s;
+}
+
+std::set<std::string> OptionTable::given(std::initializer_list<const char*> names) const {
+  std::set<std::string> out;
+  for (const char* name : names)
+    if (app_.count(name)) out.insert(name);
+  return out;
+}
 
 c10::Device OptionTable::apply_common() const {
   const Values& c = values;

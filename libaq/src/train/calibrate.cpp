@@ -14,7 +14,7 @@ std::vector<LayerBits> run(const RunOptions& o) {
   if (!adaptive(o.config))
     throw std::invalid_argument("calibration is for adaptive configurations (--ibits above --cabits): " +
                                 o.config.to_flags());
-  const auto sub = train::detail::open_subject(o.resume, o.data, o.arch, o.config, o.device, o.seed);
+  const auto sub = train::detail::open_subject(o.resume, o.data, o.arch, o.shape, o.given, o.config, o.device, o.seed);
   models::Model& model = *sub.model;
   data::Loader& loader = *sub.loader;
   model.train();

@@ -2,10 +2,54 @@
 
 #include "aq/checkpoint.h"
 #include "aq/evaluate.h"
+#include "aq/loss.h"
+
+#include <stdexcept>
 
 namespace aq::train::detail {
 
+void check_arch_reads(const std::string& arch, const std::string& dataset) {
+  const bool text = dataset == "text";
+  if (text != takes_tokens(arch))
+    throw std::invalid_argument("--arch " + arch + (text ? " takes images; --dataset text needs a token model (gpt_*)"
+                                                         : " takes tokens: use it with --dataset text"));
+}
+
+namespace {
+// With a checkpoint: the shape options given must be its model's.
+void check_given_shape(const ckpt::Checkpoint& c, const std::string& source, const std::string& arch,
+                       const data::DataOptions& data, const models::ModelOptions& shape,
+                       const std::set<std::string>& given) {
+  auto theirs = models::options_from_parameters(arch, c.parameters);
+  if (auto h = c.counters.find("heads"); h != c.counters.end()) theirs.heads = h->second;
+  models::ModelOptions asked = theirs;
+  if (given.count("--layers")) asked.layers = shape.layers;
+  if (given.count("--width")) asked.width = shape.width;
+  if (given.count("--heads")) asked.heads = shape.heads;
+  if (given.count("--pool")) asked.class_token = shape.class_token;
+  models::check_options(arch, asked);  // --layers on a ResNet, --pool on a GPT
+  const auto built = models::resolved_shape(arch, theirs);
+  auto conflict = [&](const std::string& option, const std::string& mine, const std::string& its) {
+    throw std::invalid_argument(option + " " + mine + " conflicts with " + source + ", whose model has " + its +
+                                ": a checkpoint is measured as it was trained (leave the option out)");
+  };
+  auto pool = [](bool class_token) { return std::string(class_token ? "cls" : "mean"); };
+  if (given.count("--layers") && shape.layers != built.layers)
+    conflict("--layers", std::to_string(shape.layers), std::to_string(built.layers));
+  if (given.count("--width") && shape.width != built.width)
+    conflict("--width", std::to_string(shape.width), std::to_string(built.width));
+  if (given.count("--heads") && shape.heads != built.heads)
+    conflict("--heads", std::to_string(shape.heads), std::to_string(built.heads));
+  if (given.count("--pool") && shape.class_token != theirs.class_token)
+    conflict("--pool", pool(shape.class_token), pool(theirs.class_token));
+  if (const auto ctx = c.counters.find("context"); given.count("--context") && ctx != c.counters.end() &&
+                                                   data.context != ctx->second)
+    conflict("--context", std::to_string(data.context), std::to_string(ctx->second));
+}
+}  // namespace
+
 Subject open_subject(const std::string& resume, const data::DataOptions& data, const std::string& arch,
+                     const models::ModelOptions& shape, const std::set<std::string>& given,
                      const QuantConfig& config, const c10::Device& device, uint64_t seed) {
   Subject s{arch, data::resolve_name(data.dataset, data.num_classes), nullptr, nullptr};
   ckpt::Checkpoint c;
@@ -13,7 +57,11 @@ Subject open_subject(const std::string& resume, const data::DataOptions& data, c
     c = ckpt::load(resume);
     if (c.meta.count("arch")) s.arch = c.meta.at("arch");
     if (c.meta.count("dataset")) s.dataset = c.meta.at("dataset");
+    check_given_shape(c, resume, s.arch, data, shape, given);
+  } else {
+    models::check_options(s.arch, shape);
   }
+  check_arch_reads(s.arch, s.dataset);
   torch::manual_seed(seed);
   data::OpenOptions oo;
   oo.image_size = data.image_size;
@@ -21,9 +69,10 @@ Subject open_subject(const std::string& resume, const data::DataOptions& data, c
   if (auto ctx = c.counters.find("context"); ctx != c.counters.end()) oo.context = ctx->second;  // a text run's
   if (data.num_classes > 0) oo.synthetic_classes = data.num_classes;
   auto set = data::open(s.dataset, data.data_dir, data::Split::kTrain, oo);
-  models::ModelOptions mo;
+  models::ModelOptions mo = shape;  // a ViT's position embeddings are for the data's image size, a GPT's for its context
   mo.image_height = set->info().height;
   mo.image_width = set->info().width;
+  if (set->info().sequence > 0) mo.context = std::max(mo.context, set->info().sequence);
   s.model = resume.empty() ? models::build(s.arch, set->info().channels, set->info().num_classes, mo, config)
                            : model_from_checkpoint(c, resume, config);
   s.model->to(device);

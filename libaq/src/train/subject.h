@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -30,15 +31,22 @@ class KeepBuffers {
   std::vector<torch::Tensor> buffers_, saved_;
 };
 
+// Throws std::invalid_argument unless `arch` reads what `dataset` gives
+// (token models text, the others images).
+void check_arch_reads(const std::string& arch, const std::string& dataset);
+
 // What aq-variance and aq-calibrate measure: the model of `resume` (or a
-// fresh `arch`) on the dataset it was trained on, on `device`, with a loader
-// over the training split.
+// fresh `arch` of `shape`) on the dataset it was trained on, on `device`,
+// with a loader over the training split.  With `resume`, an option in
+// `given` (--context, --layers, --width, --heads, --pool) that differs from
+// the checkpoint's model is refused (std::invalid_argument).
 struct Subject {
   std::string arch, dataset;
   models::ModelPtr model;
   std::unique_ptr<data::Loader> loader;
 };
 Subject open_subject(const std::string& resume, const data::DataOptions& data, const std::string& arch,
+                     const models::ModelOptions& shape, const std::set<std::string>& given,
                      const QuantConfig& config, const c10::Device& device, uint64_t seed);
 
 }  // namespace aq::train::detail

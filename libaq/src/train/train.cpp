@@ -9,6 +9,7 @@
 #include "aq_config.h"
 #include "data_parallel.h"
 #include "fields.h"
+#include "subject.h"
 #include "run_control.h"
 
 #include <torch/torch.h>
@@ -226,9 +227,7 @@ void Trainer::setup() {
   oo.context = o_.data.context;
   if (o_.data.num_classes > 0) oo.synthetic_classes = o_.data.num_classes;
   text_ = dataset_ == "text";
-  if (text_ != takes_tokens(o_.arch))
-    throw std::invalid_argument("--arch " + o_.arch + (text_ ? " takes images; --dataset text needs a token model (gpt_*)"
-                                                            : " takes tokens: use it with --dataset text"));
+  detail::check_arch_reads(o_.arch, dataset_);
   train_set_ = data::open(dataset_, o_.data.data_dir, data::Split::kTrain, oo);
   test_set_ = data::open(dataset_, o_.data.data_dir, data::Split::kTest, oo);
   const auto& info = train_set_->info();

@@ -127,7 +127,7 @@ std::vector<Result> measure(models::Model& model, data::Loader& loader, const c1
 Report run(const RunOptions& o) {
   QuantConfig exact;
   exact.scope = Scope::kNone;
-  const auto sub = train::detail::open_subject(o.resume, o.data, o.arch, exact, o.device, o.seed);
+  const auto sub = train::detail::open_subject(o.resume, o.data, o.arch, o.shape, o.given, exact, o.device, o.seed);
   Report rep{sub.arch, sub.dataset, measure(*sub.model, *sub.loader, o.device, o.configs, o.options, o.amp)};
   if (o.output.empty()) return rep;
   ckpt::Checkpoint out;
