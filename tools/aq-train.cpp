@@ -155,14 +155,14 @@ int main(int argc, char** argv) {
     o.beta1 = betas.at(0), o.beta2 = betas.at(1);
     if (o.warmup_steps > 0 && o.warmup > 0) throw std::invalid_argument("--warmup and --warmup-steps: give one");
     o.progress = v.verbosity >= 0;
-    for (const char* name : {"--batch-size", "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
-                             "--lr-schedule", "--warmup", "--milestones", "--nesterov", "--amp", "--optimizer",
-                             "--betas", "--eps", "--warmup-steps", "--clip-grad-norm", "--context", "--layers",
-                             "--width", "--heads", "--dropout", "--pool"})
-      if (app.count(name)) o.given.insert(name);
-    for (const char* name : {"--qconfig", "--level", "--ca", "--cabits", "--ibits", "--pergroup", "--perlayer",
-                             "--usegradient", "--group-size", "--attention-bits", "--range-dtype", "--rounding"})
-      if (app.count(name)) o.given.insert("quantization");
+    o.given = table.given({"--batch-size", "--epochs", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
+                           "--lr-schedule", "--warmup", "--milestones", "--nesterov", "--amp", "--optimizer", "--betas",
+                           "--eps", "--warmup-steps", "--clip-grad-norm", "--context", "--layers", "--width", "--heads",
+                           "--dropout", "--pool"});
+    if (!table.given({"--qconfig", "--level", "--ca", "--cabits", "--ibits", "--pergroup", "--perlayer", "--usegradient",
+                      "--group-size", "--attention-bits", "--range-dtype", "--rounding"})
+             .empty())
+      o.given.insert("quantization");
     o.overwrite = overwrite;
     o.checkpoint_interval = checkpoint_interval;
     o.log_interval = log_interval;

@@ -4,6 +4,7 @@
 #include "aq/evaluate.h"
 #include "aq/loss.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace aq::train::detail {
@@ -13,6 +14,13 @@ void check_arch_reads(const std::string& arch, const std::string& dataset) {
   if (text != takes_tokens(arch))
     throw std::invalid_argument("--arch " + arch + (text ? " takes images; --dataset text needs a token model (gpt_*)"
                                                          : " takes tokens: use it with --dataset text"));
+}
+
+models::ModelOptions options_for(const data::Info& info, models::ModelOptions shape) {
+  shape.image_height = info.height;
+  shape.image_width = info.width;
+  if (info.sequence > 0) shape.context = std::max(shape.context, info.sequence);
+  return shape;
 }
 
 namespace {
@@ -33,18 +41,16 @@ void check_given_shape(const ckpt::Checkpoint& c, const std::string& source, con
     throw std::invalid_argument(option + " " + mine + " conflicts with " + source + ", whose model has " + its +
                                 ": a checkpoint is measured as it was trained (leave the option out)");
   };
+  auto number = [&](const char* option, int64_t mine, int64_t its) {
+    if (given.count(option) && mine != its) conflict(option, std::to_string(mine), std::to_string(its));
+  };
+  number("--layers", shape.layers, built.layers);
+  number("--width", shape.width, built.width);
+  number("--heads", shape.heads, built.heads);
+  if (const auto ctx = c.counters.find("context"); ctx != c.counters.end()) number("--context", data.context, ctx->second);
   auto pool = [](bool class_token) { return std::string(class_token ? "cls" : "mean"); };
-  if (given.count("--layers") && shape.layers != built.layers)
-    conflict("--layers", std::to_string(shape.layers), std::to_string(built.layers));
-  if (given.count("--width") && shape.width != built.width)
-    conflict("--width", std::to_string(shape.width), std::to_string(built.width));
-  if (given.count("--heads") && shape.heads != built.heads)
-    conflict("--heads", std::to_string(shape.heads), std::to_string(built.heads));
   if (given.count("--pool") && shape.class_token != theirs.class_token)
     conflict("--pool", pool(shape.class_token), pool(theirs.class_token));
-  if (const auto ctx = c.counters.find("context"); given.count("--context") && ctx != c.counters.end() &&
-                                                   data.context != ctx->second)
-    conflict("--context", std::to_string(data.context), std::to_string(ctx->second));
 }
 }  // namespace
 
@@ -69,11 +75,8 @@ Subject open_subject(const std::string& resume, const data::DataOptions& data, c
   if (auto ctx = c.counters.find("context"); ctx != c.counters.end()) oo.context = ctx->second;  // a text run's
   if (data.num_classes > 0) oo.synthetic_classes = data.num_classes;
   auto set = data::open(s.dataset, data.data_dir, data::Split::kTrain, oo);
-  models::ModelOptions mo = shape;  // a ViT's position embeddings are for the data's image size, a GPT's for its context
-  mo.image_height = set->info().height;
-  mo.image_width = set->info().width;
-  if (set->info().sequence > 0) mo.context = std::max(mo.context, set->info().sequence);
-  s.model = resume.empty() ? models::build(s.arch, set->info().channels, set->info().num_classes, mo, config)
+  s.model = resume.empty() ? models::build(s.arch, set->info().channels, set->info().num_classes,
+                                           options_for(set->info(), shape), config)
                            : model_from_checkpoint(c, resume, config);
   s.model->to(device);
   data::LoaderOptions lo;

@@ -31,6 +31,10 @@ class KeepBuffers {
   std::vector<torch::Tensor> buffers_, saved_;
 };
 
+// `shape` for a model of `info`'s data: a ViT's position embeddings are for
+// its image size, a GPT's for its sequence (or `shape`'s longer context).
+models::ModelOptions options_for(const data::Info& info, models::ModelOptions shape);
+
 // Throws std::invalid_argument unless `arch` reads what `dataset` gives
 // (token models text, the others images).
 void check_arch_reads(const std::string& arch, const std::string& dataset);

@@ -234,13 +234,11 @@ void Trainer::setup() {
   if (o_.data.num_classes > 0 && o_.data.num_classes != info.num_classes)
     throw std::invalid_argument("--num-classes " + std::to_string(o_.data.num_classes) + " but " + dataset_ + " has " +
                                 std::to_string(info.num_classes) + " classes");
-  models::ModelOptions mo;  // a ViT's position embeddings are for the dataset's image size, a GPT's for its context
-  mo.image_height = info.height;
-  mo.image_width = info.width;
-  if (info.sequence > 0) mo.context = std::max(mo.context, info.sequence);
+  models::ModelOptions shape;
+  shape.layers = o_.layers, shape.width = o_.width, shape.heads = o_.heads, shape.dropout = o_.dropout;
+  shape.class_token = class_token_of(o_.pool);
+  const models::ModelOptions mo = detail::options_for(info, shape);
   const bool transformer = models::is_vit(o_.arch) || models::is_gpt(o_.arch);
-  mo.layers = o_.layers, mo.width = o_.width, mo.heads = o_.heads, mo.dropout = o_.dropout;
-  mo.class_token = class_token_of(o_.pool);
   models::check_options(o_.arch, mo);
   model_ = models::build(o_.arch, info.channels, info.num_classes, mo, o_.quant);
   if (transformer) {  // the shape built, which checkpoints record: a resume or aq-eval builds it again
