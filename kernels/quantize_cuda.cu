@@ -308,16 +308,14 @@ __global__ void __launch_bounds__(kWarps * 32)
     scalar_t* yg = y + g.n * p.D + g.d0;
     const scalar_t* gg = MUL ? gin + g.n * p.D + g.d0 : nullptr;
     float sq = 0.0f;
-    // out *= g's unit u (E elements from element d), summing the squares.
-    auto times_g = [&](scalar_t (&out)[E], int d, int r) {
-      if constexpr (MUL) {
+    // out[i] *= gv[i] for the first r elements, summing the squares.
+    auto times_g = [&](scalar_t (&out)[E], const scalar_t (&gv)[E], int r) {
 #pragma unroll
-        for (int i = 0; i < E; ++i) {
-          if (i >= r) break;
-          out[i] = static_cast<scalar_t>(static_cast<float>(gg[d + i]) * static_cast<float>(out[i]));
-          const float v = static_cast<float>(out[i]);
-          sq = __fmaf_rn(v, v, sq);
-        }
+      for (int i = 0; i < E; ++i) {
+        if (i >= r) break;
+        out[i] = static_cast<scalar_t>(static_cast<float>(gv[i]) * static_cast<float>(out[i]));
+        const float v = static_cast<float>(out[i]);
+        sq = __fmaf_rn(v, v, sq);
       }
     };
     const bool full = tm.vec && g.left == p.G && is_finite(grid.step2);
@@ -337,12 +335,7 @@ __global__ void __launch_bounds__(kWarps * 32)
               scalar_t gv[E];
               const uint4 raw = reinterpret_cast<const uint4*>(gg)[u];
               memcpy(gv, &raw, 16);
-#pragma unroll
-              for (int i = 0; i < E; ++i) {
-                out[i] = static_cast<scalar_t>(static_cast<float>(gv[i]) * static_cast<float>(out[i]));
-                const float v = static_cast<float>(out[i]);
-                sq = __fmaf_rn(v, v, sq);
-              }
+              times_g(out, gv, E);
             }
             uint4 v;
             memcpy(&v, out, 16);
@@ -357,7 +350,12 @@ __global__ void __launch_bounds__(kWarps * 32)
           scalar_t out[E];
           decode_unit<E, B, false>(grid, load_unit_codes<E, B>(gb, u), out);
           const int r = g.left - d < E ? g.left - d : E;
-          times_g(out, d, r);
+          if constexpr (MUL) {
+            scalar_t gv[E];
+#pragma unroll
+            for (int i = 0; i < E; ++i) gv[i] = i < r ? gg[d + i] : scalar_t(0);
+            times_g(out, gv, r);
+          }
 #pragma unroll
           for (int i = 0; i < E; ++i)
             if (i < r) yg[d + i] = out[i];

@@ -47,8 +47,8 @@ class TensorOffer {
 // Per-sample squared norms [N] of a gradient (BatchNorm backward -> the
 // conv or linear layer before it).
 TensorOffer& grad_sq_offer();
-// Per-group squared ranges [N, groups] of a layer input, tag = group size
-// (BatchNorm forward -> the allocation).
+// Per-group squared ranges [N, groups] of a layer input, or their sums per
+// sample [N], tag = group size (BatchNorm forward -> the allocation).
 TensorOffer& group_range_offer();
 
 }  // namespace aq

@@ -62,6 +62,7 @@ at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
   if (d == 0) return at::zeros({n}, v.options().dtype(at::kFloat));
   if (c.pergroup) {  // the group ranges a kernel that read x anyway (BatchNorm's statistics, ReLU) worked out
     const at::Tensor r2 = group_range_offer().take(x, g);
+    if (r2.defined() && r2.dim() == 1 && r2.size(0) == n) return r2;
     if (r2.defined() && r2.dim() == 2 && r2.size(0) == n && r2.size(1) == (d + g - 1) / g) {
       at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
       at::sum_out(out, r2, {1});  // the same sum as the range pass's
