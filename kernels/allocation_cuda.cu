@@ -24,7 +24,8 @@ struct MaxOp {
 constexpr int kAllocPerThread = (kAllocMaxSamples + kAllocThreads - 1) / kAllocThreads;
 
 __global__ void __launch_bounds__(kAllocThreads)
-allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq, const float* __restrict__ grad_mean,
+allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ parts, float* range_sum,
+                           const float* __restrict__ grad_mean,
                            const float* __restrict__ stat, const int64_t* __restrict__ idx, int32_t* __restrict__ bits,
                            int64_t* __restrict__ word_offset, double* __restrict__ cost,
                            const double* __restrict__ extra) {
@@ -42,6 +43,23 @@ allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq
   const int t = threadIdx.x;
   const int64_t N = p.N;
   double c[kAllocPerThread];
+
+  // A sample's parts summed by one warp, lanes strided, then by shuffles:
+  // the same order every launch.  Read back below through L2 (written by
+  // other threads of the block).
+  const float* range_sq = parts;
+  if (p.range_cols > 1) {
+    for (int64_t i = t >> 5; i < N; i += kAllocThreads / 32) {
+      const float* row = parts + i * p.range_cols;
+      float s = 0.0f;
+      for (int64_t k = t & 31; k < p.range_cols; k += 32) s = __fadd_rn(s, row[k]);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s = __fadd_rn(s, __shfl_xor_sync(0xffffffffu, s, o));
+      if ((t & 31) == 0) range_sum[i] = s;
+    }
+    __syncthreads();
+    range_sq = range_sum;
+  }
 
   // s_n: per-sample statistics need the mean of the seen ones first.
   float known[kAllocPerThread];
@@ -75,7 +93,7 @@ allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq
       else if (p.mode == 2) s = known[j] >= 0.0f ? known[j] : mean;
       s = __fmul_rn(s, p.grad_scale);
     }
-    double v = __dmul_rn(__dmul_rn(static_cast<double>(range_sq[i]), p.range_scale), static_cast<double>(s));
+    double v = __dmul_rn(__dmul_rn(static_cast<double>(__ldcg(range_sq + i)), p.range_scale), static_cast<double>(s));
     if (extra) v = __dadd_rn(v, extra[i]);
     if (v <= 0) v = 0;  // also -0.0 -> +0.0; NaN stays
     c[j] = v;
@@ -233,15 +251,19 @@ allocate_per_sample_kernel(const AllocPlan p, const float* __restrict__ range_sq
   }
 }
 
-void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq, const at::Tensor& grad_mean,
-                              const at::Tensor& sample_stat, const at::Tensor& indices, at::Tensor& bits,
-                              at::Tensor& word_offset, at::Tensor* cost, const at::Tensor& extra) {
+void allocate_per_sample_cuda(const AllocPlan& plan, const at::Tensor& range_sq, const at::Tensor& range_sum,
+                              const at::Tensor& grad_mean, const at::Tensor& sample_stat, const at::Tensor& indices,
+                              at::Tensor& bits, at::Tensor& word_offset, at::Tensor* cost, const at::Tensor& extra) {
   const c10::cuda::CUDAGuard guard(range_sq.device());
   if (plan.N == 0) return;
   TORCH_CHECK(plan.N <= kAllocMaxSamples, "aq: per-sample allocation of more than ", kAllocMaxSamples, " samples");
+  TORCH_CHECK(plan.range_cols >= 1 && range_sq.numel() == plan.N * plan.range_cols &&
+                  (plan.range_cols == 1 || (range_sum.defined() && range_sum.numel() == plan.N)),
+              "aq: allocate_per_sample_cuda: range_sq [N, range_cols], range_sum [N] for more than one column");
   auto stream = at::cuda::getCurrentCUDAStream();
   allocate_per_sample_kernel<<<1, kAllocThreads, 0, stream>>>(
-      plan, range_sq.const_data_ptr<float>(), plan.mode == 1 ? grad_mean.const_data_ptr<float>() : nullptr,
+      plan, range_sq.const_data_ptr<float>(), plan.range_cols > 1 ? range_sum.data_ptr<float>() : nullptr,
+      plan.mode == 1 ? grad_mean.const_data_ptr<float>() : nullptr,
       plan.mode == 2 ? sample_stat.const_data_ptr<float>() : nullptr,
       plan.mode == 2 ? indices.const_data_ptr<int64_t>() : nullptr, cost ? nullptr : bits.data_ptr<int32_t>(),
       cost ? nullptr : word_offset.data_ptr<int64_t>(), cost ? cost->data_ptr<double>() : nullptr,

@@ -16,4 +16,13 @@ namespace aq::kernels {
 using RangeSqFn = void(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Tensor& out);
 inline Kernel<RangeSqFn> range_sq{"range_sq"};
 
+// The terms of range_sq before the sum: (max - min)^2 of each group, float
+// [N, ceil(D / G)], NaN propagating.  CUDA only, and only where
+// group_range_sq_takes(x's dtype, G).
+using GroupRangeSqFn = void(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Tensor& out);
+inline Kernel<GroupRangeSqFn> group_range_sq{"group_range_sq"};
+inline bool group_range_sq_takes(at::ScalarType dtype, int64_t G) {
+  return dtype != at::kDouble && G >= 32 && (G & (G - 1)) == 0;
+}
+
 }  // namespace aq::kernels

@@ -99,6 +99,32 @@ range_sq_kernel(const scalar_t* __restrict__ x, int64_t D, int64_t G, float* __r
   if (threadIdx.x == 0) out[n] = total;
 }
 
+void group_range_sq_cuda(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Tensor& out) {
+  TORCH_CHECK(group_range_sq_takes(x.scalar_type(), G) && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  out.numel() == N * ((D + G - 1) / G),
+              "aq: group_range_sq_cuda: a float [N, groups] output and a power-of-two group of at least 32");
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (N == 0 || D == 0) return;
+  Plan p;
+  p.N = N;
+  p.D = D;
+  p.G = G;
+  p.ngroups = (D + G - 1) / G;
+  p.Dp = (D + 31) / 32 * 32;
+  p.bits = 1;  // unused: no stream
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AQ_DISPATCH_FLOATS(x.scalar_type(), "aq_group_range_sq_cuda", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    with_pieces<scalar_t>(p, [&](auto p_tag) {
+      constexpr int P = decltype(p_tag)::value;
+      const Teams tm = teams_for(p, P, xp);
+      group_range_sq_kernel<scalar_t, P><<<blocks_for<group_range_sq_kernel<scalar_t, P>>(N * p.ngroups, tm),
+                                           kWarps * 32, 0, stream>>>(p, tm, xp, out.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
 void range_sq_cuda(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x.device());
   if (N == 0) return;
@@ -107,26 +133,10 @@ void range_sq_cuda(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Ten
     return;
   }
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (x.scalar_type() != at::kDouble && G >= 32 && (G & (G - 1)) == 0) {
+  if (group_range_sq_takes(x.scalar_type(), G)) {
     // Per group, then summed per sample by LibTorch (a fixed order).
-    Plan p;
-    p.N = N;
-    p.D = D;
-    p.G = G;
-    p.ngroups = (D + G - 1) / G;
-    p.Dp = (D + 31) / 32 * 32;
-    p.bits = 1;  // unused: no stream
-    auto r2 = at::empty({N, p.ngroups}, x.options().dtype(at::kFloat));
-    AQ_DISPATCH_FLOATS(x.scalar_type(), "aq_group_range_sq_cuda", [&] {
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      with_pieces<scalar_t>(p, [&](auto p_tag) {
-        constexpr int P = decltype(p_tag)::value;
-        const Teams tm = teams_for(p, P, xp);
-        group_range_sq_kernel<scalar_t, P><<<blocks_for<group_range_sq_kernel<scalar_t, P>>(N * p.ngroups, tm),
-                                             kWarps * 32, 0, stream>>>(p, tm, xp, r2.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+    auto r2 = at::empty({N, (D + G - 1) / G}, x.options().dtype(at::kFloat));
+    group_range_sq_cuda(x, N, D, G, r2);
     at::sum_out(out, r2, {1});
     return;
   }
@@ -146,5 +156,6 @@ void range_sq_cuda(const at::Tensor& x, int64_t N, int64_t D, int64_t G, at::Ten
 }  // namespace
 
 AQ_REGISTER_KERNEL(range_sq, c10::kCUDA, range_sq_cuda);
+AQ_REGISTER_KERNEL(group_range_sq, c10::kCUDA, group_range_sq_cuda);
 
 }  // namespace aq::kernels

@@ -272,11 +272,8 @@ TEST_P(Ops, BatchNormStatisticsAndGroupRanges) {
       r2 = torch::cat({r2, (tail.amax(1, true) - tail.amin(1, true)).pow(2)}, 1);
     }
     ASSERT_TRUE(st->range_sq.defined()) << what;
+    // The same per-group values, summed in another order.
     EXPECT_TRUE(torch::allclose(st->range_sq, r2.sum(1), 1e-6, 0)) << what;
-    // On CUDA both are the same sum of the same per-group values.
-    if (full == d && x.is_cuda()) {
-      EXPECT_TRUE(torch::equal(st->range_sq, r2.sum(1))) << what;
-    }
   }
   // A NaN makes its sample's ranges NaN, and only its sample's.
   auto x = torch::randn({4, 64, 4, 4}, opts()).to(torch::kBFloat16).contiguous(torch::MemoryFormat::ChannelsLast);
@@ -393,9 +390,6 @@ TEST_P(Ops, ReluAndMaskMatchLibTorch) {
     const auto hf = h.detach().permute({0, 2, 3, 1}).reshape({3, -1, g}).to(torch::kFloat);
     const auto sum = (hf.amax(2) - hf.amin(2)).pow(2).sum(1);
     ASSERT_TRUE(st->range_sq.defined());
-    if (x.is_cuda()) {
-      EXPECT_TRUE(torch::equal(st->range_sq, sum)) << dtype;
-    }
     EXPECT_TRUE(torch::allclose(st->range_sq, sum, 1e-6, 0)) << dtype;
   }
 }

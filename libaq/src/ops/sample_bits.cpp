@@ -55,24 +55,34 @@ at::Tensor indices_on(const at::Tensor& indices, const at::Device& dev) {
 }
 
 // ||R_n||^2 of x's per-group ranges, as the engine groups x (float [N]):
-// one min/max pass over x in its own dtype.
-at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c) {
+// one min/max pass over x in its own dtype.  With `parts`, it may come as
+// float [N, K] instead, rows summing to it, for the allocation kernel to sum
+// (one launch fewer).
+at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c, bool parts) {
   const at::Tensor v = samples_in_memory_order(x);
   const int64_t n = v.size(0), d = v.size(1), g = c.group_size;
   if (d == 0) return at::zeros({n}, v.options().dtype(at::kFloat));
   if (c.pergroup) {  // the group ranges a kernel that read x anyway (BatchNorm's statistics, ReLU) worked out
     const at::Tensor r2 = group_range_offer().take(x, g);
     if (r2.defined() && r2.dim() == 1 && r2.size(0) == n) return r2;
-    if (r2.defined() && r2.dim() == 2 && r2.size(0) == n && r2.size(1) == (d + g - 1) / g) {
+    if (r2.defined() && r2.dim() == 2 && r2.size(0) == n && r2.size(1) > 0) {
+      if (parts) return r2;
       at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
       at::sum_out(out, r2, {1});  // the same sum as the range pass's
       return out;
     }
   }
-  if (c.pergroup && kernels::range_sq.has(x.device().type()) && v.is_contiguous()) {
+  const auto dev = x.device().type();
+  if (c.pergroup && parts && kernels::group_range_sq.has(dev) &&
+      kernels::group_range_sq_takes(v.scalar_type(), g) && v.is_contiguous()) {
+    at::Tensor out = at::empty({n, (d + g - 1) / g}, v.options().dtype(at::kFloat));
+    kernels::group_range_sq(dev, v, n, d, g, out);
+    return out;
+  }
+  if (c.pergroup && kernels::range_sq.has(dev) && v.is_contiguous()) {
     // One pass, no temporaries: one kernel instead of a min/max pass and five small ops.
     at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
-    kernels::range_sq(x.device().type(), v, n, d, g, out);
+    kernels::range_sq(dev, v, n, d, g, out);
     return out;
   }
   auto range_sq = [](const at::Tensor& t, int64_t dim) {
@@ -162,6 +172,7 @@ FusedInputs fused_inputs(const LayerState& st, const QuantConfig& c, const at::T
   } else if (f.plan.mode == 1) {
     f.grad_mean = st.grad_mean.to(dev, at::kFloat).contiguous();
   }
+  f.plan.range_cols = range_sq.dim() == 2 ? range_sq.size(1) : 1;
   f.range_sq = range_sq.to(at::kFloat).contiguous();
   return f;
 }
@@ -174,8 +185,8 @@ at::Tensor sensitivity_tensor(const LayerState& st, const QuantConfig& c, const 
   if (kernels::allocate_per_sample.has(dt) && n <= kernels::kAllocMaxSamples) {  // one launch instead of ~20
     FusedInputs f = fused_inputs(st, c, range_sq, elements, indices);
     at::Tensor cost = at::empty({n}, range_sq.options().dtype(at::kDouble)), unused;
-    kernels::allocate_per_sample(dt, f.plan, f.range_sq, f.grad_mean, f.sample_stat, f.indices, unused, unused, &cost,
-                                 at::Tensor());
+    kernels::allocate_per_sample(dt, f.plan, f.range_sq, at::Tensor(), f.grad_mean, f.sample_stat, f.indices, unused,
+                                 unused, &cost, at::Tensor());
     return cost;
   }
   at::Tensor s = at::ones({n}, range_sq.options());
@@ -210,7 +221,13 @@ at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x
   RECORD_FUNCTION("aq::allocate", std::vector<c10::IValue>());
   const int64_t n = x.dim() ? x.size(0) : 1;
   const int64_t elements = n ? x.numel() / n : 0;
-  st.range_sq = range_sq_of(x, c);
+  // On CUDA, sensitivities, allocation and word offsets in one launch (the
+  // same bits as below: the tensor ops cost ~70 launches per layer), which
+  // also sums the ranges per sample where sharers do not need them first.
+  const bool fused = kernels::allocate_per_sample.has(x.device().type()) && n <= kernels::kAllocMaxSamples;
+  at::Tensor ranges = range_sq_of(x, c, fused && st.sharers.empty());
+  if (ranges.dim() == 2 && ranges.size(1) == 1) ranges = ranges.view({n});
+  st.range_sq = ranges.dim() == 1 ? ranges : at::Tensor();
   st.sample_elements = elements;
   st.indices = batch_indices().defined() && batch_indices().numel() == n ? batch_indices() : at::Tensor();
   const double per_sample = st.budget > 0 ? st.budget : static_cast<double>(c.cabits);
@@ -228,15 +245,14 @@ at::Tensor choose_bits(LayerState& st, const QuantConfig& c, const at::Tensor& x
     const at::Tensor e = sensitivity_tensor(*other, c, st.range_sq, elements, st.indices);
     extra = extra.defined() ? extra + e : e;
   }
-  // On CUDA, sensitivities, allocation and word offsets in one launch (the
-  // same bits as below: the tensor ops cost ~70 launches per layer).
-  if (kernels::allocate_per_sample.has(x.device().type()) && n <= kernels::kAllocMaxSamples) {
-    FusedInputs f = fused_inputs(st, c, st.range_sq, elements, st.indices);
+  if (fused) {
+    FusedInputs f = fused_inputs(st, c, ranges, elements, st.indices);
     f.plan.removals = static_cast<int64_t>(c.ibits) * n - target;
     at::Tensor bits = at::empty({n}, x.options().dtype(at::kInt));
     at::Tensor offsets = at::empty({n}, x.options().dtype(at::kLong));
-    kernels::allocate_per_sample(x.device().type(), f.plan, f.range_sq, f.grad_mean, f.sample_stat, f.indices, bits,
-                                 offsets, nullptr, extra);
+    if (!st.range_sq.defined()) st.range_sq = at::empty({n}, x.options().dtype(at::kFloat));
+    kernels::allocate_per_sample(x.device().type(), f.plan, f.range_sq, st.range_sq, f.grad_mean, f.sample_stat,
+                                 f.indices, bits, offsets, nullptr, extra);
     st.last_bits = bits;
     if (word_offset) *word_offset = offsets;
     return bits;

@@ -55,20 +55,24 @@ bool rows_are_groups(const QuantConfig& c, const at::Tensor& x, int64_t row) {
 
 // The allocation weighs a norm's samples by the ranges of the normalised
 // input (its gradient's error is rstd times the input's): x's per-group
-// ranges scaled by their rows' rstd, offered to the allocation as each
-// sample's sum [N].  One pass over x where a range kernel runs.
+// ranges scaled by their rows' rstd, offered to the allocation as [N, K]
+// (rows summing to each sample's).  One pass over x where a kernel takes it.
 void offer_normalised_ranges(const at::Tensor& x, const at::Tensor& rstd, int64_t row, int64_t G) {
   const int64_t n = x.size(0), rows = x.numel() / row;
-  const at::Tensor rs = rstd.reshape({rows}).to(at::kFloat);
+  const auto dev = x.device().type();
+  const at::Tensor rs = rstd.reshape({rows, 1}).to(at::kFloat);
   at::Tensor r2;
-  if (kernels::range_sq.has(x.device().type())) {
-    r2 = at::empty({rows}, x.options().dtype(at::kFloat));
-    kernels::range_sq(x.device().type(), x.view({rows, row}), rows, row, G, r2);
+  if (kernels::group_range_sq.has(dev) && kernels::group_range_sq_takes(x.scalar_type(), G)) {
+    r2 = at::empty({rows, row / G}, x.options().dtype(at::kFloat));
+    kernels::group_range_sq(dev, x.view({rows, row}), rows, row, G, r2);
+  } else if (kernels::range_sq.has(dev)) {
+    r2 = at::empty({rows, 1}, x.options().dtype(at::kFloat));
+    kernels::range_sq(dev, x.view({rows, row}), rows, row, G, r2);
   } else {
     auto [mn, mx] = at::aminmax(x.view({rows, row / G, G}), 2);
-    r2 = (mx.to(at::kFloat) - mn.to(at::kFloat)).pow(2).sum(1);
+    r2 = (mx.to(at::kFloat) - mn.to(at::kFloat)).pow(2);
   }
-  group_range_offer().offer(x, (r2 * rs * rs).view({n, rows / n}).sum(1), G);
+  group_range_offer().offer(x, r2.mul_(rs.square()).view({n, -1}), G);
 }
 
 struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
