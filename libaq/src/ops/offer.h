@@ -47,8 +47,10 @@ class TensorOffer {
 // Per-sample squared norms [N] of a gradient (BatchNorm backward -> the
 // conv or linear layer before it).
 TensorOffer& grad_sq_offer();
-// Per-group squared ranges [N, groups] of a layer input, or their sums per
-// sample [N], tag = group size (BatchNorm forward -> the allocation).
+// Squared group ranges of a layer input as [N, K] parts whose rows sum to
+// each sample's ||R_n||^2 (K = its groups, or a LayerNorm's rows' scaled
+// ranges), or those sums [N]; tag = group size (BatchNorm forward -> the
+// allocation).
 TensorOffer& group_range_offer();
 
 }  // namespace aq
