@@ -15,6 +15,10 @@ namespace aq::kernels {
 // The most samples one launch (one block) takes; the library runs its own
 // path for larger batches.
 constexpr int64_t kAllocMaxSamples = 4096;
+// The most range_sq entries (N * range_cols) one launch sums itself: its one
+// block reads them at a fraction of the card's bandwidth, so beyond this a
+// separate reduction over the whole card is the faster way.
+constexpr int64_t kAllocMaxParts = int64_t{1} << 16;
 
 struct AllocPlan {
   int64_t N = 0;

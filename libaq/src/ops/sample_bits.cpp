@@ -56,8 +56,8 @@ at::Tensor indices_on(const at::Tensor& indices, const at::Device& dev) {
 
 // ||R_n||^2 of x's per-group ranges, as the engine groups x (float [N]):
 // one min/max pass over x in its own dtype.  With `parts`, it may come as
-// float [N, K] instead, rows summing to it, for the allocation kernel to sum
-// (one launch fewer).
+// float [N, K] instead (N K <= kAllocMaxParts), rows summing to it, for the
+// allocation kernel to sum (one launch fewer).
 at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c, bool parts) {
   const at::Tensor v = samples_in_memory_order(x);
   const int64_t n = v.size(0), d = v.size(1), g = c.group_size;
@@ -66,14 +66,14 @@ at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c, bool parts) {
     const at::Tensor r2 = group_range_offer().take(x, g);
     if (r2.defined() && r2.dim() == 1 && r2.size(0) == n) return r2;
     if (r2.defined() && r2.dim() == 2 && r2.size(0) == n && r2.size(1) > 0) {
-      if (parts) return r2;
+      if (parts && r2.numel() <= kernels::kAllocMaxParts) return r2;
       at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
       at::sum_out(out, r2, {1});  // the same sum as the range pass's
       return out;
     }
   }
   const auto dev = x.device().type();
-  if (c.pergroup && parts && kernels::group_range_sq.has(dev) &&
+  if (c.pergroup && parts && n * ((d + g - 1) / g) <= kernels::kAllocMaxParts && kernels::group_range_sq.has(dev) &&
       kernels::group_range_sq_takes(v.scalar_type(), g) && v.is_contiguous()) {
     at::Tensor out = at::empty({n, (d + g - 1) / g}, v.options().dtype(at::kFloat));
     kernels::group_range_sq(dev, v, n, d, g, out);
