@@ -5,8 +5,8 @@
 #   scripts/accuracy-seeds.sh BUILD_DIR OUT_DIR SEEDS aq-train arguments...
 # e.g. scripts/accuracy-seeds.sh build results/vit 1,2,3 DATA --arch vit_tiny --epochs 20
 # SEEDS is a comma-separated list.  Each run's workspace is
-# OUT_DIR/seedS-exact or OUT_DIR/seedS-l3 (an existing one is refused by
-# aq-train, so nothing is overwritten); its TSV and log lie beside it.
+# OUT_DIR/seedS-exact or OUT_DIR/seedS-l3, its TSV and log beside it; if
+# any of them exists already, nothing runs (exit 2).
 # L3 is aq-train's default level; extra arguments go to both runs, so
 # `--attention-bits 0` compares L3 with 2-bit attention.  The table (TSV on
 # stdout): seed, row, the last epoch's val_top1 (or val_loss for text),
@@ -18,6 +18,13 @@ OUT=$2
 IFS=, read -r -a seeds <<<"$3"
 shift 3
 [ -x "$T" ] || { echo "$0: no aq-train in $T" >&2; exit 2; }
+for s in "${seeds[@]}"; do
+  for row in exact l3; do
+    for f in "$OUT/seed$s-$row" "$OUT/seed$s-$row.tsv" "$OUT/seed$s-$row.log"; do
+      [ -e "$f" ] && { echo "$0: $f exists; choose another OUT_DIR" >&2; exit 2; }
+    done
+  done
+done
 mkdir -p "$OUT"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait; exit 130' INT TERM

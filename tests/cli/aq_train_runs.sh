@@ -96,4 +96,17 @@ a=$(grep -o "step 1/3 .* loss [^ ]*" "$tmp/cl.err" | awk '{print $NF}'); b=$(gre
 check "--channels-last True: the first step's loss as in the default layout ($a, $b)" '[ $rc -eq 0 ] && [ -n "$a" ] && [ "$a" = "$b" ]'
 "$TRAIN" "${run[@]}" --channels-last sometimes >/dev/null 2>"$tmp/err"; rc=$?
 check "--channels-last sometimes: exit 2" '[ $rc -eq 2 ]'
+
+# --- scripts/accuracy-seeds.sh: exact and L3 pairs of several seeds, one table -------
+seeds=$(dirname "$0")/../../scripts/accuracy-seeds.sh
+syn=(--dataset synthetic --arch preact_resnet20 --image-size 8 --num-classes 4 --device cpu -j 0 -b 2 --max-steps 2
+     --val-batches 1 -q)
+"$seeds" "$(dirname "$(dirname "$TRAIN")")" "$tmp/acc" 1,2 "${syn[@]}" >"$tmp/acc.tsv" 2>"$tmp/err"; rc=$?
+check "accuracy-seeds.sh: a row per seed and level, the gap to exact on L3's" \
+  '[ $rc -eq 0 ] && [ "$(cut -f1,2 "$tmp/acc.tsv" | tr "\t\n" ", ")" = "seed,row 1,exact 1,l3 2,exact 2,l3 " ] &&
+   [ "$(awk -F"\t" "NR > 1 && \$2 == \"exact\" {print \$4}" "$tmp/acc.tsv" | sort -u)" = "-" ] &&
+   awk -F"\t" "NR > 1 && \$2 == \"l3\" && \$4 !~ /^[+-][0-9]/ {bad = 1} END {exit bad}" "$tmp/acc.tsv"'
+"$seeds" "$(dirname "$(dirname "$TRAIN")")" "$tmp/acc" 1 "${syn[@]}" >/dev/null 2>"$tmp/err"; rc=$?
+check "accuracy-seeds.sh: an existing run refused (exit 2), nothing overwritten" \
+  '[ $rc -eq 2 ] && [ $(wc -l <"$tmp/err") -eq 1 ] && [ $(wc -l <"$tmp/acc/seed1-exact.tsv") -eq 2 ]'
 exit $fail
