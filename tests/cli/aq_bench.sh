@@ -100,4 +100,30 @@ if [ -n "$MAN" ]; then
   check "man page and --help list the same options" '[ "$opts_help" = "$opts_man" ]'
   [ "$opts_help" = "$opts_man" ] || diff <(echo "$opts_help") <(echo "$opts_man") >&2
 fi
+
+# scripts/trace-kernels.py on a trace of two steps: a level's kernels against
+# exact's, by name and by the scope and operator that launched them.
+tk=$(dirname "$0")/../../scripts/trace-kernels.py
+op() { printf '{"ph":"X","cat":"cpu_op","name":"%s","tid":1,"ts":%s,"dur":%s}' "$@"; }
+rt() { printf '{"ph":"X","cat":"cuda_runtime","name":"cudaLaunchKernel","tid":1,"ts":%s,"dur":1,"args":{"correlation":%s}}' "$@"; }
+k() { printf '{"ph":"X","cat":"kernel","name":"%s(float*)","tid":7,"ts":%s,"dur":%s,"args":{"correlation":%s}}' "$@"; }
+{
+  echo '{"traceEvents":['
+  for s in 0 100; do
+    echo "$(op aq::compress $s 40),$(op aten::sum $((s + 5)) 5),$(rt $((s + 6)) $((s + 1))),$(k red $((s + 50)) 4 $((s + 1))),"
+    echo "$(rt $((s + 30)) $((s + 2))),$(k gemm $((s + 60)) 10 $((s + 2))),"
+  done
+  echo '{"ph":"i","name":"marker","ts":0}]}'
+} >"$tmp/l3.json"
+printf '{"traceEvents":[%s,%s]}\n' "$(k gemm 60 10 2)" "$(k gemm 160 10 4)" >"$tmp/exact.json"
+python3 "$tk" --steps 2 "$tmp/l3.json" "$tmp/exact.json" >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "trace-kernels.py: against a base, the extra kernel per step and nothing for the shared one" \
+  '[ $rc -eq 0 ] && [ "$(sed -n 2p "$tmp/out")" = "$(printf "4.0\t1\tred")" ] &&
+   [ "$(sed -n 3p "$tmp/out")" = "$(printf "0.0\t0\tgemm")" ] && [ "$(tail -n 1 "$tmp/out")" = "$(printf "4.0\t1\tall")" ]'
+python3 "$tk" --steps 2 --by op "$tmp/l3.json" >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "trace-kernels.py --by op: the aq scope and operator of each launch" \
+  '[ $rc -eq 0 ] && grep -qx "$(printf "10.0\t1\taq::compress | gemm")" "$tmp/out" &&
+   grep -qx "$(printf "4.0\t1\taq::compress > aten::sum | red")" "$tmp/out"'
+python3 "$tk" "$tmp/none.json" >"$tmp/out" 2>"$tmp/err"; rc=$?
+check "trace-kernels.py: a missing trace is one error line, exit 1" '[ $rc -eq 1 ] && [ $(wc -l <"$tmp/err") -eq 1 ]'
 exit $fail
