@@ -53,4 +53,10 @@ TensorOffer& grad_sq_offer();
 // allocation).
 TensorOffer& group_range_offer();
 
+// Squared group ranges of the rows of v ([R, D], groups of G along a row,
+// the last one shorter), float: one per group [R, K] where `parts` and a
+// range kernel gives them, else each row's sum [R].  One pass over v where
+// a kernel takes it.
+at::Tensor squared_group_ranges(const at::Tensor& v, int64_t G, bool parts);
+
 }  // namespace aq

@@ -62,46 +62,55 @@ at::Tensor range_sq_of(const at::Tensor& x, const QuantConfig& c, bool parts) {
   const at::Tensor v = samples_in_memory_order(x);
   const int64_t n = v.size(0), d = v.size(1), g = c.group_size;
   if (d == 0) return at::zeros({n}, v.options().dtype(at::kFloat));
-  if (c.pergroup) {  // the group ranges a kernel that read x anyway (BatchNorm's statistics, ReLU) worked out
-    const at::Tensor r2 = group_range_offer().take(x, g);
-    if (r2.defined() && r2.dim() == 1 && r2.size(0) == n) return r2;
-    if (r2.defined() && r2.dim() == 2 && r2.size(0) == n && r2.size(1) > 0) {
-      if (parts && r2.numel() <= kernels::kAllocMaxParts) return r2;
-      at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
-      at::sum_out(out, r2, {1});  // the same sum as the range pass's
-      return out;
-    }
+  if (!c.pergroup) {
+    auto [mn, mx] = at::aminmax(v.reshape({-1}), 0);
+    return ((mx.to(at::kFloat) - mn.to(at::kFloat)).pow(2) * static_cast<double>((d + g - 1) / g))
+        .expand({n})
+        .contiguous();
   }
-  const auto dev = x.device().type();
-  if (c.pergroup && parts && n * ((d + g - 1) / g) <= kernels::kAllocMaxParts && kernels::group_range_sq.has(dev) &&
-      kernels::group_range_sq_takes(v.scalar_type(), g) && v.is_contiguous()) {
-    at::Tensor out = at::empty({n, (d + g - 1) / g}, v.options().dtype(at::kFloat));
-    kernels::group_range_sq(dev, v, n, d, g, out);
+  // The group ranges a kernel that read x anyway (BatchNorm's statistics, ReLU) worked out.
+  const at::Tensor r2 = group_range_offer().take(x, g);
+  if (r2.defined() && r2.dim() == 1 && r2.size(0) == n) return r2;
+  if (r2.defined() && r2.dim() == 2 && r2.size(0) == n && r2.size(1) > 0) {
+    if (parts && r2.numel() <= kernels::kAllocMaxParts) return r2;
+    at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
+    at::sum_out(out, r2, {1});  // the same sum as the range pass's
     return out;
   }
-  if (c.pergroup && kernels::range_sq.has(dev) && v.is_contiguous()) {
+  return squared_group_ranges(v, g, parts && n * ((d + g - 1) / g) <= kernels::kAllocMaxParts);
+}
+
+}  // namespace
+
+at::Tensor squared_group_ranges(const at::Tensor& v, int64_t G, bool parts) {
+  const int64_t n = v.size(0), d = v.size(1);
+  if (d == 0) return at::zeros({n}, v.options().dtype(at::kFloat));
+  const auto dev = v.device().type();
+  if (parts && v.is_contiguous() && kernels::group_range_sq.has(dev) &&
+      kernels::group_range_sq_takes(v.scalar_type(), G)) {
+    at::Tensor out = at::empty({n, (d + G - 1) / G}, v.options().dtype(at::kFloat));
+    kernels::group_range_sq(dev, v, n, d, G, out);
+    return out;
+  }
+  if (v.is_contiguous() && kernels::range_sq.has(dev)) {
     // One pass, no temporaries: one kernel instead of a min/max pass and five small ops.
     at::Tensor out = at::empty({n}, v.options().dtype(at::kFloat));
-    kernels::range_sq(dev, v, n, d, g, out);
+    kernels::range_sq(dev, v, n, d, G, out);
     return out;
   }
   auto range_sq = [](const at::Tensor& t, int64_t dim) {
     auto [mn, mx] = at::aminmax(t, dim);
     return (mx.to(at::kFloat) - mn.to(at::kFloat)).pow(2);
   };
-  if (!c.pergroup)
-    return (range_sq(v.reshape({-1}), 0) * static_cast<double>((d + g - 1) / g)).expand({n}).contiguous();
-  const int64_t full = d / g * g;
+  const int64_t full = d / G * G;
   at::Tensor acc;
-  if (full) acc = range_sq(v.narrow(1, 0, full).view({n, full / g, g}), 2).sum(1);
+  if (full) acc = range_sq(v.narrow(1, 0, full).view({n, full / G, G}), 2).sum(1);
   if (full < d) {
     const at::Tensor tail = range_sq(v.narrow(1, full, d - full), 1);
     acc = acc.defined() ? acc + tail : tail;
   }
   return acc;
 }
-
-}  // namespace
 
 void set_batch_indices(const at::Tensor& indices) {
   if (!indices.defined())

@@ -11,8 +11,6 @@
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 
-#include "ranges.h"
-
 #include <limits>
 #include <numeric>
 
@@ -58,21 +56,9 @@ bool rows_are_groups(const QuantConfig& c, const at::Tensor& x, int64_t row) {
 // ranges scaled by their rows' rstd, offered to the allocation as [N, K]
 // (rows summing to each sample's).  One pass over x where a kernel takes it.
 void offer_normalised_ranges(const at::Tensor& x, const at::Tensor& rstd, int64_t row, int64_t G) {
-  const int64_t n = x.size(0), rows = x.numel() / row;
-  const auto dev = x.device().type();
-  const at::Tensor rs = rstd.reshape({rows, 1}).to(at::kFloat);
-  at::Tensor r2;
-  if (kernels::group_range_sq.has(dev) && kernels::group_range_sq_takes(x.scalar_type(), G)) {
-    r2 = at::empty({rows, row / G}, x.options().dtype(at::kFloat));
-    kernels::group_range_sq(dev, x.view({rows, row}), rows, row, G, r2);
-  } else if (kernels::range_sq.has(dev)) {
-    r2 = at::empty({rows, 1}, x.options().dtype(at::kFloat));
-    kernels::range_sq(dev, x.view({rows, row}), rows, row, G, r2);
-  } else {
-    auto [mn, mx] = at::aminmax(x.view({rows, row / G, G}), 2);
-    r2 = (mx.to(at::kFloat) - mn.to(at::kFloat)).pow(2);
-  }
-  group_range_offer().offer(x, r2.mul_(rs.square()).view({n, -1}), G);
+  const int64_t rows = x.numel() / row;
+  at::Tensor r2 = squared_group_ranges(x.view({rows, row}), G, true).view({rows, -1});
+  group_range_offer().offer(x, r2.mul_(rstd.reshape({rows, 1}).to(at::kFloat).square()).view({x.size(0), -1}), G);
 }
 
 struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
