@@ -56,6 +56,17 @@ check "memory: L2 between exact and L3" '[ -n "$(awk -F"\t" "\$6==\"L2\" && \$10
 check "memory --ops: header, both passes, aq's nodes by name" 'head -1 "$tmp/ops" | grep -q "^level	seq	pass	op	before_MB	peak_MB	after_MB$" && grep -q "^L3	[0-9]*	forward	aq::compress	" "$tmp/ops" && grep -q "^L3	[0-9]*	backward	aq::ConvFn	" "$tmp/ops"'
 check "memory --ops: the L3 step's peak is its largest operation's" '[ "$(awk -F"\t" "\$1==\"L3\" && \$6 > m {m = \$6} END {printf \"%.1f\", m}" "$tmp/ops")" = "$(awk -F"\t" "\$6==\"L3\" {printf \"%.1f\", \$8}" "$tmp/out")" ]'
 cat "$tmp/out" >&2
+# --cabits: L3's budget at 4 bits keeps more than at its own 2, L2's 4 bits at 2 less.
+"$BENCH" memory --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L2,L3 -q \
+  --cabits 4 >"$tmp/out4" 2>"$tmp/err"; rc=$?
+"$BENCH" memory --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L2 -q \
+  --cabits 2 >"$tmp/out2" 2>>"$tmp/err"; rc2=$?
+act() { awk -F"\t" -v l="$2" '$6 == l {print $7}' "$1"; }
+check "memory --cabits: exits 0, same rows" '[ $rc -eq 0 ] && [ $rc2 -eq 0 ] && [ $(wc -l <"$tmp/out4") -eq 4 ]'
+check "memory --cabits 4: L3 keeps more than at 2 bits, L2 as at its own 4" 'awk -v a="$(act "$tmp/out4" L3)" -v b="$(act "$tmp/out" L3)" "BEGIN {exit !(a > 1.5 * b)}" && [ "$(act "$tmp/out4" L2)" = "$(act "$tmp/out" L2)" ]'
+check "memory --cabits 2: L2 keeps less than at its own 4" 'awk -v a="$(act "$tmp/out2" L2)" -v b="$(act "$tmp/out" L2)" "BEGIN {exit !(a < 0.75 * b)}"'
+"$BENCH" memory --device cpu --arch preact_resnet20 --cabits 9 >"$tmp/out4" 2>"$tmp/err"; rc=$?
+check "memory --cabits 9: exit 2, one line, nothing measured" '[ $rc -eq 2 ] && grep -q -- "--cabits" "$tmp/err" && [ ! -s "$tmp/out4" ]'
 "$BENCH" memory --arch nope --device cpu >/dev/null 2>"$tmp/err"; rc=$?
 check "memory: unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
 "$BENCH" step --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L3 --steps 2 --warmup 1 -q \

@@ -136,6 +136,11 @@ class ModelCommand {
                      "Self-attention's q, k, v at these bits, uniform, 0..8, at every level (0: as every layer; "
                      "default: the level's)")
         ->group(g);
+    sub_->add_option("--cabits", options.cabits,
+                     "Average bits per saved element at every compressing level, 1..8 (a uniform level's bits; an "
+                     "adaptive level's budget, its initial bits raised to it if below; default: the level's)")
+        ->check(CLI::Range(1, 8))
+        ->group(g);
     sub_->add_option("--channels-last", channels_last_, "auto (on CUDA), True or False")
         ->capture_default_str()
         ->group(g);
