@@ -56,7 +56,8 @@ check "memory: L2 between exact and L3" '[ -n "$(awk -F"\t" "\$6==\"L2\" && \$10
 check "memory --ops: header, both passes, aq's nodes by name" 'head -1 "$tmp/ops" | grep -q "^level	seq	pass	op	before_MB	peak_MB	after_MB$" && grep -q "^L3	[0-9]*	forward	aq::compress	" "$tmp/ops" && grep -q "^L3	[0-9]*	backward	aq::ConvFn	" "$tmp/ops"'
 check "memory --ops: the L3 step's peak is its largest operation's" '[ "$(awk -F"\t" "\$1==\"L3\" && \$6 > m {m = \$6} END {printf \"%.1f\", m}" "$tmp/ops")" = "$(awk -F"\t" "\$6==\"L3\" {printf \"%.1f\", \$8}" "$tmp/out")" ]'
 cat "$tmp/out" >&2
-# --cabits: L3's budget at 4 bits keeps more than at its own 2, L2's 4 bits at 2 less.
+# --cabits, as aq-train's: L3's budget at 4 bits keeps more than at its own 2,
+# L2 at 2 (a budget from its 4 initial bits) less than at its 4.
 "$BENCH" memory --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L2,L3 -q \
   --cabits 4 >"$tmp/out4" 2>"$tmp/err"; rc=$?
 "$BENCH" memory --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L2 -q \
@@ -67,6 +68,9 @@ check "memory --cabits 4: L3 keeps more than at 2 bits, L2 as at its own 4" 'awk
 check "memory --cabits 2: L2 keeps less than at its own 4" 'awk -v a="$(act "$tmp/out2" L2)" -v b="$(act "$tmp/out" L2)" "BEGIN {exit !(a < 0.75 * b)}"'
 "$BENCH" memory --device cpu --arch preact_resnet20 --cabits 9 >"$tmp/out4" 2>"$tmp/err"; rc=$?
 check "memory --cabits 9: exit 2, one line, nothing measured" '[ $rc -eq 2 ] && grep -q -- "--cabits" "$tmp/err" && [ ! -s "$tmp/out4" ]'
+"$BENCH" memory --device cpu --arch preact_resnet20 --levels L2 --cabits 6 >"$tmp/out4" 2>"$tmp/err"; rc=$?
+check "memory --levels L2 --cabits 6 (above its initial 4): exit 2, nothing measured" \
+  '[ $rc -eq 2 ] && grep -q -- "--ibits (4) must be at least --cabits (6)" "$tmp/err" && [ ! -s "$tmp/out4" ]'
 "$BENCH" memory --arch nope --device cpu >/dev/null 2>"$tmp/err"; rc=$?
 check "memory: unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
 "$BENCH" step --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L3 --steps 2 --warmup 1 -q \

@@ -137,8 +137,8 @@ class ModelCommand {
                      "default: the level's)")
         ->group(g);
     sub_->add_option("--cabits", options.cabits,
-                     "Average bits per saved element at every compressing level, 1..8 (a uniform level's bits; an "
-                     "adaptive level's budget, its initial bits raised to it if below; default: the level's)")
+                     "Average bits per activation element at every level, 1..8, as aq-train's --cabits (the "
+                     "level's initial bits stay; default: the level's)")
         ->check(CLI::Range(1, 8))
         ->group(g);
     sub_->add_option("--channels-last", channels_last_, "auto (on CUDA), True or False")

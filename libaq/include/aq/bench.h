@@ -81,9 +81,7 @@ struct ModelOptions {
   train::Amp amp = train::Amp::kOff;
   int64_t micro_batch_bytes = QuantConfig().micro_batch_bytes;  // L3.1, L4, L5
   std::optional<int> attention_bits;  // QuantConfig::attention_bits of every level; unset: the level's
-  // QuantConfig::cabits of every compressing level (a uniform level's bits, an
-  // adaptive level's average, its initial bits raised to it if below); unset: the level's.
-  std::optional<int> cabits;
+  std::optional<int> cabits;  // QuantConfig::cabits of every level, as aq-train's --cabits; unset: the level's
   std::optional<bool> channels_last;  // unset: on CUDA, as a CNN is run on a GPU
 };
 

@@ -195,11 +195,7 @@ std::vector<NamedConfig> exact_and_levels(const ModelOptions& o) {
     auto c = QuantConfig::for_level(level);
     c.micro_batch_bytes = o.micro_batch_bytes;
     if (o.attention_bits) c.attention_bits = *o.attention_bits;
-    if (o.cabits && c.compresses()) {
-      const bool uniform = c.ibits == c.cabits;
-      c.cabits = *o.cabits;
-      c.ibits = uniform ? *o.cabits : std::max(c.ibits, *o.cabits);
-    }
+    if (o.cabits) c.cabits = *o.cabits;
     c.validate();
     configs.push_back({to_string(level), c});
   }
