@@ -88,6 +88,36 @@ TEST(Config, LevelsSetDefaultsFlagsOverride) {
   EXPECT_FALSE(mixed.compress_bn);
 }
 
+TEST(Config, TransformersBudgetThreeBitsUnlessGiven) {
+  const int t = aq::QuantConfig::kTransformerCabits;
+  // The adaptive levels' default budget, on a transformer and not.
+  for (const char* level : {"L3", "L3.1", "L4", "L5"}) {
+    auto c = parse(std::string("--level ") + level);
+    EXPECT_EQ(c.for_model(true).cabits, t) << level;
+    EXPECT_EQ(c.for_model(false).cabits, 2) << level;
+    EXPECT_EQ(c.for_model(true).ibits, 8) << level;
+  }
+  // Uniform levels keep theirs.
+  EXPECT_EQ(parse("--level L2").for_model(true).cabits, 4);
+  EXPECT_EQ(parse("--level L1").for_model(true).cabits, 4);
+  // A budget given stays, whatever it is (the seed's command lines, a
+  // checkpoint's stored configuration).
+  EXPECT_EQ(parse("--cabits 2").for_model(true).cabits, 2);
+  EXPECT_EQ(parse("-c quantize --ca=True --cabits=2 --ibits=8").for_model(true).cabits, 2);
+  EXPECT_EQ(parse("--cabits 4").for_model(true).cabits, 4);
+  EXPECT_EQ(aq::QuantConfig::from_flags(parse("").to_flags()).for_model(true).cabits, 2);
+  const auto stored = aq::QuantConfig::from_flags(parse("").for_model(true).to_flags());
+  EXPECT_EQ(stored.cabits, t);
+  EXPECT_EQ(stored.for_model(true).cabits, t);
+  // Initial bits below the budget make the allocation uniform at them.
+  auto low = parse("--ibits 2").for_model(true);
+  EXPECT_EQ(low.cabits, 2);
+  EXPECT_NO_THROW(low.validate());
+  EXPECT_EQ(parse("--ibits 3").for_model(true).cabits, 3);
+  // Applying it twice changes nothing.
+  EXPECT_EQ(parse("").for_model(true).for_model(true).cabits, t);
+}
+
 TEST(Config, RoundTripThroughSeedSpelling) {
   for (const char* line : {"-c quantize --cabits=2 --ibits=8 --usegradient=False",
                            "-c qlinear --level L4 --group-size 128 --range-dtype fp32",

@@ -71,6 +71,14 @@ check "memory --cabits 9: exit 2, one line, nothing measured" '[ $rc -eq 2 ] && 
 "$BENCH" memory --device cpu --arch preact_resnet20 --levels L2 --cabits 6 >"$tmp/out4" 2>"$tmp/err"; rc=$?
 check "memory --levels L2 --cabits 6 (above its initial 4): exit 2, nothing measured" \
   '[ $rc -eq 2 ] && grep -q -- "--ibits (4) must be at least --cabits (6)" "$tmp/err" && [ ! -s "$tmp/out4" ]'
+# On transformers L3's default budget is 3 bits; --cabits 2 is ActNN's.
+g=(memory --device cpu --arch gpt_small --context 32 --layers 1 --width 256 --heads 4 -b 2 --amp bf16 --levels L3 -q)
+"$BENCH" "${g[@]}" >"$tmp/g3" 2>"$tmp/err"; rc=$?
+"$BENCH" "${g[@]}" --cabits 2 >"$tmp/g2" 2>>"$tmp/err"; rc2=$?
+"$BENCH" "${g[@]}" --cabits 3 >"$tmp/g3b" 2>>"$tmp/err"; rc3=$?
+saved() { awk -F"\t" '$6 == "L3" {print $9}' "$1"; }
+check "memory, gpt_small: L3 keeps more at its own budget than at --cabits 2, as much as at --cabits 3" \
+  '[ $rc -eq 0 ] && [ $rc2 -eq 0 ] && [ $rc3 -eq 0 ] && awk -v a="$(saved "$tmp/g3")" -v b="$(saved "$tmp/g2")" "BEGIN {exit !(a > 1.15 * b)}" && [ "$(saved "$tmp/g3")" = "$(saved "$tmp/g3b")" ]'
 "$BENCH" memory --arch nope --device cpu >/dev/null 2>"$tmp/err"; rc=$?
 check "memory: unknown arch exits 2" '[ $rc -eq 2 ] && grep -q "unknown architecture" "$tmp/err"'
 "$BENCH" step --device cpu --arch preact_resnet20 --channels 1 --classes 10 --image-size 28 -b 16 --levels L3 --steps 2 --warmup 1 -q \

@@ -89,17 +89,29 @@ check "--pool max: exit 2" '[ $rc -eq 2 ] && grep -q "pool" "$tmp/err"'
 "$TRAIN" "${gpt[@]}" --workspace "$tmp/v3" --pool mean "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
 check "--pool on gpt_small: exit 2" '[ $rc -eq 2 ] && grep -q "^aq-train: --pool is for the ViTs" "$tmp/err"'
 
+# --- L3's budget on transformers: 3 bits unless --cabits is given -----------------------
+tiny=(--dataset text --arch gpt_small --context 16 --layers 1 --width 32 --heads 4 -b 4 --device cpu --seed 3 --val-batches 1)
+"$TRAIN" "${tiny[@]}" --workspace "$tmp/b3" --max-steps 1 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "gpt_small at L3: a budget of 3 bits" '[ $rc -eq 0 ] && grep -q -- "--cabits=3 --ibits=8" "$tmp/err"'
+"$TRAIN" "${tiny[@]}" --workspace "$tmp/b3" --resume auto --level L3 --max-steps 2 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "its resume with --level L3: the same budget, no conflict" '[ $rc -eq 0 ] && grep -q -- "--cabits=3 --ibits=8" "$tmp/err"'
+"$TRAIN" "${tiny[@]}" --workspace "$tmp/b2" --cabits 2 --max-steps 1 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "gpt_small --cabits 2: 2 bits" '[ $rc -eq 0 ] && grep -q -- "--cabits=2 --ibits=8" "$tmp/err"'
+"$TRAIN" "${tiny[@]}" --workspace "$tmp/b2" --resume auto --max-steps 2 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "its resume without flags keeps its 2 bits" '[ $rc -eq 0 ] && grep -q -- "--cabits=2 --ibits=8" "$tmp/err"'
+
 # --- aq-variance and aq-calibrate on transformers --------------------------------------
 VAR=$(dirname "$TRAIN")/aq-variance CAL=$(dirname "$TRAIN")/aq-calibrate
 small=(--dataset text --arch gpt_small --context 16 --layers 2 --width 32 --heads 4 -b 2 -K 2 --device cpu --seed 1)
 "$VAR" "${small[@]}" -S 2 "$tmp/corpus" >"$tmp/var.tsv" 2>"$tmp/err"; rc=$?
 check "aq-variance on a fresh gpt_small of 2 blocks, 32 wide: both blocks' layers and the total" \
   '[ $rc -eq 0 ] && grep -q "	blocks.1.fc2.weight	" "$tmp/var.tsv" && ! grep -q "	blocks.2\." "$tmp/var.tsv" && [ $(grep -c "	total	" "$tmp/var.tsv") -eq 1 ]'
+check "aq-variance on it: L3 at the transformers' 3 bits" '[ $(grep -c -- "--cabits=3 --ibits=8 .*	total	" "$tmp/var.tsv") -eq 1 ]'
 "$CAL" "${small[@]}" "$tmp/corpus" >"$tmp/cal.tsv" 2>"$tmp/err"; rc=$?
 check "aq-calibrate on it: a row for each block's GELU" '[ $rc -eq 0 ] && [ $(grep -c "^blocks.[01].gelu	2048	" "$tmp/cal.tsv") -eq 2 ]'
 "$VAR" --resume "$tmp/g/checkpoint.h5" -b 2 -K 1 -S 2 --device cpu "$tmp/corpus" >"$tmp/var2.tsv" 2>"$tmp/err"; rc=$?
-check "aq-variance --resume of the 2-block run: its model, without the shape options" \
-  '[ $rc -eq 0 ] && grep -q "	blocks.1.fc2.weight	" "$tmp/var2.tsv"'
+check "aq-variance --resume of the 2-block run: its model, without the shape options, at 3 bits" \
+  '[ $rc -eq 0 ] && grep -q "	blocks.1.fc2.weight	" "$tmp/var2.tsv" && grep -q -- "--cabits=3 .*	total	" "$tmp/var2.tsv"'
 "$VAR" --resume "$tmp/g/checkpoint.h5" --width 64 -b 2 -K 1 --device cpu "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-variance --resume with another --width: exit 2, naming both" \
   '[ $rc -eq 2 ] && grep -q "^aq-variance: --width 64 conflicts with .*g/checkpoint.h5, whose model has 32" "$tmp/err"'

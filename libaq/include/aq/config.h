@@ -30,6 +30,7 @@ struct QuantConfig {
   Level level = Level::L3;
   bool ca = true;            // compress saved activations at all
   int cabits = 2;            // average bits per element (the budget)
+  bool cabits_given = false; // cabits was given (a flag, a stored config), not the level's: see for_model()
   int ibits = 8;             // initial bits before reallocation (== cabits: uniform)
   bool pergroup = true;      // per-group ranges; false: one range per tensor
   bool perlayer = true;      // reallocate bits across layers, not only samples
@@ -49,6 +50,15 @@ struct QuantConfig {
 
   // The defaults of a level (scope unchanged).
   static QuantConfig for_level(Level level);
+
+  // This configuration for a model: on a transformer, the adaptive levels
+  // (L3 and up) budget kTransformerCabits bits per element, at most ibits,
+  // unless cabits was given.  At 2 bits the linear layers' compressed
+  // inputs add enough gradient variance to slow a ViT's training measurably
+  // (docs/transformers.md); 3 bits keeps it level with exact and still
+  // keeps under a quarter of the exact model's activations.
+  QuantConfig for_model(bool transformer) const;
+  static constexpr int kTransformerCabits = 3;
 
   // Throws std::invalid_argument naming the bad setting.
   void validate() const;

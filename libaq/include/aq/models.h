@@ -90,6 +90,7 @@ ModelOptions resolved_shape(const std::string& arch, const ModelOptions& options
 // Whether `arch` is a transformer that reads images (vit_*) or tokens (gpt_*).
 bool is_vit(const std::string& arch);
 bool is_gpt(const std::string& arch);
+bool is_transformer(const std::string& arch);  // either
 
 // What the tools refuse: a transformer's shape (layers, width, heads,
 // dropout) for another architecture, and no class token for all but the

@@ -110,6 +110,12 @@ QuantConfig QuantConfig::for_level(Level level) {
   return c;
 }
 
+QuantConfig QuantConfig::for_model(bool transformer) const {
+  QuantConfig c = *this;
+  if (transformer && !cabits_given && level >= Level::L3) c.cabits = std::min(kTransformerCabits, ibits);
+  return c;
+}
+
 void QuantConfig::validate() const {
   if (cabits < 1 || cabits > 8) bad("--cabits must be in 1..8, not " + std::to_string(cabits));
   if (ibits < 1 || ibits > 8) bad("--ibits must be in 1..8, not " + std::to_string(ibits));
@@ -156,7 +162,7 @@ QuantConfig QuantConfig::from_flags(const std::string& flags) {
   for (const auto& [k, v] : kv) {
     if (k == "-c" || k == "--qconfig") c.scope = parse_scope(v);
     else if (k == "--ca") c.ca = parse_bool(v);
-    else if (k == "--cabits") c.cabits = parse_int(k, v);
+    else if (k == "--cabits") c.cabits = parse_int(k, v), c.cabits_given = true;
     else if (k == "--ibits") c.ibits = parse_int(k, v);
     else if (k == "--pergroup") c.pergroup = parse_bool(v);
     else if (k == "--perlayer") c.perlayer = parse_bool(v);

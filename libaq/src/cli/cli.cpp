@@ -99,7 +99,7 @@ QuantConfig QuantOptions::resolve() const {
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(std::string("quantization flag: ") + e.what());
   }
-  if (given("--cabits")) c.cabits = parse_int("--cabits", cabits_);
+  if (given("--cabits")) c.cabits = parse_int("--cabits", cabits_), c.cabits_given = true;
   if (given("--ibits")) c.ibits = parse_int("--ibits", ibits_);
   if (given("--group-size")) c.group_size = parse_int("--group-size", group_size_);
   if (given("--attention-bits")) c.attention_bits = parse_int("--attention-bits", attention_bits_);

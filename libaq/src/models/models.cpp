@@ -268,6 +268,8 @@ bool is_vit(const std::string& arch) { return arch == "vit_tiny" || arch == "vit
 
 bool is_gpt(const std::string& arch) { return arch == "gpt_small"; }
 
+bool is_transformer(const std::string& arch) { return is_vit(arch) || is_gpt(arch); }
+
 void check_options(const std::string& arch, const ModelOptions& options) {
   const bool vit = is_vit(arch);
   if (!vit && !is_gpt(arch) && (options.layers || options.width || options.heads || options.dropout > 0))

@@ -195,7 +195,8 @@ std::vector<NamedConfig> exact_and_levels(const ModelOptions& o) {
     auto c = QuantConfig::for_level(level);
     c.micro_batch_bytes = o.micro_batch_bytes;
     if (o.attention_bits) c.attention_bits = *o.attention_bits;
-    if (o.cabits) c.cabits = *o.cabits;
+    if (o.cabits) c.cabits = *o.cabits, c.cabits_given = true;
+    c = c.for_model(models::is_transformer(o.arch));
     c.validate();
     configs.push_back({to_string(level), c});
   }

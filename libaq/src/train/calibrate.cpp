@@ -20,7 +20,7 @@ std::vector<LayerBits> run(const RunOptions& o) {
   model.train();
   train::StepOptions so;
   so.amp = o.amp;
-  so.quant = o.config;
+  so.quant = sub.config;
   so.defer_reallocation = false;
   train::Step step(model, o.device, so);
   int64_t done = 0;
@@ -39,7 +39,7 @@ std::vector<LayerBits> run(const RunOptions& o) {
   if (o.output.empty()) return layers;
   ckpt::Checkpoint out;
   out.meta = {{"kind", "aq-calibration"}, {"arch", sub.arch}, {"dataset", sub.dataset},
-              {"config", o.config.to_flags()}, {"checkpoint", o.resume}};
+              {"config", sub.config.to_flags()}, {"checkpoint", o.resume}};
   out.counters = {{"batches", done},
                   {"batch_size", o.data.batch_size},
                   {"seed", static_cast<int64_t>(o.seed)},

@@ -68,6 +68,7 @@ Subject open_subject(const std::string& resume, const data::DataOptions& data, c
     models::check_options(s.arch, shape);
   }
   check_arch_reads(s.arch, s.dataset);
+  s.config = config.for_model(models::is_transformer(s.arch));
   torch::manual_seed(seed);
   data::OpenOptions oo;
   oo.image_size = data.image_size;
@@ -76,8 +77,8 @@ Subject open_subject(const std::string& resume, const data::DataOptions& data, c
   if (data.num_classes > 0) oo.synthetic_classes = data.num_classes;
   auto set = data::open(s.dataset, data.data_dir, data::Split::kTrain, oo);
   s.model = resume.empty() ? models::build(s.arch, set->info().channels, set->info().num_classes,
-                                           options_for(set->info(), shape), config)
-                           : model_from_checkpoint(c, resume, config);
+                                           options_for(set->info(), shape), s.config)
+                           : model_from_checkpoint(c, resume, s.config);
   s.model->to(device);
   data::LoaderOptions lo;
   lo.batch_size = data.batch_size;

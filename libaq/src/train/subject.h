@@ -43,11 +43,13 @@ void check_arch_reads(const std::string& arch, const std::string& dataset);
 // fresh `arch` of `shape`) on the dataset it was trained on, on `device`,
 // with a loader over the training split.  With `resume`, an option in
 // `given` (--context, --layers, --width, --heads, --pool) that differs from
-// the checkpoint's model is refused (std::invalid_argument).
+// the checkpoint's model is refused (std::invalid_argument).  The model is
+// converted with `config` for its architecture (QuantConfig::for_model).
 struct Subject {
   std::string arch, dataset;
   models::ModelPtr model;
   std::unique_ptr<data::Loader> loader;
+  QuantConfig config;  // the model's
 };
 Subject open_subject(const std::string& resume, const data::DataOptions& data, const std::string& arch,
                      const models::ModelOptions& shape, const std::set<std::string>& given,

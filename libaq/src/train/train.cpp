@@ -201,6 +201,7 @@ Partial Trainer::ranks_sum(const Partial& part) {
 }
 
 void Trainer::setup() {
+  o_.quant = o_.quant.for_model(models::is_transformer(o_.arch));
   if (!o_.init_from.empty() && !o_.resume.empty() && o_.resume != "auto")
     throw std::invalid_argument("--init-from starts a new run, --resume continues one: give one of them");
   if (o_.reset_head && o_.init_from.empty()) throw std::invalid_argument("--reset-head goes with --init-from");
@@ -238,7 +239,7 @@ void Trainer::setup() {
   shape.layers = o_.layers, shape.width = o_.width, shape.heads = o_.heads, shape.dropout = o_.dropout;
   shape.class_token = class_token_of(o_.pool);
   const models::ModelOptions mo = detail::options_for(info, shape);
-  const bool transformer = models::is_vit(o_.arch) || models::is_gpt(o_.arch);
+  const bool transformer = models::is_transformer(o_.arch);
   models::check_options(o_.arch, mo);
   model_ = models::build(o_.arch, info.channels, info.num_classes, mo, o_.quant);
   if (transformer) {  // the shape built, which checkpoints record: a resume or aq-eval builds it again
@@ -503,7 +504,7 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
                 {"epochs", o_.epochs},
                 {"world_size", world_}};
   if (text_) c.counters["context"] = o_.data.context;
-  if (models::is_vit(o_.arch) || models::is_gpt(o_.arch)) {
+  if (models::is_transformer(o_.arch)) {
     c.counters["layers"] = o_.layers, c.counters["width"] = o_.width, c.counters["heads"] = o_.heads;
     c.scalars["dropout"] = o_.dropout;
   }

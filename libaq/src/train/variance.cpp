@@ -128,7 +128,9 @@ Report run(const RunOptions& o) {
   QuantConfig exact;
   exact.scope = Scope::kNone;
   const auto sub = train::detail::open_subject(o.resume, o.data, o.arch, o.shape, o.given, exact, o.device, o.seed);
-  Report rep{sub.arch, sub.dataset, measure(*sub.model, *sub.loader, o.device, o.configs, o.options, o.amp)};
+  std::vector<QuantConfig> for_model;
+  for (const auto& c : o.configs) for_model.push_back(c.for_model(models::is_transformer(sub.arch)));
+  Report rep{sub.arch, sub.dataset, measure(*sub.model, *sub.loader, o.device, for_model, o.options, o.amp)};
   if (o.output.empty()) return rep;
   ckpt::Checkpoint out;
   out.meta = {{"kind", "aq-variance"}, {"arch", rep.arch}, {"dataset", rep.dataset}, {"checkpoint", o.resume}};
