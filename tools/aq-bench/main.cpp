@@ -138,7 +138,7 @@ class ModelCommand {
         ->group(g);
     sub_->add_option("--cabits", options.cabits,
                      "Average bits per activation element at every level, 1..8, as aq-train's --cabits (the "
-                     "level's initial bits stay; default: the level's)")
+                     "level's initial bits stay; default: the level's, on transformers 3 from L3 up)")
         ->check(CLI::Range(1, 8))
         ->group(g);
     sub_->add_option("--channels-last", channels_last_, "auto (on CUDA), True or False")

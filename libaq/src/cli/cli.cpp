@@ -74,7 +74,7 @@ QuantOptions::QuantOptions(CLI::App& app, bool ignored) : app_(app) {
       ->group(g);
   app.add_option("--level", level_, "Optimisation level: L0, L1, L2, L3, L3.1, L4, L5")->capture_default_str()->group(g);
   app.add_option("--ca", ca_, "Compress saved activations: True/False (level default)")->group(g);
-  app.add_option("--cabits", cabits_, "Average bits per activation element, 1..8 (level default)")->group(g);
+  app.add_option("--cabits", cabits_, "Average bits per activation element, 1..8 (level default; L3 and up: 2, on transformers 3)")->group(g);
   app.add_option("--ibits", ibits_, "Initial bits before reallocation, cabits..8 (level default)")->group(g);
   app.add_option("--pergroup", pergroup_, "Per-group ranges: True/False (default True)")->group(g);
   app.add_option("--perlayer", perlayer_, "Reallocate bits across layers: True/False (level default)")->group(g);
