@@ -114,6 +114,9 @@ TEST(Config, TransformersBudgetThreeBitsUnlessGiven) {
   EXPECT_EQ(low.cabits, 2);
   EXPECT_NO_THROW(low.validate());
   EXPECT_EQ(parse("--ibits 3").for_model(true).cabits, 3);
+  // Nothing compressed, nothing to budget: the flags stay as they were.
+  EXPECT_EQ(parse("--ca False").for_model(true).cabits, 2);
+  EXPECT_EQ(parse("-c fanin").for_model(true).cabits, 2);
   // Applying it twice changes nothing.
   EXPECT_EQ(parse("").for_model(true).for_model(true).cabits, t);
 }

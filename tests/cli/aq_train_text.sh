@@ -99,6 +99,13 @@ check "its resume with --level L3: the same budget, no conflict" '[ $rc -eq 0 ] 
 check "gpt_small --cabits 2: 2 bits" '[ $rc -eq 0 ] && grep -q -- "--cabits=2 --ibits=8" "$tmp/err"'
 "$TRAIN" "${tiny[@]}" --workspace "$tmp/b2" --resume auto --max-steps 2 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
 check "its resume without flags keeps its 2 bits" '[ $rc -eq 0 ] && grep -q -- "--cabits=2 --ibits=8" "$tmp/err"'
+"$TRAIN" "${tiny[@]}" --workspace "$tmp/b2" --resume auto --level L3 --max-steps 3 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "... and with --level L3 but no --cabits, as a run stored at 2 bits before 3 were the default" \
+  '[ $rc -eq 0 ] && grep -q -- "--cabits=2 --ibits=8" "$tmp/err"'
+"$TRAIN" "${tiny[@]}" --workspace "$tmp/b2" --resume auto --cabits 3 --max-steps 4 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "... but --cabits 3 conflicts with it: exit 2" '[ $rc -eq 2 ] && grep -q "^aq-train: quantization flags .*--cabits=3.* conflicts with" "$tmp/err"'
+"$TRAIN" "${tiny[@]}" --workspace "$tmp/be" --ca False --max-steps 1 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "gpt_small --ca False: nothing compressed, the budget left as it was" '[ $rc -eq 0 ] && grep -q -- "--ca=False --cabits=2 " "$tmp/err"'
 
 # --- aq-variance and aq-calibrate on transformers --------------------------------------
 VAR=$(dirname "$TRAIN")/aq-variance CAL=$(dirname "$TRAIN")/aq-calibrate

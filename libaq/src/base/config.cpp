@@ -112,7 +112,8 @@ QuantConfig QuantConfig::for_level(Level level) {
 
 QuantConfig QuantConfig::for_model(bool transformer) const {
   QuantConfig c = *this;
-  if (transformer && !cabits_given && level >= Level::L3) c.cabits = std::min(kTransformerCabits, ibits);
+  if (transformer && !cabits_given && compresses() && level >= Level::L3)
+    c.cabits = std::min(kTransformerCabits, ibits);
   return c;
 }
 

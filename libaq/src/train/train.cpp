@@ -390,8 +390,21 @@ void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
       o_.beta1 = b1->second, o_.beta2 = b2->second;
     }
   }
-  meta_setting("config", "quantization", o_.quant.to_flags(),
-               [&](const std::string& v) { o_.quant = QuantConfig::from_flags(v); });
+  {
+    // A budget the command line leaves to the level is the checkpoint's:
+    // a transformer's run stored at 2 bits, before 3 were its default,
+    // resumes at 2 with the flags it was started with.
+    QuantConfig mine = o_.quant;
+    const auto stored = c.meta.find("config");
+    if (!mine.cabits_given && stored != c.meta.end()) {
+      try {
+        mine.cabits = QuantConfig::from_flags(stored->second).cabits;
+      } catch (const std::invalid_argument&) {  // meta_setting says what is wrong with it
+      }
+    }
+    meta_setting("config", "quantization", mine.to_flags(),
+                 [&](const std::string& v) { o_.quant = QuantConfig::from_flags(v); });
+  }
   {
     const std::string mine = o_.optimizer == OptimizerKind::kAdamW ? "adamw" : o_.nesterov ? "sgd-nesterov" : "sgd";
     const char* option = given("--optimizer") ? "--optimizer" : "--nesterov";
