@@ -53,10 +53,10 @@ struct QuantConfig {
 
   // This configuration for a model: on a transformer, the adaptive levels
   // (L3 and up) budget kTransformerCabits bits per element, at most ibits,
-  // unless cabits was given or nothing is compressed.  At 2 bits the linear layers' compressed
-  // inputs add enough gradient variance to slow a ViT's training measurably
-  // (docs/transformers.md); 3 bits closes most of that gap and still keeps
-  // under a quarter of the exact model's activations.
+  // unless cabits was given or nothing is compressed.  At 2 bits the linear
+  // layers' compressed inputs add enough gradient variance to slow a ViT's
+  // training measurably (docs/transformers.md); 3 bits closes most of that
+  // gap and still keeps under a quarter of the exact model's activations.
   QuantConfig for_model(bool transformer) const;
   static constexpr int kTransformerCabits = 3;
 
