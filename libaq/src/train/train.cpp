@@ -391,9 +391,9 @@ void Trainer::adopt_settings(const ckpt::Checkpoint& c) {
     }
   }
   {
-    // A budget the command line leaves to the level is the checkpoint's:
-    // a transformer's run stored at 2 bits, before 3 were its default,
-    // resumes at 2 with the flags it was started with.
+    // A budget the command line leaves to the level is the checkpoint's, so
+    // a transformer's run stored at another budget than its level's default
+    // resumes with the flags it was started with.
     QuantConfig mine = o_.quant;
     const auto stored = c.meta.find("config");
     if (!mine.cabits_given && stored != c.meta.end()) {
