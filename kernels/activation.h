@@ -1,5 +1,7 @@
-// gelu_and_derivative: GELU and its derivative from one read of the input,
-// with the group ranges of both on the way (docs/design.md §4).
+// Elementwise ops that work out the group ranges of what they write on the
+// way, for the allocation of the layer that compresses it next
+// (docs/design.md §4): GELU with its derivative, and a residual stream's
+// sum.
 #pragma once
 
 #include "dispatch.h"
@@ -24,5 +26,13 @@ constexpr int64_t activation_chunk(int64_t element_size) { return 32 * (16 / ele
 using GeluAndDerivativeFn = void(const at::Tensor& x, bool tanh, at::Tensor& y, at::Tensor& d, int64_t group_size,
                                  float* r2_y, float* r2_d);
 inline Kernel<GeluAndDerivativeFn> gelu_and_derivative{"gelu_and_derivative"};
+
+// z = x + y as LibTorch adds them (x and z fp32; y fp32, fp16 or bf16, read
+// as float), and r2[k] = (max - min)^2 of group k of z, NaN if it holds one.
+// x, y and z contiguous, of one size, a multiple of group_size; on CUDA
+// 16-byte aligned, and group_size a multiple of kAddChunk.
+constexpr int64_t kAddChunk = 128;
+using AddAndRangesFn = void(const at::Tensor& x, const at::Tensor& y, at::Tensor& z, int64_t group_size, float* r2);
+inline Kernel<AddAndRangesFn> add_and_ranges{"add_and_ranges"};
 
 }  // namespace aq::kernels

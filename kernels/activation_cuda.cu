@@ -1,5 +1,6 @@
-// CUDA GELU and its derivative (see activation.h): a warp reads a group as
-// 16-byte vectors, writes both results and reduces their group ranges.
+// CUDA GELU with its derivative, and the residual sum (see activation.h): a
+// warp reads a group as 16-byte vectors, writes the results and reduces
+// their group ranges.
 #include "activation.h"
 
 #include "cuda_common.cuh"
@@ -9,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace aq::kernels {
 namespace {
@@ -113,8 +115,63 @@ void gelu_and_derivative_cuda(const at::Tensor& x, bool tanh, at::Tensor& y, at:
   });
 }
 
+// Warp w takes group w (chunks_per_group chunks of 32 lanes x 4 elements),
+// grid-stride.  One float addition per element: LibTorch's add computes
+// x + 1 * y in float, which is the same sum.
+template <typename y_t>
+__global__ void add_and_ranges_kernel(const float* __restrict__ x, const y_t* __restrict__ y, int64_t groups,
+                                      int chunks_per_group, float* __restrict__ z, float* __restrict__ r2) {
+  using YVec = std::conditional_t<sizeof(y_t) == 4, uint4, uint2>;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); k < groups;
+       k += warps) {
+    float lo = INFINITY, hi = -INFINITY;
+    bool nan = false;
+    for (int c = 0; c < chunks_per_group; ++c) {
+      const int64_t v = (k * chunks_per_group + c) * 32 + lane;
+      const float4 a = reinterpret_cast<const float4*>(x)[v];
+      const YVec raw = reinterpret_cast<const YVec*>(y)[v];
+      y_t b[4];
+      memcpy(b, &raw, sizeof(raw));
+      float4 s;
+      s.x = __fadd_rn(a.x, static_cast<float>(b[0]));
+      s.y = __fadd_rn(a.y, static_cast<float>(b[1]));
+      s.z = __fadd_rn(a.z, static_cast<float>(b[2]));
+      s.w = __fadd_rn(a.w, static_cast<float>(b[3]));
+      reinterpret_cast<float4*>(z)[v] = s;
+      lo = fminf(fminf(lo, s.x), fminf(s.y, fminf(s.z, s.w)));
+      hi = fmaxf(fmaxf(hi, s.x), fmaxf(s.y, fmaxf(s.z, s.w)));
+      nan |= s.x != s.x || s.y != s.y || s.z != s.z || s.w != s.w;
+    }
+    const float r = warp_group_range_sq(lo, hi, nan);
+    if (lane == 0) r2[k] = r;
+  }
+}
+
+void add_and_ranges_cuda(const at::Tensor& x, const at::Tensor& y, at::Tensor& z, int64_t group_size, float* r2) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
+  TORCH_CHECK(x.scalar_type() == at::kFloat && z.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  y.is_contiguous() && z.is_contiguous() && aligned(x) && aligned(y) && aligned(z) && y.numel() == n &&
+                  z.numel() == n && group_size % kAddChunk == 0 && n % group_size == 0,
+              "aq: add_and_ranges: float x and z, and y, contiguous, aligned, of one size, in whole groups of whole "
+              "chunks of ", kAddChunk);
+  const int per_group = static_cast<int>(group_size / kAddChunk);
+  const int64_t groups = n / group_size;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AQ_DISPATCH_FLOATS(y.scalar_type(), "aq_add_and_ranges_cuda", [&] {
+    add_and_ranges_kernel<scalar_t><<<grid_for(groups * 32, 256), 256, 0, stream>>>(
+        x.const_data_ptr<float>(), y.const_data_ptr<scalar_t>(), groups, per_group, z.data_ptr<float>(), r2);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 AQ_REGISTER_KERNEL(gelu_and_derivative, c10::kCUDA, gelu_and_derivative_cuda);
+AQ_REGISTER_KERNEL(add_and_ranges, c10::kCUDA, add_and_ranges_cuda);
 
 }  // namespace aq::kernels

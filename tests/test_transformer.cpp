@@ -62,50 +62,59 @@ double step(const torch::Tensor& t, int b) {
 }
 
 TEST_P(Transformer, LayerNormMatchesLibTorch) {
-  auto x = (torch::randn({8, 5, 32}, opts()) * 2 + 1).requires_grad_();
-  auto w = (torch::randn({32}, opts()) * 0.5 + 1).requires_grad_();
-  auto b = torch::randn({32}, opts()).requires_grad_();
-  auto probe = torch::randn({8, 5, 32}, opts());
-  auto st = aq::make_layer_state();
-  EXPECT_TRUE(torch::equal(F::layer_norm(x, {32}, w, b, 1e-5, bits(2), st), torch::layer_norm(x, {32}, w, b, 1e-5)));
-  auto exact = [&] { return torch::layer_norm(x, {32}, w, b, 1e-5); };
-  const auto rstd = 1 / torch::sqrt(x.detach().var(-1, false, true) + 1e-5);
-  const auto xn = (x.detach() - x.detach().mean(-1, true)) * rstd;
-  // Groups of 256 span rows: the normalised input xn is kept.  Groups of 32
-  // are rows: the input is, and its error in xn is rstd times its own.
-  // Either restored all at once, or (L3.1) three samples at a time.
-  for (const auto& run : {std::pair<int64_t, bool>{256, false}, {32, false}, {256, true}, {32, true}}) {
-    const int64_t G = run.first;
-    const bool micro = run.second;
-    SCOPED_TRACE(::testing::Message() << G << (micro ? " micro-batched" : ""));
-    auto q = [&](aq::QuantConfig c) {
-      c.group_size = G;
-      c.micro_batch_backward = micro;
-      c.micro_batch_bytes = 3 * 5 * 32 * 4;
-      return F::layer_norm(x, {32}, w, b, 1e-5, c, st);
-    };
-    // Each restored element within a step.  dL/dw = sum g xn (linear in
-    // xn_hat: unbiased); dL/dx has the bias rstd / D * w g Var(xn_hat)
-    // (docs/design.md §4).
-    auto xn_step = [&](int bits) { return G == 256 ? step(xn, bits) * torch::ones_like(rstd) : step(x.detach(), bits) * rstd; };
-    const auto gw_bound = (probe.abs() * xn_step(8)).sum(std::vector<int64_t>{0, 1});
-    const auto gx_bound = 0.05 * torch::ones_like(x) * (probe * w.detach()).abs().max() * rstd.max();
-    const auto gx_bias = rstd / 32 * (w.detach() * probe).abs() * xn_step(2).pow(2) / 4;
-    check(q, exact, {x, w, b}, probe, {gx_bound, gw_bound, torch::zeros_like(b)},
-          {gx_bias, torch::Tensor(), torch::Tensor()});
-    EXPECT_EQ(st->sample_elements, 5 * 32);
-    EXPECT_LT(st->saved_bytes * 8, x.numel() * 4);
-  }
-  // Adaptive: the samples are weighed by the ranges of xn, whichever is kept.
-  for (const int64_t G : {256, 32}) {
+  // Rows of 40 split into no power of two from 32: with groups of 256
+  // spanning rows, the normalised input xn is kept.  Rows of 32 are split
+  // into groups of 32 whatever the group size, and rows of 96 into groups of
+  // 32 where the group size is 64: the input is kept, and its error in xn is
+  // rstd times its own.  Each either restored all at once, or (L3.1) three
+  // samples at a time.
+  struct Case {
+    int64_t D, G, groups_of;  // row, configured group size, the groups used (0: xn kept)
+  };
+  for (const Case k : {Case{40, 256, 0}, Case{32, 256, 32}, Case{32, 32, 32}, Case{96, 64, 32}, Case{128, 64, 64}}) {
+    const int64_t D = k.D, G = k.G;
+    const bool kept_x = k.groups_of > 0;
+    SCOPED_TRACE(::testing::Message() << "row " << D << ", group size " << G);
+    auto x = (torch::randn({8, 5, D}, opts()) * 2 + 1).requires_grad_();
+    auto w = (torch::randn({D}, opts()) * 0.5 + 1).requires_grad_();
+    auto b = torch::randn({D}, opts()).requires_grad_();
+    auto probe = torch::randn({8, 5, D}, opts());
+    auto st = aq::make_layer_state();
+    EXPECT_TRUE(torch::equal(F::layer_norm(x, {D}, w, b, 1e-5, bits(2), st), torch::layer_norm(x, {D}, w, b, 1e-5)));
+    auto exact = [&] { return torch::layer_norm(x, {D}, w, b, 1e-5); };
+    const auto rstd = 1 / torch::sqrt(x.detach().var(-1, false, true) + 1e-5);
+    const auto xn = (x.detach() - x.detach().mean(-1, true)) * rstd;
+    for (const bool micro : {false, true}) {
+      SCOPED_TRACE(micro ? "micro-batched" : "all at once");
+      auto q = [&](aq::QuantConfig c) {
+        c.group_size = G;
+        c.micro_batch_backward = micro;
+        c.micro_batch_bytes = 3 * 5 * D * 4;
+        return F::layer_norm(x, {D}, w, b, 1e-5, c, st);
+      };
+      // Each restored element within a step.  dL/dw = sum g xn (linear in
+      // xn_hat: unbiased); dL/dx has the bias rstd / D * w g Var(xn_hat)
+      // (docs/design.md §4).
+      auto xn_step = [&](int bits) {
+        return kept_x ? step(x.detach(), bits) * rstd : step(xn, bits) * torch::ones_like(rstd);
+      };
+      const auto gw_bound = (probe.abs() * xn_step(8)).sum(std::vector<int64_t>{0, 1});
+      const auto gx_bound = 0.05 * torch::ones_like(x) * (probe * w.detach()).abs().max() * rstd.max();
+      const auto gx_bias = rstd / D * (w.detach() * probe).abs() * xn_step(2).pow(2) / 4;
+      check(q, exact, {x, w, b}, probe, {gx_bound, gw_bound, torch::zeros_like(b)},
+            {gx_bias, torch::Tensor(), torch::Tensor()});
+      EXPECT_EQ(st->sample_elements, 5 * D);
+      EXPECT_LT(st->saved_bytes * 8, x.numel() * 4);  // 2 bits and the bounds: under 4 bits an element
+    }
+    // Adaptive: the samples are weighed by the ranges of xn, whichever is kept.
     aq::QuantConfig c;
     c.group_size = G;
     auto sa = aq::make_layer_state();
-    F::layer_norm(x, {32}, w, b, 1e-5, c, sa);
+    F::layer_norm(x, {D}, w, b, 1e-5, c, sa);
     ASSERT_TRUE(sa->range_sq.defined());
-    const auto v = G == 256 ? xn.reshape({8, 1, -1}) : xn.reshape({8, -1, G});  // a sample is 160 elements
+    const auto v = kept_x ? xn.reshape({8, -1, k.groups_of}) : xn.reshape({8, 1, -1});
     const auto want = (std::get<0>(v.max(2)) - std::get<0>(v.min(2))).pow(2).sum(1).to(torch::kFloat);
-    EXPECT_TRUE(torch::allclose(sa->range_sq, want, 1e-3, 1e-4)) << G << ": " << sa->range_sq << want;
+    EXPECT_TRUE(torch::allclose(sa->range_sq, want, 1e-3, 1e-4)) << sa->range_sq << want;
   }
 }
 
@@ -167,6 +176,37 @@ TEST_P(Transformer, GeluWeighsItsDerivativeAndItsReaderByTheirRanges) {
       EXPECT_TRUE(torch::allclose(sl->range_sq, range_sq(y))) << sl->range_sq << range_sq(y);
     }
   }
+}
+
+// A residual sum is LibTorch's, bit for bit, with the addition's gradients;
+// the LayerNorm reading it weighs its samples by the same ranges (on CUDA
+// worked out as the sum is written: rows of 256 and 384, in groups of 256
+// and 128; rows of 40, whose groups span rows, by the norm itself).
+TEST_P(Transformer, ResidualAddIsTheSumAndTheNormWeighsItAlike) {
+  const aq::QuantConfig c;  // adaptive, groups of 256
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    for (const int64_t D : {256, 384, 40}) {
+      SCOPED_TRACE(::testing::Message() << "row " << D << (dtype == torch::kFloat ? " float" : " bf16"));
+      auto x = torch::randn({4, 6, D}, opts()).requires_grad_();
+      auto y = (torch::randn({4, 6, D}, opts()) * 3).to(dtype).requires_grad_();
+      const auto z = F::residual_add(x, y, D, c);
+      EXPECT_TRUE(torch::equal(z, x + y));
+      EXPECT_EQ(z.scalar_type(), torch::kFloat);
+      const auto w = torch::ones({D}, opts()).requires_grad_();
+      auto st = aq::make_layer_state(), again = aq::make_layer_state();
+      F::layer_norm(z, {D}, w, std::nullopt, 1e-5, c, st);
+      F::layer_norm(z.detach().clone().requires_grad_(), {D}, w, std::nullopt, 1e-5, c, again);
+      ASSERT_TRUE(st->range_sq.defined() && again->range_sq.defined());
+      EXPECT_TRUE(torch::allclose(st->range_sq, again->range_sq)) << st->range_sq << again->range_sq;
+      const auto g = torch::randn_like(z);
+      const auto grads = torch::autograd::grad({z}, {x, y}, {g});
+      EXPECT_TRUE(torch::equal(grads[0], g));
+      EXPECT_TRUE(torch::equal(grads[1], g.to(dtype)));
+    }
+  }
+  // Not compressing (no gradient wanted): the plain sum.
+  const auto a = torch::randn({2, 3, 256}, opts()), b = torch::randn({2, 3, 256}, opts());
+  EXPECT_TRUE(torch::equal(F::residual_add(a, b, 256, c), a + b));
 }
 
 // The linear layer before a GELU gets its gradient statistics (on CUDA from

@@ -59,6 +59,7 @@ struct QuantConfig {
   // gap and still keeps under a quarter of the exact model's activations.
   QuantConfig for_model(bool transformer) const;
   static constexpr int kTransformerCabits = 3;
+  static constexpr int64_t kMinGroupSize = 32, kMaxGroupSize = int64_t(1) << 20;
 
   // Throws std::invalid_argument naming the bad setting.
   void validate() const;

@@ -83,6 +83,13 @@ at::Tensor layer_norm(const at::Tensor& x, at::IntArrayRef normalized_shape, con
                       const std::optional<at::Tensor>& bias, double eps, const QuantConfig& config,
                       const LayerStatePtr& state);
 
+// x + y, as LibTorch adds them, for a pre-norm block's residual stream,
+// whose sum the next block's LayerNorm over rows of `row` elements reads and
+// compresses: where that norm allocates adaptive bits (and on CUDA, x float),
+// the sum's group ranges are worked out as it is written, so the norm does
+// not read it again for them.
+at::Tensor residual_add(const at::Tensor& x, const at::Tensor& y, int64_t row, const QuantConfig& config);
+
 // RMS norm (at::rms_norm; eps unset: the input dtype's epsilon); saves x
 // compressed plus the per-row rstd.
 at::Tensor rms_norm(const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,

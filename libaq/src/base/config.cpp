@@ -125,7 +125,7 @@ void QuantConfig::validate() const {
         "): bits are only ever taken away from the initial allocation");
   if (attention_bits < 0 || attention_bits > 8)
     bad("--attention-bits must be in 0..8, not " + std::to_string(attention_bits));
-  if (group_size < 32 || group_size > (int64_t(1) << 20) || (group_size & (group_size - 1)) != 0)
+  if (group_size < kMinGroupSize || group_size > kMaxGroupSize || (group_size & (group_size - 1)) != 0)
     bad("--group-size must be a power of two from 32 to 2^20, not " + std::to_string(group_size));
   if (range_dtype != c10::kFloat && range_dtype != c10::kBFloat16)
     bad("--range-dtype must be fp32 or bf16");

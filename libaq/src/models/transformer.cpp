@@ -1,6 +1,7 @@
 // Vision Transformers and a GPT-2-style decoder built from aq's layers.
 #include "transformer.h"
 
+#include "aq/functional.h"
 #include "aq/modules.h"
 #include "aq/recompute.h"
 
@@ -23,7 +24,8 @@ struct BlockImpl : nn::Module {
   QLinear fc1{nullptr}, fc2{nullptr};
   QGELU gelu;
   QDropout drop1{nullptr}, drop2{nullptr};
-  BlockImpl(int64_t width, int64_t heads, bool causal, double dropout) {
+  int64_t width;
+  BlockImpl(int64_t width_, int64_t heads, bool causal, double dropout) : width(width_) {
     ln1 = register_module("ln1", QLayerNorm(nn::LayerNormOptions({width})));
     attn = register_module("attn", QSelfAttention(SelfAttentionOptions(width, heads).causal(causal)));
     drop1 = register_module("drop1", QDropout(nn::DropoutOptions(dropout)));
@@ -38,13 +40,18 @@ struct BlockImpl : nn::Module {
     torch::Tensor h = ln1(x);
     h = attn(h);
     h = drop1(h);
-    x = x + h;
+    x = add(x, h);
     h = ln2(x);
     h = fc1(h);
     h = gelu(h);
     h = fc2(h);
     h = drop2(h);
-    return x + h;
+    return add(x, h);
+  }
+  // The residual sum, which a LayerNorm reads next (ln2, or the next
+  // block's ln1 or the final norm, configured alike).
+  torch::Tensor add(const torch::Tensor& x, const torch::Tensor& h) {
+    return ln2->is_training() ? functional::residual_add(x, h, width, ln2->config()) : x + h;
   }
 };
 TORCH_MODULE(Block);

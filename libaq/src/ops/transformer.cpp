@@ -42,13 +42,20 @@ at::Tensor cat_parts(std::vector<at::Tensor>& parts) {
   return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
 }
 
-// Where a norm's rows are whole groups, the input itself is compressed: a
-// group's bounds then span one row, and quantising x over them is quantising
-// the normalised row, up to its shift and scale.  Else the normalised input
-// is: every row at unit scale, so that a group spanning rows of very
-// different spread (a ViT's class token beside its patches) resolves each.
-bool rows_are_groups(const QuantConfig& c, const at::Tensor& x, int64_t row) {
-  return c.pergroup && x.is_contiguous() && row > 0 && row % c.group_size == 0;
+// Where a norm's rows split into whole groups, the input itself is
+// compressed: a group's bounds then lie within one row, and quantising x over
+// them is quantising the normalised row, up to its shift and scale.  A row
+// that is not a multiple of the group size (a ViT's 384 or 192) is split into
+// the largest power of two that divides it, down to 32: a little more for
+// the bounds, against a pass to normalise the input and one to scale its
+// gradient.  Else (no such size) the normalised input is kept: every row at
+// unit scale, so that a group spanning rows of very different spread (a
+// ViT's class token beside its patches) resolves each.  0: that case.
+int64_t row_group_size(const QuantConfig& c, const at::Tensor& x, int64_t row) {
+  if (!c.pergroup || !x.is_contiguous() || row <= 0) return 0;
+  for (int64_t g = c.group_size; g >= QuantConfig::kMinGroupSize; g /= 2)
+    if (row % g == 0) return g;
+  return 0;
 }
 
 // The allocation weighs a norm's samples by the ranges of the normalised
@@ -57,7 +64,10 @@ bool rows_are_groups(const QuantConfig& c, const at::Tensor& x, int64_t row) {
 // (rows summing to each sample's).  One pass over x where a kernel takes it.
 void offer_normalised_ranges(const at::Tensor& x, const at::Tensor& rstd, int64_t row, int64_t G) {
   const int64_t rows = x.numel() / row;
-  at::Tensor r2 = squared_group_ranges(x.view({rows, row}), G, true).view({rows, -1});
+  at::Tensor r2 = group_range_offer().take(x, G);  // the residual sum's (residual_add)
+  if (!(r2.defined() && r2.dim() == 1 && r2.size(0) == rows * (row / G)))
+    r2 = squared_group_ranges(x.view({rows, row}), G, true);
+  r2 = r2.view({rows, -1});
   group_range_offer().offer(x, r2.mul_(rstd.reshape({rows, 1}).to(at::kFloat).square()).view({x.size(0), -1}), G);
 }
 
@@ -69,10 +79,13 @@ struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
     put_state(ctx, st);
     const int64_t row = c10::multiply_integers(shape);
     record_other(st.get(), row);
-    const bool input = rows_are_groups(*c, x, row);
+    const int64_t G = row_group_size(*c, x, row);
+    const bool input = G > 0;
     if (input) {
-      if (st && adaptive(*c) && !st->bits.defined()) offer_normalised_ranges(x, rstd, row, c->group_size);
-      save_compressed(ctx, x, *c, st.get());
+      QuantConfig rows = *c;
+      rows.group_size = G;
+      if (st && adaptive(rows) && !st->bits.defined()) offer_normalised_ranges(x, rstd, row, G);
+      save_compressed(ctx, x, rows, st.get());
       ctx->save_for_backward({w, b, mean, rstd});
     } else {
       // LibTorch's own kernel writes the normalised input in one pass (a
@@ -282,6 +295,18 @@ struct SoftmaxFn : torch::autograd::Function<SoftmaxFn> {
   }
 };
 
+// A residual stream's sum, written by a kernel that works out its group
+// ranges on the way; its gradient is each addend's, as the addition's.
+struct ResidualAddFn : torch::autograd::Function<ResidualAddFn> {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& x, const at::Tensor& y, int64_t G, at::Tensor* r2) {
+    at::Tensor z = at::empty_like(x, at::MemoryFormat::Contiguous);
+    *r2 = at::empty({x.numel() / G}, x.options().dtype(at::kFloat));
+    kernels::add_and_ranges(x.device().type(), x, y, z, G, r2->data_ptr<float>());
+    return z;
+  }
+  static variable_list backward(AutogradContext*, variable_list grads) { return {grads[0], grads[0], {}, {}}; }
+};
+
 // The attention itself, the same ops in the exact path, the compressed
 // forward and the recomputation in backward: per head, [B, heads, T, C /
 // heads], and (attend) back in the tokens' layout [B, T, C].
@@ -376,6 +401,23 @@ at::Tensor silu(const at::Tensor& x, const QuantConfig& config, const LayerState
 at::Tensor softmax(const at::Tensor& x, int64_t dim, const QuantConfig& config, const LayerStatePtr& state) {
   if (!compressing_norm(config, x, at::Tensor()) || x.dim() == 0 || x.size(0) == 0) return at::softmax(x, dim);
   return SoftmaxFn::apply(x, c10::maybe_wrap_dim(dim, x.dim()), &config, state);
+}
+
+at::Tensor residual_add(const at::Tensor& x, const at::Tensor& y, int64_t row, const QuantConfig& config) {
+  const auto type = x.device().type();
+  const int64_t G = row > 0 && x.dim() > 0 && x.size(-1) == row ? row_group_size(config, x, row) : 0;
+  const auto yt = y.scalar_type();
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
+  const bool takes = G > 0 && adaptive(config) && compressing_norm(config, x, at::Tensor()) &&
+                     kernels::add_and_ranges.has(type) && x.scalar_type() == at::kFloat &&
+                     (yt == at::kFloat || yt == at::kBFloat16 || yt == at::kHalf) && y.sizes() == x.sizes() &&
+                     y.device() == x.device() && y.is_contiguous() &&
+                     (type != c10::kCUDA || (G % kernels::kAddChunk == 0 && aligned(x) && aligned(y)));
+  if (!takes) return x + y;
+  at::Tensor r2;
+  at::Tensor z = ResidualAddFn::apply(x, y, G, &r2);
+  group_range_offer().offer(z, std::move(r2), G);
+  return z;
 }
 
 at::Tensor self_attention(const at::Tensor& qkv, int64_t heads, bool causal, const QuantConfig& config,
