@@ -113,6 +113,20 @@ at::Tensor softmax(const at::Tensor& x, int64_t dim, const QuantConfig& config, 
 at::Tensor self_attention(const at::Tensor& qkv, int64_t heads, bool causal, const QuantConfig& config,
                           const LayerStatePtr& state);
 
+// self_attention followed by its output projection, linear(attention,
+// proj_weight, proj_bias) with the projection's own configuration and state.
+// Where LibTorch runs the attention with its flash kernel (16-bit inputs on
+// CUDA, the CPU's) at L2-L3.x without micro-batched backward, one op: it
+// keeps q, k, v as self_attention does and the attention's output, the
+// projection's input, compressed once under the projection's configuration;
+// backward restores that output for the projection's weight gradient and,
+// with the forward's per-row log-sum-exp, runs the flash backward from it,
+// without the attention forward again.  Elsewhere the two ops in turn.
+at::Tensor self_attention_projected(const at::Tensor& qkv, int64_t heads, bool causal, const QuantConfig& config,
+                                    const LayerStatePtr& state, const at::Tensor& proj_weight,
+                                    const std::optional<at::Tensor>& proj_bias, const QuantConfig& proj_config,
+                                    const LayerStatePtr& proj_state);
+
 // A state may be null (nullptr LayerStatePtr): nothing is recorded.
 
 }  // namespace functional

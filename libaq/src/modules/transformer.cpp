@@ -95,8 +95,10 @@ torch::Tensor QSelfAttentionImpl::forward(const torch::Tensor& input) {
                                 " needs input [B, T, " + std::to_string(options.embed_dim()) + "], not " +
                                 c10::str(input.sizes()));
   torch::Tensor h = qkv(input);
-  h = functional::self_attention(h, options.heads(), options.causal(), is_training() ? config() : exact(), state());
-  return proj(h);
+  if (!is_training()) return proj(functional::self_attention(h, options.heads(), options.causal(), exact(), state()));
+  return functional::self_attention_projected(h, options.heads(), options.causal(), config(), state(), proj->weight,
+                                              maybe(proj->bias), proj->is_training() ? proj->config() : exact(),
+                                              proj->state());
 }
 
 }  // namespace aq

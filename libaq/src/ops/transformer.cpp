@@ -8,9 +8,11 @@
 #include "saved.h"
 
 #include <ATen/ATen.h>
+#include <ATen/SDPBackend.h>
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 
+#include <cmath>
 #include <limits>
 #include <numeric>
 
@@ -357,6 +359,103 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
   }
 };
 
+// Self-attention and its output projection in one op, where LibTorch's flash
+// kernel runs the attention.  The attention's output o, the projection's
+// input, is kept compressed once, under the projection's configuration and
+// state (in a context of its own: save_compressed keeps one copy per
+// context); its backward reads the restored o twice: for the projection's
+// weight gradient and, with the forward's per-row log-sum-exp, for the flash
+// backward, which then needs no second forward.  q, k and v are kept as
+// AttentionFn keeps them.
+struct SubContext : torch::CustomClassHolder {
+  AutogradContext ctx;
+};
+
+bool flash_attention_runs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) {
+  if (!(q.is_cuda() || q.is_cpu()) || q.size(-1) % 8 != 0) return false;  // no padded heads
+  return at::_fused_sdp_choice(q, k, v, std::nullopt, 0.0, causal) == static_cast<int64_t>(at::SDPBackend::flash_attention);
+}
+
+struct AttentionProjectionFn : torch::autograd::Function<AttentionProjectionFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& qkv, const at::Tensor& w, const at::Tensor& b,
+                            int64_t heads, bool causal, const QuantConfig* c, const LayerStatePtr& st,
+                            const QuantConfig* pc, const LayerStatePtr& pst) {
+    const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3, D = C / heads;
+    const auto parts = qkv.view({B, T, 3, heads, D}).permute({2, 0, 3, 1, 4}).unbind(0);
+    // at::scaled_dot_product_attention's own call, so the same bits.
+    const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+    at::Tensor out, lse, cum_q, cum_k, seed, offset;
+    int64_t max_q = 0, max_k = 0;
+    if (qkv.is_cuda()) {
+      auto r = at::_scaled_dot_product_flash_attention(parts[0], parts[1], parts[2], 0.0, causal, false, scale);
+      out = std::get<0>(r), lse = std::get<1>(r), cum_q = std::get<2>(r), cum_k = std::get<3>(r);
+      max_q = std::get<4>(r).expect_int(), max_k = std::get<5>(r).expect_int();
+      seed = std::get<6>(r), offset = std::get<7>(r);
+    } else {
+      std::tie(out, lse) = at::_scaled_dot_product_flash_attention_for_cpu(parts[0], parts[1], parts[2], 0.0, causal);
+    }
+    const at::Tensor o = out.transpose(1, 2).reshape({B, T, C});
+    at::Tensor y = at::linear(o, w, present(b));
+
+    put_state(ctx, st);
+    record_other(st.get(), 3 * C);
+    QuantConfig qc = *c;
+    if (c->attention_bits > 0) qc.cabits = qc.ibits = c->attention_bits;
+    save_compressed(ctx, qkv, qc, st.get());
+    auto sub = c10::make_intrusive<SubContext>();
+    put_state(&sub->ctx, pst);
+    if (pst) pst->kernel_area = 1, pst->conv_groups = 1, pst->in_channels = w.size(1);
+    save_compressed(&sub->ctx, o, *pc, pst.get());
+    ctx->save_for_backward({w, lse, cum_q, cum_k, seed, offset});
+    auto& s = ctx->saved_data;
+    s["projection"] = c10::IValue::make_capsule(sub);
+    s["heads"] = heads;
+    s["causal"] = causal;
+    s["scale"] = scale;
+    s["max"] = std::vector<int64_t>{max_q, max_k};
+    s["bias"] = present(b).defined();
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& g = grads[0];
+    auto& s = ctx->saved_data;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &w = saved[0], &lse = saved[1];
+    auto sub = c10::static_intrusive_pointer_cast<SubContext>(s["projection"].toCapsule());
+    record_grad(&sub->ctx, g);
+    const Packed po = packed_of(&sub->ctx);
+    const at::Tensor o = dequantize(po).to(po.dtype);
+    const int64_t heads = s["heads"].toInt(), out_features = w.size(0), C = w.size(1);
+    // The projection's gradients, as LinearFn's.
+    at::Tensor gw, gb;
+    const at::Tensor g2 = g.reshape({-1, out_features});
+    if (ctx->needs_input_grad(1)) gw = g2.t().matmul(o.reshape({-1, C}).to(g.scalar_type())).to(w.scalar_type());
+    if (s["bias"].toBool() && ctx->needs_input_grad(2)) gb = g2.sum(0);
+    at::Tensor gqkv;
+    if (ctx->needs_input_grad(0)) {
+      const at::Tensor qkv = restore(ctx, po.dtype);
+      const int64_t B = qkv.size(0), T = qkv.size(1), D = C / heads;
+      const auto parts = qkv.view({B, T, 3, heads, D}).permute({2, 0, 3, 1, 4}).unbind(0);
+      auto per_head = [&](const at::Tensor& t) { return t.view({B, T, heads, D}).transpose(1, 2); };
+      const at::Tensor go = per_head(g.matmul(w.to(g.scalar_type())).to(po.dtype));
+      const bool causal = s["causal"].toBool();
+      const double scale = s["scale"].toDouble();
+      at::Tensor gq, gk, gv;
+      if (qkv.is_cuda()) {
+        const auto mx = s["max"].toIntVector();
+        std::tie(gq, gk, gv) = at::_scaled_dot_product_flash_attention_backward(
+            go, parts[0], parts[1], parts[2], per_head(o), lse, saved[2], saved[3], mx[0], mx[1], 0.0, causal,
+            saved[4], saved[5], scale);
+      } else {
+        std::tie(gq, gk, gv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+            go, parts[0], parts[1], parts[2], per_head(o), lse, 0.0, causal);
+      }
+      gqkv = at::stack({gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2)}, 2).view({B, T, 3 * C});
+    }
+    return {gqkv, gw, gb, {}, {}, {}, {}, {}, {}};
+  }
+};
+
 }  // namespace
 
 namespace functional {
@@ -418,6 +517,26 @@ at::Tensor residual_add(const at::Tensor& x, const at::Tensor& y, int64_t row, c
   at::Tensor z = ResidualAddFn::apply(x, y, G, &r2);
   group_range_offer().offer(z, std::move(r2), G);
   return z;
+}
+
+at::Tensor self_attention_projected(const at::Tensor& qkv, int64_t heads, bool causal, const QuantConfig& config,
+                                    const LayerStatePtr& state, const at::Tensor& proj_weight,
+                                    const std::optional<at::Tensor>& proj_bias, const QuantConfig& proj_config,
+                                    const LayerStatePtr& proj_state) {
+  const at::Tensor b = maybe_bias(proj_bias);
+  auto separate = [&] {
+    return linear(self_attention(qkv, heads, causal, config, state), proj_weight, b, proj_config, proj_state);
+  };
+  if (qkv.dim() != 3 || heads < 1 || qkv.size(2) % (3 * heads) != 0 || qkv.size(0) == 0 ||
+      proj_weight.dim() != 2 || proj_weight.size(1) * 3 != qkv.size(2) || !compressing(config, qkv, at::Tensor()) ||
+      !proj_config.compresses() || config.micro_batch_backward || config.swap || proj_config.micro_batch_backward ||
+      proj_config.swap)
+    return separate();
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  const auto parts = qkv.view({B, T, 3, heads, C / heads}).permute({2, 0, 3, 1, 4}).unbind(0);
+  if (!flash_attention_runs(parts[0], parts[1], parts[2], causal)) return separate();
+  return AttentionProjectionFn::apply(qkv, proj_weight, placeholder(b, qkv), heads, causal, &config, state,
+                                      &proj_config, proj_state);
 }
 
 at::Tensor self_attention(const at::Tensor& qkv, int64_t heads, bool causal, const QuantConfig& config,
