@@ -307,13 +307,14 @@ TEST_P(Transformer, SelfAttentionMatchesSdpa) {
   EXPECT_EQ(st_a->saved_bytes, st_8->saved_bytes);
 }
 
-// Self-attention with its output projection.  Where the flash kernel runs
-// (the CPU's; on CUDA at 16 bits), one op keeping the attention's output
-// once, for both backwards: its forward is the two ops', bit for bit; its
-// gradients close to exact at 8 bits; at 2 bits the mean of the draws much
-// nearer the exact gradient than one draw (the flash backward reads the
-// forward's log-sum-exp beside the restored q, k and v: the bias is second
-// order, as the recomputation's).  Elsewhere the two ops in turn.
+// Self-attention with its output projection.  Where the flash or cuDNN
+// kernel runs (the CPU's flash; on CUDA at 16 bits), one op keeping the
+// attention's output once, for both backwards: its forward is the two ops',
+// bit for bit; its gradients close to exact at 8 bits; at 2 bits the mean of
+// the draws much nearer the exact gradient than one draw (the attention's
+// backward reads the forward's log-sum-exp beside the restored q, k and v:
+// the bias is second order, as the recomputation's).  Elsewhere the two ops
+// in turn.
 TEST_P(Transformer, AttentionAndProjectionInOneOp) {
   const bool cuda = GetParam() == "cuda";
   for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {

@@ -115,12 +115,13 @@ at::Tensor self_attention(const at::Tensor& qkv, int64_t heads, bool causal, con
 
 // self_attention followed by its output projection, linear(attention,
 // proj_weight, proj_bias) with the projection's own configuration and state.
-// Where LibTorch runs the attention with its flash kernel (16-bit inputs on
-// CUDA, the CPU's) at L2-L3.x without micro-batched backward, one op: it
-// keeps q, k, v as self_attention does and the attention's output, the
-// projection's input, compressed once under the projection's configuration;
-// backward restores that output for the projection's weight gradient and,
-// with the forward's per-row log-sum-exp, runs the flash backward from it,
+// Where LibTorch runs the attention with a kernel whose backward reads the
+// forward's output and per-row log-sum-exp (flash or cuDNN: 16-bit inputs on
+// CUDA; flash on the CPU), and backward restores all samples at once, one
+// op: it keeps q, k, v as self_attention does and the attention's output,
+// the projection's input, compressed once under the projection's
+// configuration; backward restores that output for the projection's weight
+// gradient and, with the log-sum-exp, runs the attention's backward from it,
 // without the attention forward again.  Elsewhere the two ops in turn.
 at::Tensor self_attention_projected(const at::Tensor& qkv, int64_t heads, bool causal, const QuantConfig& config,
                                     const LayerStatePtr& state, const at::Tensor& proj_weight,

@@ -359,40 +359,55 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
   }
 };
 
-// Self-attention and its output projection in one op, where LibTorch's flash
-// kernel runs the attention.  The attention's output o, the projection's
-// input, is kept compressed once, under the projection's configuration and
-// state (in a context of its own: save_compressed keeps one copy per
-// context); its backward reads the restored o twice: for the projection's
-// weight gradient and, with the forward's per-row log-sum-exp, for the flash
-// backward, which then needs no second forward.  q, k and v are kept as
-// AttentionFn keeps them.
+// Self-attention and its output projection in one op, where LibTorch runs
+// the attention with a kernel whose backward takes the forward's output and
+// per-row log-sum-exp (flash, cuDNN).  The attention's output o, the
+// projection's input, is kept compressed once, under the projection's
+// configuration and state (in a context of its own: save_compressed keeps
+// one copy per context); its backward reads the restored o twice: for the
+// projection's weight gradient and, with the log-sum-exp, for the
+// attention's backward, which then needs no second forward.  q, k and v are
+// kept as AttentionFn keeps them.
 struct SubContext : torch::CustomClassHolder {
   AutogradContext ctx;
 };
 
-bool flash_attention_runs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) {
-  if (!(q.is_cuda() || q.is_cpu()) || q.size(-1) % 8 != 0) return false;  // no padded heads
-  return at::_fused_sdp_choice(q, k, v, std::nullopt, 0.0, causal) == static_cast<int64_t>(at::SDPBackend::flash_attention);
+// What at::scaled_dot_product_attention runs for these inputs, where the op
+// takes it over; kNone where it does not.
+enum class Sdpa : int64_t { kNone, kFlashCuda, kCudnn, kFlashCpu };
+Sdpa sdpa_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) {
+  const auto choice = static_cast<at::SDPBackend>(at::_fused_sdp_choice(q, k, v, std::nullopt, 0.0, causal));
+  if (q.is_cuda() && choice == at::SDPBackend::cudnn_attention) return Sdpa::kCudnn;
+  if (choice != at::SDPBackend::flash_attention) return Sdpa::kNone;
+  if (q.is_cpu()) return Sdpa::kFlashCpu;
+  return q.is_cuda() && q.size(-1) % 8 == 0 ? Sdpa::kFlashCuda : Sdpa::kNone;  // no padded heads
 }
 
 struct AttentionProjectionFn : torch::autograd::Function<AttentionProjectionFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& qkv, const at::Tensor& w, const at::Tensor& b,
-                            int64_t heads, bool causal, const QuantConfig* c, const LayerStatePtr& st,
+                            int64_t heads, bool causal, int64_t kernel, const QuantConfig* c, const LayerStatePtr& st,
                             const QuantConfig* pc, const LayerStatePtr& pst) {
     const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3, D = C / heads;
     const auto parts = qkv.view({B, T, 3, heads, D}).permute({2, 0, 3, 1, 4}).unbind(0);
-    // at::scaled_dot_product_attention's own call, so the same bits.
-    const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+    // Each as at::scaled_dot_product_attention calls it when inputs need
+    // their gradient, so the same bits.
     at::Tensor out, lse, cum_q, cum_k, seed, offset;
     int64_t max_q = 0, max_k = 0;
-    if (qkv.is_cuda()) {
-      auto r = at::_scaled_dot_product_flash_attention(parts[0], parts[1], parts[2], 0.0, causal, false, scale);
+    auto keep = [&](const auto& r) {
       out = std::get<0>(r), lse = std::get<1>(r), cum_q = std::get<2>(r), cum_k = std::get<3>(r);
       max_q = std::get<4>(r).expect_int(), max_k = std::get<5>(r).expect_int();
       seed = std::get<6>(r), offset = std::get<7>(r);
-    } else {
-      std::tie(out, lse) = at::_scaled_dot_product_flash_attention_for_cpu(parts[0], parts[1], parts[2], 0.0, causal);
+    };
+    switch (static_cast<Sdpa>(kernel)) {
+      case Sdpa::kFlashCuda:
+        keep(at::_scaled_dot_product_flash_attention(parts[0], parts[1], parts[2], 0.0, causal, false,
+                                                     1.0 / std::sqrt(static_cast<double>(D))));
+        break;
+      case Sdpa::kCudnn:
+        keep(at::_scaled_dot_product_cudnn_attention(parts[0], parts[1], parts[2], std::nullopt, true, 0.0, causal));
+        break;
+      default:
+        std::tie(out, lse) = at::_scaled_dot_product_flash_attention_for_cpu(parts[0], parts[1], parts[2], 0.0, causal);
     }
     const at::Tensor o = out.transpose(1, 2).reshape({B, T, C});
     at::Tensor y = at::linear(o, w, present(b));
@@ -411,7 +426,7 @@ struct AttentionProjectionFn : torch::autograd::Function<AttentionProjectionFn> 
     s["projection"] = c10::IValue::make_capsule(sub);
     s["heads"] = heads;
     s["causal"] = causal;
-    s["scale"] = scale;
+    s["kernel"] = kernel;
     s["max"] = std::vector<int64_t>{max_q, max_k};
     s["bias"] = present(b).defined();
     return y;
@@ -439,20 +454,26 @@ struct AttentionProjectionFn : torch::autograd::Function<AttentionProjectionFn> 
       auto per_head = [&](const at::Tensor& t) { return t.view({B, T, heads, D}).transpose(1, 2); };
       const at::Tensor go = per_head(g.matmul(w.to(g.scalar_type())).to(po.dtype));
       const bool causal = s["causal"].toBool();
-      const double scale = s["scale"].toDouble();
+      const auto mx = s["max"].toIntVector();
       at::Tensor gq, gk, gv;
-      if (qkv.is_cuda()) {
-        const auto mx = s["max"].toIntVector();
-        std::tie(gq, gk, gv) = at::_scaled_dot_product_flash_attention_backward(
-            go, parts[0], parts[1], parts[2], per_head(o), lse, saved[2], saved[3], mx[0], mx[1], 0.0, causal,
-            saved[4], saved[5], scale);
-      } else {
-        std::tie(gq, gk, gv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-            go, parts[0], parts[1], parts[2], per_head(o), lse, 0.0, causal);
+      switch (static_cast<Sdpa>(s["kernel"].toInt())) {
+        case Sdpa::kFlashCuda:
+          std::tie(gq, gk, gv) = at::_scaled_dot_product_flash_attention_backward(
+              go, parts[0], parts[1], parts[2], per_head(o), lse, saved[2], saved[3], mx[0], mx[1], 0.0, causal,
+              saved[4], saved[5], 1.0 / std::sqrt(static_cast<double>(D)));
+          break;
+        case Sdpa::kCudnn:
+          std::tie(gq, gk, gv) = at::_scaled_dot_product_cudnn_attention_backward(
+              go, parts[0], parts[1], parts[2], per_head(o), lse, saved[4], saved[5], at::Tensor(), saved[2], saved[3],
+              mx[0], mx[1], 0.0, causal);
+          break;
+        default:
+          std::tie(gq, gk, gv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+              go, parts[0], parts[1], parts[2], per_head(o), lse, 0.0, causal);
       }
       gqkv = at::stack({gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2)}, 2).view({B, T, 3 * C});
     }
-    return {gqkv, gw, gb, {}, {}, {}, {}, {}, {}};
+    return {gqkv, gw, gb, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
@@ -534,9 +555,10 @@ at::Tensor self_attention_projected(const at::Tensor& qkv, int64_t heads, bool c
     return separate();
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   const auto parts = qkv.view({B, T, 3, heads, C / heads}).permute({2, 0, 3, 1, 4}).unbind(0);
-  if (!flash_attention_runs(parts[0], parts[1], parts[2], causal)) return separate();
-  return AttentionProjectionFn::apply(qkv, proj_weight, placeholder(b, qkv), heads, causal, &config, state,
-                                      &proj_config, proj_state);
+  const Sdpa kernel = sdpa_kernel(parts[0], parts[1], parts[2], causal);
+  if (kernel == Sdpa::kNone) return separate();
+  return AttentionProjectionFn::apply(qkv, proj_weight, placeholder(b, qkv), heads, causal,
+                                      static_cast<int64_t>(kernel), &config, state, &proj_config, proj_state);
 }
 
 at::Tensor self_attention(const at::Tensor& qkv, int64_t heads, bool causal, const QuantConfig& config,
