@@ -116,8 +116,8 @@ at::Tensor self_attention(const at::Tensor& qkv, int64_t heads, bool causal, con
 // self_attention followed by its output projection, linear(attention,
 // proj_weight, proj_bias) with the projection's own configuration and state.
 // Where LibTorch runs the attention with a kernel whose backward reads the
-// forward's output and per-row log-sum-exp (flash or cuDNN: 16-bit inputs on
-// CUDA; flash on the CPU), and backward restores all samples at once, one
+// forward's output and per-row log-sum-exp (flash, cuDNN or memory-efficient
+// on CUDA; flash on the CPU), and backward restores all samples at once, one
 // op: it keeps q, k, v as self_attention does and the attention's output,
 // the projection's input, compressed once under the projection's
 // configuration; backward restores that output for the projection's weight

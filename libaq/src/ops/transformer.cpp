@@ -361,7 +361,7 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
 
 // Self-attention and its output projection in one op, where LibTorch runs
 // the attention with a kernel whose backward takes the forward's output and
-// per-row log-sum-exp (flash, cuDNN).  The attention's output o, the
+// per-row log-sum-exp (flash, cuDNN, memory-efficient).  The attention's output o, the
 // projection's input, is kept compressed once, under the projection's
 // configuration and state (in a context of its own: save_compressed keeps
 // one copy per context); its backward reads the restored o twice: for the
@@ -374,10 +374,11 @@ struct SubContext : torch::CustomClassHolder {
 
 // What at::scaled_dot_product_attention runs for these inputs, where the op
 // takes it over; kNone where it does not.
-enum class Sdpa : int64_t { kNone, kFlashCuda, kCudnn, kFlashCpu };
+enum class Sdpa : int64_t { kNone, kFlashCuda, kCudnn, kEfficient, kFlashCpu };
 Sdpa sdpa_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) {
   const auto choice = static_cast<at::SDPBackend>(at::_fused_sdp_choice(q, k, v, std::nullopt, 0.0, causal));
   if (q.is_cuda() && choice == at::SDPBackend::cudnn_attention) return Sdpa::kCudnn;
+  if (q.is_cuda() && choice == at::SDPBackend::efficient_attention) return Sdpa::kEfficient;
   if (choice != at::SDPBackend::flash_attention) return Sdpa::kNone;
   if (q.is_cpu()) return Sdpa::kFlashCpu;
   return q.is_cuda() && q.size(-1) % 8 == 0 ? Sdpa::kFlashCuda : Sdpa::kNone;  // no padded heads
@@ -405,6 +406,10 @@ struct AttentionProjectionFn : torch::autograd::Function<AttentionProjectionFn> 
         break;
       case Sdpa::kCudnn:
         keep(at::_scaled_dot_product_cudnn_attention(parts[0], parts[1], parts[2], std::nullopt, true, 0.0, causal));
+        break;
+      case Sdpa::kEfficient:
+        std::tie(out, lse, seed, offset) =
+            at::_scaled_dot_product_efficient_attention(parts[0], parts[1], parts[2], std::nullopt, true, 0.0, causal);
         break;
       default:
         std::tie(out, lse) = at::_scaled_dot_product_flash_attention_for_cpu(parts[0], parts[1], parts[2], 0.0, causal);
@@ -467,6 +472,13 @@ struct AttentionProjectionFn : torch::autograd::Function<AttentionProjectionFn> 
               go, parts[0], parts[1], parts[2], per_head(o), lse, saved[4], saved[5], at::Tensor(), saved[2], saved[3],
               mx[0], mx[1], 0.0, causal);
           break;
+        case Sdpa::kEfficient: {
+          at::Tensor unused;
+          std::tie(gq, gk, gv, unused) = at::_scaled_dot_product_efficient_attention_backward(
+              go, parts[0], parts[1], parts[2], at::Tensor(), per_head(o), lse, saved[4], saved[5], 0.0,
+              {true, true, true, false}, causal);
+          break;
+        }
         default:
           std::tie(gq, gk, gv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
               go, parts[0], parts[1], parts[2], per_head(o), lse, 0.0, causal);
