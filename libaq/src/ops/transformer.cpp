@@ -40,6 +40,8 @@ void record_other(LayerState* st, int64_t features) {
   if (st) st->batch_norm = true, st->in_channels = std::max<int64_t>(1, features);
 }
 
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
 at::Tensor cat_parts(std::vector<at::Tensor>& parts) {
   return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
 }
@@ -213,7 +215,7 @@ ActivationValues activation_values(const at::Tensor& x, Activation a, const std:
   const auto dt = x.scalar_type();
   const bool fused = a == Activation::kGelu && kernels::gelu_and_derivative.has(type) && x.is_contiguous() &&
                      (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) &&
-                     reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
+                     aligned16(x) &&
                      x.numel() % kernels::activation_chunk(x.element_size()) == 0;
   if (!fused) return {activation(x, a, approximate), derivative(x, a, approximate), {}, {}};
   ActivationValues v{at::empty_like(x, at::MemoryFormat::Contiguous), at::empty_like(x, at::MemoryFormat::Contiguous),
@@ -312,24 +314,33 @@ struct ResidualAddFn : torch::autograd::Function<ResidualAddFn> {
 // The attention itself, the same ops in the exact path, the compressed
 // forward and the recomputation in backward: per head, [B, heads, T, C /
 // heads], and (attend) back in the tokens' layout [B, T, C].
-at::Tensor attend_heads(const at::Tensor& qkv, int64_t heads, bool causal) {
+std::vector<at::Tensor> split_heads(const at::Tensor& qkv, int64_t heads) {
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
-  const auto parts = qkv.view({B, T, 3, heads, C / heads}).permute({2, 0, 3, 1, 4}).unbind(0);
+  return qkv.view({B, T, 3, heads, C / heads}).permute({2, 0, 3, 1, 4}).unbind(0);
+}
+at::Tensor attend_heads(const at::Tensor& qkv, int64_t heads, bool causal) {
+  const auto parts = split_heads(qkv, heads);
   return at::scaled_dot_product_attention(parts[0], parts[1], parts[2], std::nullopt, 0.0, causal);
 }
 at::Tensor attend(const at::Tensor& qkv, int64_t heads, bool causal) {
   return attend_heads(qkv, heads, causal).transpose(1, 2).reshape({qkv.size(0), qkv.size(1), qkv.size(2) / 3});
 }
 
+// Keeps self-attention's q, k, v ([B, T, 3 C]) compressed, at
+// --attention-bits where they are set (uniform), else at the layer's bits.
+void save_qkv(AutogradContext* ctx, const at::Tensor& qkv, const QuantConfig& c, const LayerStatePtr& st) {
+  put_state(ctx, st);
+  record_other(st.get(), qkv.size(2));
+  QuantConfig qc = c;
+  if (c.attention_bits > 0) qc.cabits = qc.ibits = c.attention_bits;
+  save_compressed(ctx, qkv, qc, st.get());
+}
+
 struct AttentionFn : torch::autograd::Function<AttentionFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& qkv, int64_t heads, bool causal,
                             const QuantConfig* c, const LayerStatePtr& st) {
     at::Tensor out = attend(qkv, heads, causal);
-    put_state(ctx, st);
-    record_other(st.get(), qkv.size(2));
-    QuantConfig qc = *c;
-    if (c->attention_bits > 0) qc.cabits = qc.ibits = c->attention_bits;  // uniform
-    save_compressed(ctx, qkv, qc, st.get());
+    save_qkv(ctx, qkv, *c, st);
     auto& s = ctx->saved_data;
     s["heads"] = heads;
     s["causal"] = causal;
@@ -389,7 +400,7 @@ struct AttentionProjectionFn : torch::autograd::Function<AttentionProjectionFn> 
                             int64_t heads, bool causal, int64_t kernel, const QuantConfig* c, const LayerStatePtr& st,
                             const QuantConfig* pc, const LayerStatePtr& pst) {
     const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3, D = C / heads;
-    const auto parts = qkv.view({B, T, 3, heads, D}).permute({2, 0, 3, 1, 4}).unbind(0);
+    const auto parts = split_heads(qkv, heads);
     // Each as at::scaled_dot_product_attention calls it when inputs need
     // their gradient, so the same bits.
     at::Tensor out, lse, cum_q, cum_k, seed, offset;
@@ -417,14 +428,10 @@ struct AttentionProjectionFn : torch::autograd::Function<AttentionProjectionFn> 
     const at::Tensor o = out.transpose(1, 2).reshape({B, T, C});
     at::Tensor y = at::linear(o, w, present(b));
 
-    put_state(ctx, st);
-    record_other(st.get(), 3 * C);
-    QuantConfig qc = *c;
-    if (c->attention_bits > 0) qc.cabits = qc.ibits = c->attention_bits;
-    save_compressed(ctx, qkv, qc, st.get());
+    save_qkv(ctx, qkv, *c, st);
     auto sub = c10::make_intrusive<SubContext>();
     put_state(&sub->ctx, pst);
-    if (pst) pst->kernel_area = 1, pst->conv_groups = 1, pst->in_channels = w.size(1);
+    record_linear(pst.get(), w);
     save_compressed(&sub->ctx, o, *pc, pst.get());
     ctx->save_for_backward({w, lse, cum_q, cum_k, seed, offset});
     auto& s = ctx->saved_data;
@@ -455,7 +462,7 @@ struct AttentionProjectionFn : torch::autograd::Function<AttentionProjectionFn> 
     if (ctx->needs_input_grad(0)) {
       const at::Tensor qkv = restore(ctx, po.dtype);
       const int64_t B = qkv.size(0), T = qkv.size(1), D = C / heads;
-      const auto parts = qkv.view({B, T, 3, heads, D}).permute({2, 0, 3, 1, 4}).unbind(0);
+      const auto parts = split_heads(qkv, heads);
       auto per_head = [&](const at::Tensor& t) { return t.view({B, T, heads, D}).transpose(1, 2); };
       const at::Tensor go = per_head(g.matmul(w.to(g.scalar_type())).to(po.dtype));
       const bool causal = s["causal"].toBool();
@@ -539,12 +546,11 @@ at::Tensor residual_add(const at::Tensor& x, const at::Tensor& y, int64_t row, c
   const auto type = x.device().type();
   const int64_t G = row > 0 && x.dim() > 0 && x.size(-1) == row ? row_group_size(config, x, row) : 0;
   const auto yt = y.scalar_type();
-  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
   const bool takes = G > 0 && adaptive(config) && compressing_norm(config, x, at::Tensor()) &&
                      kernels::add_and_ranges.has(type) && x.scalar_type() == at::kFloat &&
                      (yt == at::kFloat || yt == at::kBFloat16 || yt == at::kHalf) && y.sizes() == x.sizes() &&
                      y.device() == x.device() && y.is_contiguous() &&
-                     (type != c10::kCUDA || (G % kernels::kAddChunk == 0 && aligned(x) && aligned(y)));
+                     (type != c10::kCUDA || (G % kernels::kAddChunk == 0 && aligned16(x) && aligned16(y)));
   if (!takes) return x + y;
   at::Tensor r2;
   at::Tensor z = ResidualAddFn::apply(x, y, G, &r2);
@@ -565,8 +571,7 @@ at::Tensor self_attention_projected(const at::Tensor& qkv, int64_t heads, bool c
       !proj_config.compresses() || config.micro_batch_backward || config.swap || proj_config.micro_batch_backward ||
       proj_config.swap)
     return separate();
-  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
-  const auto parts = qkv.view({B, T, 3, heads, C / heads}).permute({2, 0, 3, 1, 4}).unbind(0);
+  const auto parts = split_heads(qkv, heads);
   const Sdpa kernel = sdpa_kernel(parts[0], parts[1], parts[2], causal);
   if (kernel == Sdpa::kNone) return separate();
   return AttentionProjectionFn::apply(qkv, proj_weight, placeholder(b, qkv), heads, causal,
