@@ -32,6 +32,11 @@ struct LayerState : torch::CustomClassHolder {
   at::Tensor grad_sq;
   // Elements per sample of the last compressed input.
   int64_t sample_elements = 0;
+  // Elements per group of the last compressed input (0: the configuration's
+  // group_size).  A LayerNorm whose rows are shorter than the configured
+  // groups compresses in smaller ones; its variance per unit of range_sq
+  // scales with the size it used.
+  int64_t group_size = 0;
   // Bytes the last forward kept for backward (compressed data, bounds, masks,
   // BatchNorm statistics).
   int64_t saved_bytes = 0;

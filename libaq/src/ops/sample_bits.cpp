@@ -139,7 +139,8 @@ namespace {
 // C_n = range_sq_n * range_scale * s_n, with s_n = (gradient statistic) *
 // grad_scale for conv/linear layers and 1 for batch norm (docs/design.md §5).
 double range_scale(const LayerState& st, const QuantConfig& c, int64_t elements) {
-  const double g = c.pergroup ? static_cast<double>(c.group_size) : static_cast<double>(std::max<int64_t>(1, elements));
+  const int64_t group = st.group_size > 0 ? st.group_size : c.group_size;
+  const double g = c.pergroup ? static_cast<double>(group) : static_cast<double>(std::max<int64_t>(1, elements));
   const double positions = std::max<double>(1.0, static_cast<double>(elements) / std::max<int64_t>(1, st.in_channels));
   return g / positions;
 }

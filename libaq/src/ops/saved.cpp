@@ -289,6 +289,7 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
     // the same input, and (after backward) its gradient statistics.
     LayerState* owner = shared->owner.get();
     st->range_sq = owner->range_sq;
+    st->group_size = owner->group_size;
     st->indices = owner->indices;
     st->last_bits = owner->last_bits;
     auto& list = owner->sharers;
@@ -313,6 +314,7 @@ void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfi
   }
   if (st) {
     st->sample_elements = p.sample_elements;
+    if (!shared) st->group_size = o.group_size;
     st->saved_bytes = shared ? 0 : p.nbytes();
   }
   auto& s = ctx->saved_data;
