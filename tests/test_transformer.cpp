@@ -116,9 +116,9 @@ TEST_P(Transformer, LayerNormMatchesLibTorch) {
     const auto v = kept_x ? xn.reshape({8, -1, k.groups_of}) : xn.reshape({8, 1, -1});
     const auto want = (std::get<0>(v.max(2)) - std::get<0>(v.min(2))).pow(2).sum(1).to(torch::kFloat);
     EXPECT_TRUE(torch::allclose(sa->range_sq, want, 1e-3, 1e-4)) << sa->range_sq << want;
-    // The per-layer reallocation reads the layer's configuration (groups of
-    // G); a group of g elements adds g range^2 / (4 B^2), so the
-    // sensitivity per token position must count the groups the norm used.
+    // Sensitivities (what aq-calibrate reports) are read with the layer's
+    // configuration (groups of G); a group of g elements adds
+    // g range^2 / (4 B^2), so they must count the groups the norm used.
     const int64_t used = kept_x ? k.groups_of : G;
     const auto cn = aq::sensitivities(*sa, c, sa->range_sq, sa->sample_elements, torch::Tensor());
     const auto r2 = sa->range_sq.cpu().to(torch::kDouble);
