@@ -322,8 +322,9 @@ TEST_P(Transformer, SelfAttentionMatchesSdpa) {
 // bit for bit; its gradients close to exact at 8 bits; at 2 bits the mean of
 // the draws much nearer the exact gradient than one draw (the attention's
 // backward reads the forward's log-sum-exp beside the restored q, k and v:
-// the bias is second order, as the recomputation's).  Elsewhere the two ops
-// in turn.
+// the bias is second order, as the recomputation's).  The op keeps the
+// output at --attention-bits, so the configurations here set them (to the
+// level's bits); without them, and elsewhere, the two ops in turn.
 TEST_P(Transformer, AttentionAndProjectionInOneOp) {
   const bool cuda = GetParam() == "cuda";
   for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
@@ -345,7 +346,10 @@ TEST_P(Transformer, AttentionAndProjectionInOneOp) {
     for (bool causal : {false, true}) {
       SCOPED_TRACE(causal ? "causal" : "not causal");
       auto exact = [&] { return torch::linear(attention_reference(qkv, 4, causal), w, b); };
-      auto q = [&](const aq::QuantConfig& c) { return F::self_attention_projected(qkv, 4, causal, c, st, w, b, c, pst); };
+      auto q = [&](aq::QuantConfig c) {
+        c.attention_bits = c.cabits;
+        return F::self_attention_projected(qkv, 4, causal, c, st, w, b, c, pst);
+      };
       const auto y = q(bits(2));
       EXPECT_TRUE(torch::equal(y, exact()));
       ASSERT_TRUE(y.grad_fn());
@@ -373,6 +377,9 @@ TEST_P(Transformer, AttentionAndProjectionInOneOp) {
     // The projection's state keeps the output (the attention's keeps q, k, v).
     EXPECT_GT(pst->saved_bytes, 0);
     EXPECT_GT(st->saved_bytes, 0);
+    // Attention at the layer's adaptive bits (--attention-bits 0): the two ops.
+    const auto y0 = F::self_attention_projected(qkv, 4, false, bits(2), st, w, b, bits(2), pst);
+    EXPECT_EQ(y0.grad_fn()->name().find("AttentionProjection"), std::string::npos) << y0.grad_fn()->name();
   }
   // Micro-batched backward (L3.1): the two ops in turn.
   auto l31 = aq::QuantConfig::for_level(aq::Level::L3_1);

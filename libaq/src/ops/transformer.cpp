@@ -378,7 +378,12 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
 // one copy per context); its backward reads the restored o twice: for the
 // projection's weight gradient and, with the log-sum-exp, for the
 // attention's backward, which then needs no second forward.  q, k and v are
-// kept as AttentionFn keeps them.
+// kept as AttentionFn keeps them, and o at --attention-bits like them: that
+// backward subtracts D = rowsum(dO * o) from every score's gradient of the
+// row, where an error in o does not cancel as it does in a recomputed
+// forward (o = P V exactly), so o at the layer's few bits would put its
+// error into every q and k gradient.  Without --attention-bits the two ops
+// run apart.
 struct SubContext : torch::CustomClassHolder {
   AutogradContext ctx;
 };
@@ -432,7 +437,9 @@ struct AttentionProjectionFn : torch::autograd::Function<AttentionProjectionFn> 
     auto sub = c10::make_intrusive<SubContext>();
     put_state(&sub->ctx, pst);
     record_linear(pst.get(), w);
-    save_compressed(&sub->ctx, o, *pc, pst.get());
+    QuantConfig oc = *pc;
+    oc.cabits = oc.ibits = c->attention_bits;
+    save_compressed(&sub->ctx, o, oc, pst.get());
     ctx->save_for_backward({w, lse, cum_q, cum_k, seed, offset});
     auto& s = ctx->saved_data;
     s["projection"] = c10::IValue::make_capsule(sub);
@@ -568,8 +575,8 @@ at::Tensor self_attention_projected(const at::Tensor& qkv, int64_t heads, bool c
   };
   if (qkv.dim() != 3 || heads < 1 || qkv.size(2) % (3 * heads) != 0 || qkv.size(0) == 0 ||
       proj_weight.dim() != 2 || proj_weight.size(1) * 3 != qkv.size(2) || !compressing(config, qkv, at::Tensor()) ||
-      !proj_config.compresses() || config.micro_batch_backward || config.swap || proj_config.micro_batch_backward ||
-      proj_config.swap)
+      !proj_config.compresses() || config.attention_bits <= 0 || config.micro_batch_backward || config.swap ||
+      proj_config.micro_batch_backward || proj_config.swap)
     return separate();
   const auto parts = split_heads(qkv, heads);
   const Sdpa kernel = sdpa_kernel(parts[0], parts[1], parts[2], causal);
