@@ -377,6 +377,15 @@ TEST_P(Transformer, AttentionAndProjectionInOneOp) {
     // The projection's state keeps the output (the attention's keeps q, k, v).
     EXPECT_GT(pst->saved_bytes, 0);
     EXPECT_GT(st->saved_bytes, 0);
+    // The output at the attention's bits, not the projection's: 8 bits an
+    // element where the layers get 2 (bounds aside).
+    aq::QuantConfig two = bits(2);
+    two.attention_bits = 8;
+    if (fused(false)) {
+      F::self_attention_projected(qkv, 4, false, two, st, w, b, two, pst);
+      EXPECT_GE(pst->saved_bytes, 4 * 16 * 32);
+      EXPECT_LT(pst->saved_bytes, 4 * 16 * 32 * 5 / 4);
+    }
     // Attention at the layer's adaptive bits (--attention-bits 0): the two ops.
     const auto y0 = F::self_attention_projected(qkv, 4, false, bits(2), st, w, b, bits(2), pst);
     EXPECT_EQ(y0.grad_fn()->name().find("AttentionProjection"), std::string::npos) << y0.grad_fn()->name();
