@@ -370,8 +370,9 @@ TEST_P(Transformer, AttentionAndProjectionInOneOp) {
         SCOPED_TRACE(::testing::Message() << "leaf " << i);
         const double scale = ge[i].abs().max().item<double>();
         EXPECT_LE((g8[i] - ge[i]).abs().max().item<double>(), tol8 * scale);
-        if (i < 2)  // the bias's gradient reads no activation
+        if (i < 2) {  // the bias's gradient reads no activation
           EXPECT_LE((sum[i] / 60 - ge[i].to(torch::kFloat)).norm().item<double>(), 0.4 * single[i]);
+        }
       }
     }
     // The projection's state keeps the output (the attention's keeps q, k, v).

@@ -117,12 +117,13 @@ at::Tensor self_attention(const at::Tensor& qkv, int64_t heads, bool causal, con
 // proj_weight, proj_bias) with the projection's own configuration and state.
 // Where LibTorch runs the attention with a kernel whose backward reads the
 // forward's output and per-row log-sum-exp (flash, cuDNN or memory-efficient
-// on CUDA; flash on the CPU), and backward restores all samples at once, one
-// op: it keeps q, k, v as self_attention does and the attention's output,
-// the projection's input, compressed once under the projection's
-// configuration; backward restores that output for the projection's weight
-// gradient and, with the log-sum-exp, runs the attention's backward from it,
-// without the attention forward again.  Elsewhere the two ops in turn.
+// on CUDA; flash on the CPU), backward restores all samples at once and
+// config.attention_bits is set, one op: it keeps q, k, v as self_attention
+// does and the attention's output, the projection's input, compressed once
+// at those bits under the projection's state; backward restores that output
+// for the projection's weight gradient and, with the log-sum-exp, runs the
+// attention's backward from it, without the attention forward again.
+// Elsewhere the two ops in turn.
 at::Tensor self_attention_projected(const at::Tensor& qkv, int64_t heads, bool causal, const QuantConfig& config,
                                     const LayerStatePtr& state, const at::Tensor& proj_weight,
                                     const std::optional<at::Tensor>& proj_bias, const QuantConfig& proj_config,

@@ -81,7 +81,8 @@ QuantOptions::QuantOptions(CLI::App& app, bool ignored) : app_(app) {
   app.add_option("--usegradient", usegradient_, "Per-sample gradient statistics: True/False (default True)")->group(g);
   app.add_option("--group-size", group_size_, "Elements per quantization group (default 256)")->group(g);
   app.add_option("--attention-bits", attention_bits_,
-                 "Self-attention's q, k, v: bits per element, uniform, 1..8; 0: as every layer (level default)")
+                 "Self-attention's q, k, v (and its output, where its backward reads it): bits per element, "
+                 "uniform, 1..8; 0: as every layer (level default)")
       ->group(g);
   app.add_option("--range-dtype", range_dtype_, "Storage of group ranges: bf16 or fp32 (default bf16)")->group(g);
   app.add_option("--rounding", rounding_, "stochastic (default) or nearest (biased; for experiments)")->group(g);

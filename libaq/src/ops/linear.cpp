@@ -16,7 +16,7 @@ struct LinearFn : torch::autograd::Function<LinearFn> {
                             const QuantConfig* c, const LayerStatePtr& st) {
     ctx->save_for_backward({w});
     put_state(ctx, st);
-    record_linear(st.get(), w);
+    if (st) st->kernel_area = 1, st->conv_groups = 1, st->in_channels = w.size(1);
     if (w.requires_grad())  // only the weight's gradient needs x
       save_compressed(ctx, x, *c, st.get());
     else if (st)

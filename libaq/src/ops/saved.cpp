@@ -271,10 +271,6 @@ LayerStatePtr state_of(AutogradContext* ctx) {
   return c10::static_intrusive_pointer_cast<LayerState>(it->second.toCapsule());
 }
 
-void record_linear(LayerState* st, const at::Tensor& w) {
-  if (st) st->kernel_area = 1, st->conv_groups = 1, st->in_channels = w.size(1);
-}
-
 void save_compressed(AutogradContext* ctx, const at::Tensor& x, const QuantConfig& c, LayerState* st) {
   const CompressOptions o = compress_options(c);
   // Bits: set by hand on the layer, else adaptive (ibits > cabits), else cabits.

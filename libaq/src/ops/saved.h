@@ -39,9 +39,6 @@ bool writable_grad(const at::Tensor& g);
 void put_state(AutogradContext* ctx, const LayerStatePtr& st);
 LayerStatePtr state_of(AutogradContext* ctx);
 
-// What the allocation reads of a linear layer with weight w [out, in].
-void record_linear(LayerState* st, const at::Tensor& w);
-
 // Compresses x for backward with the layer's bits (or shares the copy an
 // earlier layer made of the same tensor), records what the adaptive scheme
 // reads, and keeps it in the context.

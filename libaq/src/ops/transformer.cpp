@@ -326,14 +326,19 @@ at::Tensor attend(const at::Tensor& qkv, int64_t heads, bool causal) {
   return attend_heads(qkv, heads, causal).transpose(1, 2).reshape({qkv.size(0), qkv.size(1), qkv.size(2) / 3});
 }
 
+// A layer's configuration with what attention keeps at `attention_bits`
+// where they are set (uniform), else as it is.
+QuantConfig at_attention_bits(QuantConfig c, int attention_bits) {
+  if (attention_bits > 0) c.cabits = c.ibits = attention_bits;
+  return c;
+}
+
 // Keeps self-attention's q, k, v ([B, T, 3 C]) compressed, at
-// --attention-bits where they are set (uniform), else at the layer's bits.
+// --attention-bits where they are set, else at the layer's bits.
 void save_qkv(AutogradContext* ctx, const at::Tensor& qkv, const QuantConfig& c, const LayerStatePtr& st) {
   put_state(ctx, st);
   record_other(st.get(), qkv.size(2));
-  QuantConfig qc = c;
-  if (c.attention_bits > 0) qc.cabits = qc.ibits = c.attention_bits;
-  save_compressed(ctx, qkv, qc, st.get());
+  save_compressed(ctx, qkv, at_attention_bits(c, c.attention_bits), st.get());
 }
 
 struct AttentionFn : torch::autograd::Function<AttentionFn> {
@@ -373,12 +378,13 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
 // Self-attention and its output projection in one op, where LibTorch runs
 // the attention with a kernel whose backward takes the forward's output and
 // per-row log-sum-exp (flash, cuDNN, memory-efficient).  The attention's output o, the
-// projection's input, is kept compressed once, under the projection's
-// configuration and state (in a context of its own: save_compressed keeps
-// one copy per context); its backward reads the restored o twice: for the
-// projection's weight gradient and, with the log-sum-exp, for the
-// attention's backward, which then needs no second forward.  q, k and v are
-// kept as AttentionFn keeps them, and o at --attention-bits like them: that
+// projection's input, is kept compressed once, under the projection's state
+// (in a context of its own: save_compressed keeps one copy per context);
+// its backward reads the restored o twice: for the projection's weight
+// gradient and, with the log-sum-exp, for the attention's backward, which
+// then needs no second forward.  q, k and v are kept as AttentionFn keeps
+// them, and o at --attention-bits like them (uniform, so the projection
+// takes no part in the bit allocation on this path): that
 // backward subtracts D = rowsum(dO * o) from every score's gradient of the
 // row, where an error in o does not cancel as it does in a recomputed
 // forward (o = P V exactly), so o at the layer's few bits would put its
@@ -436,10 +442,7 @@ struct AttentionProjectionFn : torch::autograd::Function<AttentionProjectionFn> 
     save_qkv(ctx, qkv, *c, st);
     auto sub = c10::make_intrusive<SubContext>();
     put_state(&sub->ctx, pst);
-    record_linear(pst.get(), w);
-    QuantConfig oc = *pc;
-    oc.cabits = oc.ibits = c->attention_bits;
-    save_compressed(&sub->ctx, o, oc, pst.get());
+    save_compressed(&sub->ctx, o, at_attention_bits(*pc, c->attention_bits), pst.get());
     ctx->save_for_backward({w, lse, cum_q, cum_k, seed, offset});
     auto& s = ctx->saved_data;
     s["projection"] = c10::IValue::make_capsule(sub);
