@@ -1,6 +1,10 @@
-// The quantization configuration: ActNN's command lines, levels, errors.
+// The quantization configuration: ActNN's command lines, levels, errors;
+// the tools' error handler.
 #include "aq/cli.h"
 #include "aq/config.h"
+#include "aq/memory.h"
+
+#include <torch/torch.h>
 
 #include <CLI/CLI.hpp>
 #include <gtest/gtest.h>
@@ -191,4 +195,37 @@ TEST(QuantConfigFlags, FromFlagsInvertsToFlags) {
   EXPECT_THROW(aq::QuantConfig::from_flags("-c quantize --cabits"), std::invalid_argument);
   EXPECT_THROW(aq::QuantConfig::from_flags("--frobnicate=1"), std::invalid_argument);
   EXPECT_THROW(aq::QuantConfig::from_flags("--cabits=9"), std::invalid_argument);
+}
+
+// A failed CPU allocation is a plain c10::Error with an "[enforce fail at
+// ...]" prefix and a stack trace; the tools say "out of memory" in one line.
+TEST(ErrorHandler, FailedAllocationIsOneOutOfMemoryLine) {
+  auto fail = [] { torch::empty({int64_t{1} << 50}, torch::kFloat); };
+  try {
+    fail();
+    FAIL() << "a 4 PiB tensor was allocated";
+  } catch (const c10::Error& e) {
+    EXPECT_TRUE(aq::is_out_of_memory(e));
+    EXPECT_EQ(aq::error_line(e).rfind("DefaultCPUAllocator: can't allocate memory", 0), 0u) << aq::error_line(e);
+  }
+  try {
+    torch::ones({2}).view({3});
+    FAIL();
+  } catch (const c10::Error& e) {
+    EXPECT_FALSE(aq::is_out_of_memory(e));
+    EXPECT_EQ(aq::error_line(e).find('\n'), std::string::npos);
+  }
+
+  CLI::App app{"test"};
+  char name[] = "aq-test";
+  char* argv[] = {name};
+  testing::internal::CaptureStderr();
+  const int status = aq::cli::run(app, 1, argv, [&] {
+    fail();
+    return 0;
+  });
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(status, aq::cli::kRuntime);
+  EXPECT_EQ(err.rfind("aq-test: out of memory: DefaultCPUAllocator: can't allocate memory", 0), 0u) << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
 }

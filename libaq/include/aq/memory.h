@@ -4,6 +4,7 @@
 #pragma once
 
 #include <c10/core/Device.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <string>
@@ -22,6 +23,14 @@ struct Memory {
 void install_cpu_memory_counter();
 Memory memory(const c10::Device& device);
 void reset_peak(const c10::Device& device);
+
+// Whether e says an allocation failed: CUDA's OutOfMemoryError, the CPU
+// allocator's failure (a plain c10::Error), or a cuDNN or cuBLAS workspace
+// that could not be allocated.
+bool is_out_of_memory(const c10::Error& e);
+// e's message without its stack trace, on one line; for an allocation
+// failure of the CPU allocator without the "[enforce fail at ...]" prefix.
+std::string error_line(const c10::Error& e);
 
 // Has LibTorch's CUDA caching allocator grow its segments in place
 // (expandable_segments), unless PYTORCH_CUDA_ALLOC_CONF or

@@ -88,6 +88,22 @@ void install_cpu_memory_counter() {
   });
 }
 
+namespace {
+constexpr const char* kCpuAllocFailed = "DefaultCPUAllocator: can't allocate memory";
+}  // namespace
+
+bool is_out_of_memory(const c10::Error& e) {
+  if (dynamic_cast<const c10::OutOfMemoryError*>(&e)) return true;
+  const std::string m = e.what_without_backtrace();
+  return m.find(kCpuAllocFailed) != std::string::npos || m.find("ALLOC_FAILED") != std::string::npos;
+}
+
+std::string error_line(const c10::Error& e) {
+  std::string m = e.what_without_backtrace();
+  if (const auto at = m.find(kCpuAllocFailed); at != std::string::npos) m.erase(0, at);
+  return m.substr(0, m.find('\n'));
+}
+
 Memory memory(const c10::Device& d) {
 #if AQ_WITH_CUDA
   if (d.is_cuda()) {

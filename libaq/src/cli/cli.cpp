@@ -340,10 +340,8 @@ static int run_body(CLI::App& app, int argc, char** argv, const std::function<in
   } catch (const std::invalid_argument& e) {
     std::cerr << name << ": " << first_line(e.what()) << "\nTry '" << name << " --help'.\n";
     return kUsage;
-  } catch (const c10::OutOfMemoryError& e) {
-    std::cerr << name << ": out of memory: " << first_line(e.what_without_backtrace()) << "\n";
   } catch (const c10::Error& e) {
-    std::cerr << name << ": " << first_line(e.what_without_backtrace()) << "\n";
+    std::cerr << name << ": " << (is_out_of_memory(e) ? "out of memory: " : "") << error_line(e) << "\n";
   } catch (const std::bad_alloc&) {
     std::cerr << name << ": out of host memory\n";
   } catch (const std::exception& e) {

@@ -223,14 +223,11 @@ bool fits_in_memory(const c10::Device& device, const std::function<void()>& f) {
   std::string why;
   try {
     f();
-  } catch (const c10::OutOfMemoryError& e) {
-    ok = false, why = e.what();
   } catch (const c10::Error& e) {
-    why = e.what();
-    if (why.find("ALLOC_FAILED") == std::string::npos) throw;
-    ok = false;
+    if (!is_out_of_memory(e)) throw;
+    ok = false, why = error_line(e);
   }
-  if (!ok) log().debug("out of memory: {}", why.substr(0, why.find('\n')));
+  if (!ok) log().debug("out of memory: {}", why);
 #if AQ_WITH_CUDA
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
 #else
