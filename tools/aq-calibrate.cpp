@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
     o.arch = v.arch;
     o.resume = v.resume;
     o.shape = table.shape();
-    o.given = table.given({"--context", "--layers", "--width", "--heads", "--pool"});
+    o.given = table.given({"--arch", "--dataset", "--context", "--layers", "--width", "--heads", "--pool"});
     o.amp = table.amp();
     o.config = table.quant();
     const auto layers = aq::calibrate::run(o);

@@ -31,7 +31,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> files;
   int64_t max_batches = 0;
   double dist_timeout_s = 600;
-  app.add_option("checkpoints", files, "HDF5 checkpoints written by aq-train ('-': standard input)")->required();
+  app.add_option("checkpoints", files, "HDF5 checkpoints written by aq-train ('-': standard input)");
   app.add_option("--max-batches", max_batches, "Evaluate the first N batches only (0: all)")
       ->check(aq::cli::NonNegative)->capture_default_str();
   app.add_option("--dist-timeout", dist_timeout_s,
@@ -42,6 +42,8 @@ int main(int argc, char** argv) {
     const auto a = table.amp();
     const auto& v = table.values;
     const std::string& dataset = v.data.dataset;
+    if (!v.resume.empty()) files.insert(files.begin(), v.resume);  // ActNN's --evaluate --resume FILE
+    if (files.empty()) throw std::invalid_argument("give the checkpoints to evaluate (or ActNN's --resume FILE)");
     const bool image_size_given = app.count("--image-size") > 0;
     if (std::count(files.begin(), files.end(), "-") > 1)
       throw std::invalid_argument("standard input ('-') can be read only once");

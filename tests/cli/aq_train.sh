@@ -132,6 +132,9 @@ check "resume with another --epochs: runs, says so" '[ $rc -eq 0 ] && grep -q "e
 # --- aq-eval: files, stdin, broken and foreign files --------------------------------
 "$EVAL" --data "$FMNIST" --max-batches 2 -q "$tmp/q/checkpoint.h5" "$tmp/e/checkpoint.h5" >"$tmp/ev.tsv"; rc=$?
 check "aq-eval: two files, header + 2 rows" '[ $rc -eq 0 ] && head -1 "$tmp/ev.tsv" | grep -qx "file	loss	top1	top5	images" && [ $(wc -l <"$tmp/ev.tsv") -eq 3 ]'
+"$EVAL" --data "$FMNIST" --max-batches 2 -q --evaluate --resume "$tmp/q/checkpoint.h5" "$tmp/e/checkpoint.h5" >"$tmp/evr.tsv"; rc=$?
+check "aq-eval --evaluate --resume A B (ActNN's spelling): A first, then B" \
+  '[ $rc -eq 0 ] && [ "$(cut -f2- "$tmp/evr.tsv")" = "$(cut -f2- "$tmp/ev.tsv")" ] && sed -n 2p "$tmp/evr.tsv" | grep -q "q/checkpoint.h5"'
 "$EVAL" --data "$FMNIST" --max-batches 2 -q - <"$tmp/q/checkpoint.h5" >"$tmp/ev2.tsv"; rc=$?
 check "aq-eval: checkpoint on stdin" '[ $rc -eq 0 ] && [ "$(tail -1 "$tmp/ev2.tsv" | cut -f2-)" = "$(sed -n 2p "$tmp/ev.tsv" | cut -f2-)" ]'
 head -c 20000 "$tmp/q/checkpoint.h5" >"$tmp/trunc.h5"

@@ -125,6 +125,12 @@ check "aq-variance --resume with another --width: exit 2, naming both" \
 "$CAL" --resume "$tmp/v/checkpoint.h5" --pool cls -b 2 -K 1 --device cpu >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-calibrate --resume of the mean-pooled ViT with --pool cls: exit 2" \
   '[ $rc -eq 2 ] && grep -q "^aq-calibrate: --pool cls conflicts with .*whose model has mean" "$tmp/err"'
+"$VAR" --resume "$tmp/v/checkpoint.h5" --dataset text -b 2 -K 1 --device cpu "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-variance --resume of the ViT with --dataset text: exit 2, one line naming both" \
+  '[ $rc -eq 2 ] && head -1 "$tmp/err" | grep -q "^aq-variance: --dataset text conflicts with .*v/checkpoint.h5, trained on synthetic: a checkpoint is measured as it was trained"'
+"$CAL" --resume "$tmp/g/checkpoint.h5" --arch vit_tiny -b 2 -K 1 --device cpu "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-calibrate --resume of the GPT with --arch vit_tiny: exit 2, naming both" \
+  '[ $rc -eq 2 ] && grep -q "^aq-calibrate: --arch vit_tiny conflicts with .*g/checkpoint.h5, a gpt_small:" "$tmp/err"'
 "$VAR" --dataset text --arch preact_resnet20 -b 2 -K 1 --device cpu "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-variance: an image model on text: exit 2, one line and the hint" \
   '[ $rc -eq 2 ] && head -1 "$tmp/err" | grep -q "^aq-variance: --arch preact_resnet20 takes images; --dataset text needs a token model"'

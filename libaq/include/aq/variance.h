@@ -55,9 +55,9 @@ struct RunOptions {
   // A fresh model's shape (layers, width, heads, class_token; 0: the
   // architecture's own); its image size and context come from the data.
   models::ModelOptions shape;
-  // Options the command line gave ("--context", "--layers", "--width",
-  // "--heads", "--pool"): with `resume`, one that differs from the
-  // checkpoint's model is refused.
+  // Options the command line gave ("--arch", "--dataset", "--context",
+  // "--layers", "--width", "--heads", "--pool"): with `resume`, one that
+  // differs from the checkpoint's is refused.
   std::set<std::string> given;
   std::vector<QuantConfig> configs;
   Options options;

@@ -204,7 +204,10 @@ OptionTable::OptionTable(CLI::App& app, unsigned tool, Values defaults)
   add(kTrain, true, "--label-smoothing", v.label_smoothing, "Label smoothing", t, &Fraction);
   // ActNN's run configuration.
   add(kTrain, true, "--workspace", v.workspace, "Folder for checkpoints (created if missing)", r);
-  add(kModel, true, "--resume", v.resume, "Checkpoint to continue from (aq-train; auto: the workspace's checkpoint.h5 if any, else start) or to measure", r);
+  add(kModel | kEval, true, "--resume", v.resume,
+      "Checkpoint to continue from (aq-train; auto: the workspace's checkpoint.h5 if any, else start) or to measure "
+      "(aq-eval: evaluated first)",
+      r);
   add(kTrain | kVariance, true, "--resume2", v.resume2,
       "ActNN's second checkpoint of --evaluate --training-only: must name the --resume checkpoint", r);
   flag(kTrain, true, "--gather-checkpoints", v.gather_checkpoints, "Keep checkpoint-<epoch>.h5 of every epoch", r);

@@ -61,8 +61,16 @@ Subject open_subject(const std::string& resume, const data::DataOptions& data, c
   ckpt::Checkpoint c;
   if (!resume.empty()) {
     c = ckpt::load(resume);
-    if (c.meta.count("arch")) s.arch = c.meta.at("arch");
-    if (c.meta.count("dataset")) s.dataset = c.meta.at("dataset");
+    auto take = [&](const char* key, const char* option, const char* whose, std::string& mine) {
+      const auto its = c.meta.find(key);
+      if (its == c.meta.end()) return;
+      if (given.count(option) && mine != its->second)
+        throw std::invalid_argument(std::string(option) + " " + mine + " conflicts with " + resume + ", " + whose +
+                                    its->second + ": a checkpoint is measured as it was trained (leave the option out)");
+      mine = its->second;
+    };
+    take("arch", "--arch", "a ", s.arch);
+    take("dataset", "--dataset", "trained on ", s.dataset);
     check_given_shape(c, resume, s.arch, data, shape, given);
   } else {
     models::check_options(s.arch, shape);

@@ -42,8 +42,8 @@ void check_arch_reads(const std::string& arch, const std::string& dataset);
 // What aq-variance and aq-calibrate measure: the model of `resume` (or a
 // fresh `arch` of `shape`) on the dataset it was trained on, on `device`,
 // with a loader over the training split.  With `resume`, an option in
-// `given` (--context, --layers, --width, --heads, --pool) that differs from
-// the checkpoint's model is refused (std::invalid_argument).  The model is
+// `given` (--arch, --dataset, --context, --layers, --width, --heads, --pool)
+// that differs from the checkpoint's is refused (std::invalid_argument).  The model is
 // converted with `config` for its architecture (QuantConfig::for_model).
 struct Subject {
   std::string arch, dataset;
