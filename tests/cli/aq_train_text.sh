@@ -65,6 +65,14 @@ check "its resume without the shape options: the same model, step 3" '[ $rc -eq 
 check "aq-eval rebuilds it (4 heads, as recorded)" '[ $rc -eq 0 ] && [ $(wc -l <"$tmp/ge.tsv") -eq 2 ]'
 "$TRAIN" "${gpt[@]}" --workspace "$tmp/g" --resume auto --width 64 --max-steps 4 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
 check "resume with another --width: exit 2, naming it" '[ $rc -eq 2 ] && grep -q "^aq-train: --width 64 conflicts with" "$tmp/err"'
+"$TRAIN" "${gpt[@]}" --workspace "$tmp/g" --resume auto --dropout 0.2 --max-steps 4 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?
+check "resume with another --dropout: exit 2, naming both (the checkpoint keeps 0.1)" \
+  '[ $rc -eq 2 ] && grep -q "^aq-train: --dropout 0.2 conflicts with .*whose run has 0.1" "$tmp/err"'
+cp -r "$tmp/corpus" "$tmp/corpus2"
+printf 'one more file, %d\n' $(seq 1 40) >"$tmp/corpus2/g.txt"
+"$TRAIN" "${gpt[@]}" --workspace "$tmp/g" --resume auto --max-steps 4 "$tmp/corpus2" >/dev/null 2>"$tmp/err"; rc=$?
+check "resume on a corpus with another file: exit 1, one line naming both sizes" \
+  '[ $rc -eq 1 ] && [ $(wc -l <"$tmp/err") -eq 1 ] && grep -q "g/checkpoint.h5: its run trained on [0-9]* samples, the training split here has [0-9]*" "$tmp/err"'
 "$TRAIN" --dataset synthetic --arch preact_resnet20 --image-size 8 --device cpu --workspace "$tmp/r" --layers 3 >/dev/null 2>"$tmp/err"; rc=$?
 check "--layers on a ResNet: exit 2" '[ $rc -eq 2 ] && grep -q "are for transformers" "$tmp/err"'
 "$TRAIN" "${gpt[@]}" --workspace "$tmp/h" --width 30 --heads 4 "$tmp/corpus" >/dev/null 2>"$tmp/err"; rc=$?

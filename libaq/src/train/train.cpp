@@ -231,6 +231,15 @@ void Trainer::setup() {
   detail::check_arch_reads(o_.arch, dataset_);
   train_set_ = data::open(dataset_, o_.data.data_dir, data::Split::kTrain, oo);
   test_set_ = data::open(dataset_, o_.data.data_dir, data::Split::kTest, oo);
+  // The epoch's order and the per-sample statistics are by sample index:
+  // on data of another size they would continue another run.
+  if (resumed_ && !o_.evaluate) {
+    const auto n = resumed_->counters.find("dataset_size");
+    if (n != resumed_->counters.end() && n->second != train_set_->size())
+      throw std::runtime_error(resume_ + ": its run trained on " + std::to_string(n->second) +
+                               " samples, the training split here has " + std::to_string(train_set_->size()) +
+                               ": resume on the same data (or start a new run from its weights with --init-from)");
+  }
   const auto& info = train_set_->info();
   if (o_.data.num_classes > 0 && o_.data.num_classes != info.num_classes)
     throw std::invalid_argument("--num-classes " + std::to_string(o_.data.num_classes) + " but " + dataset_ + " has " +
@@ -515,11 +524,11 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
                 {"seed", static_cast<int64_t>(seed_)},
                 {"batch_size", o_.data.batch_size},
                 {"epochs", o_.epochs},
-                {"world_size", world_}};
+                {"world_size", world_},
+                {"dataset_size", train_set_->size()}};
   if (text_) c.counters["context"] = o_.data.context;
   if (models::is_transformer(o_.arch)) {
     c.counters["layers"] = o_.layers, c.counters["width"] = o_.width, c.counters["heads"] = o_.heads;
-    c.scalars["dropout"] = o_.dropout;
   }
   if (models::is_vit(o_.arch)) c.meta["pool"] = o_.pool;
   c.counters["warmup_steps"] = o_.warmup_steps;
@@ -538,6 +547,7 @@ void Trainer::save(int64_t epoch, int64_t batch, const Partial& part, bool gathe
                {"partial_act_sum", part.act_sum},
                {"partial_act_n", part.act_n}};
   c.scalars["clip_grad_norm"] = o_.clip_grad_norm;
+  if (models::is_transformer(o_.arch)) c.scalars["dropout"] = o_.dropout;
   if (o_.optimizer == OptimizerKind::kAdamW) {
     c.scalars["beta1"] = o_.beta1;
     c.scalars["beta2"] = o_.beta2;
