@@ -25,6 +25,11 @@ check "a bad second size: exit 2, one line, nothing measured or printed" '[ $rc 
 check "a bad second dtype: exit 2, nothing on stdout" '[ $rc -eq 2 ] && grep -q "unknown dtype" "$tmp/err" && [ ! -s "$tmp/out" ]'
 "$BENCH" memory --device cpu --arch preact_resnet20 --image-size 8 -b 2 --layers 3 >"$tmp/out" 2>"$tmp/err"; rc=$?
 check "--layers on a ResNet: exit 2, nothing measured" '[ $rc -eq 2 ] && grep -q "are for transformers" "$tmp/err" && [ ! -s "$tmp/out" ]'
+for sub in step memory; do
+  "$BENCH" $sub --device cpu --arch vit_tiny --image-size 30 >"$tmp/out" 2>"$tmp/err"; rc=$?
+  check "$sub: a ViT image size its patch does not divide: exit 2, no header on stdout" \
+    '[ $rc -eq 2 ] && grep -q "^aq-bench: vit: image size 30x30 is not a multiple of the patch size 4" "$tmp/err" && [ ! -s "$tmp/out" ]'
+done
 "$BENCH" step --device cpu --arch gpt_small --context 8 -b 2 --pool mean >"$tmp/out" 2>"$tmp/err"; rc=$?
 check "--pool on gpt_small: exit 2" '[ $rc -eq 2 ] && grep -q "pool is for the ViTs" "$tmp/err" && [ ! -s "$tmp/out" ]'
 "$BENCH" kernels --bits 9 >/dev/null 2>"$tmp/err"; rc=$?

@@ -95,7 +95,9 @@ bool is_transformer(const std::string& arch);  // either
 // What the tools refuse: a transformer's shape (layers, width, heads,
 // dropout) for another architecture, and no class token for all but the
 // ViTs.  Throws std::invalid_argument naming the options (build() ignores
-// what an architecture does not take).
+// what an architecture does not take); also for what build() would refuse
+// in a transformer's options (heads that do not divide the width, dropout
+// outside [0, 1), a ViT's image size, when set, not a multiple of its patch).
 void check_options(const std::string& arch, const ModelOptions& options);
 const std::vector<std::string>& architectures();
 

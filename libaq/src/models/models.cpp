@@ -276,6 +276,7 @@ void check_options(const std::string& arch, const ModelOptions& options) {
     throw std::invalid_argument("--layers, --width, --heads and --dropout are for transformers (vit_*, gpt_*), not " +
                                 arch);
   if (!vit && !options.class_token) throw std::invalid_argument("--pool is for the ViTs (vit_*), not " + arch);
+  detail::check_transformer(arch, options);
 }
 
 ModelPtr build(const std::string& arch, int64_t in_channels, int64_t num_classes) {

@@ -103,6 +103,16 @@ Shape shape_of(const ModelOptions& o, Shape d) {
   return s;
 }
 
+// A ViT's patch size for `o`'s image, which it must divide.
+int64_t check_patches(const ModelOptions& o) {
+  const int64_t h = o.image_height, w = o.image_width;
+  const int64_t patch = o.patch_size > 0 ? o.patch_size : std::max(h, w) <= 64 ? 4 : 16;
+  if (h % patch || w % patch)
+    throw std::invalid_argument("vit: image size " + std::to_string(h) + "x" + std::to_string(w) +
+                                " is not a multiple of the patch size " + std::to_string(patch));
+  return patch;
+}
+
 class ViT : public Model {
  public:
   ViT(int64_t in_channels, int64_t classes, const ModelOptions& o, Shape s) {
@@ -111,10 +121,7 @@ class ViT : public Model {
     if (height_ < 1 || width_ < 1)
       throw std::invalid_argument("vit: image size " + std::to_string(height_) + "x" + std::to_string(width_) +
                                   " must be positive");
-    patch_ = o.patch_size > 0 ? o.patch_size : std::max(height_, width_) <= 64 ? 4 : 16;
-    if (height_ % patch_ || width_ % patch_)
-      throw std::invalid_argument("vit: image size " + std::to_string(height_) + "x" + std::to_string(width_) +
-                                  " is not a multiple of the patch size " + std::to_string(patch_));
+    patch_ = check_patches(o);
     const int64_t tokens = (height_ / patch_) * (width_ / patch_) + (o.class_token ? 1 : 0);
     patch_embed = register_module(
         "patch_embed", QConv2d(nn::Conv2dOptions(in_channels, s.width, patch_).stride(patch_)));
@@ -206,6 +213,13 @@ ModelOptions resolved_shape(const std::string& arch, const ModelOptions& o) {
   const Shape s = shape_of(o, d);
   r.layers = s.layers, r.width = s.width, r.heads = s.heads;
   return r;
+}
+
+void check_transformer(const std::string& arch, const ModelOptions& o) {
+  Shape d{};
+  if (!default_shape(arch, d)) return;
+  shape_of(o, d);
+  if (arch != "gpt_small" && o.image_height > 0 && o.image_width > 0) check_patches(o);
 }
 
 ModelPtr build_transformer(const std::string& arch, int64_t in_channels, int64_t num_classes,

@@ -11,6 +11,10 @@ ModelPtr build_transformer(const std::string& arch, int64_t in_channels, int64_t
                            const ModelOptions& o);
 
 ModelOptions resolved_shape(const std::string& arch, const ModelOptions& o);
+// What build_transformer() would refuse in `o` (heads, dropout, and for a
+// ViT with an image size set, a patch size that does not divide it);
+// nothing for another architecture.
+void check_transformer(const std::string& arch, const ModelOptions& o);
 ModelOptions options_from_parameters(const std::string& arch,
                                      const std::vector<std::pair<std::string, torch::Tensor>>& parameters);
 

@@ -203,13 +203,30 @@ std::vector<NamedConfig> exact_and_levels(const ModelOptions& o) {
   return configs;
 }
 
-models::ModelPtr bench_model(const ModelOptions& o, const NamedConfig& config, const c10::Device& device) {
-  torch::manual_seed(0);
+namespace {
+
+models::ModelOptions model_options(const ModelOptions& o) {
   models::ModelOptions mo;
   mo.image_height = mo.image_width = o.image_size;
   if (train::takes_tokens(o.arch)) mo.context = o.context;
   mo.layers = o.layers, mo.width = o.width, mo.heads = o.heads, mo.dropout = o.dropout;
   mo.class_token = o.class_token;
+  return mo;
+}
+
+// The model's options are checked before the table's header goes out, so
+// that a model that cannot be built leaves no header behind its error.
+template <typename Row>
+void begin(const ModelOptions& o, const Report<Row>& report) {
+  models::check_options(o.arch, model_options(o));
+  begin(report);
+}
+
+}  // namespace
+
+models::ModelPtr bench_model(const ModelOptions& o, const NamedConfig& config, const c10::Device& device) {
+  torch::manual_seed(0);
+  models::ModelOptions mo = model_options(o);
   mo.recompute_blocks = config.recompute_blocks;
   auto model = models::build(o.arch, o.channels, o.classes, mo, config.config);
   model->to(device);
@@ -285,7 +302,7 @@ std::vector<MemoryRow> bench_memory(const MemoryOptions& a, const c10::Device& d
   auto x = host.images;
   if (channels_last(a, dev)) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
   const auto y = host.labels, idx = host.indices;
-  begin(report);
+  begin(a, report);
   std::vector<MemoryRow> rows;
   double exact_act = 0, exact_peak = 0;
   for (const auto& c : configs) {
@@ -474,7 +491,7 @@ std::vector<StepRow> bench_step(const StepBenchOptions& a, const c10::Device& de
   if (dev.is_cuda()) at::globalContext().setBenchmarkCuDNN(true);
   const auto configs = exact_and_levels(a);
   const auto batch = random_batch(a, a.batch_size, dev);
-  begin(report);
+  begin(a, report);
   std::vector<StepRow> rows;
   SyncCounter syncs(dev.is_cuda());
   double exact_ips = 0, exact_act = 0, exact_peak = 0;
@@ -542,7 +559,7 @@ std::vector<MaxBatchRow> bench_max_batch(const MaxBatchOptions& a, const c10::De
     throw std::invalid_argument("max-batch on the CPU needs --limit-mb (host memory is no device budget)");
   install_cpu_memory_counter();
   const auto configs = exact_and_levels(a);
-  begin(report);
+  begin(a, report);
   // The device's allocator must exist before the first trial reads its
   // statistics (a trial builds its model only after).
   if (dev.is_cuda()) torch::empty({1}, torch::TensorOptions().device(dev));
