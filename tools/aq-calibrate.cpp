@@ -15,9 +15,12 @@ int main(int argc, char** argv) {
   aq::cli::OptionTable table(app, aq::cli::kCalibrate);
   aq::calibrate::RunOptions o;
   app.add_option("-o,--output", o.output, "Calibration file to write (HDF5) for aq-train --calibration");
+  bool force = false;
+  app.add_flag("-f,--force", force, "Replace the -o file if it exists (else refused, exit 2)");
   app.add_option("-K,--batches", o.batches, "Batches")->check(aq::cli::Positive)->capture_default_str();
   return aq::cli::run(app, argc, argv, [&]() -> int {
     const auto& v = table.values;
+    aq::cli::refuse_existing(o.output, force);
     o.device = table.apply_common();
     o.seed = v.seed_given ? v.seed : 0;
     o.data = v.data;

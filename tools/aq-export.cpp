@@ -6,8 +6,6 @@
 #include "aq/safetensors.h"
 #include "aq/weights.h"
 
-#include <sys/stat.h>
-
 #include <stdexcept>
 #include <string>
 
@@ -24,9 +22,7 @@ int main(int argc, char** argv) {
   app.add_flag("-f,--force", force, "Replace the output file if it exists (else refused, exit 2)");
   return aq::cli::run(app, argc, argv, [&]() -> int {
     table.apply_common();
-    struct stat st {};
-    if (output != "-" && !force && ::lstat(output.c_str(), &st) == 0)
-      throw std::invalid_argument(output + " exists: replace it with --force");
+    aq::cli::refuse_existing(output, force);
     const auto w = aq::train::export_weights(aq::ckpt::load(checkpoint), checkpoint == "-" ? "standard input" : checkpoint);
     aq::safetensors::save(output, w.tensors, w.metadata, force);
     return aq::cli::kOk;

@@ -23,8 +23,11 @@ int main(int argc, char** argv) {
   app.add_option("-S,--samples", o.options.samples, "Quantized gradients per batch (>= 2)")
       ->check(CLI::Range(int64_t(2), int64_t(1000)))->capture_default_str();
   app.add_option("-o,--output", o.output, "Also write the figures to this HDF5 file");
+  bool force = false;
+  app.add_flag("-f,--force", force, "Replace the -o file if it exists (else refused, exit 2)");
   return aq::cli::run(app, argc, argv, [&]() -> int {
     const auto& v = table.values;
+    aq::cli::refuse_existing(o.output, force);
     o.device = table.apply_common();
     o.seed = v.seed_given ? v.seed : 0;
     o.data = v.data;

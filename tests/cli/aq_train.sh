@@ -188,6 +188,14 @@ check "aq-calibrate: per-layer table and file" '[ $rc -eq 0 ] && head -1 "$tmp/c
 # decimals: allow their rounding)
 check "aq-calibrate: conv budgets average at most cabits" \
   '[ -n "$(awk -F"\t" "NR>1 && \$1 !~ /bn/ && \$6 == \"-\" {w+=\$2*\$5; n+=\$2} END{if (w/n <= 2.0005) print 1}" "$tmp/cal.tsv")" ]'
+cp "$tmp/cal.h5" "$tmp/cal.keep"
+"$CAL" --device cpu --resume "$tmp/q/checkpoint.h5" -K 2 -b 64 -q -o "$tmp/cal.h5" "$FMNIST" >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-calibrate -o an existing file: exit 2, the file kept" \
+  '[ $rc -eq 2 ] && grep -q "cal.h5 exists: replace it with --force" "$tmp/err" && cmp -s "$tmp/cal.h5" "$tmp/cal.keep"'
+"$VAR" --device cpu --resume "$tmp/q/checkpoint.h5" -K 1 -q -o "$tmp/cal.h5" "$FMNIST" >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-variance -o an existing file: exit 2, the file kept" '[ $rc -eq 2 ] && cmp -s "$tmp/cal.h5" "$tmp/cal.keep"'
+"$CAL" --device cpu --resume "$tmp/q/checkpoint.h5" -K 2 -b 64 -q -o "$tmp/cal.h5" --force "$FMNIST" >/dev/null 2>"$tmp/err"; rc=$?
+check "aq-calibrate -o an existing file --force: replaced" '[ $rc -eq 0 ] && [ -s "$tmp/cal.h5" ] && [ "$tmp/cal.h5" -nt "$tmp/cal.keep" ]'
 "$CAL" --cabits=2 --ibits=2 -q "$FMNIST" >/dev/null 2>"$tmp/err"; rc=$?
 check "aq-calibrate of a uniform configuration: exit 2" '[ $rc -eq 2 ] && grep -q "adaptive" "$tmp/err"'
 "$TRAIN" "${common[@]}" --max-steps 2 --calibration "$tmp/cal.h5" --workspace "$tmp/cw" -v >/dev/null 2>"$tmp/err"; rc=$?

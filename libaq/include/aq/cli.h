@@ -140,6 +140,12 @@ void print(const variance::Report& report);
 // line they must not lose; run() checks once more at the end.
 void flush_stdout();
 
+// An output file the user already has is kept unless --force says
+// otherwise: std::invalid_argument "PATH exists: replace it with --force"
+// (exit 2) when `path` (not "-" or empty) exists and `force` is false.
+// Checked before the work, which may take minutes.
+void refuse_existing(const std::string& path, bool force);
+
 // Parses argv, runs body, and maps what it throws to one line on stderr
 // prefixed with the tool's name, and to the exit status above.  SIGPIPE is
 // ignored (a closed stdout is a write error, exit 1); output that could not

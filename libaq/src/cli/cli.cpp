@@ -19,6 +19,7 @@
 #include <new>
 #include <sstream>
 #include <stdexcept>
+#include <sys/stat.h>
 
 namespace aq {
 
@@ -351,6 +352,12 @@ static int run_body(CLI::App& app, int argc, char** argv, const std::function<in
     std::cerr << name << ": " << first_line(e.what()) << "\n";
   }
   return kRuntime;
+}
+
+void refuse_existing(const std::string& path, bool force) {
+  struct stat st {};
+  if (!force && !path.empty() && path != "-" && ::lstat(path.c_str(), &st) == 0)
+    throw std::invalid_argument(path + " exists: replace it with --force");
 }
 
 void flush_stdout() {
