@@ -27,7 +27,7 @@ int main(int argc, char** argv) {
     o.arch = v.arch;
     o.resume = v.resume;
     o.shape = table.shape();
-    o.given = table.given({"--arch", "--dataset", "--context", "--layers", "--width", "--heads", "--pool"});
+    o.given = table.given_model();
     o.amp = table.amp();
     o.config = table.quant();
     const auto layers = aq::calibrate::run(o);

@@ -180,7 +180,7 @@ int main(int argc, char** argv) {
         throw std::invalid_argument("--resume2 must name the --resume checkpoint (aq measures one model)");
       aq::variance::RunOptions vo;
       vo.data = o.data, vo.arch = o.arch, vo.resume = o.resume, vo.amp = o.amp, vo.shape = table.shape();
-      vo.given = table.given({"--arch", "--dataset", "--context", "--layers", "--width", "--heads", "--pool"});
+      vo.given = table.given_model();
       vo.device = o.device, vo.seed = o.seed_given ? o.seed : 0;
       vo.configs = {o.quant};
       aq::cli::print(aq::variance::run(vo));

@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
     o.arch = v.arch;
     o.resume = v.resume;
     o.shape = table.shape();
-    o.given = table.given({"--arch", "--dataset", "--context", "--layers", "--width", "--heads", "--pool"});
+    o.given = table.given_model();
     o.amp = table.amp();
     if (!v.resume2.empty() && v.resume2 != o.resume)
       throw std::invalid_argument("--resume2 must name the --resume checkpoint (aq measures one model)");

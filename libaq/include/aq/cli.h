@@ -114,6 +114,10 @@ class OptionTable {
   models::ModelOptions shape() const;
   // Those of `names` the command line gave.
   std::set<std::string> given(std::initializer_list<const char*> names) const;
+  // Those the command line gave of the options a --resume checkpoint
+  // records of its model and data (--arch, --dataset, --context and the
+  // shape's): what aq::variance and aq::calibrate check against it.
+  std::set<std::string> given_model() const;
 
  private:
   template <typename T>

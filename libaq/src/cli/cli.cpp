@@ -278,6 +278,10 @@ std::set<std::string> OptionTable::given(std::initializer_list<const char*> name
   return out;
 }
 
+std::set<std::string> OptionTable::given_model() const {
+  return given({"--arch", "--dataset", "--context", "--layers", "--width", "--heads", "--pool"});
+}
+
 c10::Device OptionTable::apply_common() const {
   const Values& c = values;
   log().set_level(c.verbosity > 0 ? spdlog::level::debug

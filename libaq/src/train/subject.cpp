@@ -24,6 +24,14 @@ models::ModelOptions options_for(const data::Info& info, models::ModelOptions sh
 }
 
 namespace {
+// An option given with a checkpoint that says otherwise (`theirs`: what the
+// checkpoint has, as a phrase).
+[[noreturn]] void conflict(const std::string& option, const std::string& mine, const std::string& source,
+                           const std::string& theirs) {
+  throw std::invalid_argument(option + " " + mine + " conflicts with " + source + ", " + theirs +
+                              ": a checkpoint is measured as it was trained (leave the option out)");
+}
+
 // With a checkpoint: the shape options given must be its model's.
 void check_given_shape(const ckpt::Checkpoint& c, const std::string& source, const std::string& arch,
                        const data::DataOptions& data, const models::ModelOptions& shape,
@@ -37,12 +45,9 @@ void check_given_shape(const ckpt::Checkpoint& c, const std::string& source, con
   if (given.count("--pool")) asked.class_token = shape.class_token;
   models::check_options(arch, asked);  // --layers on a ResNet, --pool on a GPT
   const auto built = models::resolved_shape(arch, theirs);
-  auto conflict = [&](const std::string& option, const std::string& mine, const std::string& its) {
-    throw std::invalid_argument(option + " " + mine + " conflicts with " + source + ", whose model has " + its +
-                                ": a checkpoint is measured as it was trained (leave the option out)");
-  };
   auto number = [&](const char* option, int64_t mine, int64_t its) {
-    if (given.count(option) && mine != its) conflict(option, std::to_string(mine), std::to_string(its));
+    if (given.count(option) && mine != its)
+      conflict(option, std::to_string(mine), source, "whose model has " + std::to_string(its));
   };
   number("--layers", shape.layers, built.layers);
   number("--width", shape.width, built.width);
@@ -50,7 +55,7 @@ void check_given_shape(const ckpt::Checkpoint& c, const std::string& source, con
   if (const auto ctx = c.counters.find("context"); ctx != c.counters.end()) number("--context", data.context, ctx->second);
   auto pool = [](bool class_token) { return std::string(class_token ? "cls" : "mean"); };
   if (given.count("--pool") && shape.class_token != theirs.class_token)
-    conflict("--pool", pool(shape.class_token), pool(theirs.class_token));
+    conflict("--pool", pool(shape.class_token), source, "whose model has " + pool(theirs.class_token));
 }
 }  // namespace
 
@@ -64,9 +69,7 @@ Subject open_subject(const std::string& resume, const data::DataOptions& data, c
     auto take = [&](const char* key, const char* option, const char* whose, std::string& mine) {
       const auto its = c.meta.find(key);
       if (its == c.meta.end()) return;
-      if (given.count(option) && mine != its->second)
-        throw std::invalid_argument(std::string(option) + " " + mine + " conflicts with " + resume + ", " + whose +
-                                    its->second + ": a checkpoint is measured as it was trained (leave the option out)");
+      if (given.count(option) && mine != its->second) conflict(option, mine, resume, whose + its->second);
       mine = its->second;
     };
     take("arch", "--arch", "a ", s.arch);
